@@ -1,0 +1,319 @@
+"""Typed collections: pydantic records stored as JSON, keyed by one string field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, TypeAdapter
+
+from . import _sqlite
+from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["Collection"]
+
+M = TypeVar("M", bound=BaseModel)
+
+_PAGE = 256
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a usable record key.
+
+    :raises InvalidKey: not a string, empty, or containing NUL.
+    """
+    if not isinstance(key, str):
+        raise InvalidKey(f"record keys must be strings, got {type(key).__name__}: {key!r}")
+    if not key:
+        raise InvalidKey("record keys must not be empty")
+    if "\x00" in key:
+        raise InvalidKey(f"record keys must not contain NUL characters: {key!r}")
+    return key
+
+
+class Collection(Generic[M]):
+    """Records of one pydantic model in one table, keyed by the model's ``key`` field.
+
+    Every write goes through the store's gate in one transaction; records are validated and
+    serialised *before* the gate is taken, so bad input never touches the database.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        model: type[M],
+        key: str,
+        indexes: Sequence[Sequence[str]],
+    ) -> None:
+        self.store = store
+        self.name = _sqlite.check_identifier(name, "collection name")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise RecordTypeError(f"model must be a pydantic BaseModel subclass, got {model!r}")
+        self.model = model
+        fields = model.model_fields
+        if not isinstance(key, str) or key not in fields:
+            raise InvalidName(f"key {key!r} is not a field of {model.__name__}")
+        self.key = key
+        self.indexes = self._check_indexes(indexes, fields)
+        self.indexed = tuple(dict.fromkeys(f.lstrip("-") for idx in self.indexes for f in idx))
+        self._include = set(self.indexed)
+        self._adapters: dict[str, TypeAdapter[Any]] = {}
+        self._sql = _sqlite.CollectionSQL(self.name, self.indexed, self.indexes)
+        self._ensure_table()
+
+    @staticmethod
+    def _check_indexes(
+        indexes: Sequence[Sequence[str]], fields: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], ...]:
+        if isinstance(indexes, str):
+            raise InvalidName("indexes must be a list of field tuples, e.g. [('a', '-b')]")
+        checked = []
+        for idx in indexes:
+            if isinstance(idx, str) or not idx:
+                raise InvalidName(f"each index must be a non-empty tuple of fields, got {idx!r}")
+            for field in idx:
+                bare = field.lstrip("-") if isinstance(field, str) else field
+                _sqlite.check_identifier(bare, "indexed field")
+                if bare not in fields:
+                    raise InvalidName(f"indexed field {bare!r} is not a field of the model")
+            checked.append(tuple(idx))
+        return tuple(checked)
+
+    def _check_same(self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]]) -> None:
+        if model is not self.model or key != self.key or tuple(map(tuple, indexes)) != self.indexes:
+            raise InvalidName(
+                f"collection {self.name!r} is already open with another model, key or indexes"
+            )
+
+    def _ensure_table(self) -> None:
+        store, sql = self.store, self._sql
+        if self._table_ready():
+            return
+        with store.write() as conn:
+            reg = conn.execute(
+                f"SELECT key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?",
+                (self.name,),
+            ).fetchone()
+            columns = {r[0] for r in conn.execute(sql.columns)}
+            if reg is None and columns:
+                raise InvalidName(f"table {self.name!r} exists and is not an mpstore collection")
+            if reg is not None and reg[0] != self.key:
+                raise InvalidName(
+                    f"collection {self.name!r} is keyed by {reg[0]!r}, not {self.key!r}"
+                )
+            conn.execute(sql.create_table)
+            columns = {r[0] for r in conn.execute(sql.columns)}
+            for field in self.indexed:
+                if _sqlite.column_for(field) not in columns:
+                    for statement in sql.add_column(field):
+                        conn.execute(statement)
+            for _, ddl in sql.indexes:
+                conn.execute(ddl)
+            known = json.loads(reg[1]) if reg is not None else []
+            merged = known + [list(i) for i in self.indexes if list(i) not in known]
+            conn.execute(
+                f"INSERT INTO {_sqlite.COLLECTIONS_TABLE} (name, model, key_field, indexes) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET model=excluded.model, "
+                "indexes=excluded.indexes",
+                (self.name, _model_name(self.model), self.key, json.dumps(merged)),
+            )
+
+    def _table_ready(self) -> bool:
+        names = {
+            r[0]
+            for r in self.store.query(
+                "SELECT name FROM sqlite_master WHERE tbl_name = ? AND type IN ('table', 'index')",
+                (self.name,),
+            )
+        }
+        registered = self.store.query(
+            f"SELECT key_field FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?", (self.name,)
+        )
+        wanted = {self.name, *(name for name, _ in self._sql.indexes)}
+        return wanted <= names and registered == [(self.key,)]
+
+    # -- records <-> rows ---------------------------------------------------------------------
+
+    def _row(self, record: object) -> tuple[Any, ...]:
+        if not isinstance(record, self.model):
+            raise RecordTypeError(
+                f"collection {self.name!r} holds {self.model.__name__} records, "
+                f"got {type(record).__name__}"
+            )
+        key = check_key(getattr(record, self.key))
+        value = record.model_dump_json()
+        limit = self.store.max_record_bytes
+        if len(value) > limit or (4 * len(value) > limit and len(value.encode()) > limit):
+            raise RecordTooLarge(
+                f"record {key!r} is {len(value.encode())} bytes of JSON; the store's limit is "
+                f"{limit} (max_record_bytes)",
+                self.store.path,
+            )
+        # Round-trip what will be stored: a record built with model_construct() or mutated
+        # after validation must fail here, not later when someone reads it back.
+        self.model.model_validate_json(value)
+        if not self.indexed:
+            return (key, value)
+        dumped = record.model_dump(mode="json", include=self._include)
+        extra = [dumped.get(f) for f in self.indexed]
+        for field, v in zip(self.indexed, extra):
+            if not isinstance(v, _SCALARS):
+                raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {v!r}")
+        return (key, value, *extra)
+
+    def _load(self, value: str) -> M:
+        return self.model.model_validate_json(value)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def upsert(self, record: M) -> None:
+        """Insert ``record`` or replace the record with its key, in one atomic write.
+
+        :raises RecordTypeError, InvalidKey, RecordTooLarge, ValidationError: bad record; nothing
+            is written.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        self.upsert_many((record,))
+
+    def upsert_many(self, records: Iterable[M]) -> int:
+        """Insert or replace all ``records`` in one transaction; returns how many.
+
+        All records are checked before the gate is taken: one bad record writes none of them.
+
+        :raises RecordTypeError, InvalidKey, RecordTooLarge, ValidationError: bad record.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        rows = [self._row(r) for r in records]
+        if not rows:
+            return 0
+        with self.store.write() as conn:
+            conn.executemany(self._sql.upsert, rows)
+        return len(rows)
+
+    def delete(self, key: str) -> bool:
+        """Delete the record with ``key``; True if it existed.
+
+        :raises InvalidKey: bad key.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        check_key(key)
+        with self.store.write() as conn:
+            return conn.execute(self._sql.delete, (key,)).rowcount > 0
+
+    def update(self, key: str, fn: Callable[[M], M]) -> M:
+        """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.
+
+        The whole read-modify-write runs under the gate, so concurrent updates from any process
+        never lose each other's changes. If ``fn`` raises, nothing is written and the error
+        propagates; the gate is released either way.
+
+        :raises KeyNotFound: no record has ``key``.
+        :raises RecordTypeError: ``fn`` returned something other than a record of the model.
+        :raises InvalidKey: ``fn`` changed the record's key.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        check_key(key)
+        with self.store.write() as conn:
+            found = conn.execute(self._sql.get, (key,)).fetchone()
+            if found is None:
+                raise KeyNotFound(f"no record {key!r} in collection {self.name!r}", self.store.path)
+            new = fn(self._load(found[0]))
+            row = self._row(new)
+            if row[0] != key:
+                raise InvalidKey(f"update() must not change the key ({key!r} -> {row[0]!r})")
+            conn.execute(self._sql.upsert, row)
+        return new
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: str) -> M | None:
+        """The record with ``key``, or None.
+
+        :raises InvalidKey: bad key.
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        check_key(key)
+        rows = self.store.query(self._sql.get, (key,))
+        return self._load(rows[0][0]) if rows else None
+
+    def count(self) -> int:
+        """How many records the collection holds."""
+        return int(self.store.query(self._sql.count)[0][0])
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def keys(self) -> Iterator[str]:
+        """All keys in order, read page by page (bounded memory; each page is its own snapshot)."""
+        for row in self._pages(self._sql.keys_page):
+            yield row[0]
+
+    def scan(self) -> Iterator[M]:
+        """All records in key order, read page by page (bounded memory)."""
+        for row in self._pages(self._sql.page):
+            yield self._load(row[1])
+
+    def _pages(self, sql: str) -> Iterator[Any]:
+        after = ""
+        while True:
+            rows = self.store.query(sql, (after, _PAGE))
+            yield from rows
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0]
+
+    def find(
+        self,
+        where: Mapping[str, Any] | None = None,
+        order_by: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[M]:
+        """Records whose indexed fields equal ``where``, sorted by ``order_by`` (``-`` = DESC).
+
+        Only indexed fields can be used, so every query is served by an index the collection
+        declared (values compare as their JSON form: strings as text, numbers as numbers).
+
+        :raises InvalidName: a field that is not indexed.
+        :raises ValueError: a negative limit.
+        """
+        where = dict(where or {})
+        if isinstance(order_by, str):
+            order_by = (order_by,)
+        for field in [*where, *(f.lstrip("-") for f in order_by)]:
+            if field not in self.indexed:
+                raise InvalidName(
+                    f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
+                )
+        params: list[Any] = [self._json_value(f, v) for f, v in where.items()]
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+            params.append(limit)
+        sql = self._sql.find(list(where), list(order_by), limit is not None)
+        return [self._load(r[0]) for r in self.store.query(sql, params)]
+
+    def _json_value(self, field: str, value: Any) -> Any:
+        adapter = self._adapters.get(field)
+        if adapter is None:
+            info = self.model.model_fields[field]
+            adapter = self._adapters[field] = TypeAdapter(info.annotation)
+        return adapter.dump_python(value, mode="json")
+
+    def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
+        """SQLite's query plan for :meth:`find` with these fields (to check an index serves it)."""
+        sql = self._sql.find(list(where), list(order_by), True)
+        rows = self.store.query("EXPLAIN QUERY PLAN " + sql, [None] * len(where) + [1])
+        return [r[3] for r in rows]
+
+    def __repr__(self) -> str:
+        return f"<mpstore.Collection {self.name!r} of {self.model.__name__} in {self.store.path!r}>"
+
+
+def _model_name(model: type[BaseModel]) -> str:
+    return f"{model.__module__}.{model.__qualname__}"

@@ -1,0 +1,119 @@
+"""Every error mpstore raises, in one place.
+
+Each error keeps its message as its only positional argument and its details as attributes, so
+the default exception pickling reproduces it exactly: errors cross process boundaries intact.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusyTimeout",
+    "CorruptDatabase",
+    "DiskFull",
+    "GateTimeout",
+    "InvalidKey",
+    "InvalidName",
+    "KeyNotFound",
+    "MpstoreError",
+    "PermissionDenied",
+    "PoolTimeout",
+    "RecordTooLarge",
+    "RecordTypeError",
+    "StoreClosed",
+    "Timeout",
+    "TransactionError",
+]
+
+
+class MpstoreError(Exception):
+    """Base class of every error raised by mpstore itself.
+
+    ``path`` names the database (or lock file) the error is about, when there is one.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (self.__class__, (self.message,), self.__dict__)
+
+
+class Timeout(MpstoreError, TimeoutError):
+    """A wait ran past the configured timeout. ``waited`` is how long the caller waited (s)."""
+
+    def __init__(self, message: str, path: str | None = None, waited: float | None = None) -> None:
+        super().__init__(message, path)
+        self.waited = waited
+
+
+class GateTimeout(Timeout):
+    """The cross-process write gate was not granted in time.
+
+    ``holder_pid`` is the pid that last took the gate, when the lock file records one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        waited: float | None = None,
+        holder_pid: int | None = None,
+    ) -> None:
+        super().__init__(message, path, waited)
+        self.holder_pid = holder_pid
+
+
+class PoolTimeout(Timeout):
+    """No pooled read connection became free in time."""
+
+
+class BusyTimeout(Timeout):
+    """SQLite stayed busy past the timeout: some program writes to the file without the gate."""
+
+
+class StoreClosed(MpstoreError, RuntimeError):
+    """The store (or a connection handed out by it) was used after it was closed."""
+
+
+class TransactionError(MpstoreError, RuntimeError):
+    """A transaction was misused: used outside its block, from another thread, or ended early."""
+
+
+class CorruptDatabase(MpstoreError):
+    """The file is not an SQLite database, or its contents are damaged."""
+
+
+class DiskFull(MpstoreError, OSError):
+    """The write did not fit: the disk (or the process's file size limit) is full."""
+
+
+class PermissionDenied(MpstoreError, PermissionError):
+    """The database, its directory or its lock file cannot be opened or written."""
+
+
+class InvalidName(MpstoreError, ValueError):
+    """A collection, field or index name is not a plain identifier."""
+
+
+class InvalidKey(MpstoreError, ValueError):
+    """A record key is not a non-empty string without NUL characters, or an update changed it."""
+
+
+class KeyNotFound(MpstoreError, KeyError):
+    """``update`` was asked to change a record that does not exist."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RecordTooLarge(MpstoreError, ValueError):
+    """A record's JSON is larger than the store's ``max_record_bytes``."""
+
+
+class RecordTypeError(MpstoreError, TypeError):
+    """A value is not an instance of the collection's model."""

@@ -1,0 +1,212 @@
+"""Everything SQLite-specific: connections, pragmas, the SQL dialect and error translation.
+
+This module and :mod:`mpstore._gate` are the seam a PostgreSQL backend would replace; the store
+and collection layers speak to SQLite only through the functions and statements defined here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from ._errors import (
+    BusyTimeout,
+    CorruptDatabase,
+    DiskFull,
+    InvalidName,
+    MpstoreError,
+    PermissionDenied,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SYNCHRONOUS_MODES",
+    "CollectionSQL",
+    "check_identifier",
+    "connect",
+    "create_file",
+    "translate",
+    "translating",
+]
+
+SCHEMA_VERSION = 1
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+META_TABLE = "_mpstore_meta"
+COLLECTIONS_TABLE = "_mpstore_collections"
+
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}\Z")
+_RESERVED_PREFIXES = ("sqlite_", "_mpstore")
+
+
+def check_identifier(name: object, what: str) -> str:
+    """Return ``name`` if it is a plain identifier that is safe to put into SQL.
+
+    :raises InvalidName: otherwise (SQL metacharacters, spaces, reserved prefixes, non-strings).
+    """
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise InvalidName(
+            f"{what} must be a letter followed by up to 62 letters, digits or underscores; "
+            f"got {name!r}"
+        )
+    if name.lower().startswith(_RESERVED_PREFIXES):
+        raise InvalidName(f"{what} {name!r} uses a prefix reserved for SQLite and mpstore")
+    return name
+
+
+def create_file(path: str, mode: int) -> bool:
+    """Create ``path`` empty with ``mode`` if it does not exist; True if this call created it.
+
+    SQLite would create the database with 0644; conversations hold secrets, so mpstore creates
+    the file first. SQLite gives the -wal and -shm files the database file's permissions.
+
+    :raises PermissionDenied: the directory is not writable.
+    :raises CorruptDatabase: the path is a directory.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    except FileExistsError:
+        if os.path.isdir(path):
+            raise CorruptDatabase(f"{path} is a directory, not a database file", path) from None
+        return False
+    except IsADirectoryError:
+        raise CorruptDatabase(f"{path} is a directory, not a database file", path) from None
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot create {path}: {exc.strerror}", path) from exc
+    except FileNotFoundError as exc:
+        raise PermissionDenied(f"cannot create {path}: its directory does not exist", path) from exc
+    os.close(fd)
+    return True
+
+
+def connect(path: str, *, busy_timeout: float, synchronous: str, readonly: bool) -> sqlite3.Connection:
+    """Open one connection with mpstore's pragmas.
+
+    ``isolation_level=None`` leaves BEGIN/COMMIT to mpstore. Read connections are ``query_only``
+    so a write can never slip past the gate through :meth:`Store.read`.
+
+    :raises CorruptDatabase, PermissionDenied, DiskFull: translated from SQLite.
+    """
+    with translating(path):
+        conn = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            if readonly:
+                conn.execute("PRAGMA query_only=1")
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+_CODE_TO_ERROR: dict[int, type[MpstoreError]] = {
+    sqlite3.SQLITE_CORRUPT: CorruptDatabase,
+    sqlite3.SQLITE_NOTADB: CorruptDatabase,
+    sqlite3.SQLITE_FULL: DiskFull,
+    sqlite3.SQLITE_READONLY: PermissionDenied,
+    sqlite3.SQLITE_PERM: PermissionDenied,
+    sqlite3.SQLITE_CANTOPEN: PermissionDenied,
+    sqlite3.SQLITE_AUTH: PermissionDenied,
+    sqlite3.SQLITE_BUSY: BusyTimeout,
+    sqlite3.SQLITE_LOCKED: BusyTimeout,
+}
+
+
+def translate(exc: sqlite3.Error, path: str) -> Exception:
+    """Map an ``sqlite3`` error to mpstore's typed error; others are returned unchanged."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return exc
+    cls = _CODE_TO_ERROR.get(code & 0xFF)
+    if cls is None:
+        return exc
+    name = getattr(exc, "sqlite_errorname", "")
+    return cls(f"{path}: {exc} ({name})", path)
+
+
+@contextmanager
+def translating(path: str) -> Iterator[None]:
+    """Re-raise ``sqlite3`` errors inside the block as mpstore's typed errors where one fits."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        mapped = translate(exc, path)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+def quote(identifier: str) -> str:
+    """Quote an identifier already checked by :func:`check_identifier`."""
+    return f'"{identifier}"'
+
+
+def column_for(field: str) -> str:
+    return f"f_{field}"
+
+
+class CollectionSQL:
+    """The statements one collection runs, built once from checked identifiers.
+
+    A collection is a table ``(key TEXT PRIMARY KEY, value TEXT)`` holding each record as JSON,
+    plus one real column per indexed field, written from Python so SQLite never parses the JSON.
+    """
+
+    def __init__(self, table: str, indexed: Sequence[str], indexes: Sequence[Sequence[str]]) -> None:
+        self.table = table
+        t = quote(table)
+        self.indexed = tuple(indexed)
+        cols = [quote(column_for(f)) for f in self.indexed]
+        names = ", ".join(["key", "value", *cols])
+        marks = ", ".join("?" * (2 + len(cols)))
+        updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *cols])
+        self.upsert = (
+            f"INSERT INTO {t} ({names}) VALUES ({marks}) ON CONFLICT(key) DO UPDATE SET {updates}"
+        )
+        self.get = f"SELECT value FROM {t} WHERE key = ?"
+        self.delete = f"DELETE FROM {t} WHERE key = ?"
+        self.count = f"SELECT count(*) FROM {t}"
+        self.page = f"SELECT key, value FROM {t} WHERE key > ? ORDER BY key LIMIT ?"
+        self.keys_page = f"SELECT key FROM {t} WHERE key > ? ORDER BY key LIMIT ?"
+        self.create_table = (
+            f"CREATE TABLE IF NOT EXISTS {t} (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)"
+        )
+        self.columns = f"SELECT name FROM pragma_table_info('{table}')"
+        self.indexes = [self._index_ddl(fields) for fields in indexes]
+
+    def add_column(self, field: str) -> tuple[str, str]:
+        """DDL that adds an indexed field's column and fills it from the stored JSON."""
+        t, c = quote(self.table), quote(column_for(field))
+        return (
+            f"ALTER TABLE {t} ADD COLUMN {c}",
+            f"UPDATE {t} SET {c} = json_extract(value, '$.{field}')",
+        )
+
+    def index_name(self, fields: Sequence[str]) -> str:
+        return f"{self.table}__by_" + "_".join(f.lstrip("-") for f in fields)
+
+    def _index_ddl(self, fields: Sequence[str]) -> tuple[str, str]:
+        name = self.index_name(fields)
+        parts = [
+            quote(column_for(f.lstrip("-"))) + (" DESC" if f.startswith("-") else "")
+            for f in fields
+        ]
+        return name, f"CREATE INDEX IF NOT EXISTS {quote(name)} ON {quote(self.table)} ({', '.join(parts)})"
+
+    def find(self, where: Sequence[str], order_by: Sequence[str], limit: bool) -> str:
+        """``SELECT value`` filtered by equality on indexed fields, ordered, optionally limited."""
+        sql = f"SELECT value FROM {quote(self.table)}"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{quote(column_for(f))} IS ?" for f in where)
+        if order_by:
+            sql += " ORDER BY " + ", ".join(
+                quote(column_for(f.lstrip("-"))) + (" DESC" if f.startswith("-") else "")
+                for f in order_by
+            )
+        if limit:
+            sql += " LIMIT ?"
+        return sql

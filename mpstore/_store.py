@@ -1,0 +1,458 @@
+"""The Store: one SQLite file that many threads and processes write to through one gate."""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from . import _sqlite
+from ._connection import Connection
+from ._errors import MpstoreError, StoreClosed, Timeout, TransactionError
+from ._gate import drop_gate, gate_for
+from ._pool import Pool, abandon
+from ._sqlite import translating
+
+if TYPE_CHECKING:
+    from ._collection import Collection
+
+__all__ = ["EVENTS", "Store"]
+
+M = TypeVar("M", bound=BaseModel)
+
+#: The instrumentation points, in the order one write passes them. ``on_event`` receives the
+#: name; a test can pause there to force an interleaving, a metrics sink can time the gaps.
+EVENTS = (
+    "gate-wait",
+    "gate-acquired",
+    "begin",
+    "commit",
+    "rollback",
+    "gate-released",
+    "pool-wait",
+    "pool-acquired",
+    "pool-released",
+)
+
+Hook = Callable[[str], None]
+
+
+class _TxState(threading.local):
+    """The calling thread's open transaction in this store, if any."""
+
+    conn: Connection | None = None
+    depth: int = 0
+    pid: int = 0
+
+
+class Store:
+    """A multiprocess-safe store in one SQLite file.
+
+    Writers take the cross-process gate (``<path>.lock``), then this process's write connection,
+    then ``BEGIN IMMEDIATE``: they never hold a pooled connection while they wait, and SQLite's
+    busy handler never decides who goes next. Readers use a pool of ``pool_size`` connections and
+    read a consistent WAL snapshot while writers write.
+
+    :param path: the database file; created (with ``file_mode``) if missing.
+    :param pool_size: how many read connections may be open at once.
+    :param timeout: seconds to wait for the gate or a pooled connection before raising.
+    :param synchronous: SQLite's ``synchronous`` pragma. ``NORMAL`` (the default) in WAL mode
+        never corrupts the database; a power loss may undo the last transactions. ``FULL`` also
+        keeps those, at the cost of an fsync per commit.
+    :param file_mode: permissions for a new database and its lock file (default ``0o600``).
+    :param max_record_bytes: the largest JSON a collection accepts for one record.
+    :param on_event: called with each name in :data:`EVENTS` as this process passes it.
+    :raises ValueError: a setting is out of range.
+    :raises CorruptDatabase: the file is not an SQLite database (it is left untouched).
+    :raises PermissionDenied: the file, its directory or its lock file cannot be opened.
+    :raises GateTimeout: creating the schema waited too long for the gate.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        pool_size: int = 5,
+        timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        file_mode: int = 0o600,
+        max_record_bytes: int = 16 * 1024 * 1024,
+        on_event: Hook | None = None,
+        gate: str = "auto",
+    ) -> None:
+        self._closed = True  # until fully open, so close()/__del__ are safe on failure
+        self.path = os.path.abspath(os.fspath(path))
+        self.pool_size = _positive_int(pool_size, "pool_size")
+        self.timeout = _positive_float(timeout, "timeout")
+        self.max_record_bytes = _positive_int(max_record_bytes, "max_record_bytes")
+        sync = synchronous.upper() if isinstance(synchronous, str) else synchronous
+        if sync not in _sqlite.SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {_sqlite.SYNCHRONOUS_MODES}, got {synchronous!r}")
+        self.synchronous: str = sync
+        if not isinstance(file_mode, int) or not 0 <= file_mode <= 0o777:
+            raise ValueError(f"file_mode must be permission bits like 0o600, got {file_mode!r}")
+        self.file_mode = file_mode
+        if gate not in ("auto", "flock", "filelock"):
+            raise ValueError(f"gate must be 'auto', 'flock' or 'filelock', got {gate!r}")
+        self._gate_kind = gate
+        self.on_event = on_event
+        self.lock_path = self.path + ".lock"
+        self._tx = _TxState()
+        self._collections: dict[str, Collection[Any]] = {}
+        self._writers_lock = threading.Lock()
+        self._wconn: sqlite3.Connection | None = None
+        self._wpid = 0
+        _sqlite.create_file(self.path, file_mode)
+        self._gate = gate_for(self.lock_path, file_mode, gate)
+        self._pool: Pool[sqlite3.Connection] = Pool(
+            lambda: self._connect(readonly=True), sqlite3.Connection.close, self.pool_size, self.path
+        )
+        self._closed = False
+        try:
+            self.created_schema = self._ensure_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- settings, pickling, lifetime -------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "pool_size": self.pool_size,
+            "timeout": self.timeout,
+            "synchronous": self.synchronous,
+            "file_mode": self.file_mode,
+            "max_record_bytes": self.max_record_bytes,
+            "gate": self._gate_kind,
+        }
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A store crosses into a spawned process as its path and settings; the child opens its
+        # own connections and lock descriptor. The event hook is process-local and stays behind.
+        return (_reopen, (self.__class__, self.path, self._settings()))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<mpstore.Store {self.path!r} {state}>"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the store's connections; later use raises :class:`StoreClosed`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        with self._writers_lock:
+            conn, self._wconn = self._wconn, None
+        if conn is not None:
+            if self._wpid == os.getpid():
+                conn.close()
+            else:
+                abandon(conn)
+        drop_gate(self._gate)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"the store {self.path} is closed", self.path)
+
+    def _emit(self, event: str) -> None:
+        hook = self.on_event
+        if hook is not None:
+            hook(event)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        return _sqlite.connect(
+            self.path, busy_timeout=self.timeout, synchronous=self.synchronous, readonly=readonly
+        )
+
+    def _writer(self) -> sqlite3.Connection:
+        """This process's write connection; only the gate holder ever uses it."""
+        pid = os.getpid()
+        if self._wconn is None or self._wpid != pid:
+            if self._wconn is not None:
+                abandon(self._wconn)
+            self._wconn = self._connect(readonly=False)
+            self._wpid = pid
+        return self._wconn
+
+    def _current(self) -> Connection | None:
+        tx = self._tx
+        if tx.conn is not None and tx.pid != os.getpid():
+            tx.conn, tx.depth = None, 0  # forked inside a block: the child has no transaction
+        return tx.conn
+
+    # -- transactions -----------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: gate, then ``BEGIN IMMEDIATE``; commit on exit, roll back on error.
+
+        Nested in the same thread it becomes a SAVEPOINT: an error inside rolls back only the
+        inner block. Only one thread of all processes is inside a write block at a time.
+
+        :raises GateTimeout: the gate was not granted within ``timeout``.
+        :raises TransactionError: nested inside a ``read()`` block, or misuse of the connection.
+        :raises StoreClosed: the store is closed.
+        """
+        current = self._current()
+        if current is not None:
+            if not current.writable:
+                raise TransactionError("write() inside a read() block; open the write first", self.path)
+            with self._savepoint(current) as conn:
+                yield conn
+            return
+        self._check_open()
+        self._emit("gate-wait")
+        self._gate.acquire(self.timeout)
+        try:
+            self._emit("gate-acquired")
+            with self._transaction() as conn:
+                yield conn
+        finally:
+            self._gate.release()
+            self._emit("gate-released")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self._writers_lock:
+            self._check_open()
+            raw = self._writer()
+        with translating(self.path):
+            raw.execute("BEGIN IMMEDIATE")
+        self._emit("begin")
+        conn = Connection(raw, self.path, writable=True)
+        tx = self._tx
+        tx.conn, tx.depth, tx.pid = conn, 0, os.getpid()
+        try:
+            yield conn
+            if not raw.in_transaction:
+                raise TransactionError("the transaction ended inside its write() block", self.path)
+            with translating(self.path):
+                raw.execute("COMMIT")
+            self._emit("commit")
+        except BaseException:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+                self._emit("rollback")
+            raise
+        finally:
+            conn._end()
+            tx.conn, tx.depth = None, 0
+            if self._closed:
+                self._close_writer(raw)
+
+    def _close_writer(self, raw: sqlite3.Connection) -> None:
+        with self._writers_lock:
+            if self._wconn is raw:
+                self._wconn = None
+        raw.close()
+
+    @contextmanager
+    def _savepoint(self, conn: Connection) -> Iterator[Connection]:
+        tx = self._tx
+        tx.depth += 1
+        name = f"mpstore_sp{tx.depth}"
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            conn.execute(f"RELEASE {name}")
+        finally:
+            tx.depth -= 1
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction on a pooled connection: one consistent snapshot for the block.
+
+        Inside a ``write()`` block of the same thread it reads through that transaction (and sees
+        its uncommitted changes); nested in a ``read()`` it joins the outer snapshot.
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        :raises StoreClosed: the store is closed.
+        """
+        current = self._current()
+        if current is not None:
+            yield current
+            return
+        with self._pooled() as raw:
+            with translating(self.path):
+                raw.execute("BEGIN")
+            conn = Connection(raw, self.path, writable=False)
+            tx = self._tx
+            tx.conn, tx.pid = conn, os.getpid()
+            try:
+                yield conn
+            finally:
+                conn._end()
+                tx.conn = None
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+
+    @contextmanager
+    def _pooled(self) -> Iterator[sqlite3.Connection]:
+        self._check_open()
+        self._emit("pool-wait")
+        raw = self._pool.acquire(self.timeout)
+        self._emit("pool-acquired")
+        broken = False
+        try:
+            yield raw
+        except sqlite3.Error:
+            broken = True
+            raise
+        except MpstoreError as exc:
+            broken = not isinstance(exc, (TransactionError, Timeout))
+            raise
+        finally:
+            self._pool.release(raw, discard=broken)
+            self._emit("pool-released")
+
+    def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Run one read statement and return all its rows (through the open transaction, if any).
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        """
+        current = self._current()
+        if current is not None:
+            return current.execute(sql, parameters).fetchall()
+        with self._pooled() as raw, translating(self.path):
+            return raw.execute(sql, parameters).fetchall()
+
+    # -- schema and collections -------------------------------------------------------------
+
+    def _ensure_schema(self) -> bool:
+        """Create mpstore's tables once, under the gate; True if this call created them."""
+        meta = _sqlite.META_TABLE
+        version = self._schema_version()
+        if version is None:
+            with self._gate_only():
+                raw = self._writer()
+                with translating(self.path):
+                    # Switching to WAL needs no open transaction; it is recorded in the file.
+                    raw.execute("PRAGMA journal_mode=WAL")
+                with self._transaction() as conn:
+                    exists = conn.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (meta,)
+                    ).fetchone()
+                    if exists is None:
+                        conn.execute(
+                            f"CREATE TABLE {meta} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                        )
+                        conn.executemany(
+                            f"INSERT INTO {meta} (key, value) VALUES (?, ?)",
+                            [
+                                ("schema_version", str(_sqlite.SCHEMA_VERSION)),
+                                ("created_at", repr(time.time())),
+                                ("created_by_pid", str(os.getpid())),
+                            ],
+                        )
+                        conn.execute(
+                            f"CREATE TABLE {_sqlite.COLLECTIONS_TABLE} (name TEXT PRIMARY KEY, "
+                            "model TEXT NOT NULL, key_field TEXT NOT NULL, indexes TEXT NOT NULL)"
+                        )
+                        return True
+            version = self._schema_version()
+        if version is not None and version > _sqlite.SCHEMA_VERSION:
+            raise MpstoreError(
+                f"{self.path} has schema version {version}, newer than this mpstore "
+                f"({_sqlite.SCHEMA_VERSION}); upgrade mpstore",
+                self.path,
+            )
+        return False
+
+    @contextmanager
+    def _gate_only(self) -> Iterator[None]:
+        self._gate.acquire(self.timeout)
+        try:
+            yield
+        finally:
+            self._gate.release()
+
+    def _schema_version(self) -> int | None:
+        rows = self.query(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name=?", (_sqlite.META_TABLE,)
+        )
+        if not rows:
+            return None
+        (value,) = self.query(
+            f"SELECT value FROM {_sqlite.META_TABLE} WHERE key='schema_version'"
+        )[0]
+        return int(value)
+
+    def collection(
+        self,
+        name: str,
+        model: type[M],
+        key: str,
+        *,
+        indexes: Sequence[Sequence[str]] = (),
+    ) -> Collection[M]:
+        """A typed collection of ``model`` records keyed by the string field ``key``.
+
+        ``indexes`` lists field tuples to index, each field optionally prefixed with ``-`` for
+        descending order, e.g. ``[("workspace_id", "-updated_at")]``; :meth:`Collection.find`
+        filters and orders by indexed fields.
+
+        :raises InvalidName: bad collection, key or index names, or a name already used with a
+            different definition.
+        """
+        from ._collection import Collection
+
+        self._check_open()
+        existing = self._collections.get(name)
+        if existing is not None:
+            existing._check_same(model, key, indexes)
+            return existing
+        coll = Collection(self, name, model, key, indexes)
+        self._collections[name] = coll
+        return coll
+
+    def collections(self) -> dict[str, int]:
+        """Every collection in the file (also those opened by other processes) and its row count."""
+        names = [r[0] for r in self.query(f"SELECT name FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name")]
+        return {n: self.query(f"SELECT count(*) FROM {_sqlite.quote(n)}")[0][0] for n in names}
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's ``PRAGMA integrity_check``: ``["ok"]`` for a healthy file."""
+        return [row[0] for row in self.query("PRAGMA integrity_check")]
+
+
+def _reopen(cls: type[Store], path: str, settings: dict[str, Any]) -> Store:
+    return cls(path, **settings)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
