@@ -85,7 +85,9 @@ class Collection(Generic[M]):
             checked.append(tuple(idx))
         return tuple(checked)
 
-    def _check_same(self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]]) -> None:
+    def _check_same(
+        self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]]
+    ) -> None:
         if model is not self.model or key != self.key or tuple(map(tuple, indexes)) != self.indexes:
             raise InvalidName(
                 f"collection {self.name!r} is already open with another model, key or indexes"
@@ -162,7 +164,7 @@ class Collection(Generic[M]):
             return (key, value)
         dumped = record.model_dump(mode="json", include=self._include)
         extra = [dumped.get(f) for f in self.indexed]
-        for field, v in zip(self.indexed, extra):
+        for field, v in zip(self.indexed, extra, strict=True):
             if not isinstance(v, _SCALARS):
                 raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {v!r}")
         return (key, value, *extra)
@@ -301,8 +303,8 @@ class Collection(Generic[M]):
     def _json_value(self, field: str, value: Any) -> Any:
         adapter = self._adapters.get(field)
         if adapter is None:
-            info = self.model.model_fields[field]
-            adapter = self._adapters[field] = TypeAdapter(info.annotation)
+            annotation: Any = self.model.model_fields[field].annotation
+            adapter = self._adapters[field] = TypeAdapter(annotation)
         return adapter.dump_python(value, mode="json")
 
     def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:

@@ -1,4 +1,4 @@
-"""The connection handed out by ``store.write()`` and ``store.read()``: valid only inside its block."""
+"""The connection that `store.write()` and `store.read()` hand out: valid only inside its block."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Connection:
     :raises TransactionError: on any of the misuses above.
     """
 
-    __slots__ = ("_conn", "_path", "_thread", "_pid", "_active", "writable")
+    __slots__ = ("_active", "_conn", "_path", "_pid", "_thread", "writable")
 
     def __init__(self, conn: sqlite3.Connection, path: str, writable: bool) -> None:
         self._conn = conn

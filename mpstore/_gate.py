@@ -75,7 +75,7 @@ def _read_holder(fd: int) -> tuple[int, float] | None:
 class _Request:
     """One process-level wait for the kernel lock, carried out by the keeper thread."""
 
-    __slots__ = ("fd", "generation", "wanted", "granted", "error", "done")
+    __slots__ = ("done", "error", "fd", "generation", "granted", "wanted")
 
     def __init__(self, fd: int, generation: int) -> None:
         self.fd = fd  # a dup of the gate's descriptor: same open file, so the same flock

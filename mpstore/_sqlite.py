@@ -81,7 +81,9 @@ def create_file(path: str, mode: int) -> bool:
     return True
 
 
-def connect(path: str, *, busy_timeout: float, synchronous: str, readonly: bool) -> sqlite3.Connection:
+def connect(
+    path: str, *, busy_timeout: float, synchronous: str, readonly: bool
+) -> sqlite3.Connection:
     """Open one connection with mpstore's pragmas.
 
     ``isolation_level=None`` leaves BEGIN/COMMIT to mpstore. Read connections are ``query_only``
@@ -156,7 +158,9 @@ class CollectionSQL:
     plus one real column per indexed field, written from Python so SQLite never parses the JSON.
     """
 
-    def __init__(self, table: str, indexed: Sequence[str], indexes: Sequence[Sequence[str]]) -> None:
+    def __init__(
+        self, table: str, indexed: Sequence[str], indexes: Sequence[Sequence[str]]
+    ) -> None:
         self.table = table
         t = quote(table)
         self.indexed = tuple(indexed)
@@ -195,7 +199,10 @@ class CollectionSQL:
             quote(column_for(f.lstrip("-"))) + (" DESC" if f.startswith("-") else "")
             for f in fields
         ]
-        return name, f"CREATE INDEX IF NOT EXISTS {quote(name)} ON {quote(self.table)} ({', '.join(parts)})"
+        return (
+            name,
+            f"CREATE INDEX IF NOT EXISTS {quote(name)} ON {quote(self.table)} ({', '.join(parts)})",
+        )
 
     def find(self, where: Sequence[str], order_by: Sequence[str], limit: bool) -> str:
         """``SELECT value`` filtered by equality on indexed fields, ordered, optionally limited."""

@@ -94,7 +94,9 @@ class Store:
         self.max_record_bytes = _positive_int(max_record_bytes, "max_record_bytes")
         sync = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if sync not in _sqlite.SYNCHRONOUS_MODES:
-            raise ValueError(f"synchronous must be one of {_sqlite.SYNCHRONOUS_MODES}, got {synchronous!r}")
+            raise ValueError(
+                f"synchronous must be one of {_sqlite.SYNCHRONOUS_MODES}, got {synchronous!r}"
+            )
         self.synchronous: str = sync
         if not isinstance(file_mode, int) or not 0 <= file_mode <= 0o777:
             raise ValueError(f"file_mode must be permission bits like 0o600, got {file_mode!r}")
@@ -112,7 +114,10 @@ class Store:
         _sqlite.create_file(self.path, file_mode)
         self._gate = gate_for(self.lock_path, file_mode, gate)
         self._pool: Pool[sqlite3.Connection] = Pool(
-            lambda: self._connect(readonly=True), sqlite3.Connection.close, self.pool_size, self.path
+            lambda: self._connect(readonly=True),
+            sqlite3.Connection.close,
+            self.pool_size,
+            self.path,
         )
         self._closed = False
         try:
@@ -215,7 +220,9 @@ class Store:
         current = self._current()
         if current is not None:
             if not current.writable:
-                raise TransactionError("write() inside a read() block; open the write first", self.path)
+                raise TransactionError(
+                    "write() inside a read() block; open the write first", self.path
+                )
             with self._savepoint(current) as conn:
                 yield conn
             return
@@ -397,9 +404,9 @@ class Store:
         )
         if not rows:
             return None
-        (value,) = self.query(
-            f"SELECT value FROM {_sqlite.META_TABLE} WHERE key='schema_version'"
-        )[0]
+        (value,) = self.query(f"SELECT value FROM {_sqlite.META_TABLE} WHERE key='schema_version'")[
+            0
+        ]
         return int(value)
 
     def collection(
@@ -432,7 +439,9 @@ class Store:
 
     def collections(self) -> dict[str, int]:
         """Every collection in the file (also those opened by other processes) and its row count."""
-        names = [r[0] for r in self.query(f"SELECT name FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name")]
+        names = [
+            r[0] for r in self.query(f"SELECT name FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name")
+        ]
         return {n: self.query(f"SELECT count(*) FROM {_sqlite.quote(n)}")[0][0] for n in names}
 
     def integrity_check(self) -> list[str]:

@@ -9,7 +9,7 @@ conversations before and after every model call. It is a thin layer over
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, PlainSerializer
@@ -28,12 +28,12 @@ __all__ = [
 
 
 def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _fixed_width(value: datetime) -> str:
     # Fixed width (always microseconds, always Z) so that text order is time order in the index.
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 #: A UTC timestamp; naive datetimes are taken as UTC.
@@ -45,7 +45,7 @@ Timestamp = Annotated[
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Message(BaseModel):
@@ -100,7 +100,9 @@ class ConversationRepository:
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         return self.conversations.get(conversation_id)
 
-    def get_all_conversations(self, workspace_id: int, limit: int | None = None) -> list[Conversation]:
+    def get_all_conversations(
+        self, workspace_id: int, limit: int | None = None
+    ) -> list[Conversation]:
         """A workspace's conversations, most recently updated first (served by an index)."""
         return self.conversations.find(
             where={"workspace_id": workspace_id}, order_by=["-updated_at"], limit=limit
@@ -119,7 +121,11 @@ class ConversationRepository:
             return self.conversations.delete(conversation_id)
 
     def modify_conversation(
-        self, conversation_id: str, fn: Callable[[Conversation], Conversation], *, touch: bool = True
+        self,
+        conversation_id: str,
+        fn: Callable[[Conversation], Conversation],
+        *,
+        touch: bool = True,
     ) -> Conversation:
         """Atomically apply ``fn`` to a stored conversation (across processes) and save it.
 
