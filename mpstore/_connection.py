@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from ._errors import TransactionError
+from ._errors import PermissionDenied, TransactionError
 from ._sqlite import translating
 
 __all__ = ["Connection"]
@@ -47,6 +48,19 @@ class Connection:
             )
         return self._conn
 
+    @contextmanager
+    def _translating(self) -> Iterator[None]:
+        try:
+            with translating(self._path):
+                yield
+        except PermissionDenied as exc:
+            if self.writable:
+                raise
+            raise TransactionError(
+                "read() blocks are read-only (the write would bypass the gate); use write()",
+                self._path,
+            ) from exc
+
     def _after(self) -> None:
         if not self._conn.in_transaction:
             raise TransactionError(
@@ -61,7 +75,7 @@ class Connection:
         :raises MpstoreError: typed SQLite failures (corruption, full disk, ...).
         """
         conn = self._check()
-        with translating(self._path):
+        with self._translating():
             cursor = conn.execute(sql, parameters)
         self._after()
         return cursor
@@ -72,7 +86,7 @@ class Connection:
         :raises TransactionError: misuse (see the class).
         """
         conn = self._check()
-        with translating(self._path):
+        with self._translating():
             cursor = conn.executemany(sql, seq_of_parameters)
         self._after()
         return cursor

@@ -109,6 +109,10 @@ class Pool(Generic[T]):
     def close(self) -> None:
         """Close idle connections now and the others as they come back."""
         self._closed = True
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close the idle connections (they reopen on demand)."""
         if self._pid != os.getpid():
             return
         with self._lock:

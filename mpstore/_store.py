@@ -359,12 +359,19 @@ class Store:
                 raw = self._writer()
                 with translating(self.path):
                     # Switching to WAL needs no open transaction; it is recorded in the file.
-                    raw.execute("PRAGMA journal_mode=WAL")
+                    (mode,) = raw.execute("PRAGMA journal_mode=WAL").fetchone()
+                if str(mode).lower() != "wal":
+                    raise MpstoreError(
+                        f"{self.path} cannot use WAL mode (SQLite kept {mode!r}); mpstore needs "
+                        "a local filesystem with shared memory support",
+                        self.path,
+                    )
                 with self._transaction() as conn:
                     exists = conn.execute(
                         "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (meta,)
                     ).fetchone()
-                    if exists is None:
+                    created = exists is None
+                    if created:
                         conn.execute(
                             f"CREATE TABLE {meta} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
                         )
@@ -380,7 +387,11 @@ class Store:
                             f"CREATE TABLE {_sqlite.COLLECTIONS_TABLE} (name TEXT PRIMARY KEY, "
                             "model TEXT NOT NULL, key_field TEXT NOT NULL, indexes TEXT NOT NULL)"
                         )
-                        return True
+                # Connections opened before the switch report the old journal mode until they
+                # next read the file; start the pool afresh instead.
+                self._pool.close_idle()
+                if created:
+                    return True
             version = self._schema_version()
         if version is not None and version > _sqlite.SCHEMA_VERSION:
             raise MpstoreError(

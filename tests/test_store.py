@@ -1,0 +1,316 @@
+"""Store transactions: write/read blocks, nesting, the read pool, settings and lifetime."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+import threading
+
+import pytest
+
+import mpstore
+from tests.models import Note
+
+
+def test_write_commits_and_read_sees_it(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    with store.read() as conn:
+        assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
+def test_write_rolls_back_on_exception(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(RuntimeError), store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        raise RuntimeError("boom")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_nested_write_is_a_savepoint(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(ValueError), store.write() as inner:
+            inner.execute("INSERT INTO t VALUES (2)")
+            raise ValueError("inner only")
+        with store.write() as inner:
+            inner.execute("INSERT INTO t VALUES (3)")
+    assert store.query("SELECT x FROM t ORDER BY x") == [(1,), (3,)]
+
+
+def test_outer_failure_rolls_back_committed_inner_blocks(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(KeyError), store.write() as conn:
+        with store.write() as inner:
+            inner.execute("INSERT INTO t VALUES (1)")
+        raise KeyError("outer")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_write_uses_begin_immediate(store: mpstore.Store) -> None:
+    statements: list[str] = []
+    with store.write() as conn:
+        conn._conn.set_trace_callback(statements.append)
+        conn.execute("SELECT 1")
+    assert store._wconn is not None
+    store._wconn.set_trace_callback(None)
+    with store.write():
+        pass
+    # The trace started inside the block, so look at the next block's opening statement.
+    store._wconn.set_trace_callback(statements.append)
+    with store.write():
+        pass
+    store._wconn.set_trace_callback(None)
+    assert "BEGIN IMMEDIATE" in statements
+    assert statements[-1] == "COMMIT"
+
+
+def test_statements_that_end_the_transaction_are_refused(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(mpstore.TransactionError), store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("COMMIT")
+    # The refused block wrote its row before COMMIT ran; what matters is that nothing after it
+    # ran outside the gate and the store still works.
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert (2,) in store.query("SELECT x FROM t")
+
+
+def test_connection_is_dead_after_its_block(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        pass
+    with pytest.raises(mpstore.TransactionError):
+        conn.execute("SELECT 1")
+
+
+def test_connection_refuses_other_threads(store: mpstore.Store) -> None:
+    errors: list[BaseException] = []
+    with store.write() as conn:
+
+        def use() -> None:
+            try:
+                conn.execute("SELECT 1")
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=use)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], mpstore.TransactionError)
+
+
+def test_write_inside_read_is_refused(store: mpstore.Store) -> None:
+    with pytest.raises(mpstore.TransactionError), store.read():
+        with store.write():
+            pass
+
+
+def test_read_connections_are_query_only(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(mpstore.TransactionError, match="read-only"), store.read() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+
+
+def test_reads_inside_write_see_uncommitted_changes(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        with store.read() as r:
+            assert r.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        assert store.query("SELECT count(*) FROM t") == [(1,)]
+
+
+def test_readers_are_not_blocked_by_an_open_writer(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    inside, finish = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.write() as c:
+            c.execute("INSERT INTO t VALUES (2)")
+            inside.set()
+            finish.wait()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert inside.wait(10)
+        # The writer holds the gate and SQLite's write lock; a reader still gets the last
+        # committed snapshot at once (a blocked reader would raise after the store's timeout).
+        with store.read() as r:
+            assert r.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        finish.set()
+        t.join()
+    assert store.query("SELECT count(*) FROM t") == [(2,)]
+
+
+def test_read_block_is_one_snapshot(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    with store.read() as r:
+        assert r.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        done = threading.Event()
+
+        def write() -> None:
+            with store.write() as c:
+                c.execute("INSERT INTO t VALUES (2)")
+            done.set()
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join()
+        assert done.is_set()
+        assert r.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    assert store.query("SELECT count(*) FROM t") == [(2,)]
+
+
+def test_pool_timeout_when_every_read_connection_is_held(db_path: str) -> None:
+    with mpstore.Store(db_path, pool_size=1, timeout=0.2) as store:
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with store.read():
+                held.set()
+                release.wait()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert held.wait(10)
+            with pytest.raises(mpstore.PoolTimeout) as info:
+                store.query("SELECT 1")
+            assert db_path in str(info.value)
+            assert info.value.waited is not None and info.value.waited >= 0.2
+        finally:
+            release.set()
+            t.join()
+        assert store.query("SELECT 1") == [(1,)]
+        assert store._pool.in_use == 0
+
+
+def test_writers_never_touch_the_read_pool(db_path: str) -> None:
+    # With every read connection taken, writes still go through: a writer holds the gate and the
+    # process's write connection, never a pooled one, so it cannot run the pool dry.
+    with mpstore.Store(db_path, pool_size=1, timeout=0.5) as store:
+        notes = store.collection("notes", Note, key="id")
+        with store._pooled():
+            assert store._pool.in_use == 1
+            with store.write() as conn:
+                conn.execute(
+                    "INSERT INTO notes (key, value) VALUES ('a', '{\"id\":\"a\",\"text\":\"x\"}')"
+                )
+        assert notes.get("a") == Note(id="a", text="x")
+
+
+def test_events_are_emitted_in_order(db_path: str) -> None:
+    seen: list[str] = []
+    with mpstore.Store(db_path, on_event=seen.append) as store:
+        seen.clear()
+        with store.write():
+            pass
+        assert seen == ["gate-wait", "gate-acquired", "begin", "commit", "gate-released"]
+        seen.clear()
+        with pytest.raises(ValueError), store.write():
+            raise ValueError
+        assert seen == ["gate-wait", "gate-acquired", "begin", "rollback", "gate-released"]
+        seen.clear()
+        store.query("SELECT 1")
+        assert seen == ["pool-wait", "pool-acquired", "pool-released"]
+
+
+def test_synchronous_defaults_to_normal_and_is_settable(tmp_path: os.PathLike[str]) -> None:
+    levels = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
+    with mpstore.Store(os.path.join(tmp_path, "a.db")) as store:
+        assert store.synchronous == "NORMAL"
+        assert store.query("PRAGMA synchronous") == [(levels["NORMAL"],)]
+        with store.write() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone() == (levels["NORMAL"],)
+    with mpstore.Store(os.path.join(tmp_path, "b.db"), synchronous="full") as store:
+        assert store.query("PRAGMA synchronous") == [(levels["FULL"],)]
+        with store.write() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone() == (levels["FULL"],)
+
+
+def test_database_is_in_wal_mode(store: mpstore.Store) -> None:
+    assert store.query("PRAGMA journal_mode") == [("wal",)]
+
+
+def test_new_files_are_private_by_default(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "secret.db")
+    with mpstore.Store(path) as store:
+        with store.write() as conn:
+            conn.execute("CREATE TABLE t (x)")
+        for name in (path, path + ".lock", path + "-wal"):
+            assert stat.S_IMODE(os.stat(name).st_mode) == 0o600, name
+
+
+def test_file_mode_is_configurable(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "shared.db")
+    old = os.umask(0)
+    try:
+        with mpstore.Store(path, file_mode=0o640):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(path + ".lock").st_mode) == 0o640
+
+
+def test_schema_version_is_recorded(store: mpstore.Store) -> None:
+    assert store.query("SELECT value FROM _mpstore_meta WHERE key='schema_version'") == [("1",)]
+    assert store.created_schema is True
+
+
+def test_reopening_does_not_recreate_the_schema(db_path: str) -> None:
+    with mpstore.Store(db_path) as first:
+        assert first.created_schema
+    with mpstore.Store(db_path) as second:
+        assert not second.created_schema
+
+
+def test_closed_store_refuses_work(db_path: str) -> None:
+    store = mpstore.Store(db_path)
+    notes = store.collection("notes", Note, key="id")
+    store.close()
+    store.close()
+    for action in (
+        lambda: notes.upsert(Note(id="a", text="x")),
+        lambda: notes.get("a"),
+        lambda: store.write().__enter__(),
+        lambda: store.read().__enter__(),
+        lambda: store.collection("other", Note, key="id"),
+    ):
+        with pytest.raises(mpstore.StoreClosed):
+            action()
+
+
+def test_store_pickles_as_path_and_settings(db_path: str) -> None:
+    with mpstore.Store(db_path, pool_size=3, timeout=2.5, synchronous="FULL") as store:
+        clone = pickle.loads(pickle.dumps(store))
+        try:
+            assert clone.path == store.path
+            assert (clone.pool_size, clone.timeout, clone.synchronous) == (3, 2.5, "FULL")
+            assert clone is not store
+        finally:
+            clone.close()
+
+
+def test_two_stores_on_one_file_share_the_gate(db_path: str) -> None:
+    with mpstore.Store(db_path) as a, mpstore.Store(db_path) as b:
+        assert a._gate is b._gate
+        with a.write(), pytest.raises(mpstore.TransactionError, match="already holds"):
+            with b.write():
+                pass
+        with b.write() as conn:
+            conn.execute("SELECT 1")

@@ -1,0 +1,189 @@
+"""Code that runs inside child processes, and the helper that starts and collects them.
+
+Children are started with the ``spawn`` method (a fresh interpreter, as subagents are), so every
+target here is a module-level function that the child imports by name.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mpstore
+from mpstore._gate import drop_gate, gate_for
+from mpstore.conversations import ConversationRepository, Message, sample_conversation
+from tests.models import Note
+
+SPAWN = mp.get_context("spawn")
+JOIN_TIMEOUT = 120.0
+
+
+def _report(queue: Any, worker: int, fn: Callable[..., Any], args: Sequence[Any]) -> None:
+    try:
+        queue.put((worker, "ok", fn(*args)))
+    except BaseException as exc:  # reported to the parent, which fails the test with it
+        queue.put((worker, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_processes(fn: Callable[..., Any], args_per_worker: Sequence[Sequence[Any]]) -> list[Any]:
+    """Run ``fn(*args)`` in one spawned process per entry; return results in worker order.
+
+    :raises AssertionError: a worker raised (its traceback is in the message) or exited badly.
+    """
+    queue = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=_report, args=(queue, i, fn, args))
+        for i, args in enumerate(args_per_worker)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    for _ in procs:
+        worker, status, value = queue.get(timeout=JOIN_TIMEOUT)
+        if status == "ok":
+            results[worker] = value
+        else:
+            errors.append(f"worker {worker}: {value}")
+    for p in procs:
+        p.join(JOIN_TIMEOUT)
+        assert p.exitcode == 0, f"worker pid {p.pid} exited with {p.exitcode}"
+    assert not errors, "\n".join(errors)
+    return [results[i] for i in range(len(procs))]
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def upsert_conversations(path: str, worker: int, count: int, barrier: Any) -> list[str]:
+    """Upsert ``count`` 2 KiB conversations; return the ids acknowledged."""
+    with mpstore.Store(path) as store:
+        repo = ConversationRepository(store)
+        records = [
+            sample_conversation(f"w{worker}-{i}", workspace_id=worker) for i in range(count)
+        ]
+        barrier.wait()
+        done = []
+        for record in records:
+            repo.upsert_conversation(record)
+            done.append(record.conversation_id)
+        return done
+
+
+def append_messages(path: str, worker: int, count: int, barrier: Any) -> int:
+    """Append ``count`` messages to the shared conversation with modify_conversation."""
+    with mpstore.Store(path) as store:
+        repo = ConversationRepository(store)
+        barrier.wait()
+        for i in range(count):
+            repo.modify_conversation("shared", _appender(f"w{worker}-{i}"))
+        return count
+
+
+def append_messages_unlocked(path: str, worker: int, count: int, barrier: Any, race: Any) -> int:
+    """The reference app's modify: get, change, upsert, with nothing holding the two together.
+
+    ``race`` lines all workers up between their first get and upsert, so the lost update this
+    control exists to show happens on every run rather than by luck of scheduling.
+    """
+    with mpstore.Store(path) as store:
+        repo = ConversationRepository(store)
+        barrier.wait()
+        for i in range(count):
+            current = repo.get_conversation("shared")
+            assert current is not None
+            if i == 0:
+                race.wait()
+            repo.upsert_conversation(_appender(f"w{worker}-{i}")(current))
+        return count
+
+
+def _appender(text: str) -> Callable[[Any], Any]:
+    def append(conv: Any) -> Any:
+        assert conv.context is not None
+        messages = [*conv.context.messages, Message(role="user", content=text)]
+        return conv.model_copy(
+            update={"context": conv.context.model_copy(update={"messages": messages})}
+        )
+
+    return append
+
+
+def open_store(path: str, barrier: Any) -> bool:
+    """Open ``path`` at the same instant as the others; True if this process made the schema."""
+    barrier.wait()
+    with mpstore.Store(path) as store:
+        store.collection("notes", Note, key="id")
+        return store.created_schema
+
+
+class _NoGate:
+    """A stand-in gate that excludes nobody: the negative control for mutual exclusion."""
+
+    def acquire(self, timeout: float) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        pass
+
+
+def critical_sections(lock_path: str, rounds: int, barrier: Any, log: str, gated: bool) -> int:
+    """Enter and leave a critical section ``rounds`` times, logging both with O_APPEND writes.
+
+    Appends are atomic and totally ordered, so the log itself shows whether two sections ever
+    overlapped, with no clocks involved.
+    """
+    gate: Any = gate_for(lock_path, 0o600) if gated else _NoGate()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    pid = os.getpid()
+    barrier.wait()
+    try:
+        for i in range(rounds):
+            gate.acquire(30.0)
+            try:
+                os.write(fd, f"E {pid} {i}\n".encode())
+                os.stat(log)
+                os.write(fd, f"X {pid} {i}\n".encode())
+            finally:
+                gate.release()
+    finally:
+        os.close(fd)
+        if gated:
+            drop_gate(gate)
+    return rounds
+
+
+def overlaps(log: str) -> int:
+    """How many times a section was entered while another was open, read from the log."""
+    count = 0
+    inside: str | None = None
+    with open(log) as f:
+        for line in f:
+            kind, pid, _ = line.split()
+            if kind == "E":
+                if inside is not None:
+                    count += 1
+                inside = pid
+            elif inside == pid:
+                inside = None
+    return count
+
+
+def hold_write(path: str, started: Any, release: Any) -> None:
+    """Write a row inside a write block, then wait there until told (or killed)."""
+    with mpstore.Store(path) as store, store.write() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
+        conn.execute("INSERT INTO held VALUES ('uncommitted')")
+        started.set()
+        release.wait()
+
+
+def write_rows_with_store(store: mpstore.Store, worker: int, count: int) -> int:
+    """Write through a Store received by pickling (spawn) or inherited (fork)."""
+    notes = store.collection("notes", Note, key="id")
+    for i in range(count):
+        notes.upsert(Note(id=f"{worker}-{i}", text="x"))
+    return count
