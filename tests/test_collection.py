@@ -1,0 +1,222 @@
+"""Typed collections and the conversation repository built on them."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+import mpstore
+from mpstore.conversations import (
+    Conversation,
+    ConversationRepository,
+    sample_conversation,
+)
+from tests.models import Note
+
+
+def test_upsert_get_delete(notes: mpstore.Collection[Note]) -> None:
+    assert notes.get("a") is None
+    notes.upsert(Note(id="a", text="hi"))
+    assert notes.get("a") == Note(id="a", text="hi")
+    notes.upsert(Note(id="a", text="again"))
+    assert notes.get("a") == Note(id="a", text="again")
+    assert notes.count() == 1
+    assert notes.delete("a") is True
+    assert notes.delete("a") is False
+    assert notes.get("a") is None
+
+
+def test_upsert_many_is_one_transaction(store: mpstore.Store, notes: mpstore.Collection[Note]) -> None:
+    seen: list[str] = []
+    store.on_event = seen.append
+    assert notes.upsert_many(Note(id=str(i), text="x") for i in range(10)) == 10
+    assert seen.count("commit") == 1
+    assert notes.count() == 10
+
+
+def test_one_bad_record_writes_none(notes: mpstore.Collection[Note]) -> None:
+    good = [Note(id=str(i), text="x") for i in range(3)]
+    with pytest.raises(mpstore.InvalidKey):
+        notes.upsert_many([*good, Note(id="", text="empty key")])
+    assert notes.count() == 0
+
+
+def test_update_is_read_modify_write(notes: mpstore.Collection[Note]) -> None:
+    notes.upsert(Note(id="a", text="x"))
+    new = notes.update("a", lambda n: n.model_copy(update={"text": n.text + "y"}))
+    assert new == Note(id="a", text="xy")
+    assert notes.get("a") == new
+
+
+def test_update_of_a_missing_key(notes: mpstore.Collection[Note]) -> None:
+    with pytest.raises(mpstore.KeyNotFound) as info:
+        notes.update("nope", lambda n: n)
+    assert isinstance(info.value, KeyError)
+    assert "nope" in str(info.value)
+
+
+def test_update_callback_that_raises_writes_nothing_and_releases_the_gate(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
+    notes.upsert(Note(id="a", text="x"))
+
+    def fail(n: Note) -> Note:
+        raise ZeroDivisionError("callback")
+
+    with pytest.raises(ZeroDivisionError):
+        notes.update("a", fail)
+    assert notes.get("a") == Note(id="a", text="x")
+    assert not store._gate.held_by_me
+    notes.upsert(Note(id="b", text="gate is free"))
+
+
+def test_update_must_keep_the_key(notes: mpstore.Collection[Note]) -> None:
+    notes.upsert(Note(id="a", text="x"))
+    with pytest.raises(mpstore.InvalidKey):
+        notes.update("a", lambda n: n.model_copy(update={"id": "b"}))
+    assert [n.id for n in notes.scan()] == ["a"]
+
+
+def test_keys_and_scan_are_in_key_order_across_pages(notes: mpstore.Collection[Note]) -> None:
+    ids = [f"{i:04d}" for i in range(600)]
+    notes.upsert_many(Note(id=i, text=i) for i in reversed(ids))
+    assert list(notes.keys()) == ids
+    assert [n.id for n in notes.scan()] == ids
+    assert len(notes) == 600
+
+
+def test_values_are_stored_as_plain_json(store: mpstore.Store, notes: mpstore.Collection[Note]) -> None:
+    notes.upsert(Note(id="a", text="x'); DROP TABLE notes; --"))
+    (value,) = store.query("SELECT value FROM notes WHERE key = 'a'")[0]
+    assert json.loads(value) == {"id": "a", "text": "x'); DROP TABLE notes; --"}
+
+
+@pytest.mark.parametrize(
+    "name", ["notes; DROP TABLE x", "no spaces", "1abc", "", "sqlite_master", "_mpstore_meta", "a-b"]
+)
+def test_collection_names_must_be_identifiers(store: mpstore.Store, name: str) -> None:
+    with pytest.raises(mpstore.InvalidName):
+        store.collection(name, Note, key="id")
+
+
+def test_reopening_a_collection_with_another_definition_fails(store: mpstore.Store) -> None:
+    store.collection("notes", Note, key="id")
+
+    class Other(BaseModel):
+        id: str
+
+    with pytest.raises(mpstore.InvalidName):
+        store.collection("notes", Other, key="id")
+
+
+def test_collection_is_shared_across_store_instances(db_path: str) -> None:
+    with mpstore.Store(db_path) as a, mpstore.Store(db_path) as b:
+        a.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+        assert b.collection("notes", Note, key="id").get("a") == Note(id="a", text="x")
+        assert b.collections() == {"notes": 1}
+
+
+def test_a_plain_table_is_not_taken_over(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE mine (a, b)")
+    with pytest.raises(mpstore.InvalidName, match="not an mpstore collection"):
+        store.collection("mine", Note, key="id")
+
+
+def test_adding_an_index_later_backfills_it(db_path: str) -> None:
+    class Item(BaseModel):
+        id: str
+        group: int
+
+    with mpstore.Store(db_path) as store:
+        store.collection("items", Item, key="id").upsert_many(
+            Item(id=str(i), group=i % 3) for i in range(9)
+        )
+    with mpstore.Store(db_path) as store:
+        items = store.collection("items", Item, key="id", indexes=[("group",)])
+        assert sorted(i.id for i in items.find({"group": 1})) == ["1", "4", "7"]
+
+
+def test_find_refuses_unindexed_fields(notes: mpstore.Collection[Note]) -> None:
+    with pytest.raises(mpstore.InvalidName):
+        notes.find({"text": "x"})
+
+
+# -- the conversation repository ---------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(store: mpstore.Store) -> ConversationRepository:
+    return ConversationRepository(store)
+
+
+def _at(minutes: int) -> datetime:
+    return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes)
+
+
+def test_repository_round_trip(repo: ConversationRepository) -> None:
+    conv = sample_conversation("c1", workspace_id=7)
+    repo.upsert_conversation(conv)
+    assert repo.get_conversation("c1") == conv
+    assert repo.get_conversation("missing") is None
+
+
+def test_listing_is_newest_first_and_limited(repo: ConversationRepository) -> None:
+    for i, minute in enumerate([5, 1, 9, 3]):
+        repo.upsert_conversation(
+            Conversation(conversation_id=f"c{i}", workspace_id=1, updated_at=_at(minute))
+        )
+    repo.upsert_conversation(Conversation(conversation_id="other", workspace_id=2, updated_at=_at(99)))
+    listed = [c.conversation_id for c in repo.get_all_conversations(1)]
+    assert listed == ["c2", "c0", "c3", "c1"]
+    assert [c.conversation_id for c in repo.get_all_conversations(1, limit=2)] == ["c2", "c0"]
+    last = repo.get_last_conversation(1)
+    assert last is not None and last.conversation_id == "c2"
+    assert repo.get_last_conversation(3) is None
+
+
+def test_sub_second_timestamps_order_correctly(repo: ConversationRepository) -> None:
+    base = _at(0)
+    repo.upsert_conversation(Conversation(conversation_id="whole", workspace_id=1, updated_at=base))
+    repo.upsert_conversation(
+        Conversation(
+            conversation_id="later", workspace_id=1, updated_at=base + timedelta(microseconds=500)
+        )
+    )
+    assert [c.conversation_id for c in repo.get_all_conversations(1)] == ["later", "whole"]
+
+
+def test_listing_uses_the_workspace_index(repo: ConversationRepository) -> None:
+    plan = " ".join(
+        repo.conversations.explain(where=["workspace_id"], order_by=["-updated_at"])
+    )
+    assert "USING INDEX conversations__by_workspace_id_updated_at" in plan
+    assert "TEMP B-TREE" not in plan  # the index also gives the order: no sort step
+
+
+def test_delete_checks_the_workspace(repo: ConversationRepository) -> None:
+    repo.upsert_conversation(Conversation(conversation_id="c", workspace_id=1))
+    assert repo.delete_conversation(2, "c") is False
+    assert repo.get_conversation("c") is not None
+    assert repo.delete_conversation(1, "c") is True
+    assert repo.delete_conversation(1, "c") is False
+
+
+def test_modify_conversation_touches_updated_at(repo: ConversationRepository) -> None:
+    repo.upsert_conversation(Conversation(conversation_id="c", workspace_id=1, updated_at=_at(0)))
+    new = repo.modify_conversation("c", lambda c: c.model_copy(update={"title": "renamed"}))
+    assert new.title == "renamed" and new.updated_at > _at(0)
+    assert repo.get_conversation("c") == new
+
+
+def test_invalid_conversation_is_a_validation_error() -> None:
+    with pytest.raises(ValidationError):
+        Conversation(conversation_id="c", workspace_id="not a number")  # type: ignore[arg-type]
+
+
+def test_sample_conversation_has_the_requested_size() -> None:
+    size = len(sample_conversation("c", context_bytes=2048).model_dump_json())
+    assert 2048 <= size <= 2048 + 600
