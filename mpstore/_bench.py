@@ -455,12 +455,14 @@ def run_worker(
         errors: Counter[str] = Counter()
         result.started = time.perf_counter()
         workspace = 1 + job.worker % WORKSPACES
-        while not stop.is_set():
+        while True:
             try:
                 strategy.read(workspace)
                 result.reads += 1
             except Exception as exc:
                 errors[type(exc).__name__] += 1
+            if stop.is_set():
+                break
         result.finished = time.perf_counter()
         result.errors = dict(errors)
         return result
@@ -980,6 +982,8 @@ def plot(document: dict[str, Any], path: str) -> None:
         rows, len(modes), figsize=(6 * len(modes), 4.5 * rows), squeeze=False
     )
     styles = {10: "-", 100: "--"}
+    palette = ("tab:blue", "tab:red", "tab:orange", "black", "tab:gray")
+    colors = dict(zip(STRATEGIES, palette, strict=True))
     for si, scenario in enumerate(scenarios):
         for mi, mode in enumerate(modes):
             top, bottom = axes[2 * si][mi], axes[2 * si + 1][mi]
@@ -994,8 +998,9 @@ def plot(document: dict[str, Any], path: str) -> None:
                     xs = [s.workers for s in line]
                     label = f"{strategy} x{writes}"
                     style = styles.get(writes, ":")
-                    top.plot(xs, [s.throughput for s in line], style, marker="o", label=label)
-                    bottom.plot(xs, [s.p99_ms for s in line], style, marker="o", label=label)
+                    look = {"color": colors[strategy], "marker": "o", "label": label}
+                    top.plot(xs, [s.throughput for s in line], style, **look)
+                    bottom.plot(xs, [s.p99_ms for s in line], style, **look)
             top.set_title(f"{scenario}, {mode}: throughput (median)")
             top.set_ylabel("writes/s")
             bottom.set_title(f"{scenario}, {mode}: p99 latency (median)")

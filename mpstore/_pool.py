@@ -14,18 +14,9 @@ from typing import Generic, TypeVar
 
 from ._errors import PoolTimeout, StoreClosed
 
-__all__ = ["Pool", "abandon"]
+__all__ = ["Pool"]
 
 T = TypeVar("T")
-
-# Objects inherited across fork() that must never be closed or finalised in the child (closing an
-# SQLite connection there could checkpoint or release locks the parent relies on): kept alive here.
-_inherited: list[object] = []
-
-
-def abandon(obj: object) -> None:
-    """Keep an object inherited from the parent process alive and untouched for good."""
-    _inherited.append(obj)
 
 
 class Pool(Generic[T]):
@@ -54,8 +45,12 @@ class Pool(Generic[T]):
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
+            # SQLite keeps per-process lock bookkeeping shared by every connection to a file;
+            # inherited connections carry the parent's, which would make the child's own
+            # connections believe locks are held. Closing them in the child clears it (it
+            # rolls back in memory; the parent's kernel locks are per process and unaffected).
             for conn in self._idle:
-                abandon(conn)
+                self._closer(conn)
             self._reset()
 
     def acquire(self, timeout: float) -> T:
@@ -91,7 +86,7 @@ class Pool(Generic[T]):
     def release(self, conn: T, discard: bool = False) -> None:
         """Return a checked-out connection; ``discard`` closes it instead (e.g. it is broken)."""
         if self._pid != os.getpid():
-            abandon(conn)
+            self._closer(conn)
             return
         with self._lock:
             self.in_use -= 1

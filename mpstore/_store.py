@@ -17,7 +17,7 @@ from . import _sqlite
 from ._connection import Connection
 from ._errors import MpstoreError, StoreClosed, Timeout, TransactionError
 from ._gate import drop_gate, gate_for
-from ._pool import Pool, abandon
+from ._pool import Pool
 from ._sqlite import translating
 
 if TYPE_CHECKING:
@@ -166,10 +166,7 @@ class Store:
         with self._writers_lock:
             conn, self._wconn = self._wconn, None
         if conn is not None:
-            if self._wpid == os.getpid():
-                conn.close()
-            else:
-                abandon(conn)
+            conn.close()
         drop_gate(self._gate)
 
     def _check_open(self) -> None:
@@ -193,7 +190,8 @@ class Store:
         pid = os.getpid()
         if self._wconn is None or self._wpid != pid:
             if self._wconn is not None:
-                abandon(self._wconn)
+                # Inherited across fork: close it here, as the pool does (see Pool._check_fork).
+                self._wconn.close()
             self._wconn = self._connect(readonly=False)
             self._wpid = pid
         return self._wconn

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -29,7 +29,9 @@ def test_upsert_get_delete(notes: mpstore.Collection[Note]) -> None:
     assert notes.get("a") is None
 
 
-def test_upsert_many_is_one_transaction(store: mpstore.Store, notes: mpstore.Collection[Note]) -> None:
+def test_upsert_many_is_one_transaction(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
     seen: list[str] = []
     store.on_event = seen.append
     assert notes.upsert_many(Note(id=str(i), text="x") for i in range(10)) == 10
@@ -88,14 +90,17 @@ def test_keys_and_scan_are_in_key_order_across_pages(notes: mpstore.Collection[N
     assert len(notes) == 600
 
 
-def test_values_are_stored_as_plain_json(store: mpstore.Store, notes: mpstore.Collection[Note]) -> None:
+def test_values_are_stored_as_plain_json(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
     notes.upsert(Note(id="a", text="x'); DROP TABLE notes; --"))
     (value,) = store.query("SELECT value FROM notes WHERE key = 'a'")[0]
     assert json.loads(value) == {"id": "a", "text": "x'); DROP TABLE notes; --"}
 
 
 @pytest.mark.parametrize(
-    "name", ["notes; DROP TABLE x", "no spaces", "1abc", "", "sqlite_master", "_mpstore_meta", "a-b"]
+    "name",
+    ["notes; DROP TABLE x", "no spaces", "1abc", "", "sqlite_master", "_mpstore_meta", "a-b"],
 )
 def test_collection_names_must_be_identifiers(store: mpstore.Store, name: str) -> None:
     with pytest.raises(mpstore.InvalidName):
@@ -154,7 +159,7 @@ def repo(store: mpstore.Store) -> ConversationRepository:
 
 
 def _at(minutes: int) -> datetime:
-    return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes)
+    return datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)
 
 
 def test_repository_round_trip(repo: ConversationRepository) -> None:
@@ -169,7 +174,9 @@ def test_listing_is_newest_first_and_limited(repo: ConversationRepository) -> No
         repo.upsert_conversation(
             Conversation(conversation_id=f"c{i}", workspace_id=1, updated_at=_at(minute))
         )
-    repo.upsert_conversation(Conversation(conversation_id="other", workspace_id=2, updated_at=_at(99)))
+    repo.upsert_conversation(
+        Conversation(conversation_id="other", workspace_id=2, updated_at=_at(99))
+    )
     listed = [c.conversation_id for c in repo.get_all_conversations(1)]
     assert listed == ["c2", "c0", "c3", "c1"]
     assert [c.conversation_id for c in repo.get_all_conversations(1, limit=2)] == ["c2", "c0"]
@@ -190,9 +197,7 @@ def test_sub_second_timestamps_order_correctly(repo: ConversationRepository) -> 
 
 
 def test_listing_uses_the_workspace_index(repo: ConversationRepository) -> None:
-    plan = " ".join(
-        repo.conversations.explain(where=["workspace_id"], order_by=["-updated_at"])
-    )
+    plan = " ".join(repo.conversations.explain(where=["workspace_id"], order_by=["-updated_at"]))
     assert "USING INDEX conversations__by_workspace_id_updated_at" in plan
     assert "TEMP B-TREE" not in plan  # the index also gives the order: no sort step
 

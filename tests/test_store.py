@@ -107,9 +107,8 @@ def test_connection_refuses_other_threads(store: mpstore.Store) -> None:
 
 
 def test_write_inside_read_is_refused(store: mpstore.Store) -> None:
-    with pytest.raises(mpstore.TransactionError), store.read():
-        with store.write():
-            pass
+    with pytest.raises(mpstore.TransactionError), store.read(), store.write():
+        pass
 
 
 def test_read_connections_are_query_only(store: mpstore.Store) -> None:
@@ -208,7 +207,7 @@ def test_writers_never_touch_the_read_pool(db_path: str) -> None:
             assert store._pool.in_use == 1
             with store.write() as conn:
                 conn.execute(
-                    "INSERT INTO notes (key, value) VALUES ('a', '{\"id\":\"a\",\"text\":\"x\"}')"
+                    'INSERT INTO notes (key, value) VALUES (\'a\', \'{"id":"a","text":"x"}\')'
                 )
         assert notes.get("a") == Note(id="a", text="x")
 
@@ -309,8 +308,11 @@ def test_store_pickles_as_path_and_settings(db_path: str) -> None:
 def test_two_stores_on_one_file_share_the_gate(db_path: str) -> None:
     with mpstore.Store(db_path) as a, mpstore.Store(db_path) as b:
         assert a._gate is b._gate
-        with a.write(), pytest.raises(mpstore.TransactionError, match="already holds"):
-            with b.write():
-                pass
+        with (
+            a.write(),
+            pytest.raises(mpstore.TransactionError, match="already holds"),
+            b.write(),
+        ):
+            pass
         with b.write() as conn:
             conn.execute("SELECT 1")

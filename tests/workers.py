@@ -6,6 +6,7 @@ target here is a module-level function that the child imports by name.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import traceback
@@ -33,10 +34,15 @@ def run_processes(fn: Callable[..., Any], args_per_worker: Sequence[Sequence[Any
 
     :raises AssertionError: a worker raised (its traceback is in the message) or exited badly.
     """
+    return run_tasks([(fn, args) for args in args_per_worker])
+
+
+def run_tasks(tasks: Sequence[tuple[Callable[..., Any], Sequence[Any]]]) -> list[Any]:
+    """Run each ``fn(*args)`` in its own spawned process; return results in task order."""
     queue = SPAWN.Queue()
     procs = [
         SPAWN.Process(target=_report, args=(queue, i, fn, args))
-        for i, args in enumerate(args_per_worker)
+        for i, (fn, args) in enumerate(tasks)
     ]
     for p in procs:
         p.start()
@@ -62,9 +68,7 @@ def upsert_conversations(path: str, worker: int, count: int, barrier: Any) -> li
     """Upsert ``count`` 2 KiB conversations; return the ids acknowledged."""
     with mpstore.Store(path) as store:
         repo = ConversationRepository(store)
-        records = [
-            sample_conversation(f"w{worker}-{i}", workspace_id=worker) for i in range(count)
-        ]
+        records = [sample_conversation(f"w{worker}-{i}", workspace_id=worker) for i in range(count)]
         barrier.wait()
         done = []
         for record in records:
@@ -130,13 +134,13 @@ class _NoGate:
         pass
 
 
-def critical_sections(lock_path: str, rounds: int, barrier: Any, log: str, gated: bool) -> int:
+def critical_sections(lock_path: str, rounds: int, barrier: Any, log: str, kind: str) -> int:
     """Enter and leave a critical section ``rounds`` times, logging both with O_APPEND writes.
 
     Appends are atomic and totally ordered, so the log itself shows whether two sections ever
     overlapped, with no clocks involved.
     """
-    gate: Any = gate_for(lock_path, 0o600) if gated else _NoGate()
+    gate: Any = _NoGate() if kind == "none" else gate_for(lock_path, 0o600, kind)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     pid = os.getpid()
     barrier.wait()
@@ -151,7 +155,7 @@ def critical_sections(lock_path: str, rounds: int, barrier: Any, log: str, gated
                 gate.release()
     finally:
         os.close(fd)
-        if gated:
+        if kind != "none":
             drop_gate(gate)
     return rounds
 
@@ -170,6 +174,39 @@ def overlaps(log: str) -> int:
             elif inside == pid:
                 inside = None
     return count
+
+
+def logged_writes(path: str, rounds: int, barrier: Any, log: str) -> int:
+    """Write ``rounds`` rows, logging entry and exit of each write block to ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    pid = os.getpid()
+    with mpstore.Store(path, timeout=30) as store:
+        with store.write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS sections (pid INTEGER, i INTEGER)")
+        barrier.wait()
+        for i in range(rounds):
+            with store.write() as conn:
+                os.write(fd, f"E {pid} {i}\n".encode())
+                conn.execute("INSERT INTO sections VALUES (?, ?)", (pid, i))
+                os.write(fd, f"X {pid} {i}\n".encode())
+    os.close(fd)
+    return rounds
+
+
+def churn_lock_file(lock_path: str, change: str, barrier: Any, times: int) -> int:
+    """Delete (or replace with a new file) the lock file ``times`` times while others write."""
+    barrier.wait()
+    for i in range(times):
+        if change == "delete":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
+        else:
+            tmp = f"{lock_path}.{i}.tmp"
+            with open(tmp, "w"):
+                pass
+            os.replace(tmp, lock_path)
+        os.sched_yield()
+    return times
 
 
 def hold_write(path: str, started: Any, release: Any) -> None:

@@ -1,0 +1,186 @@
+"""The cross-process write gate: exclusion, timeouts, crash safety and the lock file's life."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import filelock
+import pytest
+
+import mpstore
+from mpstore._gate import Gate, drop_gate, gate_for
+from tests import workers
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.mark.parametrize("kind", ["flock", "filelock"])
+def test_gate_excludes_across_processes(tmp_path: Path, kind: str) -> None:
+    log = str(tmp_path / "sections.log")
+    lock = str(tmp_path / "db.lock")
+    barrier = workers.SPAWN.Barrier(4)
+    args = [(lock, 150, barrier, log, kind) for _ in range(4)]
+    workers.run_processes(workers.critical_sections, args)
+    lines = Path(log).read_text().splitlines()
+    assert len(lines) == 4 * 150 * 2
+    assert workers.overlaps(log) == 0
+
+
+def test_overlap_check_catches_a_missing_gate(tmp_path: Path) -> None:
+    # The negative control for the test above: the same workload with a gate that excludes
+    # nobody must show overlapping sections, or the check has gone blind.
+    lock = str(tmp_path / "db.lock")
+    found = 0
+    for attempt in range(5):
+        log = str(tmp_path / f"ungated-{attempt}.log")
+        barrier = workers.SPAWN.Barrier(4)
+        workers.run_processes(
+            workers.critical_sections, [(lock, 300, barrier, log, "none") for _ in range(4)]
+        )
+        found = workers.overlaps(log)
+        if found:
+            break
+    assert found > 0
+
+
+def test_threads_of_one_process_queue_in_arrival_order(tmp_path: Path) -> None:
+    gate = gate_for(str(tmp_path / "db.lock"), 0o600)
+    try:
+        order: list[int] = []
+        gate.acquire(5)
+        threads = []
+        for i in range(5):
+            t = threading.Thread(target=_take_and_record, args=(gate, i, order))
+            t.start()
+            threads.append(t)
+            _wait_for_waiters(gate, i + 1)
+        gate.release()
+        for t in threads:
+            t.join()
+        assert order == [0, 1, 2, 3, 4]
+    finally:
+        drop_gate(gate)
+
+
+def _take_and_record(gate: Gate, i: int, order: list[int]) -> None:
+    gate.acquire(10)
+    order.append(i)
+    gate.release()
+
+
+def _wait_for_waiters(gate: Gate, n: int) -> None:
+    # Each thread parks on its own turn lock; spin on the queue length (no sleep) so the next
+    # thread starts only after the previous one is queued.
+    while len(gate._waiters) < n:
+        os.sched_yield()
+
+
+def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    mpstore.Store(path).close()
+    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
+    holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
+    holder.start()
+    try:
+        assert started.wait(60)
+        with mpstore.Store(path, timeout=0.3) as store:
+            with pytest.raises(mpstore.GateTimeout) as info, store.write():
+                pass
+            err = info.value
+            assert err.holder_pid == holder.pid
+            assert f"pid {holder.pid}" in str(err)
+            assert store.lock_path in str(err)
+            assert err.waited is not None and err.waited >= 0.3
+            assert isinstance(err, TimeoutError)
+    finally:
+        release.set()
+        holder.join(60)
+    assert holder.exitcode == 0
+
+
+def test_a_killed_holder_releases_the_gate_and_its_transaction(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path, timeout=10) as store:
+        started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
+        holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
+        holder.start()
+        assert started.wait(60)
+        os.kill(holder.pid or 0, signal.SIGKILL)
+        holder.join(60)
+        with store.write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
+            conn.execute("INSERT INTO held VALUES ('after')")
+        assert store.query("SELECT x FROM held") == [("after",)]
+        assert store.integrity_check() == ["ok"]
+
+
+def test_filelock_users_and_mpstore_exclude_each_other(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path, timeout=0.2) as store:
+        outside = filelock.FileLock(store.lock_path)
+        started, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with outside:
+                started.set()
+                release.wait()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert started.wait(10)
+            with pytest.raises(mpstore.GateTimeout), store.write():
+                pass
+        finally:
+            release.set()
+            t.join()
+        with store.write():
+            pass
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str) -> None:
+    lock = str(tmp_path / "db.lock")
+    gate = gate_for(lock, 0o600)
+    other = Gate(lock, 0o600)  # another "process": its own descriptor and queue
+    try:
+        gate.acquire(5)
+        first_inode = os.stat(lock).st_ino
+        os.unlink(lock)
+        if change == "replace":
+            Path(lock).write_text("")
+        gate.release()
+        # The next holder must lock the file that is there now, not the orphaned inode.
+        other.acquire(5)
+        assert os.fstat(other._kernel()._fd).st_ino == os.stat(lock).st_ino
+        with pytest.raises(mpstore.GateTimeout):
+            gate.acquire(0.2)  # it queues on the live file, which `other` holds
+        other.release()
+        gate.acquire(5)
+        assert os.fstat(gate._kernel()._fd).st_ino == os.stat(lock).st_ino
+        assert os.stat(lock).st_ino != first_inode or change == "delete"
+        gate.release()
+    finally:
+        other.close()
+        drop_gate(gate)
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+def test_writes_never_overlap_while_the_lock_file_churns(tmp_path: Path, change: str) -> None:
+    path = str(tmp_path / "state.db")
+    mpstore.Store(path).close()
+    log = str(tmp_path / "sections.log")
+    barrier = workers.SPAWN.Barrier(5)
+    tasks: list[tuple[object, tuple[object, ...]]] = [
+        (workers.logged_writes, (path, 60, barrier, log)) for _ in range(4)
+    ]
+    tasks.append((workers.churn_lock_file, (path + ".lock", change, barrier, 200)))
+    results = workers.run_tasks(tasks)  # type: ignore[arg-type]
+    assert workers.overlaps(log) == 0
+    with mpstore.Store(path) as store:
+        assert store.query("SELECT count(*) FROM sections") == [(4 * 60,)]
+        assert store.integrity_check() == ["ok"]
+    assert results[-1] == 200
