@@ -8,6 +8,7 @@ an exiting interpreter steals CPU from the workers still writing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -273,6 +274,7 @@ class UngatedStrategy:
 
     def write(self, conversation: Conversation) -> None:
         row = plain_row(conversation)
+
         def upsert(conn: sqlite3.Connection) -> None:
             conn.execute(_PLAIN_UPSERT, row)
 
@@ -409,6 +411,8 @@ class Job:
     writes: int
     context_bytes: int
     role: str = "writer"
+    parties: int = 1
+    writers: int = 1
 
 
 class _Waitable(Protocol):
@@ -493,15 +497,28 @@ class _PreparedWriter:
         _timed(self.calls, result.samples, Counter(), result, time.perf_counter)
 
 
-def _process_main(job: Job, start: _Waitable, park: _Waitable, stop: _Flag, results: Any) -> None:
-    """Entry point of a spawned worker process."""
-    strategy = make_strategy(job.strategy)
-    strategy.open(job.path)
-    try:
-        result = run_worker(job, strategy, start, park, stop)
+def _pool_main(inbox: Any, barriers: dict[tuple[int, int], Any], stop: _Flag, results: Any) -> None:
+    """A spawned worker process: runs one job per message until it receives None."""
+    results.put({"ready": True})
+    while True:
+        message = inbox.get()
+        if message is None:
+            return
+        job: Job = message
+        start, park = barriers[(job.parties, job.writers)]
+        try:
+            strategy = make_strategy(job.strategy)
+            strategy.open(job.path)
+            try:
+                result = run_worker(job, strategy, start, park, stop)
+            finally:
+                strategy.close()
+        except BaseException as exc:
+            start.abort()
+            park.abort()
+            results.put({"failed": f"worker {job.worker} ({job.strategy}): {exc!r}"})
+            return
         results.put(asdict(result))
-    finally:
-        strategy.close()
 
 
 # -- runners ------------------------------------------------------------------------------------
@@ -516,42 +533,92 @@ def _jobs(
     context_bytes: int,
     readers: int,
 ) -> list[Job]:
-    jobs = [Job(strategy, path, scenario, w, writes, context_bytes) for w in range(workers)]
-    if scenario == "mixed":
-        jobs += [
-            Job(strategy, path, scenario, r, 0, context_bytes, "reader") for r in range(readers)
-        ]
+    readers = readers if scenario == "mixed" else 0
+    parties = workers + readers
+    jobs = [
+        Job(strategy, path, scenario, w, writes, context_bytes, "writer", parties, workers)
+        for w in range(workers)
+    ]
+    jobs += [
+        Job(strategy, path, scenario, r, 0, context_bytes, "reader", parties, workers)
+        for r in range(readers)
+    ]
     return jobs
 
 
-def run_processes(jobs: Sequence[Job]) -> list[WorkerResult]:
-    """One spawned process per job; writers start together and exit together."""
-    ctx = multiprocessing.get_context("spawn")
-    writers = sum(1 for j in jobs if j.role == "writer")
-    start = ctx.Barrier(len(jobs))
-    park = ctx.Barrier(writers)
-    stop = ctx.Event()
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_process_main, args=(j, start, park, stop, results)) for j in jobs]
-    for p in procs:
-        p.start()
-    collected: list[WorkerResult] = []
-    try:
+class ProcessPool:
+    """Spawned worker processes, started once and reused for every process-mode run.
+
+    Each run's workers open their strategy, meet at the start barrier, write, park until all
+    writers are done, close, and report. Process start-up and interpreter exit never overlap a
+    measured run, and spawning hundreds of interpreters does not dominate the benchmark's time.
+    """
+
+    def __init__(self, size: int, shapes: Iterable[tuple[int, int]]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.size = size
+        self._barriers = {
+            shape: (ctx.Barrier(shape[0]), ctx.Barrier(shape[1])) for shape in set(shapes)
+        }
+        self._stop = ctx.Event()
+        self._results = ctx.Queue()
+        self._inboxes = [ctx.SimpleQueue() for _ in range(size)]
+        self._procs = [
+            ctx.Process(
+                target=_pool_main,
+                args=(inbox, self._barriers, self._stop, self._results),
+                name=f"mpstore-bench-{i}",
+                daemon=True,
+            )
+            for i, inbox in enumerate(self._inboxes)
+        ]
+        for proc in self._procs:
+            proc.start()
+        ready = 0
+        while ready < size:
+            try:
+                self._results.get(timeout=_BARRIER_TIMEOUT)
+            except queue.Empty:
+                self.close()
+                raise RuntimeError("benchmark worker processes did not start") from None
+            ready += 1
+
+    def run(self, jobs: Sequence[Job]) -> list[WorkerResult]:
+        """Run one job per worker process; the jobs' (parties, writers) must be a known shape."""
+        if len(jobs) > self.size:
+            raise ValueError(f"{len(jobs)} jobs for a pool of {self.size} processes")
+        self._stop.clear()
+        for inbox, job in zip(self._inboxes[: len(jobs)], jobs, strict=True):
+            inbox.put(job)
+        collected: list[WorkerResult] = []
+        deadline = time.monotonic() + 2 * _BARRIER_TIMEOUT
         while len(collected) < len(jobs):
             try:
-                raw = results.get(timeout=1.0)
+                raw = self._results.get(timeout=1.0)
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError("a benchmark worker process failed") from None
+                if time.monotonic() > deadline or not all(p.is_alive() for p in self._procs):
+                    raise RuntimeError("a benchmark worker process died or hung") from None
                 continue
+            if "failed" in raw:
+                raise RuntimeError(raw["failed"])
             collected.append(WorkerResult(**raw))
-    finally:
-        for p in procs:
-            p.join(timeout=_BARRIER_TIMEOUT)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return collected
+        return collected
+
+    def close(self) -> None:
+        for proc, inbox in zip(self._procs, self._inboxes, strict=True):
+            if proc.is_alive():
+                inbox.put(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_threads(jobs: Sequence[Job]) -> list[WorkerResult]:
@@ -663,6 +730,7 @@ def run_one(
     context_bytes: int,
     readers: int,
     directory: str,
+    pool: ProcessPool | None = None,
 ) -> RunResult:
     """Run one strategy once in a fresh database under ``directory`` and verify what landed."""
     path = os.path.join(directory, f"{strategy}-{mode}-{workers}x{writes}-{repetition}.db")
@@ -674,7 +742,11 @@ def run_one(
     if strategy in CEILINGS:
         results = run_ceiling(jobs[0], workers, batched=strategy == "ceiling-batched")
     elif mode == "processes":
-        results = run_processes(jobs)
+        if pool is None:
+            with ProcessPool(len(jobs), [(len(jobs), workers)]) as own:
+                results = own.run(jobs)
+        else:
+            results = pool.run(jobs)
     else:
         results = run_threads(jobs)
     after = cls.stored(path)
@@ -891,7 +963,18 @@ def run_bench(
     """
     started = time.perf_counter()
     runs: list[RunResult] = []
-    with tempfile.TemporaryDirectory(prefix="mpstore-bench-") as directory:
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mpstore-bench-"))
+        pool = None
+        if "processes" in config.modes and set(config.strategies) & set(CONCURRENT):
+            if progress is not None:
+                progress("starting the worker processes")
+            shapes = [
+                (workers + (config.readers if scenario == "mixed" else 0), workers)
+                for scenario in config.scenarios
+                for workers, _ in config.cells
+            ]
+            pool = stack.enter_context(ProcessPool(max(p for p, _ in shapes), shapes))
         for scenario in config.scenarios:
             for workers, writes in config.cells:
                 cell_runs: list[RunResult] = []
@@ -913,6 +996,7 @@ def run_bench(
                                 config.context_bytes,
                                 config.readers,
                                 directory,
+                                pool,
                             )
                             cell_runs.append(run)
                 runs.extend(cell_runs)
@@ -961,9 +1045,7 @@ def check_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise PlotUnavailable(
-            "--plot needs matplotlib: pip install 'mpstore[bench]'"
-        ) from None
+        raise PlotUnavailable("--plot needs matplotlib: pip install 'mpstore[bench]'") from None
 
 
 def plot(document: dict[str, Any], path: str) -> None:
@@ -978,9 +1060,7 @@ def plot(document: dict[str, Any], path: str) -> None:
     scenarios = sorted({s.scenario for s in summaries})
     modes = [m for m in MODES if any(s.mode == m for s in summaries)] or [SINGLE]
     rows = 2 * len(scenarios)
-    fig, axes = plt.subplots(
-        rows, len(modes), figsize=(6 * len(modes), 4.5 * rows), squeeze=False
-    )
+    fig, axes = plt.subplots(rows, len(modes), figsize=(6 * len(modes), 4.5 * rows), squeeze=False)
     styles = {10: "-", 100: "--"}
     palette = ("tab:blue", "tab:red", "tab:orange", "black", "tab:gray")
     colors = dict(zip(STRATEGIES, palette, strict=True))

@@ -36,26 +36,69 @@ def _add_bench(commands: Any) -> None:
             "Default cells: 4x10, 8x10, 16x10, 16x100. Medians over --repeat runs."
         ),
     )
-    bench.add_argument("--workers", type=_positive, nargs="+", metavar="N",
-                       help="concurrent workers (a list runs one cell per value)")
-    bench.add_argument("--writes", type=_positive, nargs="+", metavar="M",
-                       help="writes per worker (a list runs one cell per value)")
-    bench.add_argument("--mode", nargs="+", choices=_MODES, default=None,
-                       help="processes (spawned) and/or threads (default: both)")
-    bench.add_argument("--strategy", nargs="+", choices=_STRATEGIES, default=None,
-                       help="strategies to run (default: all; ratios need 'ceiling')")
-    bench.add_argument("--scenario", nargs="+", choices=_SCENARIOS, default=["upsert"],
-                       help="upsert (default), modify (read-then-write), mixed (with readers)")
-    bench.add_argument("--repeat", type=_positive, default=None,
-                       help="repetitions per cell; medians are reported (default 3, --quick 1)")
-    bench.add_argument("--context-bytes", type=_positive, default=2048,
-                       help="size of each conversation's context JSON (default 2048)")
-    bench.add_argument("--readers", type=_positive, default=2,
-                       help="reader workers in the mixed scenario (default 2)")
-    bench.add_argument("--quick", action="store_true",
-                       help="a short smoke run: cells 4x10 and 16x20, one repetition")
-    bench.add_argument("--json", metavar="FILE",
-                       help="write every repetition, the medians and machine info as JSON")
+    bench.add_argument(
+        "--workers",
+        type=_positive,
+        nargs="+",
+        metavar="N",
+        help="concurrent workers (a list runs one cell per value)",
+    )
+    bench.add_argument(
+        "--writes",
+        type=_positive,
+        nargs="+",
+        metavar="M",
+        help="writes per worker (a list runs one cell per value)",
+    )
+    bench.add_argument(
+        "--mode",
+        nargs="+",
+        choices=_MODES,
+        default=None,
+        help="processes (spawned) and/or threads (default: both)",
+    )
+    bench.add_argument(
+        "--strategy",
+        nargs="+",
+        choices=_STRATEGIES,
+        default=None,
+        help="strategies to run (default: all; ratios need 'ceiling')",
+    )
+    bench.add_argument(
+        "--scenario",
+        nargs="+",
+        choices=_SCENARIOS,
+        default=["upsert"],
+        help="upsert (default), modify (read-then-write), mixed (with readers)",
+    )
+    bench.add_argument(
+        "--repeat",
+        type=_positive,
+        default=None,
+        help="repetitions per cell; medians are reported (default 3, --quick 1)",
+    )
+    bench.add_argument(
+        "--context-bytes",
+        type=_positive,
+        default=2048,
+        help="size of each conversation's context JSON (default 2048)",
+    )
+    bench.add_argument(
+        "--readers",
+        type=_positive,
+        default=2,
+        help="reader workers in the mixed scenario (default 2)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run: cells 4x10 and 16x20, one repetition",
+    )
+    bench.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write every repetition, the medians and machine info as JSON",
+    )
     bench.add_argument("--plot", metavar="FILE.png", help="plot throughput and p99 against workers")
 
 
