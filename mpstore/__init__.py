@@ -7,6 +7,7 @@ connection; readers read WAL snapshots concurrently. Records are typed with pyda
 from ._collection import Collection
 from ._connection import Connection
 from ._errors import (
+    Abandoned,
     BusyTimeout,
     CorruptDatabase,
     DiskFull,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVENTS",
+    "Abandoned",
     "BusyTimeout",
     "Collection",
     "Connection",

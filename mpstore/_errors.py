@@ -7,6 +7,7 @@ the default exception pickling reproduces it exactly: errors cross process bound
 from __future__ import annotations
 
 __all__ = [
+    "Abandoned",
     "BusyTimeout",
     "CorruptDatabase",
     "DiskFull",
@@ -74,6 +75,14 @@ class PoolTimeout(Timeout):
 
 class BusyTimeout(Timeout):
     """SQLite stayed busy past the timeout: some program writes to the file without the gate."""
+
+
+class Abandoned(MpstoreError):
+    """The caller gave up (e.g. its asyncio task was cancelled) before the database was touched.
+
+    Raised inside the worker thread that carries out an async call, right after it won the gate
+    or a pooled connection, which it gives back at once.
+    """
 
 
 class StoreClosed(MpstoreError, RuntimeError):

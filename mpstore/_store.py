@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from . import _sqlite
 from ._connection import Connection
-from ._errors import MpstoreError, StoreClosed, Timeout, TransactionError
+from ._errors import Abandoned, MpstoreError, StoreClosed, Timeout, TransactionError
 from ._gate import drop_gate, gate_for
 from ._pool import Pool
 from ._sqlite import translating
@@ -50,6 +50,7 @@ class _TxState(threading.local):
     conn: Connection | None = None
     depth: int = 0
     pid: int = 0
+    abandon: threading.Event | None = None
 
 
 class Store:
@@ -202,6 +203,25 @@ class Store:
             tx.conn, tx.depth = None, 0  # forked inside a block: the child has no transaction
         return tx.conn
 
+    @contextmanager
+    def abandon_when(self, event: threading.Event) -> Iterator[None]:
+        """In this thread, make any write or read that wins the gate or a pooled connection
+        after ``event`` is set give it back untouched and raise :class:`Abandoned`.
+
+        The asyncio layer uses it so that a cancelled task's queued call never starts.
+        """
+        tx = self._tx
+        previous, tx.abandon = tx.abandon, event
+        try:
+            yield
+        finally:
+            tx.abandon = previous
+
+    def _check_abandoned(self) -> None:
+        event = self._tx.abandon
+        if event is not None and event.is_set():
+            raise Abandoned(f"the caller abandoned this call on {self.path}", self.path)
+
     # -- transactions -----------------------------------------------------------------------
 
     @contextmanager
@@ -229,6 +249,7 @@ class Store:
         self._gate.acquire(self.timeout)
         try:
             self._emit("gate-acquired")
+            self._check_abandoned()
             with self._transaction() as conn:
                 yield conn
         finally:
@@ -324,6 +345,7 @@ class Store:
         self._emit("pool-acquired")
         broken = False
         try:
+            self._check_abandoned()
             yield raw
         except sqlite3.Error:
             broken = True
