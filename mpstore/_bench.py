@@ -686,7 +686,11 @@ def run_ceiling(job: Job, workers: int, batched: bool) -> list[WorkerResult]:
 
 @dataclass
 class RunResult:
-    """One repetition of one strategy in one cell."""
+    """One repetition of one strategy in one cell.
+
+    ``throughput`` counts successful writes only; ``expected`` is how many calls returned without
+    an error, ``present`` how many of them the database holds afterwards, ``lost`` the difference.
+    """
 
     scenario: str
     mode: str
@@ -803,7 +807,7 @@ def measure(
         repetition=repetition,
         elapsed_s=elapsed,
         attempted=attempted,
-        throughput=attempted / elapsed if elapsed > 0 else 0.0,
+        throughput=expected / elapsed if elapsed > 0 else 0.0,
         p50_ms=percentile(samples, 50) * 1000,
         p99_ms=percentile(samples, 99) * 1000,
         max_ms=(samples[-1] * 1000) if samples else 0.0,

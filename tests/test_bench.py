@@ -172,6 +172,7 @@ def test_measure_counts_rows_missing_after_successful_writes_as_lost() -> None:
     results = [_worker(0.0, 1.0, [0.1, 0.1]), _worker(0.0, 1.0, [0.1, 0.1], errors={"X": 1})]
     run = _measure(results, {"seed": 0}, {"seed": 0, "a": 0, "b": 0})
     assert run.errors == {"X": 1}
+    assert run.throughput == pytest.approx(3.0)
     assert run.expected == 3
     assert run.present == 2
     assert run.lost == 1
