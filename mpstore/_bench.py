@@ -1082,7 +1082,8 @@ def plot(document: dict[str, Any], path: str) -> None:
                     xs = [s.workers for s in line]
                     label = f"{strategy} x{writes}"
                     style = styles.get(writes, ":")
-                    look = {"color": colors[strategy], "marker": "o", "label": label}
+                    marker = "o" if writes == min(s.writes for s in mine) else "s"
+                    look = {"color": colors[strategy], "marker": marker, "label": label}
                     top.plot(xs, [s.throughput for s in line], style, **look)
                     bottom.plot(xs, [s.p99_ms for s in line], style, **look)
             top.set_title(f"{scenario}, {mode}: throughput (median)")
