@@ -268,7 +268,7 @@ class Gate:
         self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._owner: int | None = None
-        self._waiters: deque[threading.Lock] = deque()
+        self._waiters: deque[tuple[int, threading.Lock]] = deque()
         self._os: _FlockLock | _PortableLock | None = None
         self._os_held = False
 
@@ -324,23 +324,23 @@ class Gate:
                 )
             turn = threading.Lock()
             turn.acquire()
-            self._waiters.append(turn)
+            entry = (me, turn)
+            self._waiters.append(entry)
         if turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            self._owner = me
-            return
+            return  # the releaser made us the owner before waking us
         with self._mutex:
-            if turn in self._waiters:
-                self._waiters.remove(turn)
-                raise self._timeout(start, os.getpid(), "another thread of this process")
-        # The gate was handed to us just as the wait ran out: it is ours.
-        self._owner = me
+            if self._owner == me:
+                return  # handed over just as the wait ran out: it is ours
+            self._waiters.remove(entry)
+        raise self._timeout(start, os.getpid(), "another thread of this process")
 
     def _release_local(self) -> None:
         with self._mutex:
             if self._waiters:
-                # Hand the gate straight to the longest waiter: FIFO among this process's threads.
-                self._owner = None
-                self._waiters.popleft().release()
+                # Hand the gate straight to the longest waiter, under the mutex, so no thread
+                # arriving meanwhile can see it free: FIFO among this process's threads.
+                self._owner, turn = self._waiters.popleft()
+                turn.release()
             else:
                 self._owner = None
 

@@ -65,6 +65,36 @@ def test_threads_of_one_process_queue_in_arrival_order(tmp_path: Path) -> None:
         drop_gate(gate)
 
 
+def test_threads_never_share_the_gate(tmp_path: Path) -> None:
+    # New arrivals race the hand-off from a releasing thread to the longest waiter; a gap there
+    # once let two threads hold the gate at once.
+    gate = gate_for(str(tmp_path / "db.lock"), 0o600)
+    inside: list[int] = []
+    overlaps: list[int] = []
+    start = threading.Barrier(8)
+
+    def hammer() -> None:
+        start.wait()
+        for _ in range(300):
+            gate.acquire(30)
+            inside.append(1)
+            if len(inside) > 1:
+                overlaps.append(len(inside))
+            os.sched_yield()
+            inside.pop()
+            gate.release()
+
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert overlaps == []
+    finally:
+        drop_gate(gate)
+
+
 def _take_and_record(gate: Gate, i: int, order: list[int]) -> None:
     gate.acquire(10)
     order.append(i)
