@@ -245,24 +245,37 @@ class Store:
                 yield conn
             return
         self._check_open()
+        with self._write_turn() as raw, self._transaction(raw) as conn:
+            yield conn
+
+    @contextmanager
+    def _write_turn(self) -> Iterator[sqlite3.Connection]:
+        """Wait for this caller's turn to write: the gate, then the process's write connection."""
         self._emit("gate-wait")
         self._gate.acquire(self.timeout)
         try:
             self._emit("gate-acquired")
             self._check_abandoned()
-            with self._transaction() as conn:
-                yield conn
+            with self._writers_lock:
+                self._check_open()
+                raw = self._writer()
+            try:
+                yield raw
+            finally:
+                if self._closed:
+                    self._close_writer(raw)
         finally:
             self._gate.release()
             self._emit("gate-released")
 
+    #: How a write transaction starts: under the gate no other writer can be active, so taking
+    #: SQLite's write lock up front never waits and never fails on a read-to-write upgrade.
+    _begin = "BEGIN IMMEDIATE"
+
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        with self._writers_lock:
-            self._check_open()
-            raw = self._writer()
+    def _transaction(self, raw: sqlite3.Connection) -> Iterator[Connection]:
         with translating(self.path):
-            raw.execute("BEGIN IMMEDIATE")
+            raw.execute(self._begin)
         self._emit("begin")
         conn = Connection(raw, self.path, writable=True)
         tx = self._tx
@@ -282,8 +295,6 @@ class Store:
         finally:
             conn._end()
             tx.conn, tx.depth = None, 0
-            if self._closed:
-                self._close_writer(raw)
 
     def _close_writer(self, raw: sqlite3.Connection) -> None:
         with self._writers_lock:
@@ -375,8 +386,7 @@ class Store:
         meta = _sqlite.META_TABLE
         version = self._schema_version()
         if version is None:
-            with self._gate_only():
-                raw = self._writer()
+            with self._write_turn() as raw:
                 with translating(self.path):
                     # Switching to WAL needs no open transaction; it is recorded in the file.
                     (mode,) = raw.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -386,7 +396,7 @@ class Store:
                         "a local filesystem with shared memory support",
                         self.path,
                     )
-                with self._transaction() as conn:
+                with self._transaction(raw) as conn:
                     exists = conn.execute(
                         "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (meta,)
                     ).fetchone()
@@ -420,14 +430,6 @@ class Store:
                 self.path,
             )
         return False
-
-    @contextmanager
-    def _gate_only(self) -> Iterator[None]:
-        self._gate.acquire(self.timeout)
-        try:
-            yield
-        finally:
-            self._gate.release()
 
     def _schema_version(self) -> int | None:
         rows = self.query(
