@@ -312,13 +312,6 @@ def test_tiny_run_writes_every_row_and_a_complete_json(tmp_path: Path) -> None:
     assert summary[("mpstore", "processes")]["x_ceiling"] > 0
 
 
-@pytest.mark.xfail(
-    reason=(
-        "core: Gate._release_local sets _owner=None before waking the next waiter, so a third "
-        "thread can take the gate in between and two threads share the write connection"
-    ),
-    strict=False,
-)
 def test_tiny_run_in_threads_loses_nothing(tmp_path: Path) -> None:
     document = _bench_json(tmp_path, "--mode", "threads", "--strategy", "mpstore", "ceiling")
     (run,) = _mpstore_rows(document)
