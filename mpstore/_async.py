@@ -1,0 +1,869 @@
+"""asyncio access to a Store that never blocks the event loop.
+
+Every call runs the synchronous core in a worker thread, as ``asyncio.to_thread`` does (the
+caller's context variables included), so waiting for the gate, for a pooled connection or for
+SQLite happens off the loop. There is one implementation of the logic: the sync core.
+
+A cancelled call gives up at once. Its thread runs inside :meth:`Store.abandon_when`: if it wins
+the gate or a connection after the cancellation it gives it back untouched; if its transaction
+had already begun, the transaction finishes on its own, fully committed or fully rolled back.
+
+A ``write()`` or ``read()`` block spans many awaits, but a transaction belongs to one thread.
+Each outermost block therefore gets a thread of its own that enters the sync block and carries
+out the block's statements, one at a time, as the task sends them. A context variable records
+the open block of each task, so calls and nested blocks of that task (and of the tasks it
+starts inside the block) join it, nested blocks as SAVEPOINTs, exactly as in the sync API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from types import MappingProxyType, TracebackType
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from . import _sqlite
+from ._collection import Collection
+from ._connection import Connection, Params
+from ._errors import InvalidName, RecordTypeError, StoreClosed, TransactionError
+from ._store import Hook, Store
+from .conversations import Conversation, ConversationRepository
+
+__all__ = [
+    "AsyncCollection",
+    "AsyncConnection",
+    "AsyncConversationRepository",
+    "AsyncStore",
+    "Result",
+]
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+#: Records fetched per worker-thread hop by ``scan()`` and ``keys()`` (one page of the core).
+_BATCH = 256
+
+
+# -- handing results from threads to the loop -------------------------------------------------
+
+
+class _Reply(Generic[T]):
+    """A value or error that a worker thread hands to a coroutine waiting on the event loop.
+
+    A coroutine that was cancelled has a cancelled future; the late result is dropped.
+    """
+
+    __slots__ = ("_loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.future: asyncio.Future[T] = loop.create_future()
+
+    def set(self, value: T) -> None:
+        self._post(self._set, value)
+
+    def fail(self, exc: BaseException) -> None:
+        self._post(self._fail, exc)
+
+    def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
+            # The loop has been closed: no coroutine is left to receive this result.
+
+    def _set(self, value: T) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _Call(Generic[T]):
+    """One call sent to a block's thread, run in the context of the task that sent it."""
+
+    __slots__ = ("cancelled", "context", "fn", "reply")
+
+    def __init__(self, fn: Callable[[], T], reply: _Reply[T]) -> None:
+        self.fn = fn
+        self.context = contextvars.copy_context()
+        self.reply = reply
+        self.cancelled = False
+
+    def run(self) -> None:
+        if self.cancelled:
+            return
+        try:
+            value = self.context.run(self.fn)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            self.reply.fail(exc)
+        else:
+            self.reply.set(value)
+
+
+class _Exit:
+    """The end of a block: commit (or release the savepoint), or roll back."""
+
+    __slots__ = ("commit",)
+
+    def __init__(self, commit: bool) -> None:
+        self.commit = commit
+
+
+class _RolledBack(Exception):
+    """Raised inside a block's thread to make the sync block roll back."""
+
+
+class _Level:
+    """One ``write()`` or ``read()`` block, or a block nested in one, held open by a thread.
+
+    Calls for the block wait in its inbox; the block's thread serves the innermost open level,
+    so a nested block's calls run first and its enclosing block's calls wait, as in the sync API.
+    """
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        kind: str,
+        parent: _Level | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.store = store
+        self.kind = kind
+        self.parent = parent
+        self.root: _Level = self if parent is None else parent.root
+        self.loop = loop
+        self.inbox: queue.SimpleQueue[_Call[Any] | _Level | _Exit] = queue.SimpleQueue()
+        self.entered: _Reply[Connection] = _Reply(loop)
+        self.done: _Reply[None] = _Reply(loop)
+        self.began = False  # written by the block's thread once the sync block is open
+        self.closed = False  # written on the loop once the block's exit has been sent
+        self.poisoned = False  # a call was cancelled: the block can only roll back
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in this block's thread, inside its transaction.
+
+        :raises TransactionError: the block has ended.
+        """
+        if self.closed:
+            raise TransactionError("this block has ended", self.store.path)
+        op: _Call[T] = _Call(fn, _Reply(self.loop))
+        self.inbox.put(op)
+        try:
+            return await op.reply.future
+        except asyncio.CancelledError:
+            # The call may be running: the block must not commit a part of it.
+            op.cancelled = True
+            self.poisoned = True
+            raise
+
+    def leave(self, commit: bool) -> None:
+        """Send the block its exit (from the loop); later calls get a TransactionError."""
+        self.closed = True
+        self.inbox.put(_Exit(commit))
+
+
+def _run_block(sync: Store, top: _Level, abandon: threading.Event) -> None:
+    """The body of an outermost block's thread."""
+    with sync.abandon_when(abandon):
+        _hold(sync, top)
+
+
+def _hold(sync: Store, level: _Level) -> None:
+    """Enter ``level``'s sync block, serve its inbox until its exit, report how it ended."""
+    block = sync.write if level.kind == "write" else sync.read
+    try:
+        with block() as conn:
+            level.began = True
+            level.entered.set(conn)
+            _serve(sync, level)
+    except _RolledBack:
+        level.done.set(None)
+    except BaseException as exc:  # handed to the awaiting task, which raises it
+        (level.done if level.began else level.entered).fail(exc)
+    else:
+        level.done.set(None)
+
+
+def _serve(sync: Store, level: _Level) -> None:
+    """Run ``level``'s calls and nested blocks in order until its exit arrives.
+
+    :raises _RolledBack: the exit asks for a rollback.
+    """
+    while True:
+        op = level.inbox.get()
+        if isinstance(op, _Exit):
+            if op.commit:
+                return
+            raise _RolledBack
+        if isinstance(op, _Level):
+            _hold(sync, op)
+        else:
+            op.run()
+
+
+#: The innermost block each task has open, per AsyncStore.
+_BLOCKS: contextvars.ContextVar[Mapping[AsyncStore, _Level]] = contextvars.ContextVar(
+    "mpstore_async_blocks", default=MappingProxyType({})
+)
+
+
+# -- connections and blocks -------------------------------------------------------------------
+
+
+class Result:
+    """The outcome of one statement in an async block, its rows already fetched.
+
+    It reads like a ``sqlite3.Cursor``: ``fetchone``, ``fetchmany``, ``fetchall``, iteration,
+    ``rowcount``, ``lastrowid`` and ``description``.
+    """
+
+    __slots__ = ("_next", "_rows", "description", "lastrowid", "rowcount")
+
+    def __init__(
+        self,
+        rows: list[Any],
+        rowcount: int,
+        lastrowid: int | None,
+        description: tuple[tuple[Any, ...], ...] | None,
+    ) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+        self.description = description
+
+    @classmethod
+    def _of(cls, cursor: Any) -> Result:
+        rows = cursor.fetchall()
+        return cls(rows, cursor.rowcount, cursor.lastrowid, cursor.description)
+
+    def fetchone(self) -> Any:
+        """The next row, or None when all have been read."""
+        if self._next >= len(self._rows):
+            return None
+        row = self._rows[self._next]
+        self._next += 1
+        return row
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        """Up to ``size`` more rows."""
+        rows = self._rows[self._next : self._next + size]
+        self._next += len(rows)
+        return rows
+
+    def fetchall(self) -> list[Any]:
+        """All rows not read yet."""
+        rows = self._rows[self._next :]
+        self._next = len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
+class AsyncConnection:
+    """The connection of an ``async with store.write()`` or ``store.read()`` block.
+
+    Its statements run, one at a time, in the block's thread, inside the block's transaction
+    (or in the innermost nested block the calling task has open). It is valid only inside its
+    block.
+    """
+
+    __slots__ = ("_conn", "_level")
+
+    def __init__(self, level: _Level, conn: Connection) -> None:
+        self._level = level
+        self._conn = conn
+
+    @property
+    def writable(self) -> bool:
+        """True for a ``write()`` block's connection, False for a ``read()`` block's."""
+        return self._conn.writable
+
+    def _target(self) -> _Level:
+        current = self._level.store._current_level()
+        if current is not None and current.root is self._level.root:
+            return current
+        return self._level
+
+    async def execute(self, sql: str, parameters: Params = ()) -> Result:
+        """Run one statement with bound parameters and fetch all its rows.
+
+        :raises TransactionError: the block has ended, a write in a read block, or a statement
+            that would end the transaction.
+        :raises MpstoreError: typed SQLite failures (corruption, full disk, ...).
+        """
+        conn = self._conn
+        return await self._target().call(lambda: Result._of(conn.execute(sql, parameters)))
+
+    async def executemany(self, sql: str, seq_of_parameters: Iterable[Params]) -> Result:
+        """Run one statement once per parameter set.
+
+        :raises TransactionError: as for :meth:`execute`.
+        """
+        conn = self._conn
+        params = list(seq_of_parameters)
+        return await self._target().call(lambda: Result._of(conn.executemany(sql, params)))
+
+
+class _Block:
+    """``async with store.write()`` / ``async with store.read()``."""
+
+    def __init__(self, store: AsyncStore, kind: str) -> None:
+        self._store = store
+        self._kind = kind
+        self._level: _Level | None = None
+        self._token: contextvars.Token[Mapping[AsyncStore, _Level]] | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        store = self._store
+        loop = asyncio.get_running_loop()
+        parent = store._current_level()
+        abandon: threading.Event | None = None
+        if parent is None:
+            sync = store._require_open()
+            level = _Level(store, self._kind, None, loop)
+            abandon = threading.Event()
+            thread = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(_run_block, sync, level, abandon),
+                name=f"mpstore-async-{self._kind}",
+                daemon=True,
+            )
+            store._start_block_thread(thread)
+        else:
+            level = _Level(store, self._kind, parent, loop)
+            parent.inbox.put(level)
+        try:
+            conn = await level.entered.future
+        except asyncio.CancelledError:
+            # The thread may still win the gate or a connection, or even have just opened the
+            # block: it gives either back, untouched, and the exit queued here rolls back.
+            if abandon is not None:
+                abandon.set()
+            level.leave(commit=False)
+            raise
+        except BaseException:
+            level.closed = True
+            raise
+        self._level = level
+        self._token = _BLOCKS.set(MappingProxyType({**_BLOCKS.get(), store: level}))
+        return AsyncConnection(level, conn)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        level, token = self._level, self._token
+        assert level is not None and token is not None, "__aexit__ without __aenter__"
+        _BLOCKS.reset(token)
+        level.leave(commit=exc is None and not level.poisoned)
+        if isinstance(exc, asyncio.CancelledError):
+            return  # re-raise at once; the block's thread rolls back and lets go on its own
+        await level.done.future
+        if exc is None and level.poisoned:
+            raise TransactionError(
+                "a call in this block was cancelled, so the block was rolled back",
+                self._store.path,
+            )
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+class AsyncStore:
+    """An asyncio front for :class:`Store`: same settings, same guarantees, awaitable calls.
+
+    Open it with ``async with AsyncStore(path) as store:`` (or ``await store.open()``); the sync
+    store is opened in a worker thread. Each call runs in one of up to ``max_threads`` worker
+    threads (further calls wait their turn); each open ``write()``/``read()`` block has a thread
+    of its own. ``on_event`` is called in those threads, in the caller's context.
+
+    :param path: the database file, as for :class:`Store`.
+    :param max_threads: how many calls may run (or wait for the gate or the pool) at once.
+    :raises ValueError: ``max_threads`` is not a positive integer; other settings are checked
+        by :class:`Store` when the store is opened.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        pool_size: int = 5,
+        timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        file_mode: int = 0o600,
+        max_record_bytes: int = 16 * 1024 * 1024,
+        on_event: Hook | None = None,
+        gate: str = "auto",
+        max_threads: int = 32,
+    ) -> None:
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ValueError(f"max_threads must be a positive integer, got {max_threads!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self._settings: dict[str, Any] = {
+            "pool_size": pool_size,
+            "timeout": timeout,
+            "synchronous": synchronous,
+            "file_mode": file_mode,
+            "max_record_bytes": max_record_bytes,
+            "on_event": on_event,
+            "gate": gate,
+        }
+        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="mpstore-async")
+        self._sync: Store | None = None
+        self._opening: asyncio.Lock | None = None
+        self._closing: asyncio.Future[None] | None = None
+        self._block_threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self._sync is not None else "not open"
+        return f"<mpstore.AsyncStore {self.path!r} {state}>"
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    async def open(self) -> AsyncStore:
+        """Open the sync store in a worker thread (once); return this store.
+
+        :raises StoreClosed: the store was closed.
+        :raises ValueError, CorruptDatabase, PermissionDenied, GateTimeout: as :class:`Store`.
+        """
+        if self._closing is not None:
+            raise StoreClosed(f"the store {self.path} is closed", self.path)
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._sync is None:
+                self._sync = await self._open_sync()
+        return self
+
+    async def _open_sync(self) -> Store:
+        future = self._executor.submit(Store, self.path, **self._settings)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # A store that opens after all is closed at once instead of leaking.
+            future.add_done_callback(_close_opened)
+            raise
+
+    async def __aenter__(self) -> AsyncStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
+
+    @property
+    def sync(self) -> Store:
+        """The sync :class:`Store` the calls run on.
+
+        :raises StoreClosed: the store is not open.
+        """
+        return self._require_open()
+
+    def _require_open(self) -> Store:
+        if self._closing is not None:
+            raise StoreClosed(f"the store {self.path} is closed", self.path)
+        if self._sync is None:
+            raise StoreClosed(
+                f"the store {self.path} is not open; use 'async with AsyncStore(...)' "
+                "or 'await store.open()'",
+                self.path,
+            )
+        return self._sync
+
+    async def aclose(self) -> None:
+        """Refuse new calls, wait for the calls and blocks in flight, then close. Idempotent.
+
+        Calls that were cancelled but still wait for the gate or the pool in their threads
+        finish first (they give back what they win), so nothing is left holding a lock.
+
+        :raises TransactionError: called inside a ``write()``/``read()`` block of this store.
+        """
+        if self._closing is None:
+            if self._current_level() is not None:
+                raise TransactionError(
+                    "aclose() inside a write() or read() block of this store", self.path
+                )
+            loop = asyncio.get_running_loop()
+            self._closing = loop.run_in_executor(None, self._shutdown)
+        await asyncio.shield(self._closing)
+
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._threads_lock:
+            threads, self._block_threads = self._block_threads, set()
+        for thread in threads:
+            thread.join()
+        if self._sync is not None:
+            self._sync.close()
+
+    def _start_block_thread(self, thread: threading.Thread) -> None:
+        with self._threads_lock:
+            self._block_threads = {t for t in self._block_threads if t.is_alive()}
+            self._block_threads.add(thread)
+        thread.start()
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _current_level(self) -> _Level | None:
+        level = _BLOCKS.get().get(self)
+        while level is not None and level.closed:
+            level = level.parent
+        return level
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a worker thread (in the task's open block, if any) and await it.
+
+        If the awaiting task is cancelled, re-raise at once; the thread gives back the gate or
+        connection it wins afterwards, or finishes the transaction it has begun.
+
+        :raises StoreClosed: the store is not open.
+        """
+        level = self._current_level()
+        if level is not None:
+            return await level.call(fn)
+        sync = self._require_open()
+        abandon = threading.Event()
+
+        def abandonable() -> T:
+            with sync.abandon_when(abandon):
+                return fn()
+
+        try:
+            future: Future[T] = self._executor.submit(contextvars.copy_context().run, abandonable)
+        except RuntimeError as exc:  # the executor shut down: aclose() is under way
+            raise StoreClosed(f"the store {self.path} is closed", self.path) from exc
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            abandon.set()
+            raise
+
+    # -- blocks and queries ---------------------------------------------------------------------
+
+    def write(self) -> _Block:
+        """``async with store.write() as conn:`` a write transaction, as :meth:`Store.write`.
+
+        Gate, then ``BEGIN IMMEDIATE``; commit on exit, roll back on error or cancellation.
+        Nested in the same task it is a SAVEPOINT. Calls the task makes inside the block
+        (collection calls included) run in its transaction.
+
+        :raises GateTimeout: the gate was not granted within ``timeout``.
+        :raises TransactionError: nested in a ``read()`` block; or a call in the block was
+            cancelled and the exception was caught, so the block rolled back.
+        :raises StoreClosed: the store is not open.
+        """
+        return _Block(self, "write")
+
+    def read(self) -> _Block:
+        """``async with store.read() as conn:`` one consistent snapshot, as :meth:`Store.read`.
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        :raises StoreClosed: the store is not open.
+        """
+        return _Block(self, "read")
+
+    async def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Run one read statement and return all its rows, as :meth:`Store.query`.
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        :raises StoreClosed: the store is not open.
+        """
+        return await self._run(lambda: self._require_sync().query(sql, parameters))
+
+    async def collections(self) -> dict[str, int]:
+        """Every collection in the file and its row count, as :meth:`Store.collections`.
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        """
+        return await self._run(lambda: self._require_sync().collections())
+
+    async def integrity_check(self) -> list[str]:
+        """SQLite's ``PRAGMA integrity_check``: ``["ok"]`` for a healthy file.
+
+        :raises PoolTimeout: no read connection became free within ``timeout``.
+        """
+        return await self._run(lambda: self._require_sync().integrity_check())
+
+    def _require_sync(self) -> Store:
+        sync = self._sync
+        if sync is None:
+            raise StoreClosed(f"the store {self.path} is not open", self.path)
+        return sync
+
+    def collection(
+        self,
+        name: str,
+        model: type[M],
+        key: str,
+        *,
+        indexes: Sequence[Sequence[str]] = (),
+    ) -> AsyncCollection[M]:
+        """An async twin of :meth:`Store.collection`; its table is opened by the first call.
+
+        Names are checked here, before any I/O; ``await coll.open()`` opens the table early
+        (and reports a conflicting definition there rather than at the first call).
+
+        :raises InvalidName: bad collection, key or index names.
+        :raises RecordTypeError: ``model`` is not a pydantic model.
+        """
+        _sqlite.check_identifier(name, "collection name")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise RecordTypeError(f"model must be a pydantic BaseModel subclass, got {model!r}")
+        if not isinstance(key, str) or key not in model.model_fields:
+            raise InvalidName(f"key {key!r} is not a field of {model.__name__}")
+        checked = Collection._check_indexes(indexes, model.model_fields)
+
+        def opener() -> Collection[M]:
+            return self._require_sync().collection(name, model, key, indexes=checked)
+
+        return AsyncCollection(self, name, opener)
+
+
+def _close_opened(future: Future[Store]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+# -- collections --------------------------------------------------------------------------------
+
+
+class AsyncCollection(Generic[M]):
+    """The async twin of :class:`Collection`: the same methods, awaited; each runs the sync
+    method in a worker thread (or in the task's open block).
+    """
+
+    def __init__(self, store: AsyncStore, name: str, opener: Callable[[], Collection[M]]) -> None:
+        self.store = store
+        self.name = name
+        self._opener = opener
+        self._sync: Collection[M] | None = None
+
+    def __repr__(self) -> str:
+        return f"<mpstore.AsyncCollection {self.name!r} in {self.store.path!r}>"
+
+    def _collection(self) -> Collection[M]:
+        # Two threads may open it at once; the sync core makes that idempotent.
+        coll = self._sync
+        if coll is None:
+            coll = self._sync = self._opener()
+        return coll
+
+    async def _call(self, fn: Callable[[Collection[M]], T]) -> T:
+        return await self.store._run(lambda: fn(self._collection()))
+
+    async def open(self) -> AsyncCollection[M]:
+        """Open (and if need be create) the collection's table now; return this collection.
+
+        :raises InvalidName: the name is already used with a different definition.
+        :raises GateTimeout: creating the table waited too long for the gate.
+        """
+        await self._call(lambda coll: coll)
+        return self
+
+    async def upsert(self, record: M) -> None:
+        """Insert ``record`` or replace the record with its key, in one atomic write.
+
+        :raises RecordTypeError, InvalidKey, RecordTooLarge, ValidationError: bad record; nothing
+            is written.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        await self._call(lambda coll: coll.upsert(record))
+
+    async def upsert_many(self, records: Iterable[M]) -> int:
+        """Insert or replace all ``records`` in one transaction; returns how many.
+
+        :raises RecordTypeError, InvalidKey, RecordTooLarge, ValidationError: bad record; nothing
+            is written.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        batch = list(records)
+        return await self._call(lambda coll: coll.upsert_many(batch))
+
+    async def delete(self, key: str) -> bool:
+        """Delete the record with ``key``; True if it existed.
+
+        :raises InvalidKey: bad key.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.delete(key))
+
+    async def update(self, key: str, fn: Callable[[M], M]) -> M:
+        """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.
+
+        ``fn`` is a plain function; it runs in the worker thread, under the gate.
+
+        :raises KeyNotFound: no record has ``key``.
+        :raises RecordTypeError: ``fn`` returned something other than a record of the model.
+        :raises InvalidKey: ``fn`` changed the record's key.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.update(key, fn))
+
+    async def get(self, key: str) -> M | None:
+        """The record with ``key``, or None.
+
+        :raises InvalidKey: bad key.
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.get(key))
+
+    async def count(self) -> int:
+        """How many records the collection holds.
+
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.count())
+
+    async def find(
+        self,
+        where: Mapping[str, Any] | None = None,
+        order_by: Sequence[str] = (),
+        limit: int | None = None,
+    ) -> list[M]:
+        """Records whose indexed fields equal ``where``, sorted by ``order_by``.
+
+        :raises InvalidName: a field that is not indexed.
+        :raises ValueError: a negative limit.
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.find(where, order_by, limit))
+
+    async def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
+        """SQLite's query plan for :meth:`find` with these fields.
+
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda coll: coll.explain(where, order_by))
+
+    def keys(self) -> AsyncIterator[str]:
+        """All keys in order, fetched page by page in worker threads."""
+        return self._batches(lambda coll: coll.keys())
+
+    def scan(self) -> AsyncIterator[M]:
+        """All records in key order, fetched page by page in worker threads."""
+        return self._batches(lambda coll: coll.scan())
+
+    async def _batches(self, start: Callable[[Collection[M]], Iterator[T]]) -> AsyncIterator[T]:
+        rows: Iterator[T] | None = None
+
+        def batch() -> list[T]:
+            nonlocal rows
+            if rows is None:
+                rows = start(self._collection())
+            return list(islice(rows, _BATCH))
+
+        while True:
+            items = await self.store._run(batch)
+            for item in items:
+                yield item
+            if len(items) < _BATCH:
+                return
+
+
+# -- the conversation repository --------------------------------------------------------------
+
+
+class AsyncConversationRepository:
+    """The async twin of :class:`mpstore.conversations.ConversationRepository`.
+
+    Each method runs the sync repository's method in a worker thread (or in the task's open
+    block); the repository's collection is opened by the first call.
+
+    :param store: the store to keep the conversations in.
+    :param collection: the collection's name (one store can hold several repositories).
+    """
+
+    def __init__(self, store: AsyncStore, collection: str = "conversations") -> None:
+        self.store = store
+        self._collection = collection
+        self._sync: ConversationRepository | None = None
+        self.conversations: AsyncCollection[Conversation] = AsyncCollection(
+            store, collection, lambda: self._repository().conversations
+        )
+
+    def _repository(self) -> ConversationRepository:
+        repo = self._sync
+        if repo is None:
+            repo = self._sync = ConversationRepository(self.store._require_sync(), self._collection)
+        return repo
+
+    async def _call(self, fn: Callable[[ConversationRepository], T]) -> T:
+        return await self.store._run(lambda: fn(self._repository()))
+
+    async def upsert_conversation(self, conversation: Conversation) -> None:
+        """Insert or replace a whole conversation.
+
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        await self._call(lambda repo: repo.upsert_conversation(conversation))
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        """The conversation with this id, or None.
+
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda repo: repo.get_conversation(conversation_id))
+
+    async def get_all_conversations(
+        self, workspace_id: int, limit: int | None = None
+    ) -> list[Conversation]:
+        """A workspace's conversations, most recently updated first (served by an index).
+
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda repo: repo.get_all_conversations(workspace_id, limit))
+
+    async def get_last_conversation(self, workspace_id: int) -> Conversation | None:
+        """The workspace's most recently updated conversation, or None.
+
+        :raises PoolTimeout: no read connection became free within the store's timeout.
+        """
+        return await self._call(lambda repo: repo.get_last_conversation(workspace_id))
+
+    async def delete_conversation(self, workspace_id: int, conversation_id: str) -> bool:
+        """Delete a conversation if it belongs to ``workspace_id``; True if one was deleted.
+
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        return await self._call(
+            lambda repo: repo.delete_conversation(workspace_id, conversation_id)
+        )
+
+    async def modify_conversation(
+        self,
+        conversation_id: str,
+        fn: Callable[[Conversation], Conversation],
+        *,
+        touch: bool = True,
+    ) -> Conversation:
+        """Atomically apply ``fn`` to a stored conversation (across processes) and save it.
+
+        ``fn`` is a plain function; it runs in the worker thread, under the gate.
+
+        :raises KeyNotFound: no such conversation.
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        return await self._call(
+            lambda repo: repo.modify_conversation(conversation_id, fn, touch=touch)
+        )
