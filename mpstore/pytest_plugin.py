@@ -73,7 +73,9 @@ def shared_name(config: pytest.Config) -> str:
 
     :raises pytest.UsageError: the name is empty, has a path separator or NUL, or is ``.``/``..``.
     """
-    name = config.getoption(_OPTION) or config.getini(_OPTION)
+    name = config.getoption(_OPTION)
+    if name is None:
+        name = config.getini(_OPTION)
     if not isinstance(name, str) or not _plain_file_name(name):
         raise pytest.UsageError(
             f"{_OPTION} must be a plain file name such as {DEFAULT_SHARED_NAME!r} (no directory "

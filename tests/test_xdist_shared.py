@@ -75,7 +75,7 @@ class Rendezvous:
     """Holds each worker at one point until every worker of the run has reached it, no sleeps.
 
     Each arrival creates a marker file in ``directory``; a worker spins (yielding the CPU) until
-    ``parties`` markers exist. Only the first :meth:`wait` of a process waits.
+    ``parties`` markers exist. Only the first :meth:`wait` of a process waits, even if it fails.
 
     :raises AssertionError: the other workers did not arrive within ``RENDEZVOUS_TIMEOUT``.
     """
@@ -87,6 +87,7 @@ class Rendezvous:
     def wait(self) -> None:
         if self.done:
             return
+        self.done = True
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / self.worker).touch()
         deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
@@ -96,7 +97,6 @@ class Rendezvous:
                 f"workers, saw {sorted(os.listdir(self.directory))}"
             )
             os.sched_yield()
-        self.done = True
 
 
 class GetThenUpsert:
