@@ -1,8 +1,8 @@
 """pytest fixtures for mpstore: a store per test, and one store shared by every xdist worker.
 
 Installing mpstore registers this module through the ``pytest11`` entry point as the plugin
-``mpstore``; ``-p no:mpstore`` turns it off. It imports nothing beyond pytest and the standard
-library at import time: mpstore's storage modules are imported when a fixture first runs.
+``mpstore``; ``-p no:mpstore`` turns it off. Beyond the ``mpstore`` package it belongs to, it
+imports only pytest and the standard library, so loading it costs what ``import mpstore`` costs.
 
 Fixtures:
 
