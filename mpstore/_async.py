@@ -392,7 +392,7 @@ class AsyncStore:
     Open it with ``async with AsyncStore(path) as store:`` (or ``await store.open()``); the sync
     store is opened in a worker thread. Each call runs in one of up to ``max_threads`` worker
     threads (further calls wait their turn); each open ``write()``/``read()`` block has a thread
-    of its own. ``on_event`` is called in those threads, in the caller's context.
+    of its own. ``on_event`` is called in the threads that carry the calls out.
 
     :param path: the database file, as for :class:`Store`.
     :param max_threads: how many calls may run (or wait for the gate or the pool) at once.
@@ -622,7 +622,9 @@ class AsyncStore:
         """An async twin of :meth:`Store.collection`; its table is opened by the first call.
 
         Names are checked here, before any I/O; ``await coll.open()`` opens the table early
-        (and reports a conflicting definition there rather than at the first call).
+        (and reports a conflicting definition there rather than at the first call). Open it
+        so before its first use inside a block that may roll back: a table created in a
+        rolled-back block is gone.
 
         :raises InvalidName: bad collection, key or index names.
         :raises RecordTypeError: ``model`` is not a pydantic model.
