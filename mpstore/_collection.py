@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import types
+from collections import abc
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Generic,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 from pydantic import BaseModel, TypeAdapter
 
@@ -12,6 +24,7 @@ from . import _sqlite
 from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
 
 if TYPE_CHECKING:
+    from ._connection import Connection
     from ._store import Store
 
 __all__ = ["Collection"]
@@ -41,6 +54,11 @@ class Collection(Generic[M]):
 
     Every write goes through the store's gate in one transaction; records are validated and
     serialised *before* the gate is taken, so bad input never touches the database.
+
+    :raises InvalidName: a bad collection, key or index name; the table belongs to something
+        else, or the collection is already keyed by another field.
+    :raises InvalidKey: the key field is not a ``str`` field.
+    :raises RecordTypeError: ``model`` is not a pydantic model.
     """
 
     def __init__(
@@ -59,6 +77,12 @@ class Collection(Generic[M]):
         fields = model.model_fields
         if not isinstance(key, str) or key not in fields:
             raise InvalidName(f"key {key!r} is not a field of {model.__name__}")
+        annotation = fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, str)):
+            raise InvalidKey(
+                f"key field {key!r} of {model.__name__} must be a str field (keys are stored as "
+                f"text), not {annotation!r}"
+            )
         self.key = key
         self.indexes = self._check_indexes(indexes, fields)
         self.indexed = tuple(dict.fromkeys(f.lstrip("-") for idx in self.indexes for f in idx))
@@ -82,6 +106,11 @@ class Collection(Generic[M]):
                 _sqlite.check_identifier(bare, "indexed field")
                 if bare not in fields:
                     raise InvalidName(f"indexed field {bare!r} is not a field of the model")
+                if not _may_be_scalar(fields[bare].annotation):
+                    raise InvalidName(
+                        f"indexed field {bare!r} must hold a scalar (str, int, float, bool or "
+                        f"None), not {fields[bare].annotation!r}"
+                    )
             checked.append(tuple(idx))
         return tuple(checked)
 
@@ -148,6 +177,11 @@ class Collection(Generic[M]):
                 f"collection {self.name!r} holds {self.model.__name__} records, "
                 f"got {type(record).__name__}"
             )
+        if self.key not in record.__dict__:
+            raise InvalidKey(
+                f"{type(record).__name__} record has no value for its key field {self.key!r} "
+                "(built with model_construct() without it?)"
+            )
         key = check_key(getattr(record, self.key))
         value = record.model_dump_json()
         limit = self.store.max_record_bytes
@@ -194,8 +228,14 @@ class Collection(Generic[M]):
         rows = [self._row(r) for r in records]
         if not rows:
             return 0
-        with self.store.write() as conn:
-            conn.executemany(self._sql.upsert, rows)
+        sql = self._sql.upsert
+
+        def write(conn: Connection) -> None:
+            # Nothing of the transaction may leave it: a cursor finalised later, in the
+            # caller's thread, would touch the write connection after the gate is gone.
+            conn.executemany(sql, rows).close()
+
+        self.store._run_write(write)
         return len(rows)
 
     def delete(self, key: str) -> bool:
@@ -205,8 +245,8 @@ class Collection(Generic[M]):
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
         check_key(key)
-        with self.store.write() as conn:
-            return conn.execute(self._sql.delete, (key,)).rowcount > 0
+        sql = self._sql.delete
+        return self.store._run_write(lambda conn: conn.execute(sql, (key,)).rowcount > 0)
 
     def update(self, key: str, fn: Callable[[M], M]) -> M:
         """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.
@@ -221,7 +261,8 @@ class Collection(Generic[M]):
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
         check_key(key)
-        with self.store.write() as conn:
+
+        def read_modify_write(conn: Connection) -> M:
             found = conn.execute(self._sql.get, (key,)).fetchone()
             if found is None:
                 raise KeyNotFound(f"no record {key!r} in collection {self.name!r}", self.store.path)
@@ -230,7 +271,9 @@ class Collection(Generic[M]):
             if row[0] != key:
                 raise InvalidKey(f"update() must not change the key ({key!r} -> {row[0]!r})")
             conn.execute(self._sql.upsert, row)
-        return new
+            return new
+
+        return self.store._run_write(read_modify_write)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -315,6 +358,25 @@ class Collection(Generic[M]):
 
     def __repr__(self) -> str:
         return f"<mpstore.Collection {self.name!r} of {self.model.__name__} in {self.store.path!r}>"
+
+
+_CONTAINERS = (BaseModel, list, tuple, dict, set, frozenset)
+
+
+def _may_be_scalar(annotation: Any) -> bool:
+    """False if a field of this type always dumps to a JSON array or object, so it cannot be
+    indexed; types that may hold scalars (``Any``, unions with one) are checked per record."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _may_be_scalar(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return any(_may_be_scalar(a) for a in get_args(annotation))
+    if origin is Literal:
+        return True
+    if origin is not None:  # list[int], dict[str, int], Sequence[str], ...
+        containers = (*_CONTAINERS, abc.Sequence, abc.Mapping, abc.Set)
+        return not (isinstance(origin, type) and issubclass(origin, containers))
+    return not (isinstance(annotation, type) and issubclass(annotation, _CONTAINERS))
 
 
 def _model_name(model: type[BaseModel]) -> str:

@@ -34,13 +34,15 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = ["Gate", "drop_gate", "gate_for"]
 
 _HOLDER_RECORD_SIZE = 48
+_HELD, _BUSY, _BLOCK = object(), object(), object()
 
 
 class _KernelLock(Protocol):
     """The platform part of the gate: an exclusive lock on one file, shared by nobody in-process."""
 
-    def acquire(self, deadline: float) -> bool:
-        """Take the lock before ``deadline`` (a ``time.monotonic()`` value); False on timeout."""
+    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
+        """Take the lock before ``deadline`` (a ``time.monotonic()`` value, None: no limit);
+        with ``wait`` False only try once. False when not taken."""
 
     def release(self) -> None:
         """Give the lock back."""
@@ -101,17 +103,22 @@ class _FlockLock:
         self._keeper: threading.Thread | None = None
         self._closed = False
 
-    def acquire(self, deadline: float) -> bool:
+    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
+        """Take the lock; ``deadline`` None waits forever, ``wait`` False only tries once."""
         while True:
-            request = self._start_or_adopt()
-            if request is not None:
-                if not self._await(request, deadline):
+            step = self._start(deadline, wait)
+            if step is _BUSY:
+                return False
+            if step is _BLOCK:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            elif isinstance(step, _Request):
+                if not self._await(step, deadline):
                     return False
                 # The request's descriptor shares its open file with ours, so the lock stays.
-                stale = request.generation != self._generation
+                stale = step.generation != self._generation
                 if stale:
-                    fcntl.flock(request.fd, fcntl.LOCK_UN)
-                os.close(request.fd)
+                    fcntl.flock(step.fd, fcntl.LOCK_UN)
+                os.close(step.fd)
                 if stale:
                     continue
             if self._is_live():
@@ -121,22 +128,29 @@ class _FlockLock:
             # inode nobody else will ever open. Drop it and queue on the file that is there now.
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._reopen()
-            if time.monotonic() >= deadline:
+            if not wait or (deadline is not None and time.monotonic() >= deadline):
                 return False
 
-    def _start_or_adopt(self) -> _Request | None:
-        """Take the lock at once (None), or return the keeper request that waits for it."""
+    def _start(self, deadline: float | None, wait: bool) -> object:
+        """Take the lock at once (_HELD), or say how to wait for it: _BLOCK in this thread,
+        a keeper request to await, or _BUSY when ``wait`` is False."""
         with self._cond:
             if self._outstanding is not None:
+                if not wait:
+                    return _BUSY
                 # A timed-out predecessor's request is still waiting in the kernel; taking the
                 # lock beside it on the same open file would let it unlock us, so we adopt it.
                 self._outstanding.wanted = True
                 return self._outstanding
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return None
+                return _HELD
             except BlockingIOError:
                 pass
+            if not wait:
+                return _BUSY
+            if deadline is None:
+                return _BLOCK
             request = _Request(os.dup(self._fd), self._generation)
             self._outstanding = self._pending = request
             if self._keeper is None:
@@ -147,8 +161,8 @@ class _FlockLock:
             self._cond.notify()
             return request
 
-    def _await(self, request: _Request, deadline: float) -> bool:
-        request.done.wait(max(0.0, deadline - time.monotonic()))
+    def _await(self, request: _Request, deadline: float | None) -> bool:
+        request.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._cond:
             if request.error is not None:
                 raise request.error
@@ -225,11 +239,17 @@ class _PortableLock:
         self._path = path
         self._lock = filelock.FileLock(path, mode=mode, thread_local=False, is_singleton=False)
 
-    def acquire(self, deadline: float) -> bool:
+    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
         import filelock
 
+        if not wait:
+            timeout = 0.0
+        elif deadline is None:
+            timeout = -1.0
+        else:
+            timeout = max(0.0, deadline - time.monotonic())
         try:
-            self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.001)
+            self._lock.acquire(timeout=timeout, poll_interval=0.001)
         except filelock.Timeout:
             return False
         except PermissionError as exc:
@@ -288,8 +308,9 @@ class Gate:
     def held_by_me(self) -> bool:
         return self._pid == os.getpid() and self._owner == threading.get_ident()
 
-    def acquire(self, timeout: float) -> float:
-        """Take the gate within ``timeout`` seconds; return how long it took.
+    def acquire(self, timeout: float | None) -> float:
+        """Take the gate within ``timeout`` seconds (None: however long it takes); return how
+        long it took.
 
         :raises GateTimeout: the gate stayed taken by another thread or process.
         :raises TransactionError: this thread already holds the gate.
@@ -297,42 +318,70 @@ class Gate:
         """
         self._check_fork()
         start = time.monotonic()
-        deadline = start + timeout
+        deadline = None if timeout is None else start + timeout
         self._acquire_local(deadline, start)
         try:
             kernel = self._kernel()
             if not kernel.acquire(deadline):
                 holder = kernel.holder()
-                raise self._timeout(start, holder[0] if holder else None, "another process")
+                raise self.timeout_error(start, holder[0] if holder else None, "another process")
         except BaseException:
             self._release_local()
             raise
         self._os_held = True
         return time.monotonic() - start
 
-    def _acquire_local(self, deadline: float, start: float) -> None:
+    def try_acquire(self) -> bool:
+        """Take the gate only if no thread or process holds it or waits for it here: no waiting.
+
+        :raises TransactionError: this thread already holds the gate.
+        """
+        self._check_fork()
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner is not None:
+                if self._owner == me:
+                    raise self._reentered()
+                return False
+            self._owner = me
+        try:
+            taken = self._kernel().acquire(None, wait=False)
+        except BaseException:
+            self._release_local()
+            raise
+        if not taken:
+            self._release_local()
+            return False
+        self._os_held = True
+        return True
+
+    def _reentered(self) -> TransactionError:
+        return TransactionError(
+            f"this thread already holds the write gate {self.lock_path} (through another "
+            "Store on the same file?); nest writes in one Store instead",
+            self.lock_path,
+        )
+
+    def _acquire_local(self, deadline: float | None, start: float) -> None:
         me = threading.get_ident()
         with self._mutex:
             if self._owner is None:
                 self._owner = me
                 return
             if self._owner == me:
-                raise TransactionError(
-                    f"this thread already holds the write gate {self.lock_path} (through another "
-                    "Store on the same file?); nest writes in one Store instead",
-                    self.lock_path,
-                )
+                raise self._reentered()
             turn = threading.Lock()
             turn.acquire()
             entry = (me, turn)
             self._waiters.append(entry)
-        if turn.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if turn.acquire(timeout=wait):
             return  # the releaser made us the owner before waking us
         with self._mutex:
             if self._owner == me:
                 return  # handed over just as the wait ran out: it is ours
             self._waiters.remove(entry)
-        raise self._timeout(start, os.getpid(), "another thread of this process")
+        raise self.timeout_error(start, os.getpid(), "another thread of this process")
 
     def _release_local(self) -> None:
         with self._mutex:
@@ -362,7 +411,7 @@ class Gate:
         self._check_fork()
         return self._kernel().holder()
 
-    def _timeout(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
+    def timeout_error(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
         waited = time.monotonic() - start
         held_by = f"pid {holder_pid}" if holder_pid is not None else "an unknown process"
         return GateTimeout(

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from . import _sqlite
+from . import _fork, _sqlite
+from ._checkpoint import Checkpointer
 from ._connection import Connection
-from ._errors import Abandoned, MpstoreError, StoreClosed, Timeout, TransactionError
+from ._errors import Abandoned, GateTimeout, MpstoreError, StoreClosed, Timeout, TransactionError
 from ._gate import drop_gate, gate_for
 from ._pool import Pool
 from ._sqlite import translating
+from ._writer import WriteQueue
 
 if TYPE_CHECKING:
     from ._collection import Collection
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["EVENTS", "Store"]
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 #: The instrumentation points, in the order one write passes them. ``on_event`` receives the
 #: name; a test can pause there to force an interleaving, a metrics sink can time the gaps.
@@ -120,6 +123,8 @@ class Store:
             self.pool_size,
             self.path,
         )
+        self._queue = WriteQueue(self)
+        self._checkpointer = Checkpointer(self.path, lambda: self._connect(readonly=False))
         self._closed = False
         try:
             self.created_schema = self._ensure_schema()
@@ -163,6 +168,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._queue.close(self.timeout)
+        self._checkpointer.close()
         self._pool.close()
         with self._writers_lock:
             conn, self._wconn = self._wconn, None
@@ -188,18 +195,20 @@ class Store:
 
     def _writer(self) -> sqlite3.Connection:
         """This process's write connection; only the gate holder ever uses it."""
-        pid = os.getpid()
+        pid = _fork.pid()
         if self._wconn is None or self._wpid != pid:
             if self._wconn is not None:
                 # Inherited across fork: close it here, as the pool does (see Pool._check_fork).
                 self._wconn.close()
             self._wconn = self._connect(readonly=False)
+            # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
+            self._wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wpid = pid
         return self._wconn
 
     def _current(self) -> Connection | None:
         tx = self._tx
-        if tx.conn is not None and tx.pid != os.getpid():
+        if tx.conn is not None and tx.pid != _fork.pid():
             tx.conn, tx.depth = None, 0  # forked inside a block: the child has no transaction
         return tx.conn
 
@@ -248,11 +257,38 @@ class Store:
         with self._write_turn() as raw, self._transaction(raw) as conn:
             yield conn
 
-    @contextmanager
-    def _write_turn(self) -> Iterator[sqlite3.Connection]:
-        """Wait for this caller's turn to write: the gate, then the process's write connection."""
+    def _run_write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a write transaction: at once if the gate is free, else group-committed.
+
+        Inside a ``write()`` block of this thread it runs in that transaction, in a savepoint.
+
+        :raises GateTimeout: the write had not started within ``timeout``.
+        """
+        if self._current() is not None:
+            with self.write() as conn:
+                return fn(conn)
+        self._check_open()
         self._emit("gate-wait")
-        self._gate.acquire(self.timeout)
+        if self._gate.try_acquire():
+            with self._holding_gate() as raw, self._transaction(raw) as conn:
+                return fn(conn)
+        return self._queue.submit(fn, self.timeout)
+
+    @contextmanager
+    def _write_turn(self, timeout: float | bool | None = True) -> Iterator[sqlite3.Connection]:
+        """Wait for this caller's turn to write: the gate, then the process's write connection.
+
+        ``timeout`` True means the store's timeout; None waits as long as it takes.
+        """
+        if timeout is not None:
+            self._emit("gate-wait")
+        self._gate.acquire(self.timeout if timeout is True else timeout)
+        with self._holding_gate() as raw:
+            yield raw
+
+    @contextmanager
+    def _holding_gate(self) -> Iterator[sqlite3.Connection]:
+        """The write connection, for a caller that has just taken the gate; releases it after."""
         try:
             self._emit("gate-acquired")
             self._check_abandoned()
@@ -267,6 +303,11 @@ class Store:
         finally:
             self._gate.release()
             self._emit("gate-released")
+            self._checkpointer.poke()
+
+    def _gate_timeout(self, start: float) -> GateTimeout:
+        holder = self._gate.holder()
+        return self._gate.timeout_error(start, holder[0] if holder else None, "another process")
 
     #: How a write transaction starts: under the gate no other writer can be active, so taking
     #: SQLite's write lock up front never waits and never fails on a read-to-write upgrade.
@@ -279,7 +320,7 @@ class Store:
         self._emit("begin")
         conn = Connection(raw, self.path, writable=True)
         tx = self._tx
-        tx.conn, tx.depth, tx.pid = conn, 0, os.getpid()
+        tx.conn, tx.depth, tx.pid = conn, 0, _fork.pid()
         try:
             yield conn
             if not raw.in_transaction:
@@ -339,7 +380,7 @@ class Store:
                 raw.execute("BEGIN")
             conn = Connection(raw, self.path, writable=False)
             tx = self._tx
-            tx.conn, tx.pid = conn, os.getpid()
+            tx.conn, tx.pid = conn, _fork.pid()
             try:
                 yield conn
             finally:
@@ -362,7 +403,7 @@ class Store:
             broken = True
             raise
         except MpstoreError as exc:
-            broken = not isinstance(exc, (TransactionError, Timeout))
+            broken = not isinstance(exc, (TransactionError, Timeout, Abandoned))
             raise
         finally:
             self._pool.release(raw, discard=broken)
@@ -410,7 +451,7 @@ class Store:
                             [
                                 ("schema_version", str(_sqlite.SCHEMA_VERSION)),
                                 ("created_at", repr(time.time())),
-                                ("created_by_pid", str(os.getpid())),
+                                ("created_by_pid", str(_fork.pid())),
                             ],
                         )
                         conn.execute(

@@ -11,11 +11,14 @@ lock), and lost updates. It is not exported from ``mpstore``; never keep data in
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from ._connection import Connection
 from ._store import Store
+
+T = TypeVar("T")
 
 __all__ = ["UnsafeStore"]
 
@@ -41,13 +44,18 @@ class UnsafeStore(Store):
         )
 
     @contextmanager
-    def _write_turn(self) -> Iterator[sqlite3.Connection]:
+    def _write_turn(self, timeout: float | bool | None = True) -> Iterator[sqlite3.Connection]:
         if self._schema_ready:
             with self._pooled() as raw:
                 yield raw
         else:
-            with super()._write_turn() as raw:
+            with super()._write_turn(timeout) as raw:
                 yield raw
+
+    def _run_write(self, fn: Callable[[Connection], T]) -> T:
+        # No queue and no gate: every write takes a pooled connection and a deferred BEGIN.
+        with self.write() as conn:
+            return fn(conn)
 
     @property
     def _schema_ready(self) -> bool:

@@ -1,0 +1,162 @@
+"""Group commit within one process: queued writes share one transaction, each in a SAVEPOINT.
+
+When a write finds the gate free it runs at once in the caller's thread. Otherwise it joins
+this process's queue, and one writer thread per store waits for the gate *in the kernel*; when
+it wins, it runs every queued write in one transaction, each inside its own SAVEPOINT, commits
+once, releases the gate and only then hands each caller its own result or its own exception.
+One write's failure rolls back only its savepoint; no caller hears "done" before COMMIT.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import _fork
+from ._connection import Connection
+from ._errors import Abandoned
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["WriteQueue"]
+
+T = TypeVar("T")
+
+
+class _Job(Generic[T]):
+    __slots__ = ("abandon", "context", "done", "error", "fn", "result", "started")
+
+    def __init__(self, fn: Callable[[Connection], T], abandon: threading.Event | None) -> None:
+        self.fn = fn
+        # The write runs in the writer thread but sees the caller's context variables.
+        self.context = contextvars.copy_context()
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.started = False
+        self.abandon = abandon
+
+
+class WriteQueue:
+    """The queue of one store's pending writes in this process, and the thread that runs them."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = _fork.pid()
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: deque[_Job[Any]] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = 0
+        self.batched_writes = 0
+
+    def submit(self, fn: Callable[[Connection], T], timeout: float) -> T:
+        """Queue ``fn`` and wait until its transaction has committed (or failed).
+
+        :raises GateTimeout: the write had not started when ``timeout`` ran out; it never will.
+        """
+        if self._pid != _fork.pid():
+            self._reset()
+        start = time.monotonic()
+        job: _Job[T] = _Job(fn, self._store._tx.abandon)
+        with self._cond:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"mpstore-writer:{self._store.path}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        if not job.done.wait(timeout):
+            with self._cond:
+                if not job.started:
+                    self._jobs.remove(job)
+                    raise self._store._gate_timeout(start)
+            # Already part of a batch that holds the gate: its outcome is moments away.
+            job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        store = self._store
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    if self._closed:
+                        self._thread = None
+                        return
+                    self._cond.wait()
+            batch: list[_Job[Any]] = []
+            try:
+                with store._write_turn(timeout=None) as raw:
+                    batch = self._take()
+                    self._commit(raw, batch)
+            except BaseException as exc:
+                # Failing before the batch was taken (the store closed, the lock file cannot be
+                # opened) fails everything queued: the same error would meet each of them.
+                batch = batch or self._take()
+                for job in batch:
+                    if job.error is None:
+                        job.error = exc
+                        job.result = None
+            finally:
+                for job in batch:
+                    job.done.set()
+
+    def _take(self) -> list[_Job[Any]]:
+        with self._cond:
+            batch = list(self._jobs)
+            self._jobs.clear()
+            for job in batch:
+                job.started = True
+        return batch
+
+    def _commit(self, raw: Any, batch: list[_Job[Any]]) -> None:
+        store = self._store
+        runnable = [job for job in batch if not self._abandoned(job)]
+        if not runnable:
+            return
+        self.batches += 1
+        self.batched_writes += len(runnable)
+        with store._transaction(raw) as conn:
+            if len(runnable) == 1:
+                # Alone in the transaction: its failure rolls back the transaction itself.
+                job = runnable[0]
+                job.result = job.context.run(job.fn, conn)
+                return
+            for job in runnable:
+                try:
+                    with store._savepoint(conn):
+                        job.result = job.context.run(job.fn, conn)
+                except BaseException as exc:
+                    job.error = exc
+
+    def _abandoned(self, job: _Job[Any]) -> bool:
+        if job.abandon is not None and job.abandon.is_set():
+            job.error = Abandoned(
+                f"the caller abandoned this write on {self._store.path}", self._store.path
+            )
+            return True
+        return False
+
+    def close(self, timeout: float) -> None:
+        """Let the writer thread finish what is queued, then stop; wait up to ``timeout``.
+
+        A writer still waiting for the gate after that finds the store closed when it gets it,
+        and fails its queued writes with :class:`StoreClosed` (their callers time out first).
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        thread = self._thread
+        if thread is not None and self._pid == _fork.pid():
+            thread.join(timeout)
