@@ -12,6 +12,11 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None  # type: ignore[assignment]
+
 from ._errors import (
     BusyTimeout,
     CorruptDatabase,
@@ -28,6 +33,7 @@ __all__ = [
     "check_identifier",
     "connect",
     "create_file",
+    "file_size_limit_reached",
     "translate",
     "translating",
 ]
@@ -62,7 +68,7 @@ def create_file(path: str, mode: int) -> bool:
     SQLite would create the database with 0644; conversations hold secrets, so mpstore creates
     the file first. SQLite gives the -wal and -shm files the database file's permissions.
 
-    :raises PermissionDenied: the directory is not writable.
+    :raises PermissionDenied: the directory is not writable, missing, or not a directory.
     :raises CorruptDatabase: the path is a directory.
     """
     try:
@@ -77,6 +83,10 @@ def create_file(path: str, mode: int) -> bool:
         raise PermissionDenied(f"cannot create {path}: {exc.strerror}", path) from exc
     except FileNotFoundError as exc:
         raise PermissionDenied(f"cannot create {path}: its directory does not exist", path) from exc
+    except NotADirectoryError as exc:
+        raise PermissionDenied(
+            f"cannot create {path}: a component of its directory is not a directory", path
+        ) from exc
     os.close(fd)
     return True
 
@@ -118,15 +128,59 @@ _CODE_TO_ERROR: dict[int, type[MpstoreError]] = {
 }
 
 
+#: I/O errors that growing a file past the process's file size limit produces. SQLite reports
+#: ENOSPC as SQLITE_FULL, but EFBIG (RLIMIT_FSIZE reached) only as one of these.
+_GROWTH_IOERRS = frozenset(
+    {sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE, sqlite3.SQLITE_IOERR_TRUNCATE}
+)
+#: The most one SQLite write adds past a file's end: a 64 KiB page and its WAL frame header.
+_LARGEST_WRITE = 65536 + 24
+_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def file_size_limit_reached(path: str) -> int | None:
+    """The process's file size limit (bytes) if one of ``path``'s files has reached it, else None.
+
+    A file counts as at the limit when one more SQLite write at its end would pass it: that is
+    the only way SQLite's writes fail with EFBIG.
+    """
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    for suffix in _FILES:
+        try:
+            size = os.stat(path + suffix).st_size
+        except OSError:
+            continue
+        if size + _LARGEST_WRITE >= soft:
+            return int(soft)
+    return None
+
+
 def translate(exc: sqlite3.Error, path: str) -> Exception:
-    """Map an ``sqlite3`` error to mpstore's typed error; others are returned unchanged."""
+    """Map an ``sqlite3`` error to mpstore's typed error; others are returned unchanged.
+
+    A write that failed because the process's file size limit was reached is :class:`DiskFull`;
+    any other I/O error is left as SQLite reported it.
+    """
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return exc
+    name = getattr(exc, "sqlite_errorname", "")
+    if code in _GROWTH_IOERRS:
+        limit = file_size_limit_reached(path)
+        if limit is None:
+            return exc
+        return DiskFull(
+            f"{path}: {exc} ({name}): the database's files reached this process's file size "
+            f"limit (RLIMIT_FSIZE = {limit} bytes)",
+            path,
+        )
     cls = _CODE_TO_ERROR.get(code & 0xFF)
     if cls is None:
         return exc
-    name = getattr(exc, "sqlite_errorname", "")
     return cls(f"{path}: {exc} ({name})", path)
 
 
