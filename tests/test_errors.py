@@ -1,0 +1,129 @@
+"""Every error mpstore exports: its place in the hierarchy, and its trip through pickle and
+through a real spawned process with its message and attributes intact."""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+import mpstore
+from tests import fault_workers, workers
+
+#: Each exported error and the builtin exception it also is, as its docstring and the README
+#: describe it (None: only an MpstoreError).
+BUILTIN_BASE: dict[type[mpstore.MpstoreError], type[BaseException] | None] = {
+    mpstore.MpstoreError: None,
+    mpstore.Timeout: TimeoutError,
+    mpstore.GateTimeout: TimeoutError,
+    mpstore.PoolTimeout: TimeoutError,
+    mpstore.BusyTimeout: TimeoutError,
+    mpstore.Abandoned: None,
+    mpstore.StoreClosed: RuntimeError,
+    mpstore.TransactionError: RuntimeError,
+    mpstore.CorruptDatabase: None,
+    mpstore.DiskFull: OSError,
+    mpstore.PermissionDenied: PermissionError,
+    mpstore.InvalidName: ValueError,
+    mpstore.InvalidKey: ValueError,
+    mpstore.KeyNotFound: KeyError,
+    mpstore.RecordTooLarge: ValueError,
+    mpstore.RecordTypeError: TypeError,
+}
+
+EXPORTED = sorted(
+    (
+        obj
+        for name in mpstore.__all__
+        if isinstance(obj := getattr(mpstore, name), type) and issubclass(obj, BaseException)
+    ),
+    key=lambda cls: cls.__name__,
+)
+
+
+def _args(cls: type[mpstore.MpstoreError]) -> tuple[Any, ...]:
+    """Constructor arguments that set every attribute the class has."""
+    if issubclass(cls, mpstore.GateTimeout):
+        return ("waited 1.500 s for the gate (last holder: pid 4242)", "/db.lock", 1.5, 4242)
+    if issubclass(cls, mpstore.Timeout):
+        return (f"{cls.__name__}: waited 2.000 s", "/db", 2.0)
+    return (f"{cls.__name__}: something about /db", "/db")
+
+
+def _attributes(err: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(err),
+        "str": str(err),
+        "args": err.args,
+        "message": getattr(err, "message", None),
+        **vars(err),
+    }
+
+
+def test_the_table_covers_every_exported_error() -> None:
+    assert set(EXPORTED) == set(BUILTIN_BASE)
+
+
+@pytest.mark.parametrize("cls", EXPORTED, ids=lambda c: c.__name__)
+def test_each_error_is_an_mpstore_error_and_its_builtin(cls: type[mpstore.MpstoreError]) -> None:
+    err = cls(*_args(cls))
+    assert isinstance(err, mpstore.MpstoreError)
+    base = BUILTIN_BASE[cls]
+    if base is not None:
+        assert isinstance(err, base)
+        with pytest.raises(base):
+            raise err
+
+
+@pytest.mark.parametrize("cls", EXPORTED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_each_error_round_trips_through_pickle(
+    cls: type[mpstore.MpstoreError], protocol: int
+) -> None:
+    err = cls(*_args(cls))
+    copy = pickle.loads(pickle.dumps(err, protocol=protocol))
+    assert _attributes(copy) == _attributes(err)
+    assert err.message in str(copy)
+    assert copy.path is not None
+
+
+def test_attributes_survive_pickle_with_their_values() -> None:
+    err = mpstore.GateTimeout("waited", "/db.lock", 1.5, 4242)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.path, copy.waited, copy.holder_pid) == ("/db.lock", 1.5, 4242)
+
+
+def test_key_not_found_reads_as_its_message() -> None:
+    # KeyError's own str() is the repr of its argument; mpstore's reads as a sentence.
+    err = pickle.loads(pickle.dumps(mpstore.KeyNotFound("no record 'a' in 'notes'", "/db")))
+    assert str(err) == "no record 'a' in 'notes'"
+
+
+def test_the_comparison_notices_a_lost_attribute() -> None:
+    # Negative control: an error whose pickling drops its details must fail the comparison.
+    class Forgetful(mpstore.GateTimeout):
+        def __reduce__(self) -> tuple[object, ...]:
+            return (mpstore.GateTimeout, (self.message,))
+
+    err = Forgetful(*_args(mpstore.GateTimeout))
+    assert _attributes(pickle.loads(pickle.dumps(err))) != _attributes(err)
+
+
+@pytest.mark.processes
+def test_each_error_raised_in_a_spawn_child_is_raised_again_here() -> None:
+    # A process pool pickles what the child raised and raises it again in the parent: the same
+    # path multiprocessing users take.
+    with ProcessPoolExecutor(max_workers=1, mp_context=workers.SPAWN) as pool:
+        futures = {
+            cls: pool.submit(fault_workers.raise_error, cls.__name__, _args(cls))
+            for cls in EXPORTED
+        }
+        for cls, future in futures.items():
+            with pytest.raises(cls) as info:
+                future.result(timeout=120)
+            err = info.value
+            assert type(err) is cls
+            expected = _attributes(cls(*_args(cls)))
+            assert _attributes(err) == expected
