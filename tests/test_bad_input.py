@@ -1,0 +1,596 @@
+"""What a careless caller does, case by case: each gets a clear typed error and leaves the
+database exactly as it was (the hash of its logical dump, taken over a fresh connection) and the
+gate free."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+import mpstore
+from tests.models import Note
+
+
+class Item(BaseModel):
+    id: str
+    group: int = 0
+    tags: list[str] = []
+
+
+class Other(BaseModel):
+    id: str
+    text: str
+
+
+class IntKeyed(BaseModel):
+    n: int
+
+
+class Loose(BaseModel):
+    id: str
+    extra: Any = None
+
+
+def _any(value: object) -> Any:
+    """``value``, hidden from the type checker: careless callers pass what the hints forbid."""
+    return value
+
+
+@dataclass
+class Env:
+    """A store holding data, with a plain and an indexed collection."""
+
+    path: str
+    tmp: Path
+    store: mpstore.Store
+    notes: mpstore.Collection[Note]
+    items: mpstore.Collection[Item]
+    loose: mpstore.Collection[Loose]
+
+
+def dump_hash(path: str) -> str:
+    """The SHA-256 of the database's logical dump, read through a connection of its own."""
+    conn = sqlite3.connect(path)
+    try:
+        digest = hashlib.sha256()
+        for line in conn.iterdump():
+            digest.update(line.encode())
+            digest.update(b"\n")
+        return digest.hexdigest()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path, timeout=2.0, max_record_bytes=4096) as store:
+        notes = store.collection("notes", Note, key="id")
+        items = store.collection("items", Item, key="id", indexes=[("group",)])
+        notes.upsert_many(Note(id=f"n{i}", text="x" * i) for i in range(20))
+        items.upsert_many(Item(id=f"i{i}", group=i % 3) for i in range(10))
+        loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
+        loose.upsert_many(Loose(id=f"l{i}", extra=i) for i in range(3))
+        yield Env(path, tmp_path, store, notes, items, loose)
+
+
+# -- the cases -------------------------------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], object]) -> None:
+    """Run ``fn`` in another thread and re-raise here whatever it raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def _connection_from_another_thread(e: Env) -> None:
+    with e.store.write() as conn:
+        _in_thread(lambda: conn.execute("DELETE FROM notes"))
+
+
+def _second_thread_writes_while_first_holds(e: Env) -> None:
+    with mpstore.Store(e.path, timeout=0.2) as store, store.write() as conn:
+        conn.execute("DELETE FROM notes WHERE key = 'n1'")
+        _in_thread(lambda: store.collection("notes", Note, key="id").delete("n2"))
+
+
+def _nested_writes_through_two_stores(e: Env) -> None:
+    with mpstore.Store(e.path) as other, e.store.write() as conn:
+        conn.execute("DELETE FROM notes WHERE key = 'n1'")
+        other.collection("notes", Note, key="id").delete("n2")
+
+
+def _connection_after_its_block(e: Env) -> None:
+    with e.store.write() as conn:
+        pass
+    conn.execute("DELETE FROM notes")
+
+
+def _write_in_a_read_block(e: Env) -> None:
+    with e.store.read() as conn:
+        conn.execute("DELETE FROM notes")
+
+
+def _write_block_inside_read_block(e: Env) -> None:
+    with e.store.read(), e.store.write() as conn:
+        conn.execute("DELETE FROM notes")
+
+
+def _commit_inside_the_block(e: Env) -> None:
+    with e.store.write() as conn:
+        conn.execute("COMMIT")
+
+
+def _use_after_close(e: Env) -> None:
+    store = mpstore.Store(e.path)
+    notes = store.collection("notes", Note, key="id")
+    store.close()
+    notes.upsert(Note(id="late", text="x"))
+
+
+def _update_callback_raises(e: Env) -> None:
+    def fail(n: Note) -> Note:
+        e.notes.upsert(Note(id="written-inside", text="x"))  # nested: rolled back with the rest
+        raise ZeroDivisionError("the callback failed")
+
+    e.notes.update("n1", fail)
+
+
+def _bad_records(e: Env) -> Iterator[Note]:
+    yield Note(id="good-1", text="x")
+    raise RuntimeError("the record source failed")
+
+
+def _invalid_constructed(e: Env) -> None:
+    with warnings.catch_warnings():
+        # pydantic warns while it serialises the wrong type; the validation after it refuses.
+        warnings.simplefilter("ignore", UserWarning)
+        e.notes.upsert(Note.model_construct(id="bad", text=12345))
+
+
+def _open_int_keyed(e: Env) -> None:
+    e.store.collection("numbers", IntKeyed, key="n")
+
+
+def _reopen_with_another_key(e: Env) -> None:
+    with mpstore.Store(e.path) as other:
+        other.collection("notes", Note, key="text")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    action: Callable[[Env], object]
+    error: type[BaseException]
+    words: str
+
+
+CASES = [
+    # Records of the wrong kind.
+    Case(
+        "wrong model",
+        lambda e: e.notes.upsert(Other(id="x", text="y")),
+        mpstore.RecordTypeError,
+        "holds Note records",
+    ),
+    Case(
+        "a dict for a record",
+        lambda e: e.notes.upsert(_any({"id": "x", "text": "y"})),
+        mpstore.RecordTypeError,
+        "got dict",
+    ),
+    Case(
+        "None for a record",
+        lambda e: e.notes.upsert(_any(None)),
+        mpstore.RecordTypeError,
+        "got NoneType",
+    ),
+    Case(
+        "invalid field value (model_construct)",
+        _invalid_constructed,
+        ValidationError,
+        "Input should be a valid string",
+    ),
+    Case(
+        "missing key field (model_construct)",
+        lambda e: e.notes.upsert(Note.model_construct(text="x")),
+        mpstore.InvalidKey,
+        "no value for its key field 'id'",
+    ),
+    Case(
+        "non-string key in a record",
+        lambda e: e.notes.upsert(Note.model_construct(id=5, text="x")),
+        mpstore.InvalidKey,
+        "must be strings",
+    ),
+    Case(
+        "empty key",
+        lambda e: e.notes.upsert(Note(id="", text="x")),
+        mpstore.InvalidKey,
+        "must not be empty",
+    ),
+    Case(
+        "key with NUL",
+        lambda e: e.notes.upsert(Note(id="a\x00b", text="x")),
+        mpstore.InvalidKey,
+        "NUL",
+    ),
+    Case("non-string key to get", lambda e: e.notes.get(_any(1)), mpstore.InvalidKey, "got int"),
+    Case(
+        "None key to delete",
+        lambda e: e.notes.delete(_any(None)),
+        mpstore.InvalidKey,
+        "got NoneType",
+    ),
+    Case(
+        "empty key to update",
+        lambda e: e.notes.update("", lambda n: n),
+        mpstore.InvalidKey,
+        "must not be empty",
+    ),
+    Case(
+        "record over max_record_bytes",
+        lambda e: e.notes.upsert(Note(id="big", text="x" * 5000)),
+        mpstore.RecordTooLarge,
+        "limit is 4096",
+    ),
+    Case(
+        "multi-byte record over max_record_bytes (under it in characters)",
+        lambda e: e.notes.upsert(Note(id="big", text="é" * 2100)),
+        mpstore.RecordTooLarge,
+        "max_record_bytes",
+    ),
+    Case(
+        "index on a list field",
+        lambda e: e.store.collection("tagged", Item, key="id", indexes=[("tags",)]),
+        mpstore.InvalidName,
+        "must hold a scalar",
+    ),
+    Case(
+        "non-scalar value in an indexed Any field",
+        lambda e: e.loose.upsert(Loose(id="l", extra={"a": 1})),
+        mpstore.RecordTypeError,
+        "must hold a scalar",
+    ),
+    Case(
+        "one bad record among good ones",
+        lambda e: e.notes.upsert_many(
+            [Note(id="g1", text="x"), Note(id="", text="x"), Note(id="g2", text="x")]
+        ),
+        mpstore.InvalidKey,
+        "must not be empty",
+    ),
+    Case(
+        "one wrong-type record among good ones",
+        lambda e: e.notes.upsert_many([Note(id="g1", text="x"), _any(Other(id="o", text="x"))]),
+        mpstore.RecordTypeError,
+        "got Other",
+    ),
+    Case(
+        "record source that fails half-way",
+        lambda e: e.notes.upsert_many(_bad_records(e)),
+        RuntimeError,
+        "record source failed",
+    ),
+    # update() callbacks.
+    Case(
+        "update callback raises (after a nested write)",
+        _update_callback_raises,
+        ZeroDivisionError,
+        "callback failed",
+    ),
+    Case(
+        "update callback returns None",
+        lambda e: e.notes.update("n1", lambda n: _any(None)),
+        mpstore.RecordTypeError,
+        "got NoneType",
+    ),
+    Case(
+        "update callback returns a dict",
+        lambda e: e.notes.update("n1", lambda n: _any(n.model_dump())),
+        mpstore.RecordTypeError,
+        "got dict",
+    ),
+    Case(
+        "update callback changes the key",
+        lambda e: e.notes.update("n1", lambda n: n.model_copy(update={"id": "n99"})),
+        mpstore.InvalidKey,
+        "must not change the key",
+    ),
+    Case(
+        "update of a missing key",
+        lambda e: e.notes.update("absent", lambda n: n),
+        mpstore.KeyNotFound,
+        "no record 'absent'",
+    ),
+    # Collections, names and indexes.
+    Case(
+        "collection name with SQL",
+        lambda e: e.store.collection('x"; DROP TABLE notes; --', Note, key="id"),
+        mpstore.InvalidName,
+        "collection name",
+    ),
+    Case(
+        "collection name with a reserved prefix",
+        lambda e: e.store.collection("sqlite_master", Note, key="id"),
+        mpstore.InvalidName,
+        "reserved",
+    ),
+    Case(
+        "key that is not a field",
+        lambda e: e.store.collection("c", Note, key="nope"),
+        mpstore.InvalidName,
+        "not a field of Note",
+    ),
+    Case(
+        "key field that is not a string", _open_int_keyed, mpstore.InvalidKey, "must be a str field"
+    ),
+    Case(
+        "model that is not a pydantic model",
+        lambda e: e.store.collection("c", _any(dict), key="id"),
+        mpstore.RecordTypeError,
+        "BaseModel subclass",
+    ),
+    Case(
+        "index on a missing field",
+        lambda e: e.store.collection("c", Note, key="id", indexes=[("nope",)]),
+        mpstore.InvalidName,
+        "not a field of the model",
+    ),
+    Case(
+        "index given as a string",
+        lambda e: e.store.collection("c", Note, key="id", indexes=_any("text")),
+        mpstore.InvalidName,
+        "list of field tuples",
+    ),
+    Case(
+        "index field with SQL",
+        lambda e: e.store.collection("c", Note, key="id", indexes=[("text); --",)]),
+        mpstore.InvalidName,
+        "indexed field",
+    ),
+    Case(
+        "reopen a collection with another key (same store)",
+        lambda e: e.store.collection("notes", Note, key="text"),
+        mpstore.InvalidName,
+        "already open",
+    ),
+    Case(
+        "reopen a collection with another key (new store)",
+        _reopen_with_another_key,
+        mpstore.InvalidName,
+        "keyed by 'id', not 'text'",
+    ),
+    Case(
+        "find on an unindexed field",
+        lambda e: e.items.find({"tags": "a"}),
+        mpstore.InvalidName,
+        "not an indexed field",
+    ),
+    Case(
+        "find ordered by an unindexed field",
+        lambda e: e.items.find(order_by=["-id"]),
+        mpstore.InvalidName,
+        "not an indexed field",
+    ),
+    Case(
+        "find with a negative limit",
+        lambda e: e.items.find({"group": 1}, limit=-1),
+        ValueError,
+        "non-negative integer",
+    ),
+    Case(
+        "find with a string limit",
+        lambda e: e.items.find(limit=_any("3")),
+        ValueError,
+        "non-negative integer",
+    ),
+    # Store settings and paths.
+    Case(
+        "path that is a directory",
+        lambda e: mpstore.Store(e.tmp),
+        mpstore.CorruptDatabase,
+        "is a directory",
+    ),
+    Case("zero timeout", lambda e: mpstore.Store(e.path, timeout=0), ValueError, "timeout"),
+    Case("negative timeout", lambda e: mpstore.Store(e.path, timeout=-1), ValueError, "timeout"),
+    Case(
+        "NaN timeout", lambda e: mpstore.Store(e.path, timeout=float("nan")), ValueError, "timeout"
+    ),
+    Case("zero pool size", lambda e: mpstore.Store(e.path, pool_size=0), ValueError, "pool_size"),
+    Case(
+        "negative pool size", lambda e: mpstore.Store(e.path, pool_size=-3), ValueError, "pool_size"
+    ),
+    Case(
+        "fractional pool size",
+        lambda e: mpstore.Store(e.path, pool_size=_any(2.5)),
+        ValueError,
+        "pool_size",
+    ),
+    Case(
+        "zero max_record_bytes",
+        lambda e: mpstore.Store(e.path, max_record_bytes=0),
+        ValueError,
+        "max_record_bytes",
+    ),
+    Case(
+        "unknown synchronous mode",
+        lambda e: mpstore.Store(e.path, synchronous="sometimes"),
+        ValueError,
+        "synchronous",
+    ),
+    Case(
+        "file_mode beyond permission bits",
+        lambda e: mpstore.Store(e.path, file_mode=0o4755),
+        ValueError,
+        "file_mode",
+    ),
+    # Transactions misused.
+    Case("use after close()", _use_after_close, mpstore.StoreClosed, "is closed"),
+    Case(
+        "write block's connection from another thread",
+        _connection_from_another_thread,
+        mpstore.TransactionError,
+        "another thread",
+    ),
+    Case(
+        "second thread writes while the first holds the gate",
+        _second_thread_writes_while_first_holds,
+        mpstore.GateTimeout,
+        "for the write gate",
+    ),
+    Case(
+        "nested writes through two stores on one file",
+        _nested_writes_through_two_stores,
+        mpstore.TransactionError,
+        "already holds the write gate",
+    ),
+    Case(
+        "connection used after its block",
+        _connection_after_its_block,
+        mpstore.TransactionError,
+        "has ended",
+    ),
+    Case(
+        "write through a read() block",
+        _write_in_a_read_block,
+        mpstore.TransactionError,
+        "read-only",
+    ),
+    Case(
+        "write() inside read()",
+        _write_block_inside_read_block,
+        mpstore.TransactionError,
+        "inside a read() block",
+    ),
+    Case(
+        "COMMIT inside a write block",
+        _commit_inside_the_block,
+        mpstore.TransactionError,
+        "ended the transaction",
+    ),
+]
+
+
+def check(e: Env, case: Case) -> list[str]:
+    """Run one case; return what went wrong (nothing, for a case handled as promised)."""
+    problems = []
+    before = dump_hash(e.path)
+    try:
+        case.action(e)
+    except BaseException as exc:
+        if not isinstance(exc, case.error):
+            problems.append(f"raised {type(exc).__name__}: {exc}, not {case.error.__name__}")
+        elif case.words not in str(exc):
+            problems.append(f"message {str(exc)!r} does not say {case.words!r}")
+    else:
+        problems.append(f"raised nothing, not {case.error.__name__}")
+    if dump_hash(e.path) != before:
+        problems.append("the database changed")
+    if e.store._gate.held_by_me or e.store._tx.conn is not None:
+        problems.append("this thread still holds the gate or a transaction")
+    else:
+        try:
+            with e.store.write():
+                pass  # an empty transaction: takes and gives back the gate, changes nothing
+        except mpstore.GateTimeout:
+            problems.append("the gate was left taken")
+    return problems
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(env: Env, case: Case) -> None:
+    assert check(env, case) == []
+
+
+def test_there_are_enough_cases() -> None:
+    assert len(CASES) >= 20
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+# -- negative controls: the check notices each way a case can go wrong ----------------------
+
+
+def _writes_then_raises(e: Env) -> None:
+    e.notes.upsert(Note(id="sneaked-in", text="x"))
+    raise mpstore.InvalidKey("record keys must not be empty")
+
+
+def _keeps_the_gate(e: Env, release: threading.Event, threads: list[threading.Thread]) -> None:
+    # Another thread takes the gate and keeps it past the check's own write.
+    taken = threading.Event()
+
+    def hold() -> None:
+        with e.store.write():
+            taken.set()
+            release.wait()
+
+    threads.append(threading.Thread(target=hold))
+    threads[-1].start()
+    assert taken.wait(30)
+    raise mpstore.InvalidKey("record keys must not be empty")
+
+
+def _control(
+    name: str, release: threading.Event, threads: list[threading.Thread]
+) -> tuple[Case, str]:
+    """A case that goes wrong in one way, and the problem the check must report for it."""
+    if name == "writes":
+        return Case(name, _writes_then_raises, mpstore.InvalidKey, "empty"), "database changed"
+    if name == "accepts":
+        upsert = Case(name, lambda e: e.notes.upsert(Note(id="", text="x")), ValueError, "empty")
+        return upsert, "raised nothing"
+    if name == "wrong-type":
+        get = Case(name, lambda e: e.notes.get(_any(1)), mpstore.InvalidName, "int")
+        return get, "not InvalidName"
+    if name == "vague-message":
+        return Case(name, lambda e: e.notes.get(""), mpstore.InvalidKey, "key 'x'"), "does not say"
+    keep = Case(name, lambda e: _keeps_the_gate(e, release, threads), mpstore.InvalidKey, "empty")
+    return keep, "gate was left taken"
+
+
+@pytest.mark.parametrize("name", ["writes", "accepts", "wrong-type", "vague-message", "keeps-gate"])
+def test_the_check_notices_a_case_gone_wrong(
+    env: Env, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "accepts":
+        # A collection that skipped its key check would accept the empty key.
+        monkeypatch.setattr("mpstore._collection.check_key", lambda key: key)
+    env.store.timeout = 0.2
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+    case, problem = _control(name, release, threads)
+    try:
+        problems = check(env, case)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert any(problem in p for p in problems), problems
+
+
+def test_dump_hash_sees_a_one_field_change(env: Env) -> None:
+    before = dump_hash(env.path)
+    env.notes.upsert(Note(id="n1", text="y"))  # was "x"
+    assert dump_hash(env.path) != before
