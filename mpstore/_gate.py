@@ -24,6 +24,7 @@ import weakref
 from collections import deque
 from typing import Protocol
 
+from . import _fork
 from ._errors import GateTimeout, PermissionDenied, TransactionError
 
 try:
@@ -208,7 +209,7 @@ class _FlockLock:
         self._generation += 1
 
     def _holder_record(self) -> bytes:
-        record = f"{os.getpid()} {time.time():.6f}".encode()
+        record = f"{_fork.pid()} {time.time():.6f}".encode()
         return record.ljust(_HOLDER_RECORD_SIZE - 1) + b"\n"
 
     def release(self) -> None:
@@ -285,7 +286,7 @@ class Gate:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
+        self._pid = _fork.pid()
         self._mutex = threading.Lock()
         self._owner: int | None = None
         self._waiters: deque[tuple[int, threading.Lock]] = deque()
@@ -299,14 +300,19 @@ class Gate:
         return self._os
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != _fork.pid():
             if self._os is not None:
                 self._os.abandon_after_fork()
             self._reset()
 
     @property
+    def held_here(self) -> bool:
+        """A thread of this process holds the kernel lock (not merely waits for it)."""
+        return self._pid == _fork.pid() and self._os_held
+
+    @property
     def held_by_me(self) -> bool:
-        return self._pid == os.getpid() and self._owner == threading.get_ident()
+        return self._pid == _fork.pid() and self._owner == threading.get_ident()
 
     def acquire(self, timeout: float | None) -> float:
         """Take the gate within ``timeout`` seconds (None: however long it takes); return how
@@ -381,7 +387,7 @@ class Gate:
             if self._owner == me:
                 return  # handed over just as the wait ran out: it is ours
             self._waiters.remove(entry)
-        raise self.timeout_error(start, os.getpid(), "another thread of this process")
+        raise self.timeout_error(start, _fork.pid(), "another thread of this process")
 
     def _release_local(self) -> None:
         with self._mutex:
@@ -423,7 +429,7 @@ class Gate:
         )
 
     def close(self) -> None:
-        if self._pid == os.getpid() and self._os is not None:
+        if self._pid == _fork.pid() and self._os is not None:
             self._os.close()
             self._os = None
 

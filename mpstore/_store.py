@@ -113,6 +113,7 @@ class Store:
         self._tx = _TxState()
         self._collections: dict[str, Collection[Any]] = {}
         self._writers_lock = threading.Lock()
+        self._writing = 0  # threads between taking the gate and giving it back
         self._wconn: sqlite3.Connection | None = None
         self._wpid = 0
         _sqlite.create_file(self.path, file_mode)
@@ -171,6 +172,12 @@ class Store:
         self._queue.close(self.timeout)
         self._checkpointer.close()
         self._pool.close()
+        with self._writers_lock:
+            if self._writing:
+                return  # the last writer still inside finishes the close (_holding_gate)
+        self._close_writer_and_gate()
+
+    def _close_writer_and_gate(self) -> None:
         with self._writers_lock:
             conn, self._wconn = self._wconn, None
         if conn is not None:
@@ -289,23 +296,32 @@ class Store:
     @contextmanager
     def _holding_gate(self) -> Iterator[sqlite3.Connection]:
         """The write connection, for a caller that has just taken the gate; releases it after."""
+        entered = False
         try:
             self._emit("gate-acquired")
             self._check_abandoned()
             with self._writers_lock:
                 self._check_open()
                 raw = self._writer()
-            try:
-                yield raw
-            finally:
-                if self._closed:
-                    self._close_writer(raw)
+                self._writing += 1
+                entered = True
+            yield raw
         finally:
             self._gate.release()
             self._emit("gate-released")
-            self._checkpointer.poke()
+            if entered:
+                with self._writers_lock:
+                    self._writing -= 1
+                    last_out = self._closed and not self._writing
+                if last_out:
+                    # close() came while this thread was writing and left the rest to it.
+                    self._close_writer_and_gate()
+                else:
+                    self._checkpointer.poke()
 
     def _gate_timeout(self, start: float) -> GateTimeout:
+        if self._gate.held_here:
+            return self._gate.timeout_error(start, _fork.pid(), "another thread of this process")
         holder = self._gate.holder()
         return self._gate.timeout_error(start, holder[0] if holder else None, "another process")
 
@@ -336,12 +352,6 @@ class Store:
         finally:
             conn._end()
             tx.conn, tx.depth = None, 0
-
-    def _close_writer(self, raw: sqlite3.Connection) -> None:
-        with self._writers_lock:
-            if self._wconn is raw:
-                self._wconn = None
-        raw.close()
 
     @contextmanager
     def _savepoint(self, conn: Connection) -> Iterator[Connection]:
@@ -499,6 +509,7 @@ class Store:
 
         :raises InvalidName: bad collection, key or index names, or a name already used with a
             different definition.
+        :raises InvalidKey: the key field is not a ``str`` field.
         """
         from ._collection import Collection
 

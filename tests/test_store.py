@@ -316,3 +316,52 @@ def test_two_stores_on_one_file_share_the_gate(db_path: str) -> None:
             pass
         with b.write() as conn:
             conn.execute("SELECT 1")
+
+
+def test_close_while_another_thread_writes_lets_that_write_finish(db_path: str) -> None:
+    store = mpstore.Store(db_path)
+    inside, finish = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with store.write() as conn:
+                conn.execute("CREATE TABLE t (x INTEGER)")
+                conn.execute("INSERT INTO t VALUES (1)")
+                inside.set()
+                finish.wait()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=write)
+    t.start()
+    assert inside.wait(10)
+    store.close()
+    finish.set()
+    t.join()
+    assert errors == []
+    assert store._wconn is None and store._gate.users == 0
+    with mpstore.Store(db_path) as again:
+        assert again.query("SELECT x FROM t") == [(1,)]
+    with pytest.raises(mpstore.StoreClosed):
+        store.query("SELECT 1")
+
+
+def test_gate_timeout_behind_a_thread_of_this_process_says_so(db_path: str) -> None:
+    with mpstore.Store(db_path, timeout=0.2) as store:
+        notes = store.collection("notes", Note, key="id")
+        caught: list[BaseException] = []
+
+        def upsert() -> None:
+            try:
+                notes.upsert(Note(id="a", text="x"))
+            except BaseException as exc:
+                caught.append(exc)
+
+        with store.write():
+            t = threading.Thread(target=upsert)
+            t.start()
+            t.join()
+        assert len(caught) == 1 and isinstance(caught[0], mpstore.GateTimeout)
+        assert "another thread of this process" in str(caught[0])
+        assert notes.get("a") is None
