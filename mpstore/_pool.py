@@ -6,12 +6,12 @@ the child starts with an empty pool: connections are never shared across process
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from . import _fork
 from ._errors import PoolTimeout, StoreClosed
 
 __all__ = ["Pool"]
@@ -37,14 +37,14 @@ class Pool(Generic[T]):
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
+        self._pid = _fork.pid()
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(self.size)
         self._idle: list[T] = []
         self.in_use = 0
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != _fork.pid():
             # SQLite keeps per-process lock bookkeeping shared by every connection to a file;
             # inherited connections carry the parent's, which would make the child's own
             # connections believe locks are held. Closing them in the child clears it (it
@@ -85,7 +85,7 @@ class Pool(Generic[T]):
 
     def release(self, conn: T, discard: bool = False) -> None:
         """Return a checked-out connection; ``discard`` closes it instead (e.g. it is broken)."""
-        if self._pid != os.getpid():
+        if self._pid != _fork.pid():
             self._closer(conn)
             return
         with self._lock:
@@ -108,7 +108,7 @@ class Pool(Generic[T]):
 
     def close_idle(self) -> None:
         """Close the idle connections (they reopen on demand)."""
-        if self._pid != os.getpid():
+        if self._pid != _fork.pid():
             return
         with self._lock:
             idle, self._idle = self._idle, []

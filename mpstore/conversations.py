@@ -32,8 +32,8 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _fixed_width(value: datetime) -> str:
-    # Fixed width (always microseconds, always Z) so that text order is time order in the index.
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Fixed width (always microseconds, always +00:00) so text order is time order in the index.
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 #: A UTC timestamp; naive datetimes are taken as UTC.
