@@ -19,6 +19,7 @@ from typing import (
 )
 
 from pydantic import BaseModel, TypeAdapter
+from pydantic_core import PydanticSerializationError
 
 from . import _sqlite
 from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
@@ -68,8 +69,10 @@ class Collection(Generic[M]):
         model: type[M],
         key: str,
         indexes: Sequence[Sequence[str]],
+        revalidate: bool = False,
     ) -> None:
         self.store = store
+        self.revalidate = revalidate
         self.name = _sqlite.check_identifier(name, "collection name")
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise RecordTypeError(f"model must be a pydantic BaseModel subclass, got {model!r}")
@@ -115,11 +118,17 @@ class Collection(Generic[M]):
         return tuple(checked)
 
     def _check_same(
-        self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]]
+        self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]], revalidate: bool
     ) -> None:
-        if model is not self.model or key != self.key or tuple(map(tuple, indexes)) != self.indexes:
+        if (
+            model is not self.model
+            or key != self.key
+            or tuple(map(tuple, indexes)) != self.indexes
+            or revalidate != self.revalidate
+        ):
             raise InvalidName(
-                f"collection {self.name!r} is already open with another model, key or indexes"
+                f"collection {self.name!r} is already open with another model, key, indexes "
+                "or revalidate setting"
             )
 
     def _ensure_table(self) -> None:
@@ -183,7 +192,15 @@ class Collection(Generic[M]):
                 "(built with model_construct() without it?)"
             )
         key = check_key(getattr(record, self.key))
-        value = record.model_dump_json()
+        try:
+            # A value whose type does not match its field (model_construct(), assignment
+            # without validation) fails here instead of being stored unreadable.
+            value = record.model_dump_json(warnings="error")
+        except PydanticSerializationError as exc:
+            raise RecordTypeError(
+                f"record {key!r} holds a value that does not fit its field's type: {exc}",
+                self.store.path,
+            ) from exc
         limit = self.store.max_record_bytes
         if len(value) > limit or (4 * len(value) > limit and len(value.encode()) > limit):
             raise RecordTooLarge(
@@ -191,17 +208,19 @@ class Collection(Generic[M]):
                 f"{limit} (max_record_bytes)",
                 self.store.path,
             )
-        # Round-trip what will be stored: a record built with model_construct() or mutated
-        # after validation must fail here, not later when someone reads it back.
-        self.model.model_validate_json(value)
+        if self.revalidate:
+            self.model.model_validate_json(value)
         if not self.indexed:
             return (key, value)
-        dumped = record.model_dump(mode="json", include=self._include)
-        extra = [dumped.get(f) for f in self.indexed]
-        for field, v in zip(self.indexed, extra, strict=True):
-            if not isinstance(v, _SCALARS):
-                raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {v!r}")
+        extra = [self._index_value(f, getattr(record, f)) for f in self.indexed]
         return (key, value, *extra)
+
+    def _index_value(self, field: str, value: Any) -> Any:
+        if type(value) not in _SCALARS:
+            value = self._json_value(field, value)
+            if not isinstance(value, _SCALARS):
+                raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
+        return value
 
     def _load(self, value: str) -> M:
         return self.model.model_validate_json(value)
@@ -346,7 +365,9 @@ class Collection(Generic[M]):
     def _json_value(self, field: str, value: Any) -> Any:
         adapter = self._adapters.get(field)
         if adapter is None:
-            annotation: Any = self.model.model_fields[field].annotation
+            # With its metadata: a field's own serializer decides its JSON form (and so the
+            # order the index keeps), exactly as in the stored record.
+            annotation: Any = self.model.model_fields[field].rebuild_annotation()
             adapter = self._adapters[field] = TypeAdapter(annotation)
         return adapter.dump_python(value, mode="json")
 

@@ -64,6 +64,11 @@ def _open_lock_file(path: str, mode: int) -> int:
     return fd
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _read_holder(fd: int) -> tuple[int, float] | None:
     raw = os.pread(fd, _HOLDER_RECORD_SIZE, 0)
     parts = raw.split()
@@ -97,6 +102,7 @@ class _FlockLock:
         self._path = path
         self._mode = mode
         self._fd = _open_lock_file(path, mode)
+        self._identity = _identity(self._fd)
         self._generation = 0
         self._cond = threading.Condition(threading.Lock())
         self._pending: _Request | None = None  # handed to the keeper, not yet picked up
@@ -196,16 +202,17 @@ class _FlockLock:
                 request.done.set()
 
     def _is_live(self) -> bool:
-        mine = os.fstat(self._fd)
+        """Whether the file at the lock path is still the one our descriptor has open."""
         try:
             there = os.stat(self._path)
         except FileNotFoundError:
             return False
-        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        return (there.st_dev, there.st_ino) == self._identity
 
     def _reopen(self) -> None:
         os.close(self._fd)
         self._fd = _open_lock_file(self._path, self._mode)
+        self._identity = _identity(self._fd)
         self._generation += 1
 
     def _holder_record(self) -> bytes:

@@ -500,12 +500,17 @@ class Store:
         key: str,
         *,
         indexes: Sequence[Sequence[str]] = (),
+        revalidate: bool = False,
     ) -> Collection[M]:
         """A typed collection of ``model`` records keyed by the string field ``key``.
 
         ``indexes`` lists field tuples to index, each field optionally prefixed with ``-`` for
         descending order, e.g. ``[("workspace_id", "-updated_at")]``; :meth:`Collection.find`
-        filters and orders by indexed fields.
+        filters and orders by indexed fields. With ``revalidate`` every record is validated
+        again from its JSON before it is written, which also catches values that break a
+        field's constraints in records built with ``model_construct()`` or changed after
+        validation (a value of the wrong type is always refused); it costs one pydantic parse
+        per write, so it is off by default, as pydantic validated each record when it was made.
 
         :raises InvalidName: bad collection, key or index names, or a name already used with a
             different definition.
@@ -516,10 +521,13 @@ class Store:
         self._check_open()
         existing = self._collections.get(name)
         if existing is not None:
-            existing._check_same(model, key, indexes)
+            existing._check_same(model, key, indexes, revalidate)
             return existing
-        coll = Collection(self, name, model, key, indexes)
-        self._collections[name] = coll
+        coll = Collection(self, name, model, key, indexes, revalidate)
+        if self._current() is None:
+            # Made inside a transaction, its table may yet be rolled back: not cached, so the
+            # next call checks the table again.
+            self._collections[name] = coll
         return coll
 
     def collections(self) -> dict[str, int]:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 import mpstore
 from tests.models import Note
@@ -38,6 +37,11 @@ class IntKeyed(BaseModel):
 class Loose(BaseModel):
     id: str
     extra: Any = None
+
+
+class Short(BaseModel):
+    id: str
+    code: str = Field(max_length=3)
 
 
 def _any(value: object) -> Any:
@@ -76,6 +80,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     with mpstore.Store(path, timeout=2.0, max_record_bytes=4096) as store:
         notes = store.collection("notes", Note, key="id")
         items = store.collection("items", Item, key="id", indexes=[("group",)])
+        store.collection("checked", Short, key="id", revalidate=True)
         notes.upsert_many(Note(id=f"n{i}", text="x" * i) for i in range(20))
         items.upsert_many(Item(id=f"i{i}", group=i % 3) for i in range(10))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
@@ -163,10 +168,14 @@ def _bad_records(e: Env) -> Iterator[Note]:
 
 
 def _invalid_constructed(e: Env) -> None:
-    with warnings.catch_warnings():
-        # pydantic warns while it serialises the wrong type; the validation after it refuses.
-        warnings.simplefilter("ignore", UserWarning)
-        e.notes.upsert(Note.model_construct(id="bad", text=12345))
+    e.notes.upsert(Note.model_construct(id="bad", text=12345))
+
+
+def _constraint_broken_after_validation(e: Env) -> None:
+    checked = e.store.collection("checked", Short, key="id", revalidate=True)
+    record = Short(id="ok", code="abc")
+    record.code = "far too long for the field"  # no validate_assignment: pydantic lets it in
+    checked.upsert(record)
 
 
 def _open_int_keyed(e: Env) -> None:
@@ -209,8 +218,14 @@ CASES = [
     Case(
         "invalid field value (model_construct)",
         _invalid_constructed,
+        mpstore.RecordTypeError,
+        "does not fit its field's type",
+    ),
+    Case(
+        "constraint broken after validation, revalidate=True",
+        _constraint_broken_after_validation,
         ValidationError,
-        "Input should be a valid string",
+        "at most 3 characters",
     ),
     Case(
         "missing key field (model_construct)",
