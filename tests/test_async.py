@@ -45,7 +45,7 @@ LOOPS = [
 
 #: The largest pause of a 1 ms ticker that still counts as "the loop kept running". Generous on
 #: purpose (the machine is shared); the blocking control pauses the loop for BLOCKED_FOR.
-MAX_GAP = 0.05
+MAX_GAP = 0.15
 BLOCKED_FOR = 1.0
 
 
