@@ -1,0 +1,379 @@
+"""A Hypothesis example database in an mpstore file, safe for many processes at once.
+
+Hypothesis keeps the examples that made a test fail in an example database and replays them on
+the next run. Under pytest-xdist every worker shares that database; Hypothesis's directory
+database takes no lock and ignores write errors. :class:`SQLiteExampleDatabase` keeps the
+examples in one SQLite file behind mpstore's write gate instead: every ``save``, ``delete`` and
+``move`` is one transaction, so concurrent workers never lose or duplicate a value.
+
+.. code-block:: python
+
+    from hypothesis import settings
+    from mpstore.hypothesis import SQLiteExampleDatabase
+
+    settings.register_profile("xdist", database=SQLiteExampleDatabase(".hypothesis/examples.db"))
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from hypothesis.database import ExampleDatabase, ListenerEventT
+
+from ._errors import RecordTooLarge, RecordTypeError
+from ._sqlite import translating
+from ._store import Store
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = ["SQLiteExampleDatabase"]
+
+#: The table of examples: one row per (key, value) pair, so a value is never stored twice.
+EXAMPLES_TABLE = "_mpstore_hypothesis_examples"
+#: The change log: one row per change, written in the transaction that makes the change, so a
+#: listener in another process can replay every change in commit order.
+CHANGES_TABLE = "_mpstore_hypothesis_changes"
+
+_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS {EXAMPLES_TABLE} (key BLOB NOT NULL, value BLOB NOT NULL, "
+    "PRIMARY KEY (key, value)) WITHOUT ROWID",
+    f"CREATE TABLE IF NOT EXISTS {CHANGES_TABLE} (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "event TEXT NOT NULL CHECK (event IN ('save', 'delete')), key BLOB NOT NULL, "
+    "value BLOB NOT NULL, origin TEXT NOT NULL, at REAL NOT NULL)",
+)
+_INSERT = f"INSERT OR IGNORE INTO {EXAMPLES_TABLE} (key, value) VALUES (?, ?)"
+_DELETE = f"DELETE FROM {EXAMPLES_TABLE} WHERE key = ? AND value = ?"
+_LOG = f"INSERT INTO {CHANGES_TABLE} (event, key, value, origin, at) VALUES (?, ?, ?, ?, ?)"
+_PRUNE = f"DELETE FROM {CHANGES_TABLE} WHERE at < ?"
+_PRUNE_EVERY = 256
+
+#: Every instance alive in this process, so a forked child can drop the parent's listeners.
+_instances: weakref.WeakSet[SQLiteExampleDatabase] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_instances):
+        db._forget_listeners()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _as_bytes(data: object, what: str) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise RecordTypeError(
+        f"Hypothesis example database {what}s must be bytes, got {type(data).__name__}"
+    )
+
+
+class SQLiteExampleDatabase(ExampleDatabase):
+    """Hypothesis's ``ExampleDatabase`` in an mpstore file that many processes share safely.
+
+    The file is opened on first use (and its directory created), so building one in a settings
+    profile costs nothing. An instance can be pickled (it travels as its path and settings) and
+    survives ``fork``; listeners stay with the process that added them.
+
+    Change listeners receive this instance's own saves and deletes at once, from the calling
+    thread, and changes committed by any other instance or process from a background thread,
+    within about ``poll_interval`` seconds (it checks SQLite's ``PRAGMA data_version``, then
+    reads the change log). A move is a ``delete`` event followed by a ``save`` event. Changes
+    are logged for ``retention`` seconds; a listener held up for longer misses the older ones.
+
+    :param path: the database file; created with mode ``0o600`` if missing.
+    :param poll_interval: seconds between checks for other processes' changes while listening.
+    :param retention: seconds the change log keeps a change for listeners to read.
+    :param timeout: seconds a write waits for the gate before raising ``GateTimeout``.
+    :raises ValueError: a setting is not a positive number.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        poll_interval: float = 0.05,
+        retention: float = 600.0,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.path = os.path.abspath(os.fspath(path))
+        self.poll_interval = _positive(poll_interval, "poll_interval")
+        self.retention = _positive(retention, "retention")
+        self.timeout = _positive(timeout, "timeout")
+        self._open_lock = threading.Lock()
+        self._store: Store | None = None
+        self._origin = ""
+        self._origin_pid = 0
+        self._poller: _Poller | None = None
+        _instances.add(self)
+
+    # -- identity, pickling, lifetime ------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"SQLiteExampleDatabase({self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SQLiteExampleDatabase) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash((SQLiteExampleDatabase, self.path))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        settings = {
+            "poll_interval": self.poll_interval,
+            "retention": self.retention,
+            "timeout": self.timeout,
+        }
+        return (_rebuild, (self.__class__, self.path, settings))
+
+    def close(self) -> None:
+        """Stop listening and close the file; a later call opens it again. Idempotent."""
+        self.clear_listeners()
+        with self._open_lock:
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def _open(self) -> Store:
+        store = self._store
+        if store is not None:
+            return store
+        with self._open_lock:
+            if self._store is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                store = Store(self.path, timeout=self.timeout, pool_size=2)
+                try:
+                    with store.write() as conn:
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+                except BaseException:
+                    store.close()
+                    raise
+                self._store = store
+            return self._store
+
+    def _me(self) -> str:
+        """This instance's name in the change log; a forked child gets a name of its own."""
+        pid = os.getpid()
+        if self._origin_pid != pid:
+            self._origin, self._origin_pid = f"{pid}-{uuid.uuid4().hex}", pid
+        return self._origin
+
+    def _check_size(self, store: Store, *items: bytes) -> None:
+        size = sum(len(item) for item in items)
+        if size > store.max_record_bytes:
+            raise RecordTooLarge(
+                f"an example of {size} bytes is larger than the store's limit of "
+                f"{store.max_record_bytes} bytes (max_record_bytes)",
+                self.path,
+            )
+
+    # -- the ExampleDatabase interface -----------------------------------------------------
+
+    def fetch(self, key: bytes) -> Iterable[bytes]:
+        """Every value saved under ``key``, in byte order.
+
+        :raises RecordTypeError: ``key`` is not bytes.
+        """
+        key = _as_bytes(key, "key")
+        rows = self._open().query(
+            f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value", (key,)
+        )
+        for (value,) in rows:
+            yield bytes(value)
+
+    def save(self, key: bytes, value: bytes) -> None:
+        """Save ``value`` under ``key``; nothing happens if it is there already.
+
+        :raises RecordTypeError: ``key`` or ``value`` is not bytes.
+        :raises RecordTooLarge: the example is larger than the store's ``max_record_bytes``.
+        :raises GateTimeout: the gate was not granted within ``timeout``.
+        """
+        key, value = _as_bytes(key, "key"), _as_bytes(value, "value")
+        store = self._open()
+        self._check_size(store, key, value)
+        events = self._change(store, [("save", key, value)])
+        self._broadcast_all(events)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        """Remove ``value`` from ``key``; nothing happens if it is not there.
+
+        :raises RecordTypeError: ``key`` or ``value`` is not bytes.
+        :raises GateTimeout: the gate was not granted within ``timeout``.
+        """
+        key, value = _as_bytes(key, "key"), _as_bytes(value, "value")
+        events = self._change(self._open(), [("delete", key, value)])
+        self._broadcast_all(events)
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        """Move ``value`` from ``src`` to ``dest`` in one transaction.
+
+        As in Hypothesis, ``value`` ends up under ``dest`` whether or not it was under ``src``;
+        when ``src == dest`` this is a save. Concurrent moves never lose or duplicate a value.
+
+        :raises RecordTypeError: a key or ``value`` is not bytes.
+        :raises RecordTooLarge: the example is larger than the store's ``max_record_bytes``.
+        :raises GateTimeout: the gate was not granted within ``timeout``.
+        """
+        src, dest = _as_bytes(src, "key"), _as_bytes(dest, "key")
+        value = _as_bytes(value, "value")
+        store = self._open()
+        self._check_size(store, dest, value)
+        if src == dest:
+            changes = [("save", dest, value)]
+        else:
+            changes = [("delete", src, value), ("save", dest, value)]
+        self._broadcast_all(self._change(store, changes))
+
+    def _change(
+        self, store: Store, changes: list[tuple[str, bytes, bytes]]
+    ) -> list[ListenerEventT]:
+        """Apply ``changes`` in one write transaction, log the ones that changed something, and
+        return them as listener events (to broadcast once committed)."""
+        origin = self._me()
+        done: list[ListenerEventT] = []
+        with store.write() as conn:
+            for event, key, value in changes:
+                statement = _INSERT if event == "save" else _DELETE
+                if conn.execute(statement, (key, value)).rowcount:
+                    self._log(conn, event, key, value, origin)
+                    done.append(
+                        ("save", (key, value)) if event == "save" else ("delete", (key, value))
+                    )
+        return done
+
+    def _log(self, conn: Connection, event: str, key: bytes, value: bytes, origin: str) -> None:
+        now = time.time()
+        seq = conn.execute(_LOG, (event, key, value, origin, now)).lastrowid
+        if seq is not None and seq % _PRUNE_EVERY == 0:
+            conn.execute(_PRUNE, (now - self.retention,))
+
+    # -- change listening ------------------------------------------------------------------
+
+    def _broadcast_all(self, events: list[ListenerEventT]) -> None:
+        for event in events:
+            self._broadcast_change(event)
+
+    def _broadcast_change(self, event: ListenerEventT) -> None:
+        # A copy: the polling thread broadcasts while other threads may add or remove listeners.
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _start_listening(self) -> None:
+        store = self._open()
+        # Read where the log ends now, before returning: every change committed after
+        # add_listener() returns is then delivered.
+        (last,) = store.query(f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")[0]
+        self._poller = _Poller(self, int(last))
+        self._poller.start()
+
+    def _stop_listening(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
+
+    def _forget_listeners(self) -> None:
+        """In a forked child: the polling thread did not survive the fork, so neither do the
+        listeners; the child adds its own."""
+        self._listeners.clear()
+        self._poller = None
+        self._open_lock = threading.Lock()
+
+    def _is_foreign(self, origin: str) -> bool:
+        """True for a change that another instance or process made (this one broadcast its own
+        changes already)."""
+        return origin != self._me()
+
+
+class _Poller:
+    """The thread that notices other processes' changes and broadcasts them."""
+
+    def __init__(self, db: SQLiteExampleDatabase, last_seq: int) -> None:
+        self._db = db
+        self._last = last_seq
+        self._stopping = threading.Event()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mpstore-hypothesis-listener:{db.path}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._pid == os.getpid() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        db = self._db
+        with translating(db.path):
+            # A connection of its own: data_version changes when *another* connection commits.
+            conn = sqlite3.connect(db.path, isolation_level=None, timeout=db.timeout)
+        try:
+            conn.execute("PRAGMA query_only=1")
+            version = None
+            while not self._stopping.is_set():
+                (now,) = conn.execute("PRAGMA data_version").fetchone()
+                if now != version:
+                    version = now
+                    self._deliver(conn)
+                self._stopping.wait(db.poll_interval)
+        finally:
+            conn.close()
+
+    def _deliver(self, conn: sqlite3.Connection) -> None:
+        db = self._db
+        rows = conn.execute(
+            f"SELECT seq, event, key, value, origin FROM {CHANGES_TABLE} WHERE seq > ? "
+            "ORDER BY seq",
+            (self._last,),
+        ).fetchall()
+        for seq, event, key, value, origin in rows:
+            self._last = seq
+            if self._stopping.is_set():
+                return
+            if not db._is_foreign(origin):
+                continue
+            change: ListenerEventT = (
+                ("save", (bytes(key), bytes(value)))
+                if event == "save"
+                else ("delete", (bytes(key), bytes(value)))
+            )
+            for listener in list(db._listeners):
+                try:
+                    listener(change)
+                except Exception:
+                    # Report it as an uncaught error of this thread, and keep delivering: one
+                    # failing listener must not silence the others or later changes.
+                    threading.excepthook(_hook_args())
+
+
+def _hook_args() -> Any:
+    import sys
+
+    exc_type, exc, tb = sys.exc_info()
+    return threading.ExceptHookArgs((exc_type, exc, tb, threading.current_thread()))
+
+
+def _rebuild(
+    cls: type[SQLiteExampleDatabase], path: str, settings: dict[str, float]
+) -> SQLiteExampleDatabase:
+    return cls(path, **settings)
+
+
+def _positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)

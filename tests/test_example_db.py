@@ -1,0 +1,527 @@
+"""The Hypothesis example database on mpstore: its contract, its listeners, many processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import Phase, settings
+from hypothesis import strategies as st
+from hypothesis.database import (
+    DirectoryBasedExampleDatabase,
+    ExampleDatabase,
+    InMemoryExampleDatabase,
+    ListenerEventT,
+)
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
+
+import mpstore
+from mpstore.hypothesis import CHANGES_TABLE, EXAMPLES_TABLE, SQLiteExampleDatabase
+from tests import example_db_workers as w
+from tests import workers
+
+WAIT = 60.0  # generous: the machine is shared; a healthy wait ends in milliseconds
+
+
+class Recorder:
+    """A listener that keeps every event and the thread it arrived on, and can be waited on."""
+
+    def __init__(self) -> None:
+        self.events: list[ListenerEventT] = []
+        self.threads: list[str] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: ListenerEventT) -> None:
+        with self._cond:
+            self.events.append(event)
+            self.threads.append(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[ListenerEventT]], bool]) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.events), timeout=WAIT)
+
+    def wait_count(self, n: int) -> list[ListenerEventT]:
+        assert self.wait_for(lambda events: len(events) >= n), f"only {self.events}"
+        return list(self.events)
+
+
+@pytest.fixture
+def ex_path(tmp_path: Path) -> str:
+    return str(tmp_path / "examples.db")
+
+
+@pytest.fixture
+def db(ex_path: str) -> Iterator[SQLiteExampleDatabase]:
+    database = SQLiteExampleDatabase(ex_path, poll_interval=0.01)
+    yield database
+    database.close()
+
+
+def dump(path: str) -> list[Any]:
+    with mpstore.Store(path) as store:
+        return store.query(f"SELECT key, value FROM {EXAMPLES_TABLE} ORDER BY key, value")
+
+
+# -- the state machine Hypothesis uses for its own backends -----------------------------------
+
+
+class MoveKeepsSource(SQLiteExampleDatabase):
+    """Broken on purpose: a move that forgets to delete the source."""
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.save(dest, value)
+
+
+class SaveTwice(SQLiteExampleDatabase):
+    """Broken on purpose: values stored without the (key, value) uniqueness."""
+
+    def fetch(self, key: bytes) -> Iterator[bytes]:
+        for value in super().fetch(key):
+            yield value
+            yield value
+
+
+def comparison_machine(factory: type[SQLiteExampleDatabase]) -> type[RuleBasedStateMachine]:
+    class DatabaseComparison(RuleBasedStateMachine):
+        """Every operation goes to two instances on one file and to InMemoryExampleDatabase.
+
+        The first instance's events (its own, broadcast at once) must match the in-memory
+        database's exactly; the second instance repeats each operation after the first, so
+        it never changes anything itself, and hears every change from its polling thread.
+        """
+
+        keys = Bundle("keys")
+        values = Bundle("values")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tmp = tempfile.mkdtemp(prefix="mpstore-exdb-")
+            path = os.path.join(self.tmp, "examples.db")
+            self.first = factory(path, poll_interval=0.005)
+            self.second = factory(path, poll_interval=0.005)
+            self.memory = InMemoryExampleDatabase()
+            self.dbs: list[ExampleDatabase] = [self.first, self.memory, self.second]
+            self.heard_first, self.heard_memory, self.heard_second = (
+                Recorder(),
+                Recorder(),
+                Recorder(),
+            )
+            self.first.add_listener(self.heard_first)
+            self.memory.add_listener(self.heard_memory)
+            self.second.add_listener(self.heard_second)
+
+        @rule(target=keys, k=st.binary(max_size=4))
+        def k(self, k: bytes) -> bytes:
+            return k
+
+        @rule(target=values, v=st.binary(max_size=4))
+        def v(self, v: bytes) -> bytes:
+            return v
+
+        @rule(k=keys, v=values)
+        def save(self, k: bytes, v: bytes) -> None:
+            for database in self.dbs:
+                database.save(k, v)
+
+        @rule(k=keys, v=values)
+        def delete(self, k: bytes, v: bytes) -> None:
+            for database in self.dbs:
+                database.delete(k, v)
+
+        @rule(k1=keys, k2=keys, v=values)
+        def move(self, k1: bytes, k2: bytes, v: bytes) -> None:
+            for database in self.dbs:
+                database.move(k1, k2, v)
+
+        @rule(k=keys)
+        def values_agree(self, k: bytes) -> None:
+            fetched = [list(database.fetch(k)) for database in self.dbs]
+            for values in fetched:
+                assert len(values) == len(set(values)), f"duplicates under {k!r}: {values}"
+            assert set(fetched[0]) == set(fetched[1]) == set(fetched[2]), fetched
+
+        @rule()
+        def own_events_agree(self) -> None:
+            assert self.heard_first.events == self.heard_memory.events
+
+        def teardown(self) -> None:
+            try:
+                expected = self.heard_memory.events
+                assert self.heard_first.events == expected
+                self.heard_second.wait_for(lambda events: len(events) >= len(expected))
+                assert self.heard_second.events == expected
+                assert not any(t.startswith("mpstore-hypothesis") for t in self.heard_first.threads)
+            finally:
+                self.first.close()
+                self.second.close()
+                shutil.rmtree(self.tmp)
+
+    return DatabaseComparison
+
+
+def test_behaves_like_the_in_memory_database() -> None:
+    run_state_machine_as_test(comparison_machine(SQLiteExampleDatabase))
+
+
+@pytest.mark.parametrize("broken", [MoveKeepsSource, SaveTwice])
+def test_the_comparison_catches_a_broken_database(broken: type[SQLiteExampleDatabase]) -> None:
+    # Negative control: the same machine against a deliberately broken backend must fail.
+    # No example database (the expected failures are not kept) and no shrinking.
+    quiet = settings(database=None, max_examples=200, deadline=None, phases=[Phase.generate])
+    with pytest.raises(AssertionError):
+        run_state_machine_as_test(comparison_machine(broken), settings=quiet)
+
+
+# -- listeners ---------------------------------------------------------------------------------
+
+
+def test_own_changes_are_broadcast_at_once_exactly_like_in_memory(
+    db: SQLiteExampleDatabase,
+) -> None:
+    memory = InMemoryExampleDatabase()
+    mine, theirs = Recorder(), Recorder()
+    db.add_listener(mine)
+    memory.add_listener(theirs)
+    for database in (db, memory):
+        database.save(b"k", b"1")
+        database.save(b"k", b"1")  # already there: no event
+        database.delete(b"k", b"2")  # not there: no event
+        database.move(b"k", b"j", b"1")  # delete then save
+        database.move(b"j", b"j", b"1")  # src == dest and present: nothing
+        database.move(b"j", b"j", b"3")  # src == dest and absent: a save
+        database.move(b"x", b"k", b"4")  # absent at src: only the save
+        database.delete(b"j", b"1")
+    expected = [
+        ("save", (b"k", b"1")),
+        ("delete", (b"k", b"1")),
+        ("save", (b"j", b"1")),
+        ("save", (b"j", b"3")),
+        ("save", (b"k", b"4")),
+        ("delete", (b"j", b"1")),
+    ]
+    assert mine.events == theirs.events == expected
+    assert all(name == threading.current_thread().name for name in mine.threads)
+
+
+def _hear_other_instance(cls: type[SQLiteExampleDatabase], path: str) -> list[ListenerEventT]:
+    """A listens and saves x; B, another instance on the file, saves y then moves it.
+
+    Changes are delivered in commit order, so once A has heard B's last change it has also
+    looked at the log row of its own save: any echo of it would be in the list by then.
+    """
+    a = cls(path, poll_interval=0.005)
+    b = SQLiteExampleDatabase(path)
+    heard = Recorder()
+    try:
+        a.add_listener(heard)
+        a.save(b"k", b"x")
+        b.save(b"k", b"y")
+        b.move(b"k", b"m", b"y")
+        heard.wait_for(lambda events: ("save", (b"m", b"y")) in events)
+        return list(heard.events)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_changes_of_another_instance_are_heard_once(ex_path: str) -> None:
+    assert _hear_other_instance(SQLiteExampleDatabase, ex_path) == [
+        ("save", (b"k", b"x")),
+        ("save", (b"k", b"y")),
+        ("delete", (b"k", b"y")),
+        ("save", (b"m", b"y")),
+    ]
+
+
+class EchoesOwnChanges(SQLiteExampleDatabase):
+    """Broken on purpose: the polling thread also broadcasts this instance's own changes."""
+
+    def _is_foreign(self, origin: str) -> bool:
+        return True
+
+
+def test_own_changes_echoed_by_the_poller_would_be_noticed(ex_path: str) -> None:
+    # Negative control for the test above: an instance that does not recognise its own log
+    # rows hears its save twice.
+    events = _hear_other_instance(EchoesOwnChanges, ex_path)
+    assert events.count(("save", (b"k", b"x"))) == 2
+
+
+def test_changes_before_listening_are_not_replayed(ex_path: str) -> None:
+    a, b = SQLiteExampleDatabase(ex_path, poll_interval=0.005), SQLiteExampleDatabase(ex_path)
+    heard = Recorder()
+    try:
+        b.save(b"k", b"before")
+        a.add_listener(heard)
+        b.save(b"k", b"after")
+        assert heard.wait_count(1) == [("save", (b"k", b"after"))]
+        assert heard.threads[0].startswith("mpstore-hypothesis-listener")
+    finally:
+        a.close()
+        b.close()
+
+
+def _listener_threads(path: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"mpstore-hypothesis-listener:{path}"]
+
+
+def test_the_polling_thread_runs_only_while_someone_listens(db: SQLiteExampleDatabase) -> None:
+    first, second = Recorder(), Recorder()
+    assert _listener_threads(db.path) == []
+    db.add_listener(first)
+    db.add_listener(second)
+    assert len(_listener_threads(db.path)) == 1
+    db.remove_listener(first)
+    assert len(_listener_threads(db.path)) == 1
+    db.remove_listener(second)
+    assert _listener_threads(db.path) == []
+    db.add_listener(first)
+    assert len(_listener_threads(db.path)) == 1
+    db.clear_listeners()
+    assert _listener_threads(db.path) == []
+
+
+def test_a_failing_listener_is_reported_and_the_others_still_hear(
+    ex_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    a, b = SQLiteExampleDatabase(ex_path, poll_interval=0.005), SQLiteExampleDatabase(ex_path)
+    heard = Recorder()
+
+    def failing(event: ListenerEventT) -> None:
+        raise RuntimeError(f"listener failed on {event}")
+
+    try:
+        a.add_listener(failing)
+        a.add_listener(heard)
+        b.save(b"k", b"1")
+        b.save(b"k", b"2")
+        assert heard.wait_count(2) == [("save", (b"k", b"1")), ("save", (b"k", b"2"))]
+    finally:
+        a.close()
+        b.close()
+    assert [str(e) for e in reported] == [
+        "listener failed on ('save', (b'k', b'1'))",
+        "listener failed on ('save', (b'k', b'2'))",
+    ]
+
+
+# -- identity, laziness, pickling, fork, bad input -------------------------------------------
+
+
+def test_equality_hash_and_repr_follow_the_path(tmp_path: Path) -> None:
+    a = SQLiteExampleDatabase(tmp_path / "a.db")
+    same = SQLiteExampleDatabase(str(tmp_path / "x" / ".." / "a.db"))
+    other = SQLiteExampleDatabase(tmp_path / "b.db")
+    assert a == same and hash(a) == hash(same)
+    assert a != other
+    assert a != DirectoryBasedExampleDatabase(str(tmp_path / "a.db"))
+    assert repr(a) == f"SQLiteExampleDatabase({str(tmp_path / 'a.db')!r})"
+    assert eval(repr(a), {"SQLiteExampleDatabase": SQLiteExampleDatabase}) == a
+    assert settings(database=a).database is a
+
+
+def test_nothing_is_opened_before_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "yet" / "examples.db"
+    database = SQLiteExampleDatabase(path)
+    assert not path.parent.exists()
+    assert list(database.fetch(b"k")) == []
+    assert path.exists()
+    database.close()
+
+
+def test_pickled_copies_share_the_file_and_not_the_listeners(db: SQLiteExampleDatabase) -> None:
+    db.save(b"k", b"v")
+    db.add_listener(Recorder())
+    copy = pickle.loads(pickle.dumps(db))
+    assert copy == db and copy.poll_interval == db.poll_interval
+    assert list(copy.fetch(b"k")) == [b"v"]
+    assert copy._listeners == []
+    copy.close()
+
+
+@pytest.mark.processes
+def test_spawned_and_forked_children_use_the_same_file(db: SQLiteExampleDatabase) -> None:
+    db.save(b"k", b"parent")  # the parent's store is open before the fork
+    db.add_listener(Recorder())
+    listeners_in_spawned = workers.run_processes(w.save_in_child, [(db, b"spawned")])
+    assert listeners_in_spawned == [0]
+    fork = mp.get_context("fork")
+    with fork.Pool(1) as pool:
+        assert pool.apply(w.save_in_child, (db, b"forked")) == 0
+    assert list(db.fetch(b"k")) == [b"forked", b"parent", b"spawned"]
+
+
+def test_usable_without_pytest(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from mpstore.hypothesis import SQLiteExampleDatabase\n"
+        f"db = SQLiteExampleDatabase({str(tmp_path / 'e.db')!r})\n"
+        "db.save(b'k', b'v')\n"
+        "assert list(db.fetch(b'k')) == [b'v']\n"
+        "print('pytest' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=WAIT
+    )
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: d.save("k", b"v"),
+        lambda d: d.save(b"k", 1),
+        lambda d: d.delete(None, b"v"),
+        lambda d: d.move(b"k", "j", b"v"),
+        lambda d: list(d.fetch("k")),
+    ],
+)
+def test_non_bytes_are_a_typed_error_and_change_nothing(
+    db: SQLiteExampleDatabase, call: Callable[[SQLiteExampleDatabase], object]
+) -> None:
+    db.save(b"k", b"v")
+    before = dump(db.path)
+    with pytest.raises(mpstore.RecordTypeError, match="must be bytes"):
+        call(db)
+    assert dump(db.path) == before
+
+
+def test_an_oversized_example_is_refused(db: SQLiteExampleDatabase) -> None:
+    db.save(b"k", b"v")
+    before = dump(db.path)
+    with pytest.raises(mpstore.RecordTooLarge):
+        db.save(b"k", b"x" * (16 * 1024 * 1024 + 1))
+    assert dump(db.path) == before
+
+
+@pytest.mark.parametrize("name", ["poll_interval", "retention", "timeout"])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_bad_settings_are_refused(tmp_path: Path, name: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=name):
+        SQLiteExampleDatabase(tmp_path / "e.db", **{name: bad})  # type: ignore[arg-type]
+    assert not (tmp_path / "e.db").exists()
+
+
+def test_the_change_log_forgets_old_changes(ex_path: str) -> None:
+    database = SQLiteExampleDatabase(ex_path, retention=0.001)
+    for i in range(300):  # past one pruning round
+        database.save(b"k", str(i).encode())
+    database.close()
+    with mpstore.Store(ex_path) as store:
+        (rows,) = store.query(f"SELECT count(*) FROM {CHANGES_TABLE}")[0]
+    assert rows < 300
+
+
+# -- many processes ----------------------------------------------------------------------------
+
+
+@pytest.mark.processes
+def test_8_processes_save_delete_and_move_without_loss_or_duplicates(ex_path: str) -> None:
+    n, pool, rounds = 8, 32, 60
+    parent = SQLiteExampleDatabase(ex_path, poll_interval=0.01)
+    for i in range(pool):
+        parent.save(w.LEFT, w.pool_value(i))
+    model: dict[bytes, set[bytes]] = {w.LEFT: {w.pool_value(i) for i in range(pool)}}
+    heard = Recorder()
+    parent.add_listener(heard)
+    barrier, done = workers.SPAWN.Barrier(n + 1), workers.SPAWN.Value("i", 0)
+    tasks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+        (w.churn, (ex_path, k, pool, rounds, barrier, done)) for k in range(n)
+    ]
+    tasks.append((w.observe_pool, (ex_path, pool, n, barrier, done)))
+    *_, (snapshots, problems) = workers.run_tasks(tasks)
+    assert problems == [] and snapshots >= 1
+
+    for k in range(n):
+        kept = list(parent.fetch(w.own_key(k)))
+        assert sorted(kept) == sorted(w.own_value(k, i) for i in range(1, rounds, 2))
+    left, right = list(parent.fetch(w.LEFT)), list(parent.fetch(w.RIGHT))
+    assert len(left) + len(right) == pool
+    assert set(left) | set(right) == {w.pool_value(i) for i in range(pool)}
+
+    # Replaying what the listener heard from the children rebuilds the final contents.
+    final: dict[bytes, set[bytes]] = {}
+    for key, value in dump(ex_path):
+        final.setdefault(bytes(key), set()).add(bytes(value))
+
+    def replayed(events: list[ListenerEventT]) -> bool:
+        state = {k: set(v) for k, v in model.items()}
+        for kind, (key, value) in events:
+            assert value is not None
+            (state.setdefault(key, set()).add if kind == "save" else state[key].discard)(value)
+        return {k: v for k, v in state.items() if v} == final
+
+    assert heard.wait_for(replayed), "the listener missed changes made by other processes"
+    parent.close()
+
+
+class DeleteThenSave(SQLiteExampleDatabase):
+    """Broken on purpose: a move as two transactions, pausing between them when told."""
+
+    between: Callable[[], None] = staticmethod(lambda: None)
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.delete(src, value)
+        self.between()
+        self.save(dest, value)
+
+
+def test_a_move_in_two_transactions_would_be_caught(ex_path: str) -> None:
+    # Negative control for the pool checks above, with the interleaving forced: while one
+    # move is between its delete and its save, a snapshot misses the value, and a move the
+    # other way then leaves it under both keys.
+    broken, other = DeleteThenSave(ex_path), SQLiteExampleDatabase(ex_path)
+    broken.save(w.LEFT, w.pool_value(0))
+    seen: list[str] = []
+
+    def interleave() -> None:
+        with mpstore.Store(ex_path) as store, store.read() as conn:
+            seen.extend(w.pool_violations(conn, 1))
+        other.move(w.RIGHT, w.LEFT, w.pool_value(0))
+
+    broken.between = interleave  # type: ignore[method-assign]
+    broken.move(w.LEFT, w.RIGHT, w.pool_value(0))
+    assert seen == [f"{w.pool_value(0)!r} missing"]
+    with mpstore.Store(ex_path) as store, store.read() as conn:
+        assert w.pool_violations(conn, 1) == [f"{w.pool_value(0)!r} held 2 times"]
+    broken.close()
+    other.close()
+
+
+# -- a real Hypothesis failure, replayed in a fresh process ----------------------------------
+
+
+@pytest.mark.processes
+def test_a_failure_is_replayed_from_the_database_in_a_fresh_process(tmp_path: Path) -> None:
+    path, empty = str(tmp_path / "examples.db"), str(tmp_path / "empty.db")
+    every_phase = ["explicit", "reuse", "generate", "target", "shrink"]
+    first, replay, control = workers.run_tasks(
+        [(w.failing_property, (path, every_phase))]
+    ) + workers.run_tasks(
+        [(w.failing_property, (path, ["reuse"])), (w.failing_property, (empty, ["reuse"]))]
+    )
+    assert first["outcome"] == "failed" and first["seen"][-1] == 1000  # shrunk to the boundary
+    assert len(dump(path)) >= 1
+    # Only the reuse phase: the single example it runs comes from the database.
+    assert replay["outcome"] == "failed" and set(replay["seen"]) == {1000}
+    # Negative control: the same reuse-only run on an empty database tries nothing.
+    assert control == {"outcome": "nothing to run", "seen": []}
+
+
+def test_the_suite_keeps_its_own_examples_in_this_database() -> None:
+    database = settings().database
+    assert isinstance(database, SQLiteExampleDatabase)
+    assert database.path.endswith(os.path.join(".hypothesis", "mpstore-examples.db"))
