@@ -10,14 +10,27 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import mpstore
+from mpstore.hypothesis import SQLiteExampleDatabase
 from tests.models import Note
 
-settings.register_profile("default", max_examples=25, deadline=None)
+# Every xdist worker keeps its failing examples in one mpstore file, through the gate.
+EXAMPLES = SQLiteExampleDatabase(
+    Path(__file__).parent.parent / ".hypothesis" / "mpstore-examples.db"
+)
+settings.register_profile("default", max_examples=25, deadline=None, database=EXAMPLES)
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=EXAMPLES,
 )
 settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=EXAMPLES,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
