@@ -49,7 +49,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.runs = 0
+        self.ran = threading.Event()  # set after each checkpoint that ran
         self.last_error: sqlite3.Error | None = None
+        self.errors = 0
 
     def pending(self) -> int | None:
         """WAL frames not yet checkpointed, or None if the WAL index cannot be read."""
@@ -93,10 +95,12 @@ class Checkpointer:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
                     # Nothing is lost when a checkpoint fails: the frames stay in the WAL and
-                    # the next poke retries. Kept for stats().
+                    # the next poke retries. Counted, and kept, for stats().
                     self.last_error = exc
+                    self.errors += 1
                 else:
                     self.runs += 1
+                    self.ran.set()
         finally:
             conn.close()
 

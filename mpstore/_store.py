@@ -16,10 +16,19 @@ from pydantic import BaseModel
 from . import _fork, _sqlite
 from ._checkpoint import Checkpointer
 from ._connection import Connection
-from ._errors import Abandoned, GateTimeout, MpstoreError, StoreClosed, Timeout, TransactionError
+from ._errors import (
+    Abandoned,
+    GateTimeout,
+    MpstoreError,
+    PoolTimeout,
+    StoreClosed,
+    Timeout,
+    TransactionError,
+)
 from ._gate import drop_gate, gate_for
 from ._pool import Pool
 from ._sqlite import translating
+from ._stats import Stats
 from ._writer import WriteQueue
 
 if TYPE_CHECKING:
@@ -124,6 +133,7 @@ class Store:
             self.pool_size,
             self.path,
         )
+        self._stats = Stats()
         self._queue = WriteQueue(self)
         self._checkpointer = Checkpointer(self.path, lambda: self._connect(readonly=False))
         self._closed = False
@@ -189,9 +199,25 @@ class Store:
             raise StoreClosed(f"the store {self.path} is closed", self.path)
 
     def _emit(self, event: str) -> None:
+        self._stats.event(event)
         hook = self.on_event
         if hook is not None:
             hook(event)
+
+    def stats(self) -> dict[str, Any]:
+        """What this process has seen of the store: counters and recent latencies.
+
+        Counters: ``commits``, ``rollbacks``, ``writes_batched`` (writes that waited in the
+        queue and ran in a shared transaction), ``gate_timeouts``, ``pool_timeouts``,
+        ``checkpoints`` (background WAL checkpoints run) and ``checkpoint_errors``. Timings, each
+        ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
+        ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
+        ``batch_size`` gives the same percentiles of writes per group commit.
+        """
+        result = self._stats.snapshot()
+        result["checkpoints"] = self._checkpointer.runs
+        result["checkpoint_errors"] = self._checkpointer.errors
+        return result
 
     # -- connections ------------------------------------------------------------------------
 
@@ -289,7 +315,11 @@ class Store:
         """
         if timeout is not None:
             self._emit("gate-wait")
-        self._gate.acquire(self.timeout if timeout is True else timeout)
+        try:
+            self._gate.acquire(self.timeout if timeout is True else timeout)
+        except GateTimeout:
+            self._stats.count("gate_timeouts")
+            raise
         with self._holding_gate() as raw:
             yield raw
 
@@ -320,6 +350,7 @@ class Store:
                     self._checkpointer.poke()
 
     def _gate_timeout(self, start: float) -> GateTimeout:
+        self._stats.count("gate_timeouts")
         if self._gate.held_here:
             return self._gate.timeout_error(start, _fork.pid(), "another thread of this process")
         holder = self._gate.holder()
@@ -403,7 +434,11 @@ class Store:
     def _pooled(self) -> Iterator[sqlite3.Connection]:
         self._check_open()
         self._emit("pool-wait")
-        raw = self._pool.acquire(self.timeout)
+        try:
+            raw = self._pool.acquire(self.timeout)
+        except PoolTimeout:
+            self._stats.count("pool_timeouts")
+            raise
         self._emit("pool-acquired")
         broken = False
         try:

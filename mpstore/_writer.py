@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 
 class _Job(Generic[T]):
-    __slots__ = ("abandon", "context", "done", "error", "fn", "result", "started")
+    __slots__ = ("abandon", "context", "done", "error", "fn", "queued", "result", "started")
 
     def __init__(self, fn: Callable[[Connection], T], abandon: threading.Event | None) -> None:
         self.fn = fn
@@ -40,6 +40,7 @@ class _Job(Generic[T]):
         self.error: BaseException | None = None
         self.started = False
         self.abandon = abandon
+        self.queued = time.perf_counter()
 
 
 class WriteQueue:
@@ -118,6 +119,9 @@ class WriteQueue:
             self._jobs.clear()
             for job in batch:
                 job.started = True
+        now = time.perf_counter()
+        for job in batch:
+            self._store._stats.record("gate_wait", now - job.queued)
         return batch
 
     def _commit(self, raw: Any, batch: list[_Job[Any]]) -> None:
@@ -127,6 +131,8 @@ class WriteQueue:
             return
         self.batches += 1
         self.batched_writes += len(runnable)
+        store._stats.record("batch_size", len(runnable))
+        store._stats.count("writes_batched", len(runnable))
         with store._transaction(raw) as conn:
             if len(runnable) == 1:
                 # Alone in the transaction: its failure rolls back the transaction itself.
