@@ -6,8 +6,6 @@ connection; readers read WAL snapshots concurrently. Records are typed with pyda
 
 from typing import TYPE_CHECKING, Any
 
-from ._collection import Collection
-from ._connection import Connection
 from ._errors import (
     Abandoned,
     BusyTimeout,
@@ -26,7 +24,6 @@ from ._errors import (
     Timeout,
     TransactionError,
 )
-from ._store import EVENTS, Store
 
 if TYPE_CHECKING:
     from ._async import (
@@ -35,19 +32,39 @@ if TYPE_CHECKING:
         AsyncConversationRepository,
         AsyncStore,
     )
+    from ._collection import Collection
+    from ._connection import Connection
+    from ._store import EVENTS, Store
 
 __version__ = "0.1.0"
 
-# The asyncio API is imported on first use, so that `import mpstore` does not import asyncio.
-_ASYNC_NAMES = ("AsyncCollection", "AsyncConnection", "AsyncConversationRepository", "AsyncStore")
+# Everything but the errors is imported on first use, so that `import mpstore` (which loading
+# the pytest plugin does in every test run) imports neither pydantic nor asyncio.
+_LAZY = {
+    "AsyncCollection": "_async",
+    "AsyncConnection": "_async",
+    "AsyncConversationRepository": "_async",
+    "AsyncStore": "_async",
+    "Collection": "_collection",
+    "Connection": "_connection",
+    "EVENTS": "_store",
+    "Store": "_store",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ASYNC_NAMES:
-        from . import _async
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpstore' has no attribute {name!r}")
+    import importlib
 
-        return getattr(_async, name)
-    raise AttributeError(f"module 'mpstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __all__ = [

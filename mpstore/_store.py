@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
-
 from . import _fork, _sqlite
 from ._checkpoint import Checkpointer
 from ._connection import Connection
@@ -32,11 +30,13 @@ from ._stats import Stats
 from ._writer import WriteQueue
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from ._collection import Collection
 
 __all__ = ["EVENTS", "Store"]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
 T = TypeVar("T")
 
 #: The instrumentation points, in the order one write passes them. ``on_event`` receives the

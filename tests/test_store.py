@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -365,3 +367,21 @@ def test_gate_timeout_behind_a_thread_of_this_process_says_so(db_path: str) -> N
         assert len(caught) == 1 and isinstance(caught[0], mpstore.GateTimeout)
         assert "another thread of this process" in str(caught[0])
         assert notes.get("a") is None
+
+
+def test_import_mpstore_is_light() -> None:
+    # Loading the pytest plugin imports the package in every test run of every project that has
+    # mpstore installed; pydantic comes in with the first collection. The last line is the
+    # control: the check does see pydantic once it is loaded.
+    code = (
+        "import sys, mpstore\n"
+        "print('pydantic' in sys.modules)\n"
+        "mpstore.Store, mpstore.MpstoreError\n"
+        "print('pydantic' in sys.modules)\n"
+        "mpstore.Collection\n"
+        "print('pydantic' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "False", "True"]
