@@ -207,6 +207,9 @@ def as_another_user(action: str, path: str) -> tuple[str, str, str]:
     ``open`` or ``read`` or ``write``, the step that raised (``done`` if none did).
     """
     if os.geteuid() == 0:
+        # mpstore imports its parts on first use; the interpreter's own files may be unreadable
+        # to the unprivileged user, so load everything while still root.
+        mpstore.Store, mpstore.Collection, mpstore.Connection  # noqa: B018
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
