@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -102,12 +103,99 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--plot", metavar="FILE.png", help="plot throughput and p99 against workers")
 
 
+def _add_inspection(commands: Any) -> None:
+    info = commands.add_parser(
+        "info",
+        help="collections, row counts, file sizes, modes, and who holds the write gate",
+        description=(
+            "Report on a store without changing it: collections and their row counts, other "
+            "tables, file and WAL sizes, schema version, journal mode, and whether a process "
+            "holds the write gate now (its pid, and for how long). Opens the file read-only; "
+            "a missing file is an error."
+        ),
+    )
+    info.add_argument("path", metavar="PATH", help="the database file")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    check = commands.add_parser(
+        "check",
+        help="check the file's integrity; exit status 0 only when healthy",
+        description=(
+            "Run SQLite's integrity check, then check every collection: its table and indexes "
+            "exist, each value is a JSON object carrying its key, and each indexed column "
+            "matches the JSON. Prints 'ok' and exits 0 when healthy; lists the problems and "
+            "exits 1 otherwise."
+        ),
+    )
+    check.add_argument("path", metavar="PATH", help="the database file")
+
+    export = commands.add_parser(
+        "export",
+        help="write a collection's records as JSON Lines",
+        description=(
+            "Write every record of COLLECTION, one JSON object per line in key order, from one "
+            "consistent snapshot, to standard output or to FILE."
+        ),
+    )
+    export.add_argument("path", metavar="PATH", help="the database file")
+    export.add_argument("collection", metavar="COLLECTION", help="the collection to export")
+    export.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE (complete or not at all) instead of standard output",
+    )
+
+    imp = commands.add_parser(
+        "import",
+        help="upsert JSON Lines into a collection, all or nothing",
+        description=(
+            "Validate every line of FILE ('-' for standard input), then upsert all the records "
+            "into COLLECTION in one transaction through the write gate: one bad line imports "
+            "nothing. With --model the records are validated by that pydantic model and the "
+            "database and collection are created if missing; without it the collection must "
+            "exist and each line must be a JSON object with a non-empty string key and every "
+            "indexed field."
+        ),
+    )
+    imp.add_argument("path", metavar="PATH", help="the database file")
+    imp.add_argument("collection", metavar="COLLECTION", help="the collection to import into")
+    imp.add_argument("file", metavar="FILE", help="JSON Lines to import ('-': standard input)")
+    imp.add_argument(
+        "--model",
+        metavar="MODULE:CLASS",
+        help="validate with this pydantic model, e.g. myapp.models:Note (imported by name)",
+    )
+    imp.add_argument(
+        "--key",
+        metavar="FIELD",
+        help="the key field of a collection that does not exist yet (default: id)",
+    )
+    imp.add_argument(
+        "--index",
+        action="append",
+        metavar="FIELDS",
+        help=(
+            "with --model: an index to declare, fields separated by commas, '-' for descending "
+            "(e.g. workspace_id,-updated_at; --index=-field when the first is descending); "
+            "repeat for more"
+        ),
+    )
+    imp.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress line on standard error (default: for files over 1 MiB)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpstore", description="A SQLite store that many processes can write to at once."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(commands)
+    _add_inspection(commands)
     return parser
 
 
@@ -164,15 +252,106 @@ def _bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_main(args: argparse.Namespace) -> int:
+    from . import _inspect
+
+    report = _inspect.info(args.path)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        print(_inspect.format_info(report))
+    return 0
+
+
+def _check_main(args: argparse.Namespace) -> int:
+    from . import _inspect
+
+    problems = _inspect.check(args.path)
+    if not problems:
+        print("ok")
+        return 0
+    for problem in problems:
+        print(problem)
+    print(f"mpstore check: {args.path} is damaged ({len(problems)} problems)", file=sys.stderr)
+    return 1
+
+
+def _export_main(args: argparse.Namespace) -> int:
+    from . import _inspect
+
+    if args.output:
+        count = _inspect.export_to_file(args.path, args.collection, args.output)
+    else:
+        count = _inspect.export(args.path, args.collection, sys.stdout)
+        sys.stdout.flush()
+    print(f"exported {count} records from {args.collection}", file=sys.stderr)
+    return 0
+
+
+def _progress_line(done: int, total: int | None, records: int) -> None:
+    from ._inspect import format_bytes
+
+    share = f", {100 * done // total}% of {format_bytes(total)}" if total else ""
+    print(f"\rmpstore import: {records} records read{share}", end="", file=sys.stderr, flush=True)
+
+
+def _import_main(args: argparse.Namespace) -> int:
+    from . import _inspect
+
+    if args.file == "-":
+        total = None
+        source = sys.stdin
+    else:
+        total = os.path.getsize(args.file)
+        source = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below
+    show = (
+        args.progress if args.progress is not None else (total or 0) > _inspect.PROGRESS_THRESHOLD
+    )
+    try:
+        count = _inspect.import_records(
+            args.path,
+            args.collection,
+            source,
+            label=args.file if args.file != "-" else "<stdin>",
+            model=args.model,
+            key=args.key,
+            indexes=[tuple(spec.split(",")) for spec in args.index or ()],
+            total_bytes=total,
+            progress=_progress_line if show else None,
+        )
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if show:
+            print(file=sys.stderr)
+    print(f"imported {count} records into {args.collection}", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {
+    "bench": _bench_main,
+    "info": _info_main,
+    "check": _check_main,
+    "export": _export_main,
+    "import": _import_main,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``mpstore`` command; errors are one line on standard error and exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "bench":
-        return _bench_main(args)
-    return 0
+    from ._errors import MpstoreError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (MpstoreError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"mpstore {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

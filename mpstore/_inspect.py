@@ -1,0 +1,683 @@
+"""What ``mpstore info``, ``check``, ``export`` and ``import`` do, apart from argument parsing.
+
+``info``, ``check`` and ``export`` read the file through a read-only SQLite connection of their
+own: they never create a database, never take the write gate, and work while other processes
+write. ``import`` writes through a :class:`Store`, under the gate, in one transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from . import _sqlite
+from ._collection import check_key
+from ._errors import (
+    CorruptDatabase,
+    InvalidKey,
+    InvalidName,
+    MpstoreError,
+    RecordTooLarge,
+    RecordTypeError,
+    TransactionError,
+)
+from ._gate import _read_holder
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "GateState",
+    "Info",
+    "check",
+    "export",
+    "format_bytes",
+    "format_info",
+    "gate_state",
+    "import_records",
+    "info",
+    "load_model",
+]
+
+#: Files larger than this show a progress line while they are imported.
+PROGRESS_THRESHOLD = 1024 * 1024
+_SCALARS = (str, int, float, bool, type(None))
+
+Progress = Callable[[int, int | None, int], None]
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _readonly(path: str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to an existing mpstore file, inside one read transaction.
+
+    :raises MpstoreError: there is no file at ``path``, or it is not an mpstore store.
+    :raises CorruptDatabase: the file is not an SQLite database.
+    """
+    conn = _connect_readonly(path)
+    try:
+        with _sqlite.translating(path):
+            conn.execute("BEGIN")
+            if not _has_table(conn, _sqlite.META_TABLE):
+                raise MpstoreError(
+                    f"{path} is an SQLite database but not an mpstore store "
+                    f"(it has no {_sqlite.META_TABLE} table)",
+                    path,
+                )
+        yield conn
+    finally:
+        conn.close()
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    if os.path.isdir(path):
+        raise CorruptDatabase(f"{path} is a directory, not a database file", path)
+    if not os.path.exists(path):
+        raise MpstoreError(f"no database at {path}", path)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    with _sqlite.translating(path):
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            # The first read tells an SQLite file from anything else.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A collection as ``_mpstore_collections`` records it."""
+
+    name: str
+    model: str
+    key_field: str
+    indexes: tuple[tuple[str, ...], ...]
+
+    @property
+    def indexed(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.lstrip("-") for idx in self.indexes for f in idx))
+
+
+def _registrations(conn: Any) -> dict[str, Registration]:
+    """The registered collections, read through a raw or an mpstore connection."""
+    rows = conn.execute(
+        f"SELECT name, model, key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name"
+    ).fetchall()
+    return {
+        name: Registration(name, model, key, tuple(tuple(i) for i in json.loads(indexes)))
+        for name, model, key, indexes in rows
+    }
+
+
+def _registration(conn: sqlite3.Connection, path: str, name: str) -> Registration:
+    found = _registrations(conn)
+    if name not in found:
+        known = ", ".join(found) or "none"
+        raise InvalidName(f"no collection {name!r} in {path} (collections: {known})", path)
+    return found[name]
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateState:
+    """The write gate as seen from outside: whether someone holds it now, and who last took it.
+
+    ``held`` is None where it cannot be tested (no ``flock``). ``pid`` and ``since`` (epoch
+    seconds) come from the record the last holder wrote into the lock file.
+    """
+
+    lock_path: str
+    exists: bool
+    held: bool | None
+    pid: int | None
+    since: float | None
+
+
+def gate_state(lock_path: str) -> GateState:
+    """Test whether the gate at ``lock_path`` is held, without waiting and without changing it.
+
+    The test is a non-blocking shared ``flock`` on a descriptor of its own, released at once if
+    granted; the lock file is only ever opened for reading, never created or truncated.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(lock_path, flags)
+    except FileNotFoundError:
+        return GateState(lock_path, False, False, None, None)
+    try:
+        held: bool | None = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = True
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                held = False
+        record = _read_holder(fd)
+    finally:
+        os.close(fd)
+    pid, since = record if record is not None else (None, None)
+    return GateState(lock_path, True, held, pid, since)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    rows: int
+    key_field: str
+    model: str
+    indexes: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Info:
+    """What ``mpstore info`` reports about one file."""
+
+    path: str
+    sizes: dict[str, int | None]
+    schema_version: int
+    created_at: float | None
+    journal_mode: str
+    page_size: int
+    pages: int
+    free_pages: int
+    collections: list[CollectionInfo]
+    tables: dict[str, int]
+    gate: GateState
+    checked_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def info(path: str) -> Info:
+    """Collections and their row counts, file sizes, schema and journal mode, and the gate.
+
+    :raises MpstoreError: no file at ``path``, or not an mpstore store.
+    :raises CorruptDatabase: not an SQLite database.
+    """
+    path = os.path.abspath(path)
+    with _readonly(path) as conn, _sqlite.translating(path):
+        meta = dict(conn.execute(f"SELECT key, value FROM {_sqlite.META_TABLE}").fetchall())
+        regs = _registrations(conn)
+        collections = [
+            CollectionInfo(
+                name,
+                _count(conn, name),
+                reg.key_field,
+                reg.model,
+                [list(i) for i in reg.indexes],
+            )
+            for name, reg in regs.items()
+        ]
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%' "
+                "ORDER BY name"
+            )
+        ]
+        internal = {_sqlite.META_TABLE, _sqlite.COLLECTIONS_TABLE, *regs}
+        tables = {n: _count(conn, n) for n in names if n not in internal}
+        (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+    created = meta.get("created_at")
+    return Info(
+        path=path,
+        sizes={s or "db": _size(path + s) for s in ("", "-wal", "-shm")},
+        schema_version=int(meta.get("schema_version", "0")),
+        created_at=float(created) if created is not None else None,
+        journal_mode=str(journal),
+        page_size=int(page_size),
+        pages=int(pages),
+        free_pages=int(free),
+        collections=collections,
+        tables=tables,
+        gate=gate_state(path + ".lock"),
+    )
+
+
+def _count(conn: sqlite3.Connection, table: str) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM {_sqlite.quote(table)}").fetchone()[0])
+
+
+def format_bytes(n: int | None) -> str:
+    """A size for people: bytes, KiB, MiB or GiB; ``absent`` for None."""
+    if n is None:
+        return "absent"
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} GiB"
+
+
+def format_gate(gate: GateState, now: float) -> str:
+    """One line about the gate: free, or held by whom and for how long."""
+    if not gate.exists:
+        return "free (no lock file yet)"
+    if gate.held is None:
+        return "unknown (this platform has no flock)"
+    if not gate.held:
+        return "free"
+    if gate.pid is None or gate.since is None:
+        return "held by a process that left no record (a tool using filelock?)"
+    return f"held by pid {gate.pid} for {max(0.0, now - gate.since):.3f} s"
+
+
+def format_info(report: Info) -> str:
+    """``report`` as the text ``mpstore info`` prints."""
+    lines = [
+        f"database        {report.path}",
+        "files           "
+        + ", ".join(f"{name} {format_bytes(size)}" for name, size in report.sizes.items()),
+        f"pages           {report.pages} of {report.page_size} B, {report.free_pages} free",
+        f"schema version  {report.schema_version}",
+        f"journal mode    {report.journal_mode}",
+        "synchronous     set by each connection, not stored in the file (Store's default: NORMAL)",
+        f"write gate      {format_gate(report.gate, report.checked_at)}",
+    ]
+    if report.created_at is not None:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.created_at))
+        lines.insert(4, f"created         {created}")
+    lines.append(f"collections     {len(report.collections)}")
+    for c in report.collections:
+        indexes = ", ".join("(" + ", ".join(i) + ")" for i in c.indexes) or "none"
+        lines.append(
+            f"  {c.name}: {c.rows} rows, key {c.key_field!r}, model {c.model}, indexes {indexes}"
+        )
+    if report.tables:
+        lines.append(f"other tables    {len(report.tables)}")
+        lines.extend(f"  {name}: {rows} rows" for name, rows in report.tables.items())
+    return "\n".join(lines)
+
+
+# -- check -----------------------------------------------------------------------------------
+
+
+def check(path: str) -> list[str]:
+    """Everything wrong with the file; an empty list means healthy.
+
+    SQLite's ``integrity_check``, then for an mpstore store: each registered collection's table
+    and indexes exist, every value is a JSON object whose key field equals the row's key, and
+    every indexed column holds what the JSON holds.
+
+    :raises MpstoreError: there is no file at ``path``.
+    """
+    path = os.path.abspath(path)
+    try:
+        conn = _connect_readonly(path)
+    except CorruptDatabase as exc:
+        return [exc.message]
+    try:
+        with _sqlite.translating(path):
+            conn.execute("BEGIN")
+            problems = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            if problems == ["ok"]:
+                problems = []
+            if not _has_table(conn, _sqlite.META_TABLE):
+                return [*problems, f"not an mpstore store (no {_sqlite.META_TABLE} table)"]
+            for reg in _registrations(conn).values():
+                problems += _check_collection(conn, reg)
+    except CorruptDatabase as exc:
+        problems = [exc.message]
+    finally:
+        conn.close()
+    return problems
+
+
+def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
+    if not _has_table(conn, reg.name):
+        return [f"collection {reg.name!r} is registered but its table is missing"]
+    problems = []
+    sql = _sqlite.CollectionSQL(reg.name, reg.indexed, reg.indexes)
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    for name, _ in sql.indexes:
+        if name not in present:
+            problems.append(f"collection {reg.name!r}: index {name} is missing")
+    t = _sqlite.quote(reg.name)
+    key_path = f"$.{reg.key_field}"
+    (bad_json,) = conn.execute(
+        f"SELECT count(*) FROM {t} WHERE NOT json_valid(value) OR json_type(value) != 'object'"
+    ).fetchone()
+    if bad_json:
+        problems.append(f"collection {reg.name!r}: {bad_json} values are not JSON objects")
+        return problems
+    (bad_keys,) = conn.execute(
+        f"SELECT count(*) FROM {t} WHERE json_extract(value, ?) IS NOT key", (key_path,)
+    ).fetchone()
+    if bad_keys:
+        problems.append(
+            f"collection {reg.name!r}: {bad_keys} rows whose key differs from the record's "
+            f"{reg.key_field!r}"
+        )
+    columns = {r[0] for r in conn.execute(sql.columns)}
+    for fld in reg.indexed:
+        column = _sqlite.column_for(fld)
+        if column not in columns:
+            problems.append(f"collection {reg.name!r}: indexed column {column} is missing")
+            continue
+        (stale,) = conn.execute(
+            f"SELECT count(*) FROM {t} WHERE {_sqlite.quote(column)} IS NOT json_extract(value, ?)",
+            (f"$.{fld}",),
+        ).fetchone()
+        if stale:
+            problems.append(
+                f"collection {reg.name!r}: {stale} rows whose indexed column {column} differs "
+                f"from the record's {fld!r}"
+            )
+    return problems
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def export(path: str, name: str, out: IO[str]) -> int:
+    """Write every record of collection ``name`` to ``out`` as JSON Lines, in key order, from one
+    snapshot; return how many.
+
+    :raises MpstoreError: no file, or not an mpstore store.
+    :raises InvalidName: no such collection.
+    """
+    path = os.path.abspath(path)
+    count = 0
+    with _readonly(path) as conn, _sqlite.translating(path):
+        _registration(conn, path, name)
+        for (value,) in conn.execute(f"SELECT value FROM {_sqlite.quote(name)} ORDER BY key"):
+            out.write(value)
+            out.write("\n")
+            count += 1
+    return count
+
+
+def export_to_file(path: str, name: str, target: str) -> int:
+    """:func:`export` into ``target``, which appears complete or not at all."""
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=".mpstore-export-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            count = export(path, name, f)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return count
+
+
+# -- import ----------------------------------------------------------------------------------
+
+
+def load_model(spec: str) -> type[Any]:
+    """The pydantic model class named ``package.module:Class`` (or ``package.module.Class``).
+
+    The current directory is searched first, as ``python -m`` would.
+
+    :raises InvalidName: the module or class cannot be found.
+    :raises RecordTypeError: the object found is not a pydantic model.
+    """
+    from pydantic import BaseModel
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise InvalidName(f"--model must look like package.module:Class, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidName(f"cannot import {module_name!r} for --model: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InvalidName(f"{module_name!r} has no {attr!r} (from --model {spec!r})")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise RecordTypeError(f"--model {spec!r} is not a pydantic BaseModel subclass")
+    return obj
+
+
+def _lines(source: IO[str], label: str) -> Iterator[tuple[int, str]]:
+    number = 0
+    try:
+        for number, line in enumerate(source, 1):
+            text = line.strip()
+            if text:
+                yield number, text
+    except UnicodeDecodeError as exc:
+        raise RecordTypeError(f"{label}: not UTF-8 text near line {number + 1}") from exc
+
+
+def _one_line(error: Any) -> str:
+    """The first problem pydantic reports, on one line."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "record"
+    more = error.error_count() - 1
+    return f"{where}: {first['msg']}" + (f" (and {more} more)" if more else "")
+
+
+def import_records(
+    path: str,
+    name: str,
+    source: IO[str],
+    *,
+    label: str,
+    model: str | None = None,
+    key: str | None = None,
+    indexes: Sequence[Sequence[str]] = (),
+    total_bytes: int | None = None,
+    progress: Progress | None = None,
+    max_record_bytes: int = 16 * 1024 * 1024,
+) -> int:
+    """Validate every JSON line of ``source``, then upsert them all into collection ``name`` in
+    one transaction; return how many. One bad line imports nothing.
+
+    With ``model`` each line is validated by that pydantic model and written through
+    :meth:`Store.collection`, exactly as an application would; the database and the collection
+    are created if missing (keyed by ``key``, default ``"id"``, or by the registered key), and
+    ``indexes`` are declared beside those already registered.
+    Without it the collection must exist: each line must be a JSON object whose key field is a
+    non-empty string and whose indexed fields are present and scalar; the line is stored as it
+    is and the indexed columns are computed from it by SQLite's ``json_extract``, the function
+    mpstore uses to fill a newly indexed column.
+
+    :raises MpstoreError: no file (without ``model``), or a file that is not an mpstore store.
+    :raises InvalidName: no such collection, a bad ``model``, ``key`` differs from the
+        registered key field, or ``indexes`` without ``model``.
+    :raises RecordTypeError, InvalidKey, RecordTooLarge: a bad line (its number is in the
+        message); nothing is written.
+    :raises GateTimeout: the gate was not granted within the store's timeout.
+    """
+    path = os.path.abspath(path)
+    wanted = tuple(tuple(i) for i in indexes)
+    if wanted and model is None:
+        raise InvalidName("declaring indexes needs --model, to compute them from records", path)
+    reg: Registration | None = None
+    if model is None or os.path.exists(path):
+        with _readonly(path) as conn, _sqlite.translating(path):
+            found = _registrations(conn)
+        reg = found.get(name)
+        if reg is None and model is None:
+            known = ", ".join(found) or "none"
+            raise InvalidName(
+                f"no collection {name!r} in {path} (collections: {known}); pass --model to "
+                "create it",
+                path,
+            )
+    if reg is not None and key is not None and key != reg.key_field:
+        raise InvalidName(f"collection {name!r} is keyed by {reg.key_field!r}, not {key!r}", path)
+    key_field = reg.key_field if reg is not None else (key or "id")
+    registered = reg.indexes if reg is not None else ()
+    declared = registered + tuple(i for i in wanted if i not in registered)
+    if model is not None:
+        return _import_with_model(
+            path, name, source, label, load_model(model), key_field, declared, total_bytes, progress
+        )
+    assert reg is not None
+    return _import_raw(path, reg, source, label, total_bytes, progress, max_record_bytes)
+
+
+class _Counter:
+    """Reports progress about every 1% of the input (or every 1000 records without a size)."""
+
+    def __init__(self, total: int | None, progress: Progress | None) -> None:
+        self.total, self.progress = total, progress
+        self.done = self.records = 0
+        self._reported = -1
+        self._step = max(1, total // 100) if total else 0
+        self._next = self._step
+
+    def add(self, line: str) -> None:
+        self.records += 1
+        self.done += len(line.encode()) + 1
+        if self.progress is None:
+            return
+        if (self.total and self.done >= self._next) or (
+            not self.total and self.records % 1000 == 0
+        ):
+            self._next = self.done + self._step
+            self._reported = self.records
+            self.progress(self.done, self.total, self.records)
+
+    def finish(self) -> None:
+        if self.progress is not None and self._reported != self.records:
+            self.progress(self.total or self.done, self.total, self.records)
+
+
+def _import_with_model(
+    path: str,
+    name: str,
+    source: IO[str],
+    label: str,
+    model: type[Any],
+    key_field: str,
+    indexes: tuple[tuple[str, ...], ...],
+    total: int | None,
+    progress: Progress | None,
+) -> int:
+    from pydantic import ValidationError
+
+    from ._store import Store
+
+    counter = _Counter(total, progress)
+    records = []
+    for number, line in _lines(source, label):
+        try:
+            records.append(model.model_validate_json(line))
+        except ValidationError as exc:
+            raise RecordTypeError(
+                f"{label}:{number}: not a valid {model.__name__}: {_one_line(exc)}"
+            ) from exc
+        counter.add(line)
+    counter.finish()
+    with Store(path) as store:
+        coll = store.collection(name, model, key=key_field, indexes=indexes)
+        try:
+            return coll.upsert_many(records)
+        except (InvalidKey, RecordTooLarge, RecordTypeError) as exc:
+            raise type(exc)(f"{label}: {exc.message}", path) from exc
+        except ValidationError as exc:
+            raise RecordTypeError(f"{label}: {_one_line(exc)}", path) from exc
+
+
+def _import_raw(
+    path: str,
+    reg: Registration,
+    source: IO[str],
+    label: str,
+    total: int | None,
+    progress: Progress | None,
+    max_record_bytes: int,
+) -> int:
+    from ._store import Store
+
+    counter = _Counter(total, progress)
+    rows: list[tuple[Any, ...]] = []
+    for number, line in _lines(source, label):
+        where = f"{label}:{number}"
+        if len(line.encode()) > max_record_bytes:
+            raise RecordTooLarge(
+                f"{where}: the record is larger than the store's limit of {max_record_bytes} bytes",
+                path,
+            )
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordTypeError(f"{where}: not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise RecordTypeError(f"{where}: a record must be a JSON object")
+        if reg.key_field not in record:
+            raise InvalidKey(f"{where}: the record has no key field {reg.key_field!r}")
+        try:
+            record_key = check_key(record[reg.key_field])
+        except InvalidKey as exc:
+            raise InvalidKey(f"{where}: {exc.message}") from exc
+        for fld in reg.indexed:
+            if fld not in record:
+                raise RecordTypeError(
+                    f"{where}: indexed field {fld!r} is missing; without --model its default "
+                    "is unknown, so import with --model"
+                )
+            if not isinstance(record[fld], _SCALARS):
+                raise RecordTypeError(
+                    f"{where}: indexed field {fld!r} must hold a scalar, got {record[fld]!r}"
+                )
+        rows.append((record_key, line, *([line] * len(reg.indexed))))
+        counter.add(line)
+    counter.finish()
+    table = _sqlite.quote(reg.name)
+    columns = [_sqlite.quote(_sqlite.column_for(f)) for f in reg.indexed]
+    extracts = [f"json_extract(?, '$.{f}')" for f in reg.indexed]
+    updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *columns])
+    sql = (
+        f"INSERT INTO {table} ({', '.join(['key', 'value', *columns])}) "
+        f"VALUES ({', '.join(['?', '?', *extracts])}) ON CONFLICT(key) DO UPDATE SET {updates}"
+    )
+    with Store(path) as store, store.write() as conn:
+        # The registration is read again under the gate: the rows were checked against it.
+        now = _registrations(conn).get(reg.name)
+        if now != reg:
+            raise TransactionError(
+                f"collection {reg.name!r} changed while the file was read; run the import again",
+                path,
+            )
+        conn.executemany(sql, rows).close()
+    return len(rows)
