@@ -415,14 +415,19 @@ def test_bad_settings_are_refused(tmp_path: Path, name: str, bad: object) -> Non
     assert not (tmp_path / "e.db").exists()
 
 
-def test_the_change_log_forgets_old_changes(ex_path: str) -> None:
-    database = SQLiteExampleDatabase(ex_path, retention=0.001)
+def _logged_after_300_saves(path: str, retention: float) -> int:
+    database = SQLiteExampleDatabase(path, retention=retention)
     for i in range(300):  # past one pruning round
         database.save(b"k", str(i).encode())
     database.close()
-    with mpstore.Store(ex_path) as store:
-        (rows,) = store.query(f"SELECT count(*) FROM {CHANGES_TABLE}")[0]
-    assert rows < 300
+    with mpstore.Store(path) as store:
+        return int(store.query(f"SELECT count(*) FROM {CHANGES_TABLE}")[0][0])
+
+
+def test_the_change_log_forgets_changes_older_than_the_retention(tmp_path: Path) -> None:
+    assert _logged_after_300_saves(str(tmp_path / "short.db"), retention=0.001) < 300
+    # Control: with the default retention every change is still there to be read.
+    assert _logged_after_300_saves(str(tmp_path / "default.db"), retention=600.0) == 300
 
 
 # -- many processes ----------------------------------------------------------------------------
