@@ -123,6 +123,8 @@ class Store:
         self._collections: dict[str, Collection[Any]] = {}
         self._writers_lock = threading.Lock()
         self._writing = 0  # threads between taking the gate and giving it back
+        self._shut = False  # the write connection and the gate are given up: close() finished
+        self._close_pending = False  # close() is waiting for the last writer to finish it
         self._wconn: sqlite3.Connection | None = None
         self._wpid = 0
         _sqlite.create_file(self.path, file_mode)
@@ -184,7 +186,10 @@ class Store:
         self._pool.close()
         with self._writers_lock:
             if self._writing:
-                return  # the last writer still inside finishes the close (_holding_gate)
+                # A thread is still writing: the last one out finishes the close.
+                self._close_pending = True
+                return
+            self._shut = True
         self._close_writer_and_gate()
 
     def _close_writer_and_gate(self) -> None:
@@ -331,7 +336,10 @@ class Store:
             self._emit("gate-acquired")
             self._check_abandoned()
             with self._writers_lock:
-                self._check_open()
+                # Not _check_open(): writes queued before close() still run (close drains the
+                # queue); only once the write connection is gone is it too late.
+                if self._shut:
+                    raise StoreClosed(f"the store {self.path} is closed", self.path)
                 raw = self._writer()
                 self._writing += 1
                 entered = True
@@ -342,7 +350,9 @@ class Store:
             if entered:
                 with self._writers_lock:
                     self._writing -= 1
-                    last_out = self._closed and not self._writing
+                    last_out = self._close_pending and not self._writing
+                    if last_out:
+                        self._shut, self._close_pending = True, False
                 if last_out:
                     # close() came while this thread was writing and left the rest to it.
                     self._close_writer_and_gate()

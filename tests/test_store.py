@@ -385,3 +385,36 @@ def test_import_mpstore_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "False", "True"]
+
+
+def test_close_lets_queued_writes_finish(db_path: str) -> None:
+    store = mpstore.Store(db_path)
+    notes = store.collection("notes", Note, key="id")
+    queued = threading.Barrier(5)
+    results: list[BaseException | None] = []
+
+    def upsert(i: int) -> None:
+        queued.wait()
+        try:
+            notes.upsert(Note(id=f"q{i}", text="x"))
+            results.append(None)
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=upsert, args=(i,)) for i in range(4)]
+    with store.write():
+        for t in threads:
+            t.start()
+        queued.wait()
+        while len(store._queue._jobs) < 4:
+            os.sched_yield()  # until all four have queued behind this block
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        while not store.closed:
+            os.sched_yield()
+    closer.join()
+    for t in threads:
+        t.join()
+    assert results == [None] * 4
+    with mpstore.Store(db_path) as again:
+        assert again.collection("notes", Note, key="id").count() == 4
