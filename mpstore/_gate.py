@@ -17,6 +17,7 @@ requesting thread waits on an event with its deadline. Elsewhere ``filelock`` pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -149,11 +150,9 @@ class _FlockLock:
                 # lock beside it on the same open file would let it unlock us, so we adopt it.
                 self._outstanding.wanted = True
                 return self._outstanding
-            try:
+            with contextlib.suppress(BlockingIOError):  # taken: wait for it below
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return _HELD
-            except BlockingIOError:
-                pass
             if not wait:
                 return _BUSY
             if deadline is None:

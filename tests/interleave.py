@@ -12,6 +12,7 @@ nested blocks must keep the outer write and drop the inner one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -187,12 +188,9 @@ def _apply(
     elif op.kind == "nested":
         with store.write() as conn:
             conn.execute("INSERT INTO log VALUES (?, ?, 'outer')", (w, step))
-            try:
-                with store.write() as inner:
-                    inner.execute("INSERT INTO log VALUES (?, ?, 'inner')", (w, step))
-                    raise _Rollback
-            except _Rollback:
-                pass
+            with contextlib.suppress(_Rollback), store.write() as inner:
+                inner.execute("INSERT INTO log VALUES (?, ?, 'inner')", (w, step))
+                raise _Rollback
     elif op.kind == "snapshot":
         with store.read() as conn:
             first = conn.execute("SELECT count(*) FROM log").fetchone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import threading
@@ -214,3 +215,37 @@ def test_writes_never_overlap_while_the_lock_file_churns(tmp_path: Path, change:
         assert store.query("SELECT count(*) FROM sections") == [(4 * 60,)]
         assert store.integrity_check() == ["ok"]
     assert results[-1] == 200
+
+
+@pytest.mark.parametrize("kind", ["flock", "filelock"])
+def test_a_waiter_sleeps_in_the_kernel_instead_of_polling(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The filelock gate is the control: it polls, so the same count shows many attempts.
+    path = str(tmp_path / "state.db")
+    mpstore.Store(path).close()
+    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
+    holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
+    holder.start()
+    try:
+        assert started.wait(60)
+        with mpstore.Store(path, timeout=0.5, gate=kind) as store:
+            calls: list[int] = []
+            real = fcntl.flock
+
+            def counting(fd: int, operation: int) -> None:
+                calls.append(operation)
+                real(fd, operation)
+
+            monkeypatch.setattr(fcntl, "flock", counting)
+            with pytest.raises(mpstore.GateTimeout), store.write():
+                pass
+            attempts = len(calls)
+            monkeypatch.undo()
+    finally:
+        release.set()
+        holder.join(60)
+    if kind == "flock":
+        assert attempts <= 2  # one try, then one blocking wait in the kernel
+    else:
+        assert attempts >= 10

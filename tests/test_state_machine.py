@@ -73,12 +73,9 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(key=keys, text=texts)
     def failed_write_block_changes_nothing(self, key: str, text: str) -> None:
-        try:
-            with self.store.write():
-                self.notes.upsert(Note(id=key, text=text))
-                raise ValueError("abort")
-        except ValueError:
-            pass
+        with pytest.raises(ValueError, match="abort"), self.store.write():
+            self.notes.upsert(Note(id=key, text=text))
+            raise ValueError("abort")
 
     @rule(key=keys)
     def get(self, key: str) -> None:
