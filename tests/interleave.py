@@ -12,6 +12,7 @@ nested blocks must keep the outer write and drop the inner one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -60,7 +61,7 @@ class Worker:
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str  # threads | processes
+    kind: str  # threads | tasks | processes
     workers: tuple[Worker, ...]
 
     def __repr__(self) -> str:
@@ -217,6 +218,91 @@ def run_threads(path: str, schedule: Schedule, unsafe: bool = False) -> list[Out
         t.join()
     assert all(r is not None for r in results), "a worker thread died"
     return [r for r in results if r is not None]
+
+
+def run_tasks(path: str, schedule: Schedule) -> list[Outcome]:
+    """Run each worker as an asyncio task on one AsyncStore (pauses apply in its threads)."""
+    return asyncio.run(_run_tasks(path, schedule))
+
+
+async def _run_tasks(path: str, schedule: Schedule) -> list[Outcome]:
+    pause_at: dict[str, int] = {}
+    for worker in schedule.workers:
+        for event, n in worker.pauses:
+            pause_at[event] = max(pause_at.get(event, 0), n)
+
+    def hook(event: str) -> None:
+        for _ in range(pause_at.get(event, 0)):
+            os.sched_yield()
+
+    start = asyncio.Event()
+    ready = 0
+
+    async def task(index: int, worker: Worker) -> Outcome:
+        nonlocal ready
+        outcome = Outcome(index)
+        mine: dict[str, list[str]] = {}
+        ready += 1
+        if ready == len(schedule.workers):
+            start.set()
+        await start.wait()
+        for step, op in enumerate(worker.ops):
+            try:
+                await _apply_async(store, items, index, step, op, mine, outcome)
+            except FAILURES as exc:
+                outcome.failures.append(f"w{index} step {step} {op!r}: {type(exc).__name__}: {exc}")
+            else:
+                outcome.acked.append((step, op.kind, op.arg))
+        return outcome
+
+    async with mpstore.AsyncStore(path, timeout=30.0, on_event=hook) as store:
+        items = store.collection("items", Item, key="id")
+        return list(await asyncio.gather(*(task(i, w) for i, w in enumerate(schedule.workers))))
+
+
+async def _apply_async(
+    store: Any, items: Any, w: int, step: int, op: Op, mine: dict[str, list[str]], outcome: Outcome
+) -> None:
+    """The same operations as :func:`_apply`, through the asyncio API."""
+    key = f"w{w}-k{op.arg}"
+    if op.kind == "upsert":
+        await items.upsert(Item(id=key, values=[f"w{w}.{step}"]))
+        mine[key] = [f"w{w}.{step}"]
+    elif op.kind == "delete":
+        existed = await items.delete(key)
+        if existed != (key in mine):
+            outcome.bad_reads.append(f"w{w} step {step}: delete({key}) said {existed}")
+        mine.pop(key, None)
+    elif op.kind == "get":
+        got = await items.get(key)
+        want = mine.get(key)
+        if (got.values if got else None) != want:
+            outcome.bad_reads.append(f"w{w} step {step}: get({key}) = {got}, wrote {want}")
+    elif op.kind == "append":
+        tag = f"w{w}.{step}"
+        await items.update(
+            SHARED[op.arg], lambda it: it.model_copy(update={"values": [*it.values, tag]})
+        )
+    elif op.kind == "raw":
+        async with store.write() as conn:
+            await conn.execute("UPDATE counters SET n = n + 1 WHERE id = 0")
+            await conn.execute("INSERT INTO log VALUES (?, ?, 'raw')", (w, step))
+    elif op.kind == "nested":
+        async with store.write() as conn:
+            await conn.execute("INSERT INTO log VALUES (?, ?, 'outer')", (w, step))
+            with contextlib.suppress(_Rollback):
+                async with store.write() as inner:
+                    await inner.execute("INSERT INTO log VALUES (?, ?, 'inner')", (w, step))
+                    raise _Rollback
+    elif op.kind == "snapshot":
+        query = "SELECT value FROM items WHERE key = ?"
+        async with store.read() as conn:
+            first = (await conn.execute("SELECT count(*) FROM log")).fetchone()
+            shared = (await conn.execute(query, (SHARED[0],))).fetchone()
+            again = (await conn.execute("SELECT count(*) FROM log")).fetchone()
+            shared_again = (await conn.execute(query, (SHARED[0],))).fetchone()
+        if first != again or shared != shared_again:
+            outcome.bad_reads.append(f"w{w} step {step}: snapshot moved inside one read() block")
 
 
 def run_processes(pool: Any, manager: Any, path: str, schedule: Schedule) -> list[Outcome]:

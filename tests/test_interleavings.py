@@ -1,10 +1,11 @@
 """Hypothesis draws whole schedules of concurrent workers; mpstore must never fail any of them.
 
-Each run checks: no error of any kind reached a caller (no PoolTimeout, GateTimeout, BusyTimeout
-or sqlite3 "database is locked"), reads agree with the reader's own writes, every acknowledged
-write is present, no update was lost or duplicated, and the file passes ``integrity_check``.
-The negative control runs the same property on the reference app's ungated design, where
-Hypothesis must find a failing schedule.
+Workers are threads, asyncio tasks on one AsyncStore, or real processes. Each run checks: no
+error of any kind reached a caller (no PoolTimeout, GateTimeout, BusyTimeout or sqlite3
+"database is locked"), reads agree with the reader's own writes, every acknowledged write is
+present, no update was lost or duplicated, and the file passes ``integrity_check``. The negative
+control runs the same property on the reference app's ungated design, where Hypothesis must find
+a failing schedule.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def test_threads_interleavings(root: str, schedule: interleave.Schedule) -> None
     note(repr(schedule))
     path = _fresh_path(root)
     interleave.check(path, schedule, interleave.run_threads(path, schedule))
+
+
+@given(schedule=interleave.schedules("tasks", 2, 16))
+def test_asyncio_task_interleavings(root: str, schedule: interleave.Schedule) -> None:
+    note(repr(schedule))
+    path = _fresh_path(root)
+    interleave.check(path, schedule, interleave.run_tasks(path, schedule))
 
 
 @pytest.fixture(scope="module")
