@@ -455,16 +455,9 @@ def test_loop_keeps_running_while_writers_wait_for_another_process(
     db_path: str, loop_kind: str, blocking: bool
 ) -> None:
     _setup_notes(db_path)
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(target=workers.hold_write, args=(db_path, started, release))
-    holder.start()
-    try:
-        assert started.wait(60), "the holder never took the gate"
-        ticks = run(lambda: _tick_while_writers_wait(db_path, blocking, release), loop_kind)
-    finally:
-        release.set()
-        holder.join(60)
-    assert holder.exitcode == 0
+    with workers.holding_the_gate(db_path) as holder:
+        ticks = run(lambda: _tick_while_writers_wait(db_path, blocking, holder.release), loop_kind)
+    assert holder.process.exitcode == 0
     largest = max(b - a for a, b in itertools.pairwise(ticks))
     if blocking:
         assert largest >= BLOCKED_FOR  # the check notices a loop that waits for the gate

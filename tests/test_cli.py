@@ -98,24 +98,18 @@ def test_info_names_the_process_holding_the_gate_and_leaves_the_lock_file_alone(
     source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lock = source + ".lock"
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(target=workers.hold_write, args=(source, started, release))
-    holder.start()
-    try:
-        assert started.wait(workers.JOIN_TIMEOUT)
+    with workers.holding_the_gate(source) as holder:
         before = (os.stat(lock).st_ino, Path(lock).read_bytes())
         code, out, _ = run(capsys, "info", source)
         state = _inspect.gate_state(lock)
         assert (os.stat(lock).st_ino, Path(lock).read_bytes()) == before
-    finally:
-        release.set()
-        holder.join(workers.JOIN_TIMEOUT)
+    pid = holder.process.pid
     assert code == 0
-    assert state.held is True and state.pid == holder.pid
-    assert re.search(rf"write gate      held by pid {holder.pid} for \d+\.\d{{3}} s", out)
+    assert state.held is True and state.pid == pid
+    assert re.search(rf"write gate      held by pid {pid} for \d+\.\d{{3}} s", out)
     # Negative control: the record still names that pid, but nobody holds the gate now.
     after = _inspect.gate_state(lock)
-    assert after.pid == holder.pid and after.held is False
+    assert after.pid == pid and after.held is False
     assert "write gate      free" in run(capsys, "info", source)[1]
 
 

@@ -112,35 +112,25 @@ def _wait_for_waiters(gate: Gate, n: int) -> None:
 def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     mpstore.Store(path).close()
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
-    holder.start()
-    try:
-        assert started.wait(60)
-        with mpstore.Store(path, timeout=0.3) as store:
-            with pytest.raises(mpstore.GateTimeout) as info, store.write():
-                pass
-            err = info.value
-            assert err.holder_pid == holder.pid
-            assert f"pid {holder.pid}" in str(err)
-            assert store.lock_path in str(err)
-            assert err.waited is not None and err.waited >= 0.3
-            assert isinstance(err, TimeoutError)
-    finally:
-        release.set()
-        holder.join(60)
-    assert holder.exitcode == 0
+    with workers.holding_the_gate(path) as holder, mpstore.Store(path, timeout=0.3) as store:
+        with pytest.raises(mpstore.GateTimeout) as info, store.write():
+            pass
+        err = info.value
+        pid = holder.process.pid
+        assert err.holder_pid == pid
+        assert f"pid {pid}" in str(err)
+        assert store.lock_path in str(err)
+        assert err.waited is not None and err.waited >= 0.3
+        assert isinstance(err, TimeoutError)
+    assert holder.process.exitcode == 0
 
 
 def test_a_killed_holder_releases_the_gate_and_its_transaction(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     with mpstore.Store(path, timeout=10) as store:
-        started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-        holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
-        holder.start()
-        assert started.wait(60)
-        os.kill(holder.pid or 0, signal.SIGKILL)
-        holder.join(60)
+        with workers.holding_the_gate(path) as holder:
+            os.kill(holder.process.pid or 0, signal.SIGKILL)
+            holder.process.join(60)
         with store.write() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
             conn.execute("INSERT INTO held VALUES ('after')")
@@ -224,27 +214,19 @@ def test_a_waiter_sleeps_in_the_kernel_instead_of_polling(
     # The filelock gate is the control: it polls, so the same count shows many attempts.
     path = str(tmp_path / "state.db")
     mpstore.Store(path).close()
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(target=workers.hold_write, args=(path, started, release))
-    holder.start()
-    try:
-        assert started.wait(60)
-        with mpstore.Store(path, timeout=0.5, gate=kind) as store:
-            calls: list[int] = []
-            real = fcntl.flock
+    with workers.holding_the_gate(path), mpstore.Store(path, timeout=0.5, gate=kind) as store:
+        calls: list[int] = []
+        real = fcntl.flock
 
-            def counting(fd: int, operation: int) -> None:
-                calls.append(operation)
-                real(fd, operation)
+        def counting(fd: int, operation: int) -> None:
+            calls.append(operation)
+            real(fd, operation)
 
-            monkeypatch.setattr(fcntl, "flock", counting)
-            with pytest.raises(mpstore.GateTimeout), store.write():
-                pass
-            attempts = len(calls)
-            monkeypatch.undo()
-    finally:
-        release.set()
-        holder.join(60)
+        monkeypatch.setattr(fcntl, "flock", counting)
+        with pytest.raises(mpstore.GateTimeout), store.write():
+            pass
+        attempts = len(calls)
+        monkeypatch.undo()
     if kind == "flock":
         assert attempts <= 2  # one try, then one blocking wait in the kernel
     else:

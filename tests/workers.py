@@ -10,7 +10,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mpstore
@@ -207,6 +208,34 @@ def churn_lock_file(lock_path: str, change: str, barrier: Any, times: int) -> in
             os.replace(tmp, lock_path)
         os.sched_yield()
     return times
+
+
+@dataclass
+class Holder:
+    """A child process that holds the gate mid-transaction; ``release`` lets it commit."""
+
+    process: Any
+    release: Any
+
+
+@contextlib.contextmanager
+def holding_the_gate(path: str) -> Iterator[Holder]:
+    """Run :func:`hold_write` in a spawned child for the length of the block.
+
+    :raises AssertionError: the child never took the gate.
+    """
+    started, release = SPAWN.Event(), SPAWN.Event()
+    process = SPAWN.Process(target=hold_write, args=(path, started, release))
+    process.start()
+    try:
+        assert started.wait(JOIN_TIMEOUT), "the holder never took the gate"
+        yield Holder(process, release)
+    finally:
+        # Setting a multiprocessing Event blocks until its sleepers wake, and a killed sleeper
+        # never does: only tell a live holder.
+        if process.is_alive():
+            release.set()
+        process.join(JOIN_TIMEOUT)
 
 
 def hold_write(path: str, started: Any, release: Any) -> None:
