@@ -102,3 +102,14 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         assert store.stats()["checkpoint_errors"] == 0
         pending = store._checkpointer.pending()
         assert pending is not None and pending < store._checkpointer.threshold
+
+
+def test_checkpoints_still_run_when_the_wal_index_cannot_be_read(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        monkeypatch.setattr(store._checkpointer, "pending", lambda: None)
+        for i in range(store._checkpointer.threshold // 4):
+            notes.upsert(Note(id=str(i), text="x" * 100))
+        assert store._checkpointer.ran.wait(30), "the WAL would grow without bound"
