@@ -100,6 +100,7 @@ class _FlockLock:
 
     def __init__(self, path: str, mode: int) -> None:
         assert fcntl is not None
+        _open_locks.add(self)
         self._path = path
         self._mode = mode
         self._fd = _open_lock_file(path, mode)
@@ -231,10 +232,20 @@ class _FlockLock:
                 self._outstanding.wanted = False
             self._cond.notify()
         os.close(self._fd)
+        self._fd = -1
 
     def abandon_after_fork(self) -> None:
-        """In a forked child: forget the parent's descriptor without unlocking the parent."""
-        os.close(self._fd)
+        """In a forked child: forget the parent's descriptors without unlocking the parent.
+
+        Runs right after fork (see ``_forget_inherited``): an flock belongs to the open file,
+        so a child that kept a copy would keep a dead parent's lock held for as long as it
+        lives, even if it never touches the store.
+        """
+        for fd in (self._fd, self._outstanding.fd if self._outstanding else -1):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = -1
+        self._outstanding = self._pending = None
 
 
 class _PortableLock:
@@ -404,6 +415,8 @@ class Gate:
                 turn.release()
             else:
                 self._owner = None
+                if self.users == 0:
+                    self._close_kernel()  # every Store on it closed while this thread was in
 
     def release(self) -> None:
         """Give the gate back; the caller must hold it.
@@ -435,9 +448,34 @@ class Gate:
         )
 
     def close(self) -> None:
-        if self._pid == _fork.pid() and self._os is not None:
+        """Close the lock file, once no thread of this process holds or waits for the gate.
+
+        A thread still inside (a writer thread blocked in the kernel for a store that was
+        closed meanwhile) closes it when it lets go: closing the descriptor under a blocked
+        ``flock`` would let a reused descriptor number receive the holder record.
+        """
+        if self._pid != _fork.pid():
+            return
+        with self._mutex:
+            if self._owner is None:
+                self._close_kernel()
+
+    def _close_kernel(self) -> None:
+        if self._os is not None:
             self._os.close()
             self._os = None
+
+
+_open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
+
+
+def _forget_inherited() -> None:
+    for lock in list(_open_locks):
+        lock.abandon_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited)
 
 
 _registry: weakref.WeakValueDictionary[tuple[str, str], Gate] = weakref.WeakValueDictionary()

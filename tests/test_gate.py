@@ -14,6 +14,7 @@ import pytest
 import mpstore
 from mpstore._gate import Gate, drop_gate, gate_for
 from tests import workers
+from tests.models import Note
 
 pytestmark = pytest.mark.processes
 
@@ -231,3 +232,54 @@ def test_a_waiter_sleeps_in_the_kernel_instead_of_polling(
         assert attempts <= 2  # one try, then one blocking wait in the kernel
     else:
         assert attempts >= 10
+
+
+def test_a_killed_holders_forked_child_does_not_keep_the_gate(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as setup, setup.write() as conn:
+        conn.execute("CREATE TABLE held (x TEXT)")
+    started, release, child_release = (workers.SPAWN.Event() for _ in range(3))
+    holder = workers.SPAWN.Process(
+        target=workers.hold_write_and_fork, args=(path, started, release, child_release)
+    )
+    holder.start()
+    try:
+        assert started.wait(60)
+        os.kill(holder.pid or 0, signal.SIGKILL)
+        # Not holder.join(): the child inherited the end of the pipe that join() waits on.
+        os.waitpid(holder.pid or 0, 0)
+        # The child forked while the gate was held is still alive; a copy of the lock file's
+        # descriptor in it would keep the dead holder's flock.
+        with mpstore.Store(path, timeout=2.0) as store, store.write() as conn:
+            conn.execute("INSERT INTO held VALUES ('after')")
+    finally:
+        child_release.set()
+
+
+def test_closing_a_store_never_closes_the_lock_file_under_a_waiting_writer(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as setup:
+        setup.collection("notes", Note, key="id")
+    with workers.holding_the_gate(path) as holder:
+        store = mpstore.Store(path, timeout=0.3)
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.GateTimeout):
+            notes.upsert(Note(id="late", text="x"))  # its writer thread stays in the kernel
+        writer = store._queue._thread
+        assert writer is not None and writer.is_alive()
+        gate = store._gate
+        fd = gate._kernel()._fd
+        store.close()
+        # The writer thread still waits on the descriptor: it must stay open (a reused number
+        # would receive the holder record), and the gate must still be its.
+        assert gate._os is not None and os.fstat(fd).st_ino == os.stat(store.lock_path).st_ino
+        holder.release.set()
+        writer.join(60)
+        assert not writer.is_alive()
+    assert gate._os is None and gate._owner is None
+    with mpstore.Store(path) as again:
+        assert again.collection("notes", Note, key="id").get("late") is None
+        with again.write():
+            pass

@@ -253,3 +253,20 @@ def write_rows_with_store(store: mpstore.Store, worker: int, count: int) -> int:
     for i in range(count):
         notes.upsert(Note(id=f"{worker}-{i}", text="x"))
     return count
+
+
+def _linger(release: Any) -> None:
+    release.wait(JOIN_TIMEOUT)
+
+
+def hold_write_and_fork(path: str, started: Any, release: Any, child_release: Any) -> None:
+    """Hold the gate mid-transaction, fork a child that never touches the store, then wait.
+
+    The test kills this process: the gate must come free although the child lives on.
+    """
+    with mpstore.Store(path) as store, store.write() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
+        child = mp.get_context("fork").Process(target=_linger, args=(child_release,))
+        child.start()
+        started.set()
+        release.wait()
