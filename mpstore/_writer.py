@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork
 from ._connection import Connection
-from ._errors import Abandoned
+from ._errors import Abandoned, TransactionError
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -41,6 +41,14 @@ class _Job(Generic[T]):
         self.started = False
         self.abandon = abandon
         self.queued = time.perf_counter()
+
+
+class _Redo(Exception):
+    """Raised out of a batch whose transaction a write ended: run ``jobs`` again."""
+
+    def __init__(self, jobs: list[_Job[Any]]) -> None:
+        super().__init__()
+        self.jobs = jobs
 
 
 class WriteQueue:
@@ -133,18 +141,39 @@ class WriteQueue:
         self.batched_writes += len(runnable)
         store._stats.record("batch_size", len(runnable))
         store._stats.count("writes_batched", len(runnable))
-        with store._transaction(raw) as conn:
-            if len(runnable) == 1:
-                # Alone in the transaction: its failure rolls back the transaction itself.
-                job = runnable[0]
-                job.result = job.context.run(job.fn, conn)
-                return
-            for job in runnable:
-                try:
-                    with store._savepoint(conn):
-                        job.result = job.context.run(job.fn, conn)
-                except BaseException as exc:
-                    job.error = exc
+        pending = runnable
+        while pending:
+            try:
+                with store._transaction(raw) as conn:
+                    self._run_jobs(conn, raw, pending)
+                pending = []
+            except _Redo as redo:
+                pending = redo.jobs
+
+    def _run_jobs(self, conn: Connection, raw: Any, jobs: list[_Job[Any]]) -> None:
+        if len(jobs) == 1:
+            # Alone in the transaction: its failure rolls back the transaction itself.
+            job = jobs[0]
+            job.result = job.context.run(job.fn, conn)
+            return
+        for i, job in enumerate(jobs):
+            try:
+                with self._store._savepoint(conn):
+                    job.result = job.context.run(job.fn, conn)
+            except BaseException as exc:
+                job.error = exc
+            if not raw.in_transaction:
+                # This write ended the whole transaction (a RAISE(ROLLBACK) trigger, a full
+                # disk): the writes before it were rolled back with it, so they run again in a
+                # new transaction, with the ones not yet run; this one keeps its error.
+                if job.error is None:
+                    job.error = TransactionError(
+                        "the write ended its transaction, so it was not kept", self._store.path
+                    )
+                others = jobs[:i] + jobs[i + 1 :]
+                for other in jobs[:i]:
+                    other.result, other.error = None, None
+                raise _Redo(others)
 
     def _abandoned(self, job: _Job[Any]) -> bool:
         if job.abandon is not None and job.abandon.is_set():

@@ -1,0 +1,129 @@
+"""Group commit: queued writes share one transaction, yet each caller gets its own outcome."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import mpstore
+from tests import workers
+from tests.models import Note
+
+
+def _queue_behind_a_write_block(
+    store: mpstore.Store, calls: list[Callable[[], Any]]
+) -> list[tuple[str, Any]]:
+    """Start ``calls`` in threads while this thread holds the gate, so that they all queue; let
+    them run as one batch; return each call's ("ok", result) or ("error", exception)."""
+    outcomes: list[tuple[str, Any]] = [("missing", None)] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = ("ok", calls[i]())
+        except BaseException as exc:
+            outcomes[i] = ("error", exc)
+
+    with store.write():
+        threads = []
+        for i in range(len(calls)):
+            t = threading.Thread(target=run, args=(i,))
+            t.start()
+            threads.append(t)
+            while len(store._queue._jobs) < i + 1:
+                os.sched_yield()  # queued in this order, behind this block
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_one_failing_write_does_not_touch_the_others(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="shared", text=""))
+
+    def boom(n: Note) -> Note:
+        raise RuntimeError("this caller's own error")
+
+    outcomes = _queue_behind_a_write_block(
+        store,
+        [
+            lambda: notes.upsert(Note(id="a", text="x")),
+            lambda: notes.update("shared", boom),
+            lambda: notes.upsert(Note(id="c", text="x")),
+        ],
+    )
+    assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
+    assert isinstance(outcomes[1][1], RuntimeError)
+    assert {n.id for n in notes.scan()} == {"shared", "a", "c"}
+    assert store.stats()["batch_size"]["max"] == 3
+
+
+def test_queued_writes_apply_in_queue_order(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="log", text=""))
+
+    def append(tag: str) -> Callable[[], Any]:
+        return lambda: notes.update("log", lambda n: n.model_copy(update={"text": n.text + tag}))
+
+    outcomes = _queue_behind_a_write_block(store, [append(t) for t in "abcdefgh"])
+    assert all(kind == "ok" for kind, _ in outcomes)
+    got = notes.get("log")
+    assert got is not None and got.text == "abcdefgh"
+
+
+def test_no_caller_hears_done_before_commit(db_path: str) -> None:
+    events: list[str] = []
+    with mpstore.Store(db_path, on_event=events.append) as store:
+        notes = store.collection("notes", Note, key="id")
+
+        def upsert(i: int) -> Callable[[], Any]:
+            def call() -> None:
+                notes.upsert(Note(id=str(i), text="x"))
+                events.append(f"returned {i}")
+
+            return call
+
+        events.clear()
+        _queue_behind_a_write_block(store, [upsert(i) for i in range(4)])
+    commits = [i for i, e in enumerate(events) if e == "commit"]
+    returns = [i for i, e in enumerate(events) if e.startswith("returned")]
+    assert len(commits) == 2  # the blocking write() block's, then the batch's
+    assert len(returns) == 4 and min(returns) > commits[-1]
+
+
+def test_a_write_that_ends_the_transaction_does_not_take_the_batch_with_it(
+    store: mpstore.Store,
+) -> None:
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key = 'bad' "
+            "BEGIN SELECT RAISE(ROLLBACK, 'refused'); END"
+        )
+    outcomes = _queue_behind_a_write_block(
+        store,
+        [
+            lambda: notes.upsert(Note(id="a", text="x")),
+            lambda: notes.upsert(Note(id="bad", text="x")),
+            lambda: notes.upsert(Note(id="c", text="x")),
+        ],
+    )
+    # RAISE(ROLLBACK) rolled back the whole transaction, "a" included: every caller told "ok"
+    # must find its row, and the refused one none.
+    assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
+    assert sorted(notes.keys()) == ["a", "c"]
+
+
+def test_a_queued_write_that_times_out_never_runs(tmp_path: Any) -> None:
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as setup:
+        setup.collection("notes", Note, key="id")
+    with mpstore.Store(path, timeout=0.3) as store:
+        notes = store.collection("notes", Note, key="id")
+        with workers.holding_the_gate(path), pytest.raises(mpstore.GateTimeout):
+            notes.upsert(Note(id="late", text="x"))
+        notes.upsert(Note(id="after", text="x"))  # the writer thread has had its turn since
+        assert notes.get("late") is None and notes.get("after") is not None
