@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["pid"]
+__all__ = ["keep_forever", "pid"]
 
 _pid = os.getpid()
 
@@ -20,6 +20,15 @@ def _refresh() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh)
+
+
+# Objects inherited from the parent that must never be used or finalised here (see Store._writer).
+_kept: list[object] = []
+
+
+def keep_forever(obj: object) -> None:
+    """Hold a reference to ``obj`` for the life of the process, so it is never finalised."""
+    _kept.append(obj)
 
 
 def pid() -> int:

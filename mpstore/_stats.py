@@ -36,6 +36,10 @@ class Stats:
             name: deque(maxlen=_RING) for name in (*TIMINGS, "batch_size")
         }
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held by a lost thread)."""
+        self._lock = threading.Lock()
+
     def event(self, name: str) -> None:
         """Note that this thread passed the instrumentation point ``name``."""
         now = time.perf_counter()

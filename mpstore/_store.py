@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -123,6 +124,8 @@ class Store:
         self._collections: dict[str, Collection[Any]] = {}
         self._writers_lock = threading.Lock()
         self._writing = 0  # threads between taking the gate and giving it back
+        self._writer_ident: int | None = None  # the thread that is
+        self._wconn_busy_at_fork = False
         self._shut = False  # the write connection and the gate are given up: close() finished
         self._close_pending = False  # close() is waiting for the last writer to finish it
         self._wconn: sqlite3.Connection | None = None
@@ -139,6 +142,7 @@ class Store:
         self._queue = WriteQueue(self)
         self._checkpointer = Checkpointer(self.path, lambda: self._connect(readonly=False))
         self._closed = False
+        _open_stores.add(self)
         try:
             self.created_schema = self._ensure_schema()
         except BaseException:
@@ -236,8 +240,14 @@ class Store:
         pid = _fork.pid()
         if self._wconn is None or self._wpid != pid:
             if self._wconn is not None:
-                # Inherited across fork: close it here, as the pool does (see Pool._check_fork).
-                self._wconn.close()
+                if self._wconn_busy_at_fork:
+                    # Another thread was using it when the process forked; that thread does
+                    # not exist here and may have held the connection's mutex, so closing it
+                    # could wait forever. Kept, never used and never finalised.
+                    _fork.keep_forever(self._wconn)
+                else:
+                    # Inherited across fork: close it here, as the pool does (Pool._check_fork).
+                    self._wconn.close()
             self._wconn = self._connect(readonly=False)
             # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
@@ -342,6 +352,7 @@ class Store:
                     raise StoreClosed(f"the store {self.path} is closed", self.path)
                 raw = self._writer()
                 self._writing += 1
+                self._writer_ident = threading.get_ident()
                 entered = True
             yield raw
         finally:
@@ -350,6 +361,7 @@ class Store:
             if entered:
                 with self._writers_lock:
                     self._writing -= 1
+                    self._writer_ident = None
                     last_out = self._close_pending and not self._writing
                     if last_out:
                         self._shut, self._close_pending = True, False
@@ -585,6 +597,26 @@ class Store:
     def integrity_check(self) -> list[str]:
         """SQLite's ``PRAGMA integrity_check``: ``["ok"]`` for a healthy file."""
         return [row[0] for row in self.query("PRAGMA integrity_check")]
+
+
+_open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread survives a fork; locks the others held stay held forever, so
+    # every store starts the child with fresh ones, and remembers whether another thread was
+    # using the write connection at that moment.
+    me = threading.get_ident()
+    for store in list(_open_stores):
+        store._writers_lock = threading.Lock()
+        store._stats.after_fork()
+        store._wconn_busy_at_fork = store._writing > 0 and store._writer_ident != me
+        store._writing = 0
+        store._writer_ident = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reopen(cls: type[Store], path: str, settings: dict[str, Any]) -> Store:
