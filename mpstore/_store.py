@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fork, _sqlite
@@ -56,6 +58,20 @@ EVENTS = (
 
 Hook = Callable[[str], None]
 
+#: Events after which the call's outcome is settled (see Store._emit).
+_SETTLED = frozenset({"commit", "rollback", "gate-released", "pool-released"})
+
+
+class _Unraisable:
+    """What ``sys.unraisablehook`` expects to receive."""
+
+    def __init__(self, exc: BaseException, message: str) -> None:
+        self.exc_type: type[BaseException] = type(exc)
+        self.exc_value: BaseException | None = exc
+        self.exc_traceback: TracebackType | None = exc.__traceback__
+        self.err_msg: str | None = message
+        self.object: object = None
+
 
 class _TxState(threading.local):
     """The calling thread's open transaction in this store, if any."""
@@ -82,7 +98,10 @@ class Store:
         keeps those, at the cost of an fsync per commit.
     :param file_mode: permissions for a new database and its lock file (default ``0o600``).
     :param max_record_bytes: the largest JSON a collection accepts for one record.
-    :param on_event: called with each name in :data:`EVENTS` as this process passes it.
+    :param on_event: called with each name in :data:`EVENTS` as this process passes it. If it
+        raises before the write is settled the call fails with that error and nothing is
+        written; at "commit", "rollback", "gate-released" and "pool-released" the error goes to
+        ``sys.unraisablehook`` instead, as the outcome can no longer change.
     :raises ValueError: a setting is out of range.
     :raises CorruptDatabase: the file is not an SQLite database (it is left untouched).
     :raises PermissionDenied: the file, its directory or its lock file cannot be opened.
@@ -210,8 +229,20 @@ class Store:
     def _emit(self, event: str) -> None:
         self._stats.event(event)
         hook = self.on_event
-        if hook is not None:
+        if hook is None:
+            return
+        if event not in _SETTLED:
+            hook(event)  # an error here aborts the call before anything is committed
+            return
+        try:
             hook(event)
+        except BaseException as exc:
+            # The write's outcome is already decided: a failing hook must not turn a committed
+            # write into a reported failure. It is reported the way Python reports errors that
+            # have no caller to go to.
+            sys.unraisablehook(
+                _Unraisable(exc, f"mpstore on_event hook failed at {event!r} on {self.path}")
+            )
 
     def stats(self) -> dict[str, Any]:
         """What this process has seen of the store: counters and recent latencies.

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 
@@ -418,3 +419,33 @@ def test_close_lets_queued_writes_finish(db_path: str) -> None:
     assert results == [None] * 4
     with mpstore.Store(db_path) as again:
         assert again.collection("notes", Note, key="id").count() == 4
+
+
+@pytest.mark.parametrize("event", ["commit", "gate-released"])
+def test_a_hook_failing_after_commit_does_not_report_a_committed_write_as_failed(
+    db_path: str, event: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hook(name: str) -> None:
+        if name == event:
+            raise RuntimeError("broken instrumentation")
+
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with mpstore.Store(db_path, on_event=hook) as store:
+        store.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+        assert store.collection("notes", Note, key="id").get("a") is not None
+    assert reported and isinstance(reported[0].exc_value, RuntimeError)
+
+
+def test_a_hook_failing_before_commit_aborts_the_write(db_path: str) -> None:
+    def hook(name: str) -> None:
+        if name == "begin":
+            raise RuntimeError("injected")
+
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        store.on_event = hook
+        with pytest.raises(RuntimeError, match="injected"):
+            notes.upsert(Note(id="a", text="x"))
+        store.on_event = None
+        assert notes.get("a") is None
