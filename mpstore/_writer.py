@@ -193,5 +193,11 @@ class WriteQueue:
             self._closed = True
             self._cond.notify()
         thread = self._thread
-        if thread is not None and self._pid == _fork.pid():
+        # From inside a write (an update() callback runs in the writer thread) there is nothing
+        # to wait for: this thread finishes its batch and then stops.
+        if (
+            thread is not None
+            and thread is not threading.current_thread()
+            and self._pid == _fork.pid()
+        ):
             thread.join(timeout)

@@ -127,3 +127,20 @@ def test_a_queued_write_that_times_out_never_runs(tmp_path: Any) -> None:
             notes.upsert(Note(id="late", text="x"))
         notes.upsert(Note(id="after", text="x"))  # the writer thread has had its turn since
         assert notes.get("late") is None and notes.get("after") is not None
+
+
+def test_closing_the_store_from_an_update_callback(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="n", text=""))
+
+    def close_then_change(n: Note) -> Note:
+        store.close()
+        return n.model_copy(update={"text": "changed"})
+
+    # Queued behind a write block, the update runs in the writer thread.
+    outcomes = _queue_behind_a_write_block(store, [lambda: notes.update("n", close_then_change)])
+    assert outcomes[0][0] == "ok", outcomes[0]
+    assert store.closed
+    with mpstore.Store(store.path) as again:
+        got = again.collection("notes", Note, key="id").get("n")
+        assert got is not None and got.text == "changed"
