@@ -45,6 +45,7 @@ class Checkpointer:
     def _reset(self) -> None:
         self._pid = _fork.pid()
         self._shm: int | None = None
+        self._shm_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -58,12 +59,17 @@ class Checkpointer:
         """WAL frames not yet checkpointed, or None if the WAL index cannot be read."""
         if self._pid != _fork.pid():
             self._reset()
-        if self._shm is None:
-            try:
-                self._shm = os.open(self._shm_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
+        with self._shm_lock:  # close() may run in another thread
+            if self._closed:
                 return None
-        raw = os.pread(self._shm, 100, 0)
+            if self._shm is None:
+                try:
+                    self._shm = os.open(
+                        self._shm_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                    )
+                except OSError:
+                    return None
+            raw = os.pread(self._shm, 100, 0)
         if len(raw) < 100:
             return None
         version, frames = _HEADER.unpack_from(raw, 0)
@@ -124,6 +130,7 @@ class Checkpointer:
         thread = self._thread
         if thread is not None and self._pid == _fork.pid():
             thread.join()
-        if self._shm is not None and self._pid == _fork.pid():
-            os.close(self._shm)
-            self._shm = None
+        with self._shm_lock:
+            if self._shm is not None and self._pid == _fork.pid():
+                os.close(self._shm)
+                self._shm = None
