@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -106,37 +105,3 @@ def test_fork_after_open_parent_and_child_write_at_once(tmp_path: Path) -> None:
         assert child.exitcode == 0
         assert notes.count() == 2 + 2 * 50
         assert store.integrity_check() == ["ok"]
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
-def test_fork_while_another_thread_is_inside_a_statement(tmp_path: Path) -> None:
-    # The inherited write connection's mutex may be held by a thread the child does not have:
-    # the child must not hang (holding the gate) trying to close it.
-    with mpstore.Store(str(tmp_path / "state.db"), timeout=2.0) as store:
-        notes = store.collection("notes", Note, key="id")
-        in_statement = threading.Event()
-
-        def long_write() -> None:
-            with store.write() as conn:
-                assert store._wconn is not None
-                store._wconn.set_progress_handler(lambda: in_statement.set() or 0, 1000)
-                conn.execute(
-                    "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r "
-                    "WHERE i < 3000000) SELECT count(*) FROM r"
-                ).fetchone()
-                store._wconn.set_progress_handler(None, 0)
-
-        writer = threading.Thread(target=long_write)
-        writer.start()
-        assert in_statement.wait(60)
-        fork = mp.get_context("fork")
-        queue = fork.Queue()
-        child = fork.Process(target=workers.write_and_report, args=(store, queue))
-        child.start()
-        writer.join()
-        outcome = queue.get(timeout=60)
-        child.join(60)
-        assert child.exitcode == 0
-        assert outcome in ("ok", "BusyTimeout")
-        notes.upsert(Note(id="after", text="x"))  # the gate is free again
-        assert notes.get("after") is not None

@@ -270,15 +270,3 @@ def hold_write_and_fork(path: str, started: Any, release: Any, child_release: An
         child.start()
         started.set()
         release.wait()
-
-
-def write_and_report(store: mpstore.Store, queue: Any) -> None:
-    """In a forked child: wait for the gate, write through the inherited store,
-    and say how it went."""
-    store.timeout = 5.0
-    try:
-        with store.write() as conn:
-            conn.execute("INSERT INTO notes (key, value) VALUES ('child', '{}')")
-        queue.put("ok")
-    except mpstore.MpstoreError as exc:
-        queue.put(type(exc).__name__)
