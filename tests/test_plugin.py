@@ -292,6 +292,12 @@ def rendezvous(request, mpstore_worker_id):
     return Rendezvous(request.config.rootpath / "rendezvous", mpstore_worker_id, parties)
 
 
+@pytest.fixture(scope="session")
+def settled(request, mpstore_worker_id):
+    parties = request.config.workerinput["workercount"]
+    return Rendezvous(request.config.rootpath / "settled", mpstore_worker_id, parties)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def report(request, mpstore_shared_store, mpstore_worker_id):
     reports = request.config.rootpath / "reports"
@@ -310,9 +316,9 @@ CASES = 8
 
 
 @pytest.mark.parametrize("case", range(CASES))
-def test_contend(mpstore_shared_store, mpstore_worker_id, rendezvous, case):
+def test_contend(mpstore_shared_store, mpstore_worker_id, rendezvous, settled, case):
     if {racy}:
-        increment = GetThenUpsert(rendezvous)
+        increment = GetThenUpsert(rendezvous, settled)
         contend(mpstore_shared_store, mpstore_worker_id, f"case-{{case}}", increment=increment)
     else:
         contend(mpstore_shared_store, mpstore_worker_id, f"case-{{case}}", start=rendezvous)

@@ -104,17 +104,22 @@ class GetThenUpsert:
 
     The first increment of each worker stops at ``rendezvous`` between its get and its upsert,
     so every worker reads the same tally before any of them writes: all but one of those
-    writes are lost, on every run.
+    writes are lost, on every run; with ``settled`` they all wait again after writing.
     """
 
-    def __init__(self, rendezvous: Rendezvous) -> None:
+    def __init__(self, rendezvous: Rendezvous, settled: Rendezvous | None = None) -> None:
         self.rendezvous = rendezvous
+        self.settled = settled
 
     def __call__(self, coll: mpstore.Collection[Tally], case: str) -> None:
         current = coll.get(TALLY)
         assert current is not None
         self.rendezvous.wait()
         coll.upsert(bump(current, case))
+        if self.settled is not None:
+            # Every worker has overwritten the tally before any of them checks its count, so
+            # each loser of the race sees its own increment gone, on every run.
+            self.settled.wait()
 
 
 def contend(
