@@ -143,22 +143,12 @@ def test_filelock_users_and_mpstore_exclude_each_other(tmp_path: Path) -> None:
     path = str(tmp_path / "state.db")
     with mpstore.Store(path, timeout=0.2) as store:
         outside = filelock.FileLock(store.lock_path)
-        started, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with outside:
-                started.set()
-                release.wait()
-
-        t = threading.Thread(target=hold)
-        t.start()
-        try:
-            assert started.wait(10)
-            with pytest.raises(mpstore.GateTimeout), store.write():
-                pass
-        finally:
-            release.set()
-            t.join()
+        with (
+            workers.held_by_another_thread(lambda: outside),
+            pytest.raises(mpstore.GateTimeout),
+            store.write(),
+        ):
+            pass
         with store.write():
             pass
 

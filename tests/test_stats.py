@@ -9,6 +9,7 @@ import pytest
 
 import mpstore
 from mpstore.conversations import ConversationRepository, sample_conversation
+from tests import workers
 from tests.models import Note
 
 
@@ -44,20 +45,8 @@ def test_timeouts_are_counted(db_path: str) -> None:
             t = threading.Thread(target=upsert)
             t.start()
             t.join()
-        held, release = threading.Event(), threading.Event()
-
-        def hold_the_only_connection() -> None:
-            with store.read():
-                held.set()
-                release.wait()
-
-        t = threading.Thread(target=hold_the_only_connection)
-        t.start()
-        assert held.wait(10)
-        with pytest.raises(mpstore.PoolTimeout):
+        with workers.held_by_another_thread(store.read), pytest.raises(mpstore.PoolTimeout):
             store.query("SELECT 1")
-        release.set()
-        t.join()
         stats = store.stats()
         assert len(caught) == 1
         assert stats["gate_timeouts"] == 1

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import mpstore
+from tests import workers
 from tests.models import Note
 
 
@@ -179,24 +180,11 @@ def test_read_block_is_one_snapshot(store: mpstore.Store) -> None:
 
 def test_pool_timeout_when_every_read_connection_is_held(db_path: str) -> None:
     with mpstore.Store(db_path, pool_size=1, timeout=0.2) as store:
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with store.read():
-                held.set()
-                release.wait()
-
-        t = threading.Thread(target=hold)
-        t.start()
-        try:
-            assert held.wait(10)
+        with workers.held_by_another_thread(store.read):
             with pytest.raises(mpstore.PoolTimeout) as info:
                 store.query("SELECT 1")
             assert db_path in str(info.value)
             assert info.value.waited is not None and info.value.waited >= 0.2
-        finally:
-            release.set()
-            t.join()
         assert store.query("SELECT 1") == [(1,)]
         assert store._pool.in_use == 0
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +210,35 @@ def churn_lock_file(lock_path: str, change: str, barrier: Any, times: int) -> in
             os.replace(tmp, lock_path)
         os.sched_yield()
     return times
+
+
+@contextlib.contextmanager
+def held_by_another_thread(enter: Callable[[], AbstractContextManager[Any]]) -> Iterator[None]:
+    """Keep ``enter()`` entered in a thread of its own for the length of the block.
+
+    :raises AssertionError: the thread could not enter it, or failed while inside.
+    """
+    entered, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            with enter():
+                entered.set()
+                release.wait()
+        except BaseException as exc:
+            errors.append(exc)
+            entered.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(JOIN_TIMEOUT) and not errors, errors
+        yield
+    finally:
+        release.set()
+        thread.join()
+    assert not errors, errors
 
 
 @dataclass
