@@ -247,15 +247,7 @@ class Collection(Generic[M]):
         rows = [self._row(r) for r in records]
         if not rows:
             return 0
-        sql = self._sql.upsert
-
-        def write(conn: Connection) -> None:
-            # Nothing of the transaction may leave it: a cursor finalised later, in the
-            # caller's thread, would touch the write connection after the gate is gone.
-            conn.executemany(sql, rows).close()
-
-        self.store._run_write(write)
-        return len(rows)
+        return self.store._run_op(("upsert", self.name, self.indexed, rows))
 
     def delete(self, key: str) -> bool:
         """Delete the record with ``key``; True if it existed.
@@ -263,9 +255,7 @@ class Collection(Generic[M]):
         :raises InvalidKey: bad key.
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
-        check_key(key)
-        sql = self._sql.delete
-        return self.store._run_write(lambda conn: conn.execute(sql, (key,)).rowcount > 0)
+        return self.store._run_op(("delete", self.name, check_key(key))) > 0
 
     def update(self, key: str, fn: Callable[[M], M]) -> M:
         """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.

@@ -25,8 +25,9 @@ import weakref
 from collections import deque
 from typing import Protocol
 
-from . import _fork
+from . import _fork, _mailbox
 from ._errors import GateTimeout, PermissionDenied, TransactionError
+from ._mailbox import Mailbox
 
 try:
     import fcntl
@@ -297,6 +298,7 @@ class Gate:
 
     def __init__(self, lock_path: str, mode: int, kind: str = "auto") -> None:
         self.lock_path = lock_path
+        self.mailbox_path = lock_path.removesuffix(".lock") + ".mailbox"
         self._mode = mode
         self._kind = "flock" if kind == "auto" and fcntl is not None else kind
         self.users = 0
@@ -309,6 +311,8 @@ class Gate:
         self._waiters: deque[tuple[int, threading.Lock]] = deque()
         self._os: _FlockLock | _PortableLock | None = None
         self._os_held = False
+        self._mailbox: Mailbox | None = None
+        self._mailbox_lock = threading.Lock()
 
     def _kernel(self) -> _FlockLock | _PortableLock:
         if self._os is None:
@@ -320,7 +324,21 @@ class Gate:
         if self._pid != _fork.pid():
             if self._os is not None:
                 self._os.abandon_after_fork()
+            if self._mailbox is not None:
+                self._mailbox.close()  # the parent's claims were never ours
             self._reset()
+
+    def mailbox(self) -> Mailbox | None:
+        """The mailbox beside this gate (``<db>.mailbox``), opened on first use; None where
+        writes cannot be carried between processes (no flock gate, not Linux).
+
+        :raises PermissionDenied: the mailbox file cannot be opened.
+        """
+        if self._mailbox is None and self._kind == "flock" and _mailbox.available():
+            with self._mailbox_lock:
+                if self._mailbox is None:
+                    self._mailbox = Mailbox(self.mailbox_path, self._mode)
+        return self._mailbox
 
     @property
     def held_here(self) -> bool:
@@ -464,6 +482,9 @@ class Gate:
         if self._os is not None:
             self._os.close()
             self._os = None
+        if self._mailbox is not None:
+            self._mailbox.close()
+            self._mailbox = None
 
 
 _open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 try:
     import resource
@@ -34,6 +35,9 @@ __all__ = [
     "connect",
     "create_file",
     "file_size_limit_reached",
+    "last_batch",
+    "record_batch",
+    "run_op",
     "translate",
     "translating",
 ]
@@ -42,6 +46,15 @@ SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 META_TABLE = "_mpstore_meta"
 COLLECTIONS_TABLE = "_mpstore_collections"
+
+
+class Writer(Protocol):
+    """What a write needs of a connection (sqlite3's own, or mpstore's guarded one)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> sqlite3.Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> sqlite3.Cursor: ...
+
 
 _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}\Z")
 _RESERVED_PREFIXES = ("sqlite_", "_mpstore")
@@ -271,3 +284,65 @@ class CollectionSQL:
         if limit:
             sql += " LIMIT ?"
         return sql
+
+
+# -- writes carried between processes (see _mailbox) ------------------------------------------
+
+_BATCH_KEY = "last_batch"
+_carried_sql: dict[tuple[str, tuple[str, ...]], CollectionSQL] = {}
+
+
+def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
+    """Run one collection write given as data, and return how many rows it changed.
+
+    ``("upsert", table, indexed_fields, rows)`` or ``("delete", table, key)``: what a
+    collection sends through the mailbox to whichever process holds the gate. Names are checked
+    again here, so a damaged or forged slot can at worst fail its own write.
+
+    :raises MpstoreError: the operation is not one of the above.
+    """
+    kind = op[0] if op else None
+    if kind == "upsert" and len(op) == 4:
+        _, table, indexed, rows = op
+        sql = _sql_for(table, indexed)
+        if not isinstance(rows, list) or not all(
+            isinstance(r, tuple) and len(r) == 2 + len(indexed) for r in rows
+        ):
+            raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
+        conn.executemany(sql.upsert, rows).close()
+        return len(rows)
+    if kind == "delete" and len(op) == 3 and isinstance(op[2], str):
+        cursor = conn.execute(_sql_for(op[1], ()).delete, (op[2],))
+        count = cursor.rowcount
+        cursor.close()
+        return count
+    raise MpstoreError(f"not a carried write: {str(op)[:80]!r}")
+
+
+def _sql_for(table: object, indexed: object) -> CollectionSQL:
+    if not isinstance(indexed, tuple):
+        raise MpstoreError(f"a carried write names its indexed fields badly: {indexed!r}")
+    key = (check_identifier(table, "collection name"), indexed)
+    sql = _carried_sql.get(key)
+    if sql is None:
+        for field in indexed:
+            check_identifier(field, "indexed field")
+        if len(_carried_sql) > 1024:
+            _carried_sql.clear()
+        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, ())
+    return sql
+
+
+def record_batch(conn: Writer, batch: int) -> None:
+    """Record, inside a batch's own transaction, that this batch committed (see _mailbox)."""
+    conn.execute(
+        f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (_BATCH_KEY, str(batch)),
+    ).close()
+
+
+def last_batch(conn: sqlite3.Connection) -> int | None:
+    """The id of the last committed batch that carried writes of other processes."""
+    row = conn.execute(f"SELECT value FROM {META_TABLE} WHERE key = ?", (_BATCH_KEY,)).fetchone()
+    return int(row[0]) if row is not None else None

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _fork, _sqlite
+from . import _fork, _mailbox, _sqlite
 from ._checkpoint import Checkpointer
 from ._connection import Connection
 from ._errors import (
@@ -98,6 +98,10 @@ class Store:
         keeps those, at the cost of an fsync per commit.
     :param file_mode: permissions for a new database and its lock file (default ``0o600``).
     :param max_record_bytes: the largest JSON a collection accepts for one record.
+    :param mailbox: let a write that finds the gate held by another process leave itself in
+        ``<path>.mailbox`` for the holder to commit with its own (Linux; collection upserts and
+        deletes), and let this process commit the mailbox's writes with its own. Off, it does
+        neither (writes wait for the gate themselves), but still keeps the mailbox's rules.
     :param on_event: called with each name in :data:`EVENTS` as this process passes it. If it
         raises before the write is settled the call fails with that error and nothing is
         written; at "commit", "rollback", "gate-released" and "pool-released" the error goes to
@@ -119,6 +123,7 @@ class Store:
         max_record_bytes: int = 16 * 1024 * 1024,
         on_event: Hook | None = None,
         gate: str = "auto",
+        mailbox: bool = True,
     ) -> None:
         self._closed = True  # until fully open, so close()/__del__ are safe on failure
         self.path = os.path.abspath(os.fspath(path))
@@ -137,6 +142,7 @@ class Store:
         if gate not in ("auto", "flock", "filelock"):
             raise ValueError(f"gate must be 'auto', 'flock' or 'filelock', got {gate!r}")
         self._gate_kind = gate
+        self.mailbox = bool(mailbox)
         self.on_event = on_event
         self.lock_path = self.path + ".lock"
         self._tx = _TxState()
@@ -149,6 +155,8 @@ class Store:
         self._close_pending = False  # close() is waiting for the last writer to finish it
         self._wconn: sqlite3.Connection | None = None
         self._wpid = 0
+        self._following = 0  # calls of this store whose write waits in the mailbox
+        self._followers_done = threading.Condition(threading.Lock())
         _sqlite.create_file(self.path, file_mode)
         self._gate = gate_for(self.lock_path, file_mode, gate)
         self._pool: Pool[sqlite3.Connection] = Pool(
@@ -178,6 +186,7 @@ class Store:
             "file_mode": self.file_mode,
             "max_record_bytes": self.max_record_bytes,
             "gate": self._gate_kind,
+            "mailbox": self.mailbox,
         }
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -205,6 +214,7 @@ class Store:
             return
         self._closed = True
         self._queue.close(self.timeout)
+        self._wait_for_followers(self.timeout)
         self._checkpointer.close()
         self._pool.close()
         with self._writers_lock:
@@ -214,6 +224,15 @@ class Store:
                 return
             self._shut = True
         self._close_writer_and_gate()
+
+    def _wait_for_followers(self, timeout: float) -> None:
+        """Let writes left in the mailbox by this store's callers finish, as the queue does."""
+        if self._gate.held_by_me:
+            return  # from inside a write: they cannot run before this thread lets go
+        deadline = time.monotonic() + timeout
+        with self._followers_done:
+            while self._following and self._followers_done.wait(deadline - time.monotonic()):
+                pass
 
     def _close_writer_and_gate(self) -> None:
         with self._writers_lock:
@@ -349,9 +368,93 @@ class Store:
         self._check_open()
         self._emit("gate-wait")
         if self._gate.try_acquire():
-            with self._holding_gate() as raw, self._transaction(raw) as conn:
-                return fn(conn)
+            with self._holding_gate() as raw:
+                return self._queue.lead(raw, fn)
         return self._queue.submit(fn, self.timeout)
+
+    def _run_op(self, op: tuple[Any, ...]) -> int:
+        """Run a collection write given as data (see :func:`_sqlite.run_op`); rows changed.
+
+        Like :meth:`_run_write`, but when another process holds the gate the write goes into
+        the mailbox, for that holder to commit with its own.
+
+        :raises GateTimeout: the write had not started within ``timeout``.
+        """
+
+        def fn(conn: Connection) -> int:
+            return _sqlite.run_op(conn, op)
+
+        if self._current() is not None or self._tx.abandon is not None:
+            # Inside a write() block; or an asyncio call, whose cancellation must be able to
+            # stop it before it starts, which another process could not see.
+            return self._run_write(fn)
+        self._check_open()
+        self._emit("gate-wait")
+        if self._gate.try_acquire():
+            with self._holding_gate() as raw:
+                return self._queue.lead(raw, fn)
+        mailbox = self._carrier()
+        if mailbox is not None:
+            payload = _mailbox.encode_op(op)
+            if len(payload) <= _mailbox.CAPACITY:
+                slot = mailbox.claim()
+                if slot is not None:
+                    return self._follow(mailbox, slot, payload, fn)
+        return self._queue.submit(fn, self.timeout)
+
+    def _carrier(self) -> _mailbox.Mailbox | None:
+        """The mailbox, if this store uses it to carry writes between processes."""
+        return self._gate.mailbox() if self.mailbox else None
+
+    def _follow(
+        self,
+        mailbox: _mailbox.Mailbox,
+        slot: _mailbox.Slot,
+        payload: bytes,
+        fn: Callable[[Connection], int],
+    ) -> int:
+        """Leave a write in the mailbox and wait for its outcome, or for the gate.
+
+        :raises GateTimeout: no holder took the write within ``timeout`` (it never will).
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout
+        index = slot.index
+        settled = False
+        with self._followers_done:
+            self._following += 1
+        try:
+            mailbox.publish(slot, payload)
+            while True:
+                if mailbox.state(index) == _mailbox.DONE:
+                    settled = True
+                    self._stats.count("writes_carried_away")
+                    ok, value = mailbox.collect(slot)
+                    if ok:
+                        return int(value)
+                    raise value
+                if self._gate.try_acquire():
+                    # _holding_gate first settles what a dead holder left, this write included.
+                    with self._holding_gate() as raw:
+                        if mailbox.withdraw(slot):
+                            settled = True
+                            return self._queue.lead(raw, fn)
+                    continue
+                now = time.monotonic()
+                if now >= deadline and mailbox.withdraw(slot):
+                    settled = True
+                    raise self._gate_timeout(start)
+                # A holder wakes this slot when it finishes the write, or when it releases the
+                # gate with the write still waiting; the timeout only looks for a dead holder.
+                left = deadline - now
+                mailbox.sleep(slot, min(_mailbox.LIVENESS, left) if left > 0 else _mailbox.LIVENESS)
+        finally:
+            if not settled:
+                mailbox.withdraw(slot)
+            mailbox.give_back(slot)
+            with self._followers_done:
+                self._following -= 1
+                self._followers_done.notify_all()
 
     @contextmanager
     def _write_turn(self, timeout: float | bool | None = True) -> Iterator[sqlite3.Connection]:
@@ -371,8 +474,13 @@ class Store:
 
     @contextmanager
     def _holding_gate(self) -> Iterator[sqlite3.Connection]:
-        """The write connection, for a caller that has just taken the gate; releases it after."""
+        """The write connection, for a caller that has just taken the gate; releases it after.
+
+        It also keeps the mailbox's rules for every holder: settle what a dead holder left
+        before writing, and on release wake a write that waits in the mailbox.
+        """
         entered = False
+        mailbox = None
         try:
             self._emit("gate-acquired")
             self._check_abandoned()
@@ -385,9 +493,16 @@ class Store:
                 self._writing += 1
                 self._writer_ident = threading.get_ident()
                 entered = True
+            mailbox = self._gate.mailbox()
+            if mailbox is not None and mailbox.orphaned():
+                # The last holder died with other processes' writes taken: before anything
+                # else is committed, settle them by what the database says it committed.
+                mailbox.recover(_sqlite.last_batch(raw))
             yield raw
         finally:
             self._gate.release()
+            if mailbox is not None:
+                mailbox.wake_next()
             self._emit("gate-released")
             if entered:
                 with self._writers_lock:

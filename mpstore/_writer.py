@@ -10,15 +10,17 @@ One write's failure rolls back only its savepoint; no caller hears "done" before
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from . import _fork
+from . import _fork, _sqlite
 from ._connection import Connection
 from ._errors import Abandoned, TransactionError
+from ._mailbox import Carried, Mailbox
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -31,16 +33,24 @@ T = TypeVar("T")
 class _Job(Generic[T]):
     __slots__ = ("abandon", "context", "done", "error", "fn", "queued", "result", "started")
 
-    def __init__(self, fn: Callable[[Connection], T], abandon: threading.Event | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Connection], T],
+        abandon: threading.Event | None,
+        queued: bool = True,
+    ) -> None:
         self.fn = fn
-        # The write runs in the writer thread but sees the caller's context variables.
-        self.context = contextvars.copy_context()
+        # A queued write runs in the writer thread but sees the caller's context variables.
+        self.context = contextvars.copy_context() if queued else None
         self.done = threading.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
         self.started = False
         self.abandon = abandon
         self.queued = time.perf_counter()
+
+    def run(self, conn: Connection) -> T:
+        return self.fn(conn) if self.context is None else self.context.run(self.fn, conn)
 
 
 class _Redo(Exception):
@@ -49,6 +59,23 @@ class _Redo(Exception):
     def __init__(self, jobs: list[_Job[Any]]) -> None:
         super().__init__()
         self.jobs = jobs
+
+
+_Settle = tuple[Mailbox, list[Carried], list[_Job[Any]]]
+
+
+def _run_carried(op: tuple[Any, ...]) -> Callable[[Connection], int]:
+    return lambda conn: _sqlite.run_op(conn, op)
+
+
+def _settle(
+    conn: Connection, mailbox: Mailbox, carried: list[Carried], jobs: list[_Job[Any]]
+) -> None:
+    """Before COMMIT: the batch id into the transaction, each carried outcome into its slot."""
+    batch = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+    _sqlite.record_batch(conn, batch)
+    outcomes = [(True, j.result) if j.error is None else (False, j.error) for j in jobs]
+    mailbox.settle(carried, outcomes, batch)
 
 
 class WriteQueue:
@@ -108,7 +135,7 @@ class WriteQueue:
             try:
                 with store._write_turn(timeout=None) as raw:
                     batch = self._take()
-                    self._commit(raw, batch)
+                    self._commit(raw, batch, self._carried())
             except BaseException as exc:
                 # Failing before the batch was taken (the store closed, the lock file cannot be
                 # opened) fails everything queued: the same error would meet each of them.
@@ -132,20 +159,57 @@ class WriteQueue:
             self._store._stats.record("gate_wait", now - job.queued)
         return batch
 
-    def _commit(self, raw: Any, batch: list[_Job[Any]]) -> None:
+    def lead(self, raw: Any, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` for a caller that holds the gate, with every write left in the mailbox."""
+        carried = self._carried()
+        if not carried:
+            with self._store._transaction(raw) as conn:
+                return fn(conn)
+        own: _Job[T] = _Job(fn, None, queued=False)
+        self._commit(raw, [own], carried)
+        if own.error is not None:
+            raise own.error
+        return own.result  # type: ignore[return-value]
+
+    def _carried(self) -> list[Carried]:
+        mailbox = self._store._carrier()
+        return mailbox.take() if mailbox is not None else []
+
+    def _commit(self, raw: Any, batch: list[_Job[Any]], carried: list[Carried]) -> None:
         store = self._store
         runnable = [job for job in batch if not self._abandoned(job)]
-        if not runnable:
+        if not carried:
+            if runnable:
+                self._count(runnable)
+                self._transact(raw, runnable, None)
             return
+        mailbox = store._carrier()
+        assert mailbox is not None
+        jobs = runnable + [_Job(_run_carried(c.op), None, queued=False) for c in carried]
+        self._count(jobs)
+        store._stats.count("writes_carried", len(carried))
+        try:
+            self._transact(raw, jobs, (mailbox, carried, jobs[len(runnable) :]))
+        except BaseException as exc:
+            mailbox.fail(carried, exc)
+            raise
+        finally:
+            mailbox.finish(carried)
+
+    def _count(self, jobs: list[_Job[Any]]) -> None:
         self.batches += 1
-        self.batched_writes += len(runnable)
-        store._stats.record("batch_size", len(runnable))
-        store._stats.count("writes_batched", len(runnable))
-        pending = runnable
+        self.batched_writes += len(jobs)
+        self._store._stats.record("batch_size", len(jobs))
+        self._store._stats.count("writes_batched", len(jobs))
+
+    def _transact(self, raw: Any, jobs: list[_Job[Any]], settle: _Settle | None) -> None:
+        pending = jobs
         while pending:
             try:
-                with store._transaction(raw) as conn:
+                with self._store._transaction(raw) as conn:
                     self._run_jobs(conn, raw, pending)
+                    if settle is not None:
+                        _settle(conn, *settle)
                 pending = []
             except _Redo as redo:
                 pending = redo.jobs
@@ -154,12 +218,12 @@ class WriteQueue:
         if len(jobs) == 1:
             # Alone in the transaction: its failure rolls back the transaction itself.
             job = jobs[0]
-            job.result = job.context.run(job.fn, conn)
+            job.result = job.run(conn)
             return
         for i, job in enumerate(jobs):
             try:
                 with self._store._savepoint(conn):
-                    job.result = job.context.run(job.fn, conn)
+                    job.result = job.run(conn)
             except BaseException as exc:
                 job.error = exc
             if not raw.in_transaction:

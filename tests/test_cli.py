@@ -238,7 +238,8 @@ def test_a_failed_export_leaves_the_target_untouched(
 
 
 def _wal(path: str) -> list[str]:
-    return [Path(path + s).name for s in ("-wal", "-shm") if os.path.exists(path + s)]
+    """The files beside the database that come and go with its use."""
+    return [Path(path + s).name for s in ("-wal", "-shm", ".mailbox") if os.path.exists(path + s)]
 
 
 @pytest.fixture

@@ -449,6 +449,7 @@ def _setup_permissions(top: str, case: str) -> str:
         _real_database(path)
         os.chmod(path, 0o666)
         os.chmod(path + ".lock", 0o666)
+        os.chmod(path + ".mailbox", 0o666)
     if case == "new-db-in-read-only-dir":
         os.chmod(d, 0o555)
     elif case == "unreadable-db":
@@ -460,6 +461,8 @@ def _setup_permissions(top: str, case: str) -> str:
         os.chmod(path, 0o444)
     elif case == "read-only-lock-file":
         os.chmod(path + ".lock", 0o444)
+    elif case == "read-only-mailbox":
+        os.chmod(path + ".mailbox", 0o444)
     return path
 
 
@@ -476,6 +479,8 @@ PERMISSION_CASES = {
     "read-only-db": ("write", "write", "readonly"),
     # Reads work; the write is refused when the gate's lock file cannot be opened for writing.
     "read-only-lock-file": ("write", "write", "lock file"),
+    # Likewise for the mailbox: a writer that cannot keep its rules must not write.
+    "read-only-mailbox": ("write", "write", "mailbox"),
     # The control: the same child with every permission granted writes, so the refusals above
     # come from the permission bits and not from the switch of user.
     "writable": ("write", "done", ""),

@@ -256,7 +256,8 @@ def test_closing_a_store_never_closes_the_lock_file_under_a_waiting_writer(
         store = mpstore.Store(path, timeout=0.3)
         notes = store.collection("notes", Note, key="id")
         with pytest.raises(mpstore.GateTimeout):
-            notes.upsert(Note(id="late", text="x"))  # its writer thread stays in the kernel
+            # A callback write queues for the writer thread, which stays in the kernel.
+            notes.update("late", lambda n: n)
         writer = store._queue._thread
         assert writer is not None and writer.is_alive()
         gate = store._gate

@@ -33,7 +33,7 @@ def _queue_behind_a_write_block(
             t = threading.Thread(target=run, args=(i,))
             t.start()
             threads.append(t)
-            while len(store._queue._jobs) < i + 1:
+            while workers.pending_writes(store) < i + 1:
                 os.sched_yield()  # queued in this order, behind this block
     for t in threads:
         t.join()

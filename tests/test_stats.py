@@ -66,7 +66,7 @@ def test_queued_writes_are_group_committed_and_counted(store: mpstore.Store) -> 
             t.start()
             threads.append(t)
         queued.wait()
-        while len(store._queue._jobs) < 8:
+        while workers.pending_writes(store) < 8:
             os.sched_yield()  # until all eight have queued; they cannot run before we leave
     for t in threads:
         t.join()

@@ -395,7 +395,7 @@ def test_close_lets_queued_writes_finish(db_path: str) -> None:
         for t in threads:
             t.start()
         queued.wait()
-        while len(store._queue._jobs) < 4:
+        while workers.pending_writes(store) < 4:
             os.sched_yield()  # until all four have queued behind this block
         closer = threading.Thread(target=store.close)
         closer.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 import mpstore
 from mpstore._gate import drop_gate, gate_for
+from mpstore._mailbox import PUBLISHED, SLOTS
 from mpstore.conversations import ConversationRepository, Message, sample_conversation
 from tests.models import Note
 
@@ -247,6 +248,15 @@ class Holder:
 
     process: Any
     release: Any
+
+
+def pending_writes(store: mpstore.Store) -> int:
+    """Writes of this process waiting for the gate: queued, or left in the mailbox."""
+    mailbox = store._gate.mailbox()
+    published = 0
+    if mailbox is not None:
+        published = sum(mailbox.state(i) == PUBLISHED for i in range(SLOTS))
+    return len(store._queue._jobs) + published
 
 
 @contextlib.contextmanager

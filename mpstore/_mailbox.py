@@ -1,0 +1,509 @@
+"""The mailbox: writes waiting for the gate, left where whoever holds it can commit them.
+
+A write that finds the gate taken by another process does not queue for the gate's kernel lock:
+it writes a description of itself (an operation on a collection, with its rows: data, never
+SQL or code) into a slot of a small shared file beside the database, ``<db>.mailbox``, and
+sleeps. Whoever holds the gate takes every published slot, runs each write in its own
+SAVEPOINT of its own transaction, records a batch id in the database in that same transaction,
+stores each write's outcome in its slot, commits once, and only then marks the slots done and
+wakes their owners. One commit and one gate hand-off serve many processes' writes.
+
+Crash safety rests on kernel locks and on the batch id:
+
+- a process claims a slot with an open-file-description lock on one byte, held while its
+  mailbox is open; the kernel drops it when the process dies, so a dead owner's slot can be
+  claimed again;
+- state changes of a slot happen under a short per-slot lock of the same kind (plus a thread
+  lock), and only a gate holder moves a slot from published to taken;
+- a holder marks the mailbox with its pid while it has taken slots. If it dies, the next gate
+  holder finds the mark before it writes anything, reads the last committed batch id from the
+  database, and either completes the orphaned slots (their batch committed: the outcome stored
+  before COMMIT stands) or publishes them again (it did not: nothing of them was written);
+- a holder that releases the gate wakes one owner of a published slot, so a write published
+  while the gate changed hands is never left asleep; owners also wake every ``LIVENESS``
+  seconds to look for a holder that died.
+
+Linux only (abstract Unix sockets carry the wake-ups); elsewhere writes wait for the gate.
+"""
+
+from __future__ import annotations
+
+import errno
+import marshal
+import mmap
+import os
+import select
+import socket
+import sqlite3
+import struct
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _errors, _fork
+from ._errors import MpstoreError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CAPACITY", "LIVENESS", "Carried", "Mailbox", "Slot", "available", "encode_op"]
+
+#: How often a sleeping owner checks on its own that the gate holder is still alive.
+LIVENESS = 0.02
+
+SLOTS = 64
+_MAGIC = b"mpstmbx1"
+_HEADER = 4096
+_STATES = 64  # one state byte per slot, so a scan is one slice
+_SLOT_SIZE = 64 * 1024
+_SLOT_HEAD = struct.Struct("<IIqIIqI")  # owner pid, ready, batch, failed, size, result, error size
+_DATA = 64
+_ERROR_SIZE = 8 * 1024  # the end of a slot holds a failed write's error
+CAPACITY = _SLOT_SIZE - _DATA - _ERROR_SIZE
+_SIZE = _HEADER + SLOTS * _SLOT_SIZE
+_LEADER = struct.Struct("<q")
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
+# Record locks live far past the end of the file, one byte each: claims, then slot mutexes.
+_CLAIMS = 1 << 40
+_MUTEXES = _CLAIMS + 4096
+
+FREE, PUBLISHED, TAKEN, DONE = 0, 1, 2, 3
+
+
+def available() -> bool:
+    """Whether this platform can carry writes between processes (Linux: abstract sockets)."""
+    return (
+        sys.platform.startswith("linux")
+        and fcntl is not None
+        and hasattr(fcntl, "F_OFD_SETLK")
+        and struct.calcsize("P") == 8
+    )
+
+
+class Slot:
+    """One claimed slot of this process: its index and the socket its owner sleeps on."""
+
+    __slots__ = ("index", "poller", "sock")
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def drain(self) -> None:
+        """Drop the wake-ups queued so far."""
+        while True:
+            try:
+                self.sock.recv(16)
+            except BlockingIOError:
+                return
+
+
+class Carried:
+    """A write taken from another caller's slot: its operation and, once run, its outcome."""
+
+    __slots__ = ("index", "op", "owner", "size")
+
+    def __init__(self, index: int, owner: int, size: int, op: tuple[Any, ...]) -> None:
+        self.index = index
+        self.owner = owner
+        self.size = size
+        self.op = op
+
+
+class Mailbox:
+    """This process's view of one database's mailbox file.
+
+    :raises PermissionDenied: the file cannot be opened.
+    :raises MpstoreError: the file exists and is not a mailbox.
+    """
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self._pid = _fork.pid()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        except PermissionError as exc:
+            raise _errors.PermissionDenied(f"cannot open {path}: {exc}", path) from exc
+        try:
+            head = os.pread(fd, len(_MAGIC), 0)
+            if head not in (b"", bytes(len(head)), _MAGIC):
+                raise MpstoreError(
+                    f"{path} is not an mpstore mailbox file; it is left as it is (remove it "
+                    "while no process uses the database, and mpstore creates a new one)",
+                    path,
+                )
+            if os.fstat(fd).st_size < _SIZE:
+                os.ftruncate(fd, _SIZE)  # sparse: slots cost memory only once used
+            self._mm = mmap.mmap(fd, _SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        if self._mm[: len(_MAGIC)] != _MAGIC:
+            self._mm[: len(_MAGIC)] = _MAGIC  # new (all zeros): every slot is free
+        st = os.fstat(fd)
+        self._name = b"\0mpstore-%x-%x" % (st.st_dev, st.st_ino)
+        self._local = [threading.Lock() for _ in range(SLOTS)]
+        self._owned: set[int] = set()  # claimed by this process
+        self._slots: list[Slot] = []
+        self._spare: list[Slot] = []  # claimed and not in use
+        self._claim_lock = threading.Lock()
+        self._sender: socket.socket | None = None
+        self._next_wake = 0
+        self._busy = 0  # slots handed to callers and not given back
+        self._to_wake: list[tuple[int, int]] = []
+        self._close_pending = False
+        self._closed = False
+        _open.add(self)
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def _lock(self, offset: int, wait: bool) -> bool:
+        """An open-file-description lock on one byte: it conflicts with every other open of
+        the file (in this process too), is kept across fork by the shared description, and is
+        dropped by the kernel when the last descriptor of this open closes (the process died).
+        """
+        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+        except OSError as exc:
+            if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def _unlock(self, offset: int) -> None:
+        fcntl.fcntl(
+            self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
+        )
+
+    @contextmanager
+    def _mutex(self, index: int) -> Iterator[None]:
+        # Threads of this process share the descriptor, and so its locks: a thread lock first.
+        with self._local[index]:
+            self._lock(_MUTEXES + index, wait=True)
+            try:
+                yield
+            finally:
+                self._unlock(_MUTEXES + index)
+
+    def _try_mutex(self, index: int) -> bool:
+        if not self._local[index].acquire(blocking=False):
+            return False
+        try:
+            if self._lock(_MUTEXES + index, wait=False):
+                return True
+        except BaseException:
+            self._local[index].release()
+            raise
+        self._local[index].release()
+        return False
+
+    def _unmutex(self, index: int) -> None:
+        self._unlock(_MUTEXES + index)
+        self._local[index].release()
+
+    # -- slot fields --------------------------------------------------------------------------
+
+    def state(self, index: int) -> int:
+        return self._mm[_STATES + index]
+
+    def _set_state(self, index: int, state: int) -> None:
+        self._mm[_STATES + index] = state
+
+    def _head(self, index: int) -> tuple[int, ...]:
+        return _SLOT_HEAD.unpack_from(self._mm, _HEADER + index * _SLOT_SIZE)
+
+    def _put_head(self, index: int, *fields: int) -> None:
+        _SLOT_HEAD.pack_into(self._mm, _HEADER + index * _SLOT_SIZE, *fields)
+
+    def _data(self, index: int, size: int) -> bytes:
+        start = _HEADER + index * _SLOT_SIZE + _DATA
+        return self._mm[start : start + size]
+
+    def _put_data(self, index: int, data: bytes) -> None:
+        start = _HEADER + index * _SLOT_SIZE + _DATA
+        self._mm[start : start + len(data)] = data
+
+    def _address(self, index: int, owner: int) -> bytes:
+        return self._name + b"-%d-%d" % (index, owner)
+
+    # -- the owner's side ---------------------------------------------------------------------
+
+    def claim(self) -> Slot | None:
+        """A slot for one write of the calling thread, or None if all are in use."""
+        with self._claim_lock:
+            if self._closed:
+                return None
+            for slot in self._spare:
+                # A write interrupted in its caller (KeyboardInterrupt) may still be carried:
+                # its slot is reused only once it is settled.
+                if self.state(slot.index) in (FREE, DONE):
+                    self._spare.remove(slot)
+                    self._busy += 1
+                    return slot
+            if self._close_pending:
+                return None
+            pid = _fork.pid()
+            for index in range(SLOTS):
+                if index in self._owned or not self._lock(_CLAIMS + index, wait=False):
+                    continue
+                # Ours while this mailbox is open; a dead claimant may have left anything.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.bind(self._address(index, pid))
+                except OSError:
+                    # The name is still bound: a forked child of a dead claimant with the same
+                    # pid keeps its socket open. Leave this slot.
+                    sock.close()
+                    self._unlock(_CLAIMS + index)
+                    continue
+                with self._mutex(index):
+                    self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
+                    self._set_state(index, FREE)
+                self._owned.add(index)
+                self._slots.append(Slot(index, sock))
+                self._busy += 1
+                return self._slots[-1]
+        return None
+
+    def give_back(self, slot: Slot) -> None:
+        """Return a slot whose write is settled to this process's spare slots."""
+        with self._claim_lock:
+            self._spare.append(slot)
+            self._busy -= 1
+            if not (self._close_pending and self._busy == 0):
+                return
+        self._close()
+
+    def publish(self, slot: Slot, payload: bytes) -> None:
+        """Leave a write in ``slot`` for the gate holder (``payload`` fits :data:`CAPACITY`)."""
+        index = slot.index
+        slot.drain()  # wake-ups left over from the slot's previous write
+        with self._mutex(index):
+            self._put_data(index, payload)
+            self._put_head(index, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
+            self._set_state(index, PUBLISHED)
+
+    def sleep(self, slot: Slot, timeout: float) -> None:
+        """Wait until a holder wakes this slot's owner, or ``timeout`` seconds."""
+        if slot.poller.poll(max(timeout, 0.0) * 1000.0):
+            slot.drain()
+
+    def withdraw(self, slot: Slot) -> bool:
+        """Take back a write no holder has taken yet; False if one has (or has finished it)."""
+        with self._mutex(slot.index):
+            if self.state(slot.index) != PUBLISHED:
+                return False
+            self._set_state(slot.index, FREE)
+            return True
+
+    def collect(self, slot: Slot) -> tuple[bool, Any]:
+        """The outcome of a done write: ``(True, result)`` or ``(False, exception)``."""
+        index = slot.index
+        with self._mutex(index):
+            _, _, _, failed, _, result, error_size = self._head(index)
+            start = _HEADER + index * _SLOT_SIZE + _SLOT_SIZE - _ERROR_SIZE
+            error = self._mm[start : start + error_size] if failed else b""
+            self._set_state(index, FREE)
+        if failed:
+            return False, _decode_error(error, self.path)
+        return True, result
+
+    # -- the gate holder's side ---------------------------------------------------------------
+
+    def take(self) -> list[Carried]:
+        """Take every published write (the caller holds the gate)."""
+        states = self._mm[_STATES : _STATES + SLOTS]
+        index = states.find(PUBLISHED)
+        if index < 0:
+            return []
+        _LEADER.pack_into(self._mm, 8, _fork.pid())
+        taken: list[Carried] = []
+        while index >= 0:
+            # A slot whose owner is mid-change is left for the next holder.
+            if self._try_mutex(index):
+                try:
+                    if self.state(index) == PUBLISHED:
+                        owner, _, _, _, size, _, _ = self._head(index)
+                        op = _decode_op(self._data(index, size))
+                        self._set_state(index, TAKEN)
+                        taken.append(Carried(index, owner, size, op))
+                finally:
+                    self._unmutex(index)
+            index = states.find(PUBLISHED, index + 1)
+        if not taken:
+            _LEADER.pack_into(self._mm, 8, 0)
+        return taken
+
+    def settle(self, carried: list[Carried], results: list[tuple[bool, Any]], batch: int) -> None:
+        """Store each taken write's outcome before COMMIT, tagged with the batch id the same
+        transaction records in the database: if this process dies before :meth:`finish`, the
+        next holder knows from the database which outcome stands.
+
+        No slot lock is needed: nobody else touches a taken slot, and :meth:`finish` publishes
+        these stores under the slot's lock, which the owner takes before it reads them.
+        """
+        for item, (ok, value) in zip(carried, results, strict=True):
+            if ok:
+                self._put_head(item.index, item.owner, 1, batch, 0, item.size, int(value), 0)
+            else:
+                self._put_error(item, value, batch)
+
+    def fail(self, carried: list[Carried], exc: BaseException) -> None:
+        """Give every taken write the error that stopped its batch (nothing was committed)."""
+        for item in carried:
+            self._put_error(item, exc, 0)
+
+    def _put_error(self, item: Carried, exc: BaseException, batch: int) -> None:
+        error = _encode_error(exc)
+        start = _HEADER + item.index * _SLOT_SIZE + _SLOT_SIZE - _ERROR_SIZE
+        self._mm[start : start + len(error)] = error
+        self._put_head(item.index, item.owner, 1, batch, 1, item.size, 0, len(error))
+
+    def finish(self, carried: list[Carried]) -> None:
+        """Mark taken writes done (after COMMIT, or after :meth:`fail`); their owners are woken
+        by :meth:`wake_next`, once the gate is released: a wake-up costs the waker tens of
+        microseconds on these machines, too much to pay while every other writer waits."""
+        for item in carried:
+            with self._mutex(item.index):
+                self._set_state(item.index, DONE)
+        _LEADER.pack_into(self._mm, 8, 0)
+        with self._claim_lock:
+            self._to_wake.extend((item.index, item.owner) for item in carried)
+
+    def orphaned(self) -> bool:
+        """Whether the last holder died with writes taken and not finished."""
+        leader: int = _LEADER.unpack_from(self._mm, 8)[0]
+        return leader != 0
+
+    def recover(self, committed_batch: int | None) -> None:
+        """Resolve a dead holder's taken writes; ``committed_batch`` is the last batch id the
+        database holds. The caller holds the gate."""
+        for index in range(SLOTS):
+            with self._mutex(index):
+                if self.state(index) != TAKEN:
+                    continue
+                owner, ready, batch, _, size, _, _ = self._head(index)
+                if ready and batch != 0 and batch == committed_batch:
+                    self._set_state(index, DONE)
+                else:
+                    # Nothing of its batch was committed: it waits for the next holder again.
+                    self._put_head(index, owner, 0, 0, 0, size, 0, 0)
+                    self._set_state(index, PUBLISHED)
+            self._wake(index, owner)
+        _LEADER.pack_into(self._mm, 8, 0)
+
+    def wake_next(self) -> None:
+        """Wake the owners of writes finished under the gate, and one owner of a published
+        write, in turn (the caller has just released the gate)."""
+        with self._claim_lock:  # the mailbox may be closing in another thread
+            if self._closed:
+                return
+            done, self._to_wake = self._to_wake, []
+            for index, owner in done:
+                self._wake(index, owner)
+            states = self._mm[_STATES : _STATES + SLOTS]
+            start = self._next_wake
+            index = states.find(PUBLISHED, start)
+            if index < 0:
+                index = states.find(PUBLISHED, 0, start)
+                if index < 0:
+                    return
+            self._next_wake = (index + 1) % SLOTS
+            self._wake(index, self._head(index)[0])
+
+    def _wake(self, index: int, owner: int) -> None:
+        sender = self._sender
+        if sender is None:
+            sender = self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sender.sendto(b"!", socket.MSG_DONTWAIT, self._address(index, owner))
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            # A wake-up is only a hint: the owner has wake-ups queued already (the socket is
+            # full) or is gone; a live owner also checks on its own every LIVENESS seconds.
+            return
+
+    def close(self) -> None:
+        """Unmap and close, once no caller sleeps on a slot (the last to give one back closes).
+
+        A forked child closes its copy: the parent's claims were never its own.
+        """
+        with self._claim_lock:
+            if self._closed:
+                return
+            if self._busy and self._pid == _fork.pid():
+                self._close_pending = True
+                return
+            self._closed = True
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        for slot in self._slots:
+            slot.sock.close()
+        self._slots, self._spare = [], []
+        if self._sender is not None:
+            self._sender.close()
+        self._mm.close()
+        os.close(self._fd)  # releases the claims, unless a forked child still shares them
+
+
+_open: weakref.WeakSet[Mailbox] = weakref.WeakSet()
+
+
+def _forget_inherited() -> None:
+    # A child that never touches the store would otherwise keep its parent's claims alive
+    # (they belong to the shared open file description) after the parent died.
+    # Only this thread survived the fork: no lock of the mailbox may be waited for.
+    for mailbox in list(_open):
+        if not mailbox._closed:
+            mailbox._close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited)
+
+
+def encode_op(op: tuple[Any, ...]) -> bytes:
+    return marshal.dumps(op)
+
+
+def _decode_op(data: bytes) -> tuple[Any, ...]:
+    try:
+        op = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return ("damaged",)
+    return op if isinstance(op, tuple) else ("damaged",)
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    module = "mpstore" if isinstance(exc, MpstoreError) else type(exc).__module__
+    path = exc.path if isinstance(exc, MpstoreError) else None
+    # At most 4 bytes per character: the record always fits its place in the slot.
+    message = (exc.message if isinstance(exc, MpstoreError) else str(exc))[: _ERROR_SIZE // 5]
+    return marshal.dumps((module, type(exc).__name__, message, path))
+
+
+def _decode_error(data: bytes, path: str) -> BaseException:
+    try:
+        module, name, message, where = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return MpstoreError(f"the outcome of this write in {path} could not be read", path)
+    if module == "mpstore":
+        cls = getattr(_errors, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, MpstoreError):
+            return cls(str(message), where)
+    elif module == "sqlite3":
+        cls = getattr(sqlite3, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, sqlite3.Error):
+            return cls(str(message))
+    return MpstoreError(f"{name}: {message}", where)

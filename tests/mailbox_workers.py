@@ -1,0 +1,58 @@
+"""Child processes for the mailbox tests (spawned, so they live in an importable module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import mpstore
+from mpstore import _mailbox
+from tests.models import Note
+
+
+def write(path: str, op: str, key: str, follow_only: bool, mailbox: bool) -> dict[str, Any]:
+    """One upsert or delete of ``key``; returns its outcome and this process's counters.
+
+    With ``follow_only`` the process never takes the gate itself: its write waits in the
+    mailbox until another process carries it (so a test decides who leads).
+    """
+    with mpstore.Store(path, timeout=60, mailbox=mailbox) as store:
+        notes = store.collection("notes", Note, key="id")
+        if follow_only:
+            store._gate.try_acquire = lambda: False  # type: ignore[method-assign]
+        try:
+            if op == "delete":
+                outcome: Any = ("ok", notes.delete(key))
+            else:
+                outcome = ("ok", notes.upsert(Note(id=key, text=op)))
+        except Exception as exc:  # reported to the test, which checks the type
+            outcome = ("error", type(exc).__name__, str(exc))
+        stats = store.stats()
+    return {
+        "outcome": outcome,
+        "carried": stats.get("writes_carried", 0),
+        "carried_away": stats.get("writes_carried_away", 0),
+    }
+
+
+def die_while_carrying(path: str, event: str) -> None:
+    """Take the gate for one write, carry whatever waits in the mailbox, and die (kill -9) at
+    ``event``: "begin" (writes taken, nothing run), "settled" (outcomes stored in the slots,
+    not committed) or "commit" (committed, owners not yet told)."""
+
+    def die(name: str) -> None:
+        if name == event:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    settle = _mailbox.Mailbox.settle
+
+    def settle_then_die(self: _mailbox.Mailbox, *args: Any) -> None:
+        settle(self, *args)
+        die("settled")
+
+    _mailbox.Mailbox.settle = settle_then_die  # type: ignore[method-assign]
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        store.on_event = die
+        notes.upsert(Note(id="leader", text="x"))

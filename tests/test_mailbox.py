@@ -1,0 +1,194 @@
+"""Cross-process group commit: writes left in the mailbox, carried by whoever holds the gate."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mpstore
+from mpstore import _mailbox, _sqlite
+from tests import mailbox_workers, workers
+from tests.models import Note
+
+pytestmark = [
+    pytest.mark.processes,
+    pytest.mark.skipif(not _mailbox.available(), reason="the mailbox needs Linux"),
+]
+
+
+def _published(store: mpstore.Store) -> int:
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    return sum(mailbox.state(i) == _mailbox.PUBLISHED for i in range(_mailbox.SLOTS))
+
+
+@contextmanager
+def _writers(calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
+    """Start one spawned :func:`mailbox_workers.write` per call; yield a function that collects
+    their reports in order. Any writer still running at the end is killed."""
+    queue = workers.SPAWN.Queue()
+    procs = [
+        workers.SPAWN.Process(target=workers._report, args=(queue, i, mailbox_workers.write, call))
+        for i, call in enumerate(calls)
+    ]
+    for p in procs:
+        p.start()
+
+    def collect() -> list[Any]:
+        got: dict[int, Any] = {}
+        for _ in procs:
+            worker, status, value = queue.get(timeout=workers.JOIN_TIMEOUT)
+            assert status == "ok", value
+            got[worker] = value
+        return [got[i] for i in range(len(procs))]
+
+    try:
+        yield collect
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(workers.JOIN_TIMEOUT)
+
+
+def _wait_published(store: mpstore.Store, count: int) -> None:
+    while _published(store) < count:
+        os.sched_yield()  # the writers are publishing; the gate is held so none can run
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    p = str(tmp_path / "state.db")
+    with mpstore.Store(p) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert_many([Note(id="d1", text=""), Note(id="d2", text="")])
+    return p
+
+
+@pytest.mark.parametrize("mailbox", [True, False])
+def test_one_holder_commits_the_writes_other_processes_left(path: str, mailbox: bool) -> None:
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        calls = [(path, "upsert", k, False, mailbox) for k in ("a", "b", "c")]
+        with _writers(calls) as collect:
+            with store.write():
+                if mailbox:
+                    _wait_published(store, 3)
+            reports = collect()
+        assert [r["outcome"] for r in reports] == [("ok", None)] * 3
+        assert {"a", "b", "c"} <= set(notes.keys())
+    carried = sum(r["carried"] for r in reports)
+    if mailbox:
+        # The first woken writer took the gate and carried the other two in its commit.
+        assert carried == 2 and sum(r["carried_away"] for r in reports) == 2
+    else:
+        assert carried == 0
+
+
+@pytest.mark.parametrize("action", ["ABORT", "ROLLBACK"])
+def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
+    # ROLLBACK ends the whole transaction: the others are run again without it.
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with store.write() as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key = 'bad' "
+                f"BEGIN SELECT RAISE({action}, 'refused'); END"
+            )
+        calls = [(path, "upsert", k, False, True) for k in ("a", "bad", "c")]
+        with _writers(calls) as collect:
+            with store.write():
+                _wait_published(store, 3)
+            reports = collect()
+        outcomes = [r["outcome"] for r in reports]
+        assert outcomes == [("ok", None), ("error", "IntegrityError", "refused"), ("ok", None)]
+        assert sum(r["carried"] for r in reports) == 2
+        keys = set(notes.keys())
+        assert {"a", "c"} <= keys and "bad" not in keys
+
+
+def _kill_the_holder_while_it_carries(path: str, event: str) -> list[Any]:
+    """Two processes leave deletes of d1 and d2 in the mailbox and never lead; a third takes
+    them and is killed at ``event``; then this process writes, which makes it settle the dead
+    holder's slots first. Returns the two deleting processes' reports."""
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        calls = [(path, "delete", k, True, True) for k in ("d1", "d2")]
+        with _writers(calls) as collect:
+            with store.write():
+                _wait_published(store, 2)
+            leader = workers.SPAWN.Process(
+                target=mailbox_workers.die_while_carrying, args=(path, event)
+            )
+            leader.start()
+            leader.join(workers.JOIN_TIMEOUT)
+            assert leader.exitcode == -signal.SIGKILL
+            mailbox = store._gate.mailbox()
+            assert mailbox is not None and mailbox.orphaned()
+            notes.upsert(Note(id="after", text="x"))
+            reports = collect()
+        assert not mailbox.orphaned()
+        assert notes.get("d1") is None and notes.get("d2") is None
+        assert (notes.get("leader") is not None) == (event == "commit")
+    return reports
+
+
+@pytest.mark.parametrize("event", ["begin", "settled", "commit"])
+def test_a_holder_killed_while_carrying_writes_leaves_no_caller_misled(
+    path: str, event: str
+) -> None:
+    # "begin", "settled": nothing of the batch was committed, so the next holder runs both
+    # deletes again (and they find their rows). "commit": the batch committed, so it reports
+    # the outcomes the dead one stored before COMMIT; running the deletes again would tell
+    # both callers their rows did not exist.
+    reports = _kill_the_holder_while_it_carries(path, event)
+    assert [r["outcome"] for r in reports] == [("ok", True), ("ok", True)]
+
+
+def test_control_without_the_batch_id_a_committed_write_is_reported_wrongly(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same crash after COMMIT, settled by a holder that cannot see which batch committed:
+    # it runs the deletes again, and both callers hear that their rows did not exist.
+    monkeypatch.setattr(_sqlite, "last_batch", lambda conn: None)
+    reports = _kill_the_holder_while_it_carries(path, "commit")
+    assert [r["outcome"] for r in reports] == [("ok", False), ("ok", False)]
+
+
+@pytest.mark.parametrize(
+    ("op", "error"),
+    [
+        (("drop", "notes"), mpstore.MpstoreError),
+        (("delete", "sqlite_master", "x"), mpstore.InvalidName),
+        (("delete", "notes; DROP TABLE notes", "x"), mpstore.InvalidName),
+        (("upsert", "notes", ("a b",), [("k", "{}", 1)]), mpstore.InvalidName),
+        (("upsert", "notes", (), [("k",)]), mpstore.MpstoreError),
+        (("upsert", "notes", (), "rows"), mpstore.MpstoreError),
+        (("delete", "notes", 7), mpstore.MpstoreError),
+        ((), mpstore.MpstoreError),
+    ],
+)
+def test_a_forged_operation_fails_alone_and_writes_nothing(
+    store: mpstore.Store, op: tuple[Any, ...], error: type[Exception]
+) -> None:
+    # What a damaged or forged slot can hold reaches SQL only as a checked operation.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="k", text="kept"))
+    with pytest.raises(error):
+        store._run_op(op)
+    assert [n.text for n in notes.scan()] == ["kept"]
+
+
+def test_a_damaged_mailbox_file_is_refused_before_any_write(path: str) -> None:
+    Path(path + ".mailbox").write_bytes(b"not a mailbox" * 100)
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.MpstoreError, match="not an mpstore mailbox"):
+            notes.upsert(Note(id="n", text="x"))
+        assert notes.get("n") is None
