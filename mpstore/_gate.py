@@ -346,6 +346,11 @@ class Gate:
         return self._pid == _fork.pid() and self._os_held
 
     @property
+    def busy_here(self) -> bool:
+        """Another thread of this process holds the gate or waits for it."""
+        return self._pid == _fork.pid() and self._owner is not None
+
+    @property
     def held_by_me(self) -> bool:
         return self._pid == _fork.pid() and self._owner == threading.get_ident()
 

