@@ -161,22 +161,12 @@ class WriteQueue:
 
     def lead(self, raw: Any, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` for a caller that holds the gate, with every write left in the mailbox."""
-        queued = self._take() if self._jobs else []
         carried = self._carried()
-        if not carried and not queued:
+        if not carried:
             with self._store._transaction(raw) as conn:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
-        try:
-            self._commit(raw, [own, *queued], carried)
-        except BaseException as exc:
-            for job in queued:
-                if job.error is None:
-                    job.error, job.result = exc, None
-            raise
-        finally:
-            for job in queued:
-                job.done.set()
+        self._commit(raw, [own], carried)
         if own.error is not None:
             raise own.error
         return own.result  # type: ignore[return-value]
