@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -413,6 +413,8 @@ class Job:
     role: str = "writer"
     parties: int = 1
     writers: int = 1
+    #: A reader with a duration reads for that many seconds instead of until the writers stop.
+    duration: float = 0.0
 
 
 class _Waitable(Protocol):
@@ -459,13 +461,14 @@ def run_worker(
         errors: Counter[str] = Counter()
         result.started = time.perf_counter()
         workspace = 1 + job.worker % WORKSPACES
+        until = result.started + job.duration if job.duration > 0 else math.inf
         while True:
             try:
                 strategy.read(workspace)
                 result.reads += 1
             except Exception as exc:
                 errors[type(exc).__name__] += 1
-            if stop.is_set():
+            if stop.is_set() or time.perf_counter() >= until:
                 break
         result.finished = time.perf_counter()
         result.errors = dict(errors)
@@ -627,7 +630,7 @@ def run_threads(jobs: Sequence[Job]) -> list[WorkerResult]:
     strategy.open(jobs[0].path)
     writers = sum(1 for j in jobs if j.role == "writer")
     start = threading.Barrier(len(jobs))
-    park = threading.Barrier(writers)
+    park = threading.Barrier(max(writers, 1))  # readers alone never park
     stop = threading.Event()
     collected: list[WorkerResult] = []
     lock = threading.Lock()
@@ -711,6 +714,7 @@ class RunResult:
     readers: int = 0
     reads: int = 0
     read_throughput: float = 0.0
+    read_alone_throughput: float = 0.0
 
 
 def _seed(scenario: str, context_bytes: int) -> list[Conversation]:
@@ -754,7 +758,10 @@ def run_one(
     else:
         results = run_threads(jobs)
     after = cls.stored(path)
-    return measure(
+    alone = 0.0
+    if scenario == "mixed" and readers and strategy not in CEILINGS:
+        alone = _readers_alone(jobs, mode, pool, results)
+    run = measure(
         results,
         strategy=strategy,
         mode=mode,
@@ -765,6 +772,39 @@ def run_one(
         before=before,
         after=after,
     )
+    run.read_alone_throughput = alone
+    return run
+
+
+def _readers_alone(
+    jobs: Sequence[Job], mode: str, pool: ProcessPool | None, with_writers: Sequence[WorkerResult]
+) -> float:
+    """The same readers on the same database for as long as the writers wrote, alone: the
+    baseline for reads/s while writers write."""
+    writers = [r for r in with_writers if r.role == "writer"]
+    window = max(r.finished for r in writers) - min(r.started for r in writers)
+    shape = _readers_shape(sum(1 for j in jobs if j.role == "reader"))
+    readers = [
+        replace(j, parties=shape[0], writers=shape[1], duration=window)
+        for j in jobs
+        if j.role == "reader"
+    ]
+    if mode == "processes":
+        if pool is None:
+            with ProcessPool(len(readers), [shape]) as own:
+                results = own.run(readers)
+        else:
+            results = pool.run(readers)
+    else:
+        results = run_threads(readers)
+    reads = sum(r.reads for r in results)
+    span = max(r.finished - r.started for r in results)
+    return reads / span if span > 0 else 0.0
+
+
+def _readers_shape(readers: int) -> tuple[int, int]:
+    """The barrier shape of a readers-only run (its park barrier is never used)."""
+    return (readers, 1)
 
 
 def measure(
@@ -855,6 +895,7 @@ class Summary:
     lost: float
     x_ceiling: float | None
     read_throughput: float
+    read_alone_throughput: float = 0.0
 
 
 def _median_errors(runs: Sequence[RunResult]) -> dict[str, float]:
@@ -905,6 +946,7 @@ def summarize(runs: Iterable[RunResult]) -> list[Summary]:
                 lost=statistics.median(r.lost for r in group),
                 x_ceiling=ratio(throughput, ceiling),
                 read_throughput=statistics.median(r.read_throughput for r in group),
+                read_alone_throughput=statistics.median(r.read_alone_throughput for r in group),
             )
         )
     return summaries
@@ -978,6 +1020,8 @@ def run_bench(
                 for scenario in config.scenarios
                 for workers, _ in config.cells
             ]
+            if "mixed" in config.scenarios and config.readers:
+                shapes.append(_readers_shape(config.readers))
             pool = stack.enter_context(ProcessPool(max(p for p, _ in shapes), shapes))
         for scenario in config.scenarios:
             for workers, writes in config.cells:
@@ -1033,6 +1077,9 @@ def format_row(s: Summary) -> str:
     )
     if s.scenario == "mixed" and s.mode != SINGLE:
         line += f"  reads/s {s.read_throughput:,.0f}"
+        alone = ratio(s.read_throughput, s.read_alone_throughput)
+        if alone is not None:
+            line += f" ({alone:.2f}x of {s.read_alone_throughput:,.0f} alone)"
     return line
 
 

@@ -348,3 +348,7 @@ def test_mixed_reports_reads(tmp_path: Path) -> None:
     assert run["readers"] == 1
     assert run["reads"] > 0
     assert run["present"] == 6
+    # The same reader, alone for as long as the writers wrote: the baseline for reads/s.
+    assert run["read_alone_throughput"] > 0
+    (summary,) = document["summary"]
+    assert summary["read_alone_throughput"] == run["read_alone_throughput"]
