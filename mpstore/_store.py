@@ -271,8 +271,10 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """What this process has seen of the store: counters and recent latencies.
 
-        Counters: ``commits``, ``rollbacks``, ``writes_batched`` (writes that waited in the
-        queue and ran in a shared transaction), ``gate_timeouts``, ``pool_timeouts``,
+        Counters: ``commits``, ``rollbacks``, ``writes_batched`` (writes this process ran in a
+        shared transaction), ``writes_carried`` (of them, writes other processes left in the
+        mailbox), ``writes_carried_away`` (this process's writes another process committed),
+        ``gate_timeouts``, ``pool_timeouts``,
         ``checkpoints`` (background WAL checkpoints run) and ``checkpoint_errors``. Timings, each
         ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
         ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
