@@ -60,6 +60,7 @@ SLOTS = 64
 _MAGIC = b"mpstmbx1"
 _HEADER = 4096
 _STATES = 64  # one state byte per slot, so a scan is one slice
+_SLEEPING = _STATES + 64  # one byte per slot: its owner sleeps and must be woken
 _SLOT_SIZE = 64 * 1024
 _SLOT_HEAD = struct.Struct("<IIqIIqI")  # owner pid, ready, batch, failed, size, result, error size
 _DATA = 64
@@ -294,9 +295,22 @@ class Mailbox:
             self._set_state(index, PUBLISHED)
 
     def sleep(self, slot: Slot, timeout: float) -> None:
-        """Wait until a holder wakes this slot's owner, or ``timeout`` seconds."""
-        if slot.poller.poll(max(timeout, 0.0) * 1000.0):
-            slot.drain()
+        """Wait until a holder wakes this slot's owner, or ``timeout`` seconds.
+
+        The owner marks itself asleep under the slot's lock, where :meth:`finish` marks the slot
+        done: either the holder sees the mark and wakes it, or the owner sees the slot done and
+        does not sleep. An owner that has not gone to sleep costs the holder no wake-up.
+        """
+        index = slot.index
+        with self._mutex(index):
+            if self.state(index) == DONE:
+                return
+            self._mm[_SLEEPING + index] = 1
+        try:
+            if slot.poller.poll(max(timeout, 0.0) * 1000.0):
+                slot.drain()
+        finally:
+            self._mm[_SLEEPING + index] = 0
 
     def withdraw(self, slot: Slot) -> bool:
         """Take back a write no holder has taken yet; False if one has (or has finished it)."""
@@ -373,12 +387,15 @@ class Mailbox:
         """Mark taken writes done (after COMMIT, or after :meth:`fail`); their owners are woken
         by :meth:`wake_next`, once the gate is released: a wake-up costs the waker tens of
         microseconds on these machines, too much to pay while every other writer waits."""
+        sleeping = []
         for item in carried:
             with self._mutex(item.index):
                 self._set_state(item.index, DONE)
+                if self._mm[_SLEEPING + item.index]:
+                    sleeping.append((item.index, item.owner))
         _LEADER.pack_into(self._mm, 8, 0)
         with self._claim_lock:
-            self._to_wake.extend((item.index, item.owner) for item in carried)
+            self._to_wake.extend(sleeping)
 
     def orphaned(self) -> bool:
         """Whether the last holder died with writes taken and not finished."""
