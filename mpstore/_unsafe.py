@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from . import _sqlite
 from ._connection import Connection
 from ._store import Store
 
@@ -37,8 +38,6 @@ class UnsafeStore(Store):
         super().__init__(path, **settings)
 
     def _connect(self, readonly: bool) -> sqlite3.Connection:
-        from . import _sqlite
-
         return _sqlite.connect(
             self.path, busy_timeout=self.busy_timeout, synchronous=self.synchronous, readonly=False
         )
@@ -56,6 +55,10 @@ class UnsafeStore(Store):
         # No queue and no gate: every write takes a pooled connection and a deferred BEGIN.
         with self.write() as conn:
             return fn(conn)
+
+    def _run_op(self, op: tuple[Any, ...]) -> int:
+        # Nor the mailbox: collection upserts and deletes take the same unguarded path.
+        return self._run_write(lambda conn: _sqlite.run_op(conn, op))
 
     @property
     def _schema_ready(self) -> bool:

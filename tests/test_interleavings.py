@@ -21,6 +21,7 @@ import pytest
 from hypothesis import Phase, given, note, settings
 
 from tests import interleave, workers
+from tests.models import Note
 
 PROCESS_SLOTS = 4
 _runs = itertools.count()
@@ -97,3 +98,18 @@ def test_ungated_design_fails_and_hypothesis_finds_it(root: str) -> None:
     assert failing, "no schedule failed without the gate: the property has gone blind"
     schedule, why = min(failing, key=lambda f: sum(len(w.ops) for w in f[0].workers))
     print(f"a failing schedule without the gate ({why}):\n{schedule!r}")
+
+
+def test_the_ungated_control_writes_without_the_gate_or_the_mailbox(root: str) -> None:
+    # The control above is only a control while every write of it bypasses the gate.
+    from mpstore._unsafe import UnsafeStore
+
+    events: list[str] = []
+    with UnsafeStore(_fresh_path(root), on_event=events.append) as store:
+        notes = store.collection("notes", Note, key="id")
+        events.clear()
+        notes.upsert(Note(id="a", text="x"))
+        notes.upsert_many([Note(id="b", text="x")])
+        notes.delete("a")
+        notes.update("b", lambda n: n)
+    assert "gate-acquired" not in events and events.count("pool-acquired") == 4
