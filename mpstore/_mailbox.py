@@ -56,6 +56,9 @@ __all__ = ["CAPACITY", "LIVENESS", "Carried", "Mailbox", "Slot", "available", "e
 #: How often a sleeping owner checks on its own that the gate holder is still alive.
 LIVENESS = 0.02
 
+#: Claimed slots a process keeps for its next writes; the rest go back to all processes.
+_SPARES = 4
+
 SLOTS = 64
 _MAGIC = b"mpstmbx1"
 _HEADER = 4096
@@ -181,6 +184,14 @@ class Mailbox:
             raise
         return True
 
+    def _claimed(self, index: int) -> bool:
+        """Whether a live process (this one included) holds the slot's claim."""
+        if index in self._owned:
+            return True
+        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _CLAIMS + index, 1, 0)
+        found = _FLOCK.unpack(fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, request))
+        return bool(found[0] != fcntl.F_UNLCK)
+
     def _unlock(self, offset: int) -> None:
         fcntl.fcntl(
             self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
@@ -257,7 +268,14 @@ class Mailbox:
             for index in range(SLOTS):
                 if index in self._owned or not self._lock(_CLAIMS + index, wait=False):
                     continue
-                # Ours while this mailbox is open; a dead claimant may have left anything.
+                # Ours while this mailbox is open; a dead claimant may have left anything, but a
+                # write a holder has taken stays its until that holder (or the next) settles it.
+                with self._mutex(index):
+                    if self.state(index) == TAKEN:
+                        self._unlock(_CLAIMS + index)
+                        continue
+                    self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
+                    self._set_state(index, FREE)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 try:
                     sock.bind(self._address(index, pid))
@@ -267,9 +285,6 @@ class Mailbox:
                     sock.close()
                     self._unlock(_CLAIMS + index)
                     continue
-                with self._mutex(index):
-                    self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
-                    self._set_state(index, FREE)
                 self._owned.add(index)
                 self._slots.append(Slot(index, sock))
                 self._busy += 1
@@ -277,13 +292,18 @@ class Mailbox:
         return None
 
     def give_back(self, slot: Slot) -> None:
-        """Return a slot whose write is settled to this process's spare slots."""
+        """Return a slot to this process's spares; past a few, let other processes claim it."""
         with self._claim_lock:
-            self._spare.append(slot)
             self._busy -= 1
-            if not (self._close_pending and self._busy == 0):
-                return
-        self._close()
+            if len(self._spare) < _SPARES:
+                self._spare.append(slot)
+            else:
+                self._owned.discard(slot.index)
+                self._slots.remove(slot)
+                slot.sock.close()
+                self._unlock(_CLAIMS + slot.index)
+            if self._close_pending and self._busy == 0:
+                self._close()
 
     def publish(self, slot: Slot, payload: bytes) -> None:
         """Leave a write in ``slot`` for the gate holder (``payload`` fits :data:`CAPACITY`)."""
@@ -334,6 +354,10 @@ class Mailbox:
 
     # -- the gate holder's side ---------------------------------------------------------------
 
+    def waiting(self) -> bool:
+        """Whether any write waits in the mailbox (a hint: one may arrive right after)."""
+        return PUBLISHED in self._mm[_STATES : _STATES + SLOTS]
+
     def take(self) -> list[Carried]:
         """Take every published write (the caller holds the gate)."""
         states = self._mm[_STATES : _STATES + SLOTS]
@@ -343,10 +367,15 @@ class Mailbox:
         _LEADER.pack_into(self._mm, 8, _fork.pid())
         taken: list[Carried] = []
         while index >= 0:
-            # A slot whose owner is mid-change is left for the next holder.
+            # A slot whose owner is mid-change is left for the next holder (the owner, once
+            # done, finds the gate taken and is woken when it is released).
             if self._try_mutex(index):
                 try:
-                    if self.state(index) == PUBLISHED:
+                    if self.state(index) == PUBLISHED and not self._claimed(index):
+                        # Its owner died waiting: it never heard back, so nothing runs for it,
+                        # as nothing would have if it had died waiting for the gate.
+                        self._set_state(index, FREE)
+                    elif self.state(index) == PUBLISHED:
                         owner, _, _, _, size, _, _ = self._head(index)
                         op = _decode_op(self._data(index, size))
                         self._set_state(index, TAKEN)
@@ -412,6 +441,9 @@ class Mailbox:
                 owner, ready, batch, _, size, _, _ = self._head(index)
                 if ready and batch != 0 and batch == committed_batch:
                     self._set_state(index, DONE)
+                elif not self._claimed(index):
+                    self._set_state(index, FREE)  # not written, and its owner is gone
+                    continue
                 else:
                     # Nothing of its batch was committed: it waits for the next holder again.
                     self._put_head(index, owner, 0, 0, 0, size, 0, 0)
@@ -460,10 +492,11 @@ class Mailbox:
             if self._busy and self._pid == _fork.pid():
                 self._close_pending = True
                 return
-            self._closed = True
-        self._close()
+            self._close()
 
     def _close(self) -> None:
+        # Under _claim_lock (but in a forked child, where no other thread exists), so that
+        # wake_next never uses what this closes.
         self._closed = True
         for slot in self._slots:
             slot.sock.close()
@@ -505,9 +538,10 @@ def _decode_op(data: bytes) -> tuple[Any, ...]:
 def _encode_error(exc: BaseException) -> bytes:
     module = "mpstore" if isinstance(exc, MpstoreError) else type(exc).__module__
     path = exc.path if isinstance(exc, MpstoreError) else None
-    # At most 4 bytes per character: the record always fits its place in the slot.
-    message = (exc.message if isinstance(exc, MpstoreError) else str(exc))[: _ERROR_SIZE // 5]
-    return marshal.dumps((module, type(exc).__name__, message, path))
+    message = exc.message if isinstance(exc, MpstoreError) else str(exc)
+    limit = _ERROR_SIZE // 10  # characters of at most 4 bytes: everything fits its place
+    names = (module[:100], type(exc).__name__[:100])
+    return marshal.dumps((*names, message[:limit], (path or "")[:limit]))
 
 
 def _decode_error(data: bytes, path: str) -> BaseException:
@@ -515,6 +549,7 @@ def _decode_error(data: bytes, path: str) -> BaseException:
         module, name, message, where = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
         return MpstoreError(f"the outcome of this write in {path} could not be read", path)
+    where = str(where) or None
     if module == "mpstore":
         cls = getattr(_errors, str(name), None)
         if isinstance(cls, type) and issubclass(cls, MpstoreError):

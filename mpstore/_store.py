@@ -406,7 +406,10 @@ class Store:
             if len(payload) <= _mailbox.CAPACITY:
                 slot = mailbox.claim()
                 if slot is not None:
-                    return self._follow(mailbox, slot, payload, fn)
+                    try:
+                        return self._follow(mailbox, slot, payload, fn)
+                    finally:
+                        mailbox.give_back(slot)
         return self._queue.submit(fn, self.timeout)
 
     @staticmethod
@@ -468,7 +471,6 @@ class Store:
         finally:
             if not settled:
                 mailbox.withdraw(slot)
-            mailbox.give_back(slot)
             with self._followers_done:
                 self._following -= 1
                 self._followers_done.notify_all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -31,15 +32,27 @@ T = TypeVar("T")
 
 
 class _Job(Generic[T]):
-    __slots__ = ("abandon", "context", "done", "error", "fn", "queued", "result", "started")
+    __slots__ = (
+        "abandon",
+        "carried",
+        "context",
+        "done",
+        "error",
+        "fn",
+        "queued",
+        "result",
+        "started",
+    )
 
     def __init__(
         self,
         fn: Callable[[Connection], T],
         abandon: threading.Event | None,
         queued: bool = True,
+        carried: bool = False,
     ) -> None:
         self.fn = fn
+        self.carried = carried
         # A queued write runs in the writer thread but sees the caller's context variables.
         self.context = contextvars.copy_context() if queued else None
         self.done = threading.Event()
@@ -61,21 +74,47 @@ class _Redo(Exception):
         self.jobs = jobs
 
 
-_Settle = tuple[Mailbox, list[Carried], list[_Job[Any]]]
-
-
 def _run_carried(op: tuple[Any, ...]) -> Callable[[Connection], int]:
     return lambda conn: _sqlite.run_op(conn, op)
 
 
-def _settle(
-    conn: Connection, mailbox: Mailbox, carried: list[Carried], jobs: list[_Job[Any]]
-) -> None:
-    """Before COMMIT: the batch id into the transaction, each carried outcome into its slot."""
-    batch = int.from_bytes(os.urandom(8), "little") >> 1 or 1
-    _sqlite.record_batch(conn, batch)
-    outcomes = [(True, j.result) if j.error is None else (False, j.error) for j in jobs]
-    mailbox.settle(carried, outcomes, batch)
+class _Carry:
+    """Writes of other processes that one batch takes from the mailbox, once its own ran."""
+
+    __slots__ = ("batch", "jobs", "mailbox", "taken", "took")
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
+        self.batch = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        self.taken: list[Carried] = []
+        self.jobs: list[_Job[Any]] = []
+        self.took = False
+
+    def take(self) -> list[_Job[Any]]:
+        """The mailbox's writes, taken only now: a slot is held for as long as its own SQL and
+        the COMMIT take, not for as long as this batch's callbacks run."""
+        self.took = True
+        self.taken = self.mailbox.take()
+        self.jobs = [_Job(_run_carried(c.op), None, queued=False, carried=True) for c in self.taken]
+        return self.jobs
+
+    def settle(self, conn: Connection) -> None:
+        """Before COMMIT: the batch id into the transaction, each outcome into its slot."""
+        _sqlite.record_batch(conn, self.batch)
+        outcomes = [(True, j.result) if j.error is None else (False, j.error) for j in self.jobs]
+        self.mailbox.settle(self.taken, outcomes, self.batch)
+
+    def after_failure(self, raw: sqlite3.Connection, exc: BaseException) -> None:
+        """The batch raised: tell the owners what happened, which the database decides."""
+        try:
+            committed = not raw.in_transaction and _sqlite.last_batch(raw) == self.batch
+        except sqlite3.Error:
+            # Undecidable here: leave the slots taken and marked, as a dead holder would, and
+            # the next holder settles them from the database.
+            return
+        if not committed:
+            self.mailbox.fail(self.taken, exc)
+        self.mailbox.finish(self.taken)
 
 
 class WriteQueue:
@@ -135,7 +174,7 @@ class WriteQueue:
             try:
                 with store._write_turn(timeout=None) as raw:
                     batch = self._take()
-                    self._commit(raw, batch, self._carried())
+                    self._commit(raw, batch)
             except BaseException as exc:
                 # Failing before the batch was taken (the store closed, the lock file cannot be
                 # opened) fails everything queued: the same error would meet each of them.
@@ -161,40 +200,39 @@ class WriteQueue:
 
     def lead(self, raw: Any, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` for a caller that holds the gate, with every write left in the mailbox."""
-        carried = self._carried()
-        if not carried:
+        mailbox = self._store._carrier()
+        if mailbox is None or not mailbox.waiting():
             with self._store._transaction(raw) as conn:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
-        self._commit(raw, [own], carried)
+        self._commit(raw, [own])
         if own.error is not None:
             raise own.error
         return own.result  # type: ignore[return-value]
 
-    def _carried(self) -> list[Carried]:
-        mailbox = self._store._carrier()
-        return mailbox.take() if mailbox is not None else []
-
-    def _commit(self, raw: Any, batch: list[_Job[Any]], carried: list[Carried]) -> None:
+    def _commit(self, raw: Any, batch: list[_Job[Any]]) -> None:
+        """Run ``batch`` (and the mailbox's writes) in one transaction; each job gets its own
+        outcome. Raises only what failed the whole transaction (BEGIN, COMMIT, the disk)."""
         store = self._store
         runnable = [job for job in batch if not self._abandoned(job)]
-        if not carried:
-            if runnable:
-                self._count(runnable)
-                self._transact(raw, runnable, None)
-            return
         mailbox = store._carrier()
-        assert mailbox is not None
-        jobs = runnable + [_Job(_run_carried(c.op), None, queued=False) for c in carried]
-        self._count(jobs)
-        store._stats.count("writes_carried", len(carried))
+        carry = _Carry(mailbox) if mailbox is not None and mailbox.waiting() else None
         try:
-            self._transact(raw, jobs, (mailbox, carried, jobs[len(runnable) :]))
+            if runnable or carry is not None:
+                self._transact(raw, runnable, carry)
         except BaseException as exc:
-            mailbox.fail(carried, exc)
+            if carry is not None and carry.taken:
+                carry.after_failure(raw, exc)
             raise
+        else:
+            if carry is not None and carry.taken:
+                carry.mailbox.finish(carry.taken)
         finally:
-            mailbox.finish(carried)
+            jobs = runnable + (carry.jobs if carry is not None else [])
+            if jobs:
+                self._count(jobs)
+            if carry is not None and carry.taken:
+                store._stats.count("writes_carried", len(carry.taken))
 
     def _count(self, jobs: list[_Job[Any]]) -> None:
         self.batches += 1
@@ -202,20 +240,31 @@ class WriteQueue:
         self._store._stats.record("batch_size", len(jobs))
         self._store._stats.count("writes_batched", len(jobs))
 
-    def _transact(self, raw: Any, jobs: list[_Job[Any]], settle: _Settle | None) -> None:
+    def _transact(self, raw: Any, jobs: list[_Job[Any]], carry: _Carry | None) -> None:
         pending = jobs
-        while pending:
+        while True:
             try:
                 with self._store._transaction(raw) as conn:
-                    self._run_jobs(conn, raw, pending)
-                    if settle is not None:
-                        _settle(conn, *settle)
-                pending = []
+                    self._run_jobs(conn, raw, pending, alone=carry is None)
+                    if carry is not None and not carry.took:
+                        taken = carry.take()
+                        try:
+                            self._run_jobs(conn, raw, taken, alone=not pending)
+                        except _Redo as redo:
+                            # Those that ran before the mailbox's writes were rolled back too.
+                            for job in pending:
+                                job.result, job.error = None, None
+                            raise _Redo(pending + redo.jobs) from None
+                    if carry is not None and carry.taken:
+                        carry.settle(conn)
+                return
             except _Redo as redo:
                 pending = redo.jobs
+                if not pending and (carry is None or carry.took):
+                    return
 
-    def _run_jobs(self, conn: Connection, raw: Any, jobs: list[_Job[Any]]) -> None:
-        if len(jobs) == 1:
+    def _run_jobs(self, conn: Connection, raw: Any, jobs: list[_Job[Any]], alone: bool) -> None:
+        if alone and len(jobs) == 1:
             # Alone in the transaction: its failure rolls back the transaction itself.
             job = jobs[0]
             job.result = job.run(conn)
@@ -224,7 +273,11 @@ class WriteQueue:
             try:
                 with self._store._savepoint(conn):
                     job.result = job.run(conn)
+            except Exception as exc:
+                job.error = exc
             except BaseException as exc:
+                if job.carried:
+                    raise  # this process's own interrupt, not the other caller's error
                 job.error = exc
             if not raw.in_transaction:
                 # This write ended the whole transaction (a RAISE(ROLLBACK) trigger, a full

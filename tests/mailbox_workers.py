@@ -11,13 +11,15 @@ from mpstore import _mailbox
 from tests.models import Note
 
 
-def write(path: str, op: str, key: str, follow_only: bool, mailbox: bool) -> dict[str, Any]:
+def write(
+    path: str, op: str, key: str, follow_only: bool, mailbox: bool, timeout: float = 60
+) -> dict[str, Any]:
     """One upsert or delete of ``key``; returns its outcome and this process's counters.
 
     With ``follow_only`` the process never takes the gate itself: its write waits in the
     mailbox until another process carries it (so a test decides who leads).
     """
-    with mpstore.Store(path, timeout=60, mailbox=mailbox) as store:
+    with mpstore.Store(path, timeout=timeout, mailbox=mailbox) as store:
         notes = store.collection("notes", Note, key="id")
         if follow_only:
             store._gate.try_acquire = lambda: False  # type: ignore[method-assign]
@@ -38,19 +40,26 @@ def write(path: str, op: str, key: str, follow_only: bool, mailbox: bool) -> dic
 
 def die_while_carrying(path: str, event: str) -> None:
     """Take the gate for one write, carry whatever waits in the mailbox, and die (kill -9) at
-    ``event``: "begin" (writes taken, nothing run), "settled" (outcomes stored in the slots,
-    not committed) or "commit" (committed, owners not yet told)."""
+    ``event``: "taken" (writes taken, none run), "settled" (outcomes stored in the slots, not
+    committed) or "commit" (committed, owners not yet told)."""
 
     def die(name: str) -> None:
         if name == event:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    settle = _mailbox.Mailbox.settle
+    take, settle = _mailbox.Mailbox.take, _mailbox.Mailbox.settle
+
+    def take_then_die(self: _mailbox.Mailbox) -> list[_mailbox.Carried]:
+        taken = take(self)
+        if taken:
+            die("taken")
+        return taken
 
     def settle_then_die(self: _mailbox.Mailbox, *args: Any) -> None:
         settle(self, *args)
         die("settled")
 
+    _mailbox.Mailbox.take = take_then_die  # type: ignore[method-assign]
     _mailbox.Mailbox.settle = settle_then_die  # type: ignore[method-assign]
     with mpstore.Store(path) as store:
         notes = store.collection("notes", Note, key="id")

@@ -40,10 +40,10 @@ def _writers(calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
     for p in procs:
         p.start()
 
-    def collect() -> list[Any]:
+    def collect(timeout: float = workers.JOIN_TIMEOUT) -> list[Any]:
         got: dict[int, Any] = {}
         for _ in procs:
-            worker, status, value = queue.get(timeout=workers.JOIN_TIMEOUT)
+            worker, status, value = queue.get(timeout=timeout)
             assert status == "ok", value
             got[worker] = value
         return [got[i] for i in range(len(procs))]
@@ -55,6 +55,22 @@ def _writers(calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
             if p.is_alive():
                 p.kill()
             p.join(workers.JOIN_TIMEOUT)
+
+
+@contextmanager
+def _one_writer(call: tuple[Any, ...]) -> Iterator[Any]:
+    """Like :func:`_writers`, for one call; also yields the process, to kill it."""
+    queue = workers.SPAWN.Queue()
+    proc = workers.SPAWN.Process(
+        target=workers._report, args=(queue, 0, mailbox_workers.write, call)
+    )
+    proc.start()
+    try:
+        yield proc, lambda timeout=workers.JOIN_TIMEOUT: queue.get(timeout=timeout)[1:]
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(workers.JOIN_TIMEOUT)
 
 
 def _wait_published(store: mpstore.Store, count: int) -> None:
@@ -139,11 +155,11 @@ def _kill_the_holder_while_it_carries(path: str, event: str) -> list[Any]:
     return reports
 
 
-@pytest.mark.parametrize("event", ["begin", "settled", "commit"])
+@pytest.mark.parametrize("event", ["taken", "settled", "commit"])
 def test_a_holder_killed_while_carrying_writes_leaves_no_caller_misled(
     path: str, event: str
 ) -> None:
-    # "begin", "settled": nothing of the batch was committed, so the next holder runs both
+    # "taken", "settled": nothing of the batch was committed, so the next holder runs both
     # deletes again (and they find their rows). "commit": the batch committed, so it reports
     # the outcomes the dead one stored before COMMIT; running the deletes again would tell
     # both callers their rows did not exist.
@@ -192,3 +208,101 @@ def test_a_damaged_mailbox_file_is_refused_before_any_write(path: str) -> None:
         with pytest.raises(mpstore.MpstoreError, match="not an mpstore mailbox"):
             notes.upsert(Note(id="n", text="x"))
         assert notes.get("n") is None
+
+
+def _ghost_write(path: str) -> mpstore.Store:
+    """A process leaves an upsert of "ghost" in the mailbox and is killed before any holder
+    takes it; then this process writes, and so holds the gate with the slot still published."""
+    store = mpstore.Store(path)
+    notes = store.collection("notes", Note, key="id")
+    with _one_writer((path, "upsert", "ghost", True, True)) as (proc, _):
+        with store.write():
+            _wait_published(store, 1)
+        proc.kill()
+        proc.join(workers.JOIN_TIMEOUT)
+    notes.upsert(Note(id="live", text="x"))
+    return store
+
+
+def test_a_write_whose_caller_died_waiting_is_never_run(path: str) -> None:
+    # The caller never heard back, as if it had died waiting for the gate: nothing of it runs
+    # later, where it could overwrite what others wrote since.
+    with _ghost_write(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        assert notes.get("live") is not None and notes.get("ghost") is None
+        assert _published(store) == 0
+
+
+def test_control_a_holder_that_does_not_check_the_owner_runs_the_dead_callers_write(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_mailbox.Mailbox, "_claimed", lambda self, index: True)
+    with _ghost_write(path) as store:
+        assert store.collection("notes", Note, key="id").get("ghost") is not None
+
+
+def test_a_taken_slot_is_not_claimed_again_when_its_owner_goes(tmp_path: Path) -> None:
+    # Each Mailbox object is its own open of the file, so its locks act as another process's.
+    where = str(tmp_path / "x.mailbox")
+    owner, holder, newcomer = (_mailbox.Mailbox(where, 0o600) for _ in range(3))
+    try:
+        slot = owner.claim()
+        assert slot is not None
+        owner.publish(slot, _mailbox.encode_op(("delete", "notes", "k")))
+        assert [c.index for c in holder.take()] == [slot.index]
+        owner.give_back(slot)
+        owner.close()  # the owner is gone; its write is still being carried
+        fresh = newcomer.claim()
+        assert fresh is not None and fresh.index != slot.index
+        assert holder.state(slot.index) == _mailbox.TAKEN
+    finally:
+        for mailbox in (owner, holder, newcomer):
+            mailbox.close()
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def test_an_interrupt_after_commit_does_not_turn_carried_writes_into_failures(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with _one_writer((path, "delete", "d1", True, True)) as (_, report):
+            with store.write():
+                _wait_published(store, 1)
+            event = store._stats.event
+
+            def interrupted(name: str) -> None:
+                event(name)
+                if name == "commit":
+                    raise _Interrupt
+
+            monkeypatch.setattr(store._stats, "event", interrupted)
+            with pytest.raises(_Interrupt):
+                notes.upsert(Note(id="lead", text="x"))
+            monkeypatch.undo()
+            assert report()[1]["outcome"] == ("ok", True)
+        assert notes.get("d1") is None
+
+
+def test_a_callback_under_the_gate_does_not_hold_waiting_writes_past_their_timeout(
+    path: str,
+) -> None:
+    # The holder takes the mailbox's writes only after its own ran: a waiting write whose
+    # timeout passes meanwhile is withdrawn and its caller told so, while the callback runs.
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with _one_writer((path, "upsert", "late", True, True, 0.5)) as (_, report):
+            with store.write():
+                _wait_published(store, 1)
+            seen = []
+
+            def slow(n: Note) -> Note:
+                seen.append(report(timeout=30))
+                return n
+
+            notes.update("d1", slow)
+        assert seen[0][0] == "ok" and seen[0][1]["outcome"][:2] == ("error", "GateTimeout")
+        assert notes.get("late") is None
