@@ -718,13 +718,15 @@ class RunResult:
 
 
 def _seed(scenario: str, context_bytes: int) -> list[Conversation]:
-    if scenario != "modify":
-        return []
+    """What the database holds before a run: the conversations ``modify`` appends to; for
+    ``mixed``, a full page of them per workspace, so that every read lists ``READ_LIMIT``
+    conversations from the start (with writers and alone alike)."""
+    count = {"modify": SHARED_CONVERSATIONS, "mixed": WORKSPACES * READ_LIMIT}.get(scenario, 0)
     return [
         sample_conversation(
             shared_id(i), workspace_id=1 + i % WORKSPACES, context_bytes=context_bytes
         )
-        for i in range(SHARED_CONVERSATIONS)
+        for i in range(count)
     ]
 
 
