@@ -743,7 +743,8 @@ def run_one(
     pool: ProcessPool | None = None,
 ) -> RunResult:
     """Run one strategy once in a fresh database under ``directory`` and verify what landed."""
-    path = os.path.join(directory, f"{strategy}-{mode}-{workers}x{writes}-{repetition}.db")
+    name = f"{scenario}-{strategy}-{mode}-{workers}x{writes}-{repetition}.db"
+    path = os.path.join(directory, name)
     cls = _CLASSES[strategy]
     seed = _seed(scenario, context_bytes)
     cls.create(path, seed)

@@ -352,3 +352,14 @@ def test_mixed_reports_reads(tmp_path: Path) -> None:
     assert run["read_alone_throughput"] > 0
     (summary,) = document["summary"]
     assert summary["read_alone_throughput"] == run["read_alone_throughput"]
+
+
+def test_each_scenario_of_one_run_gets_its_own_database(tmp_path: Path) -> None:
+    # Two scenarios write the same keys; sharing a file, the second would count them as lost.
+    document = _bench_json(
+        tmp_path, "--mode", "threads", "--strategy", "ungated", "--scenario", "mixed", "upsert"
+    )
+    assert [(r["scenario"], r["lost"], r["present"]) for r in document["runs"]] == [
+        ("mixed", 0, 6),
+        ("upsert", 0, 6),
+    ]
