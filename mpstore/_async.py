@@ -411,6 +411,7 @@ class AsyncStore:
         max_record_bytes: int = 16 * 1024 * 1024,
         on_event: Hook | None = None,
         gate: str = "auto",
+        mailbox: bool = True,
         max_threads: int = 32,
     ) -> None:
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
@@ -424,6 +425,7 @@ class AsyncStore:
             "max_record_bytes": max_record_bytes,
             "on_event": on_event,
             "gate": gate,
+            "mailbox": mailbox,
         }
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="mpstore-async")
         self._sync: Store | None = None

@@ -1166,3 +1166,13 @@ def test_the_model_check_notices_lost_torn_reordered_and_phantom_writes(db_path:
     reordered[first], reordered[second] = reordered[second], reordered[first]
     assert check_against_model(tasks, tampered(log=reordered))  # a task's writes out of order
     assert check_against_model(tasks, tampered(results={**seen.results, (1, 1): True}))
+
+
+def test_async_store_takes_every_setting_of_store() -> None:
+    import inspect
+
+    def settings(cls: type) -> dict[str, Any]:
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+    assert settings(mpstore.AsyncStore) == {**settings(mpstore.Store), "max_threads": 32}
