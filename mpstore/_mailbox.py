@@ -437,8 +437,12 @@ class Mailbox:
 
     def orphaned(self) -> bool:
         """Whether the last holder died with writes taken and not finished."""
+        return self._leader() != 0
+
+    def _leader(self) -> int:
+        """The pid of the holder that has writes taken and not finished, or 0."""
         leader: int = _LEADER.unpack_from(self._mm, 8)[0]
-        return leader != 0
+        return leader
 
     def recover(self, committed_batch: int | None) -> None:
         """Resolve a dead holder's taken writes; ``committed_batch`` is the last batch id the

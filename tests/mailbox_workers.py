@@ -65,3 +65,15 @@ def die_while_carrying(path: str, event: str) -> None:
         notes = store.collection("notes", Note, key="id")
         store.on_event = die
         notes.upsert(Note(id="leader", text="x"))
+
+
+def write_and_ack(path: str, worker: int, count: int, acks: str) -> int:
+    """Upsert ``count`` notes one by one, appending each key to ``acks`` once its call returned
+    (the file says exactly which writes this process was told had landed, even if killed)."""
+    with mpstore.Store(path, timeout=30) as store, open(acks, "a", buffering=1) as out:
+        notes = store.collection("notes", Note, key="id")
+        for i in range(count):
+            key = f"w{worker}-{i}"
+            notes.upsert(Note(id=key, text="x"))
+            out.write(key + "\n")
+    return count
