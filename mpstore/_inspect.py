@@ -32,6 +32,7 @@ from ._errors import (
     TransactionError,
 )
 from ._gate import _read_holder
+from ._mailbox import Snapshot, snapshot
 
 try:
     import fcntl
@@ -210,6 +211,7 @@ class Info:
     collections: list[CollectionInfo]
     tables: dict[str, int]
     gate: GateState
+    mailbox: Snapshot
     checked_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -269,6 +271,7 @@ def info(path: str) -> Info:
         collections=collections,
         tables=tables,
         gate=gate_state(path + ".lock"),
+        mailbox=snapshot(path + ".mailbox"),
     )
 
 
@@ -303,6 +306,19 @@ def format_gate(gate: GateState, now: float) -> str:
     return f"held by pid {gate.pid} for {max(0.0, now - gate.since):.3f} s"
 
 
+def format_mailbox(mailbox: Snapshot) -> str:
+    """One line about the writes other processes left for the gate holder."""
+    if not mailbox.exists:
+        return "none yet"
+    line = (
+        f"{mailbox.waiting} waiting, {mailbox.carried} being committed by a holder, "
+        f"{mailbox.done} done and not yet collected"
+    )
+    if mailbox.holder:
+        line += f" (holder pid {mailbox.holder})"
+    return line
+
+
 def format_info(report: Info) -> str:
     """``report`` as the text ``mpstore info`` prints."""
     lines = [
@@ -314,6 +330,7 @@ def format_info(report: Info) -> str:
         f"journal mode    {report.journal_mode}",
         "synchronous     set by each connection, not stored in the file (Store's default: NORMAL)",
         f"write gate      {format_gate(report.gate, report.checked_at)}",
+        f"mailbox         {format_mailbox(report.mailbox)}",
     ]
     if report.created_at is not None:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.created_at))

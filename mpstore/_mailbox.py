@@ -43,6 +43,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from . import _errors, _fork
@@ -53,7 +54,17 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CAPACITY", "LIVENESS", "Carried", "Mailbox", "Slot", "available", "encode_op"]
+__all__ = [
+    "CAPACITY",
+    "LIVENESS",
+    "Carried",
+    "Mailbox",
+    "Slot",
+    "Snapshot",
+    "available",
+    "encode_op",
+    "snapshot",
+]
 
 #: How often a sleeping owner checks on its own that the gate holder is still alive.
 LIVENESS = 0.02
@@ -518,6 +529,41 @@ class Mailbox:
             self._sender.close()
         self._mm.close()
         os.close(self._fd)  # releases the claims, unless a forked child still shares them
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The mailbox as seen from outside: how many writes wait, are being carried or are done
+    and not yet collected, and the pid of a holder that has writes taken (0 if none)."""
+
+    exists: bool
+    waiting: int
+    carried: int
+    done: int
+    holder: int
+
+
+def snapshot(path: str) -> Snapshot:
+    """Read the mailbox at ``path`` without opening it for writing or changing it.
+
+    :raises MpstoreError: the file is not a mailbox.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return Snapshot(False, 0, 0, 0, 0)
+    try:
+        head = os.pread(fd, _STATES + SLOTS, 0)
+    finally:
+        os.close(fd)
+    if head[: len(_MAGIC)] not in (_MAGIC, bytes(len(_MAGIC)), b""):
+        raise MpstoreError(f"{path} is not an mpstore mailbox file", path)
+    states = head[_STATES : _STATES + SLOTS]
+    holder = _LEADER.unpack_from(head, 8)[0] if len(head) >= 16 else 0
+    return Snapshot(
+        True, states.count(PUBLISHED), states.count(TAKEN), states.count(DONE), holder
+    )
 
 
 _open: weakref.WeakSet[Mailbox] = weakref.WeakSet()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _inspect
+from mpstore import _inspect, _mailbox
 from mpstore._cli import build_parser, main
 from mpstore.conversations import ConversationRepository, sample_conversation
 from mpstore.hypothesis import SQLiteExampleDatabase
@@ -87,6 +87,13 @@ def test_info_reports_collections_tables_sizes_and_modes(
         "_mpstore_hypothesis_examples": 1,
     }
     assert report["gate"]["held"] is False
+    assert report["mailbox"] == {
+        "exists": True,
+        "waiting": 0,
+        "carried": 0,
+        "done": 0,
+        "holder": 0,
+    }
     code, text, _ = run(capsys, "info", source)
     assert code == 0
     assert "conversations: 6 rows, key 'conversation_id'" in text
@@ -111,6 +118,27 @@ def test_info_names_the_process_holding_the_gate_and_leaves_the_lock_file_alone(
     after = _inspect.gate_state(lock)
     assert after.pid == pid and after.held is False
     assert "write gate      free" in run(capsys, "info", source)[1]
+
+
+def test_info_counts_the_writes_waiting_in_the_mailbox(
+    source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mailbox = source + ".mailbox"
+    with mpstore.Store(source) as store, workers.held_by_another_thread(store.write):
+        # Held by a thread of this process: a write from another process would wait in
+        # the mailbox; this one is left there by hand, as that process would.
+        box = store._gate.mailbox()
+        assert box is not None
+        slot = box.claim()
+        assert slot is not None
+        box.publish(slot, _mailbox.encode_op(("delete", "notes", "k")))
+        before = Path(mailbox).read_bytes()
+        code, out, _ = run(capsys, "info", source)
+        assert Path(mailbox).read_bytes() == before
+        assert box.withdraw(slot)
+        box.give_back(slot)
+    assert code == 0
+    assert "mailbox         1 waiting, 0 being committed by a holder" in out
 
 
 def test_info_on_a_missing_file_is_an_error_and_creates_nothing(
