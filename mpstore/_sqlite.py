@@ -333,6 +333,21 @@ def _sql_for(table: object, indexed: object) -> CollectionSQL:
     return sql
 
 
+def single_statement(op: tuple[Any, ...]) -> bool:
+    """Whether :func:`run_op` runs ``op`` as one statement on one row."""
+    return bool(op) and (
+        op[0] == "delete" or (op[0] == "upsert" and len(op) == 4 and len(op[3]) == 1)
+    )
+
+
+def tables_with_triggers(conn: Writer) -> set[str]:
+    """Tables that have triggers: a trigger may change more than its statement's row."""
+    cursor = conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger'")
+    found = {row[0] for row in cursor}
+    cursor.close()
+    return found
+
+
 def record_batch(conn: Writer, batch: int) -> None:
     """Record, inside a batch's own transaction, that this batch committed (see _mailbox)."""
     conn.execute(

@@ -39,6 +39,7 @@ class _Job(Generic[T]):
         "done",
         "error",
         "fn",
+        "plain",
         "queued",
         "result",
         "started",
@@ -53,6 +54,7 @@ class _Job(Generic[T]):
     ) -> None:
         self.fn = fn
         self.carried = carried
+        self.plain = False  # runs without a SAVEPOINT (see _Carry.plain)
         # A queued write runs in the writer thread but sees the caller's context variables.
         self.context = contextvars.copy_context() if queued else None
         self.done = threading.Event()
@@ -97,6 +99,15 @@ class _Carry:
         self.taken = self.mailbox.take()
         self.jobs = [_Job(_run_carried(c.op), None, queued=False, carried=True) for c in self.taken]
         return self.jobs
+
+    def plain(self, conn: Connection) -> set[int]:
+        """Indexes of taken writes that need no SAVEPOINT: one statement on one row of a table
+        without triggers, which SQLite undoes by itself if it fails."""
+        ids = [i for i, c in enumerate(self.taken) if _sqlite.single_statement(c.op)]
+        if not ids:
+            return set()
+        triggered = _sqlite.tables_with_triggers(conn)
+        return {i for i in ids if self.taken[i].op[1] not in triggered}
 
     def settle(self, conn: Connection) -> None:
         """Before COMMIT: the batch id into the transaction, each outcome into its slot."""
@@ -248,6 +259,8 @@ class WriteQueue:
                     self._run_jobs(conn, raw, pending, alone=carry is None)
                     if carry is not None and not carry.took:
                         taken = carry.take()
+                        for i in carry.plain(conn):
+                            taken[i].plain = True
                         try:
                             self._run_jobs(conn, raw, taken, alone=not pending)
                         except _Redo as redo:
@@ -271,8 +284,11 @@ class WriteQueue:
             return
         for i, job in enumerate(jobs):
             try:
-                with self._store._savepoint(conn):
+                if job.plain:
                     job.result = job.run(conn)
+                else:
+                    with self._store._savepoint(conn):
+                        job.result = job.run(conn)
             except Exception as exc:
                 job.error = exc
             except BaseException as exc:

@@ -108,17 +108,22 @@ def test_one_holder_commits_the_writes_other_processes_left(path: str, mailbox: 
         assert carried == 0
 
 
-@pytest.mark.parametrize("action", ["ABORT", "ROLLBACK"])
+@pytest.mark.parametrize("action", ["ABORT", "ROLLBACK", "FAIL"])
 def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
-    # ROLLBACK ends the whole transaction: the others are run again without it.
+    # The trigger writes a row, then refuses. ROLLBACK ends the whole transaction: the others
+    # run again without it. FAIL keeps what its statement did so far: only the write's own
+    # SAVEPOINT takes the trigger's row back (a write on a table without triggers runs without
+    # one, as SQLite undoes a failed one-row statement by itself).
     with mpstore.Store(path) as store:
         notes = store.collection("notes", Note, key="id")
         with store.write() as conn:
+            conn.execute("CREATE TABLE audit (key TEXT)")
             conn.execute(
                 "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key = 'bad' "
-                f"BEGIN SELECT RAISE({action}, 'refused'); END"
+                f"BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE({action}, 'refused'); END"
             )
-        calls = [(path, "upsert", k, False, True) for k in ("a", "bad", "c")]
+        # "bad" never leads: its write is always one carried by another process.
+        calls = [(path, "upsert", k, k == "bad", True) for k in ("a", "bad", "c")]
         with _writers(calls) as collect:
             with store.write():
                 _wait_published(store, 3)
@@ -128,6 +133,7 @@ def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
         assert sum(r["carried"] for r in reports) == 2
         keys = set(notes.keys())
         assert {"a", "c"} <= keys and "bad" not in keys
+        assert store.query("SELECT count(*) FROM audit") == [(0,)]
 
 
 def _kill_the_holder_while_it_carries(path: str, event: str) -> list[Any]:
