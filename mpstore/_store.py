@@ -410,7 +410,7 @@ class Store:
                         return self._follow(mailbox, slot, payload, fn)
                     finally:
                         mailbox.give_back(slot)
-        return self._queue.submit(fn, self.timeout)
+        return self._queue.submit(fn, self.timeout, op)
 
     @staticmethod
     def _spin_until_done(mailbox: _mailbox.Mailbox, index: int) -> bool:

@@ -39,6 +39,7 @@ class _Job(Generic[T]):
         "done",
         "error",
         "fn",
+        "op",
         "plain",
         "queued",
         "result",
@@ -54,7 +55,8 @@ class _Job(Generic[T]):
     ) -> None:
         self.fn = fn
         self.carried = carried
-        self.plain = False  # runs without a SAVEPOINT (see _Carry.plain)
+        self.op: tuple[Any, ...] | None = None  # a collection write given as data
+        self.plain = False  # runs without a SAVEPOINT (see _mark_plain)
         # A queued write runs in the writer thread but sees the caller's context variables.
         self.context = contextvars.copy_context() if queued else None
         self.done = threading.Event()
@@ -80,6 +82,19 @@ def _run_carried(op: tuple[Any, ...]) -> Callable[[Connection], int]:
     return lambda conn: _sqlite.run_op(conn, op)
 
 
+def _mark_plain(conn: Connection, jobs: list[_Job[Any]]) -> None:
+    """Let the writes that need no SAVEPOINT run without one: one statement on one row of a
+    table without triggers, which SQLite undoes by itself if it fails (a trigger may have
+    changed other rows first, and RAISE(FAIL) keeps those)."""
+    single = [j for j in jobs if j.op is not None and _sqlite.single_statement(j.op)]
+    if not single:
+        return
+    triggered = _sqlite.tables_with_triggers(conn)
+    for job in single:
+        assert job.op is not None
+        job.plain = job.op[1] not in triggered
+
+
 class _Carry:
     """Writes of other processes that one batch takes from the mailbox, once its own ran."""
 
@@ -97,17 +112,12 @@ class _Carry:
         the COMMIT take, not for as long as this batch's callbacks run."""
         self.took = True
         self.taken = self.mailbox.take()
-        self.jobs = [_Job(_run_carried(c.op), None, queued=False, carried=True) for c in self.taken]
+        self.jobs = []
+        for c in self.taken:
+            job: _Job[int] = _Job(_run_carried(c.op), None, queued=False, carried=True)
+            job.op = c.op
+            self.jobs.append(job)
         return self.jobs
-
-    def plain(self, conn: Connection) -> set[int]:
-        """Indexes of taken writes that need no SAVEPOINT: one statement on one row of a table
-        without triggers, which SQLite undoes by itself if it fails."""
-        ids = [i for i, c in enumerate(self.taken) if _sqlite.single_statement(c.op)]
-        if not ids:
-            return set()
-        triggered = _sqlite.tables_with_triggers(conn)
-        return {i for i in ids if self.taken[i].op[1] not in triggered}
 
     def settle(self, conn: Connection) -> None:
         """Before COMMIT: the batch id into the transaction, each outcome into its slot."""
@@ -144,7 +154,9 @@ class WriteQueue:
         self.batches = 0
         self.batched_writes = 0
 
-    def submit(self, fn: Callable[[Connection], T], timeout: float) -> T:
+    def submit(
+        self, fn: Callable[[Connection], T], timeout: float, op: tuple[Any, ...] | None = None
+    ) -> T:
         """Queue ``fn`` and wait until its transaction has committed (or failed).
 
         :raises GateTimeout: the write had not started when ``timeout`` ran out; it never will.
@@ -153,6 +165,7 @@ class WriteQueue:
             self._reset()
         start = time.monotonic()
         job: _Job[T] = _Job(fn, self._store._tx.abandon)
+        job.op = op
         with self._cond:
             self._jobs.append(job)
             if self._thread is None:
@@ -256,11 +269,11 @@ class WriteQueue:
         while True:
             try:
                 with self._store._transaction(raw) as conn:
+                    _mark_plain(conn, pending)
                     self._run_jobs(conn, raw, pending, alone=carry is None)
                     if carry is not None and not carry.took:
                         taken = carry.take()
-                        for i in carry.plain(conn):
-                            taken[i].plain = True
+                        _mark_plain(conn, taken)
                         try:
                             self._run_jobs(conn, raw, taken, alone=not pending)
                         except _Redo as redo:

@@ -144,3 +144,21 @@ def test_closing_the_store_from_an_update_callback(store: mpstore.Store) -> None
     with mpstore.Store(store.path) as again:
         got = again.collection("notes", Note, key="id").get("n")
         assert got is not None and got.text == "changed"
+
+
+def test_a_queued_write_whose_trigger_fails_midway_leaves_nothing(store: mpstore.Store) -> None:
+    # RAISE(FAIL) keeps what its statement did before it (here the trigger's audit row): only
+    # the write's own SAVEPOINT takes that back. Writes on tables without triggers skip it.
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key = 'bad' "
+            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
+        )
+    outcomes = _queue_behind_a_write_block(
+        store, [lambda k=k: notes.upsert(Note(id=k, text="x")) for k in ("a", "bad", "c")]
+    )
+    assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
+    assert sorted(notes.keys()) == ["a", "c"]
+    assert store.query("SELECT count(*) FROM audit") == [(0,)]
