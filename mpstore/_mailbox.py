@@ -3,10 +3,11 @@
 A write that finds the gate taken by another process does not queue for the gate's kernel lock:
 it writes a description of itself (an operation on a collection, with its rows: data, never
 SQL or code) into a slot of a small shared file beside the database, ``<db>.mailbox``, and
-sleeps. Whoever holds the gate takes every published slot, runs each write in its own
-SAVEPOINT of its own transaction, records a batch id in the database in that same transaction,
-stores each write's outcome in its slot, commits once, and only then marks the slots done and
-wakes their owners. One commit and one gate hand-off serve many processes' writes.
+sleeps. Whoever holds the gate, once its own writes have run, takes every published slot, runs
+each write isolated in its transaction (in a SAVEPOINT, unless SQLite undoes a failed write by
+itself), records a batch id in the database in that same transaction, stores each write's
+outcome in its slot, commits once, and only then marks the slots done and wakes their owners.
+One commit and one gate hand-off serve many processes' writes.
 
 Crash safety rests on kernel locks and on the batch id:
 
@@ -19,6 +20,8 @@ Crash safety rests on kernel locks and on the batch id:
   holder finds the mark before it writes anything, reads the last committed batch id from the
   database, and either completes the orphaned slots (their batch committed: the outcome stored
   before COMMIT stands) or publishes them again (it did not: nothing of them was written);
+- a published write whose owner died (its claim is free) is dropped, not run: its caller never
+  heard back, as if it had died waiting for the gate;
 - a holder that releases the gate wakes one owner of a published slot, so a write published
   while the gate changed hands is never left asleep; owners also wake every ``LIVENESS``
   seconds to look for a holder that died.
@@ -28,7 +31,6 @@ Linux only (abstract Unix sockets carry the wake-ups); elsewhere writes wait for
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import marshal
 import mmap
@@ -42,7 +44,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,10 +155,13 @@ class Mailbox:
     def __init__(self, path: str, mode: int) -> None:
         self.path = path
         self._pid = _fork.pid()
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # as the lock file
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+            fd = os.open(path, flags, mode)
         except PermissionError as exc:
-            raise _errors.PermissionDenied(f"cannot open {path}: {exc}", path) from exc
+            raise _errors.PermissionDenied(
+                f"cannot open the mailbox {path}: {exc.strerror}", path
+            ) from exc
         try:
             head = os.pread(fd, len(_MAGIC), 0)
             if head not in (b"", bytes(len(head)), _MAGIC):
@@ -329,7 +334,7 @@ class Mailbox:
     def publish(self, slot: Slot, payload: bytes) -> None:
         """Leave a write in ``slot`` for the gate holder (``payload`` fits :data:`CAPACITY`)."""
         index = slot.index
-        with self._mutex(index) if not _ORDERED else contextlib.nullcontext():
+        with self._mutex(index) if not _ORDERED else nullcontext():
             self._put_data(index, payload)
             self._put_head(index, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
             self._set_state(index, PUBLISHED)
@@ -363,7 +368,7 @@ class Mailbox:
     def collect(self, slot: Slot) -> tuple[bool, Any]:
         """The outcome of a done write: ``(True, result)`` or ``(False, exception)``."""
         index = slot.index
-        with self._mutex(index) if not _ORDERED else contextlib.nullcontext():
+        with self._mutex(index) if not _ORDERED else nullcontext():
             _, _, _, failed, _, result, error_size = self._head(index)
             start = _HEADER + index * _SLOT_SIZE + _SLOT_SIZE - _ERROR_SIZE
             error = self._mm[start : start + error_size] if failed else b""
