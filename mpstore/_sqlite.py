@@ -333,19 +333,32 @@ def _sql_for(table: object, indexed: object) -> CollectionSQL:
     return sql
 
 
-def single_statement(op: tuple[Any, ...]) -> bool:
-    """Whether :func:`run_op` runs ``op`` as one statement on one row."""
-    return bool(op) and (
-        op[0] == "delete" or (op[0] == "upsert" and len(op) == 4 and len(op[3]) == 1)
+def single_statement(op: object) -> bool:
+    """Whether :func:`run_op` runs ``op`` as one statement on one row (False for anything
+    malformed: :func:`run_op` refuses that itself)."""
+    if not isinstance(op, tuple) or not op:
+        return False
+    if op[0] == "delete":
+        return len(op) == 3
+    return op[0] == "upsert" and len(op) == 4 and isinstance(op[3], list) and len(op[3]) == 1
+
+
+def statements_undo_themselves(conn: Writer) -> bool:
+    """Whether a failed one-row write leaves nothing behind in this schema: true unless a
+    trigger (which may change other rows first, and RAISE(FAIL) keeps those) or a foreign key
+    action could run."""
+    cursor = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' "
+        "UNION ALL SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger' LIMIT 1"
     )
-
-
-def tables_with_triggers(conn: Writer) -> set[str]:
-    """Tables that have triggers: a trigger may change more than its statement's row."""
-    cursor = conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger'")
-    found = {row[0] for row in cursor}
+    triggers = cursor.fetchone() is not None
     cursor.close()
-    return found
+    if triggers:
+        return False
+    cursor = conn.execute("PRAGMA foreign_keys")
+    (foreign_keys,) = cursor.fetchone()
+    cursor.close()
+    return not foreign_keys
 
 
 def record_batch(conn: Writer, batch: int) -> None:

@@ -452,11 +452,17 @@ class Store:
                         return int(value)
                     raise value
                 if self._gate.try_acquire():
-                    # _holding_gate first settles what a dead holder left, this write included.
-                    with self._holding_gate() as raw:
-                        if mailbox.withdraw(slot):
-                            settled = True
-                            return self._queue.lead(raw, fn)
+                    try:
+                        # _holding_gate first settles what a dead holder left, this one too.
+                        with self._holding_gate() as raw:
+                            if mailbox.withdraw(slot):
+                                settled = True
+                                return self._queue.lead(raw, fn)
+                    except Exception:
+                        if settled or mailbox.state(index) != _mailbox.DONE:
+                            raise
+                        # Another holder committed this write just before: that outcome is
+                        # this call's, whatever went wrong with taking the gate afterwards.
                     continue
                 now = time.monotonic()
                 if now >= deadline and mailbox.withdraw(slot):

@@ -83,16 +83,12 @@ def _run_carried(op: tuple[Any, ...]) -> Callable[[Connection], int]:
 
 
 def _mark_plain(conn: Connection, jobs: list[_Job[Any]]) -> None:
-    """Let the writes that need no SAVEPOINT run without one: one statement on one row of a
-    table without triggers, which SQLite undoes by itself if it fails (a trigger may have
-    changed other rows first, and RAISE(FAIL) keeps those)."""
+    """Let the writes that need no SAVEPOINT run without one: one statement on one row, in a
+    schema where SQLite undoes such a failed statement by itself."""
     single = [j for j in jobs if j.op is not None and _sqlite.single_statement(j.op)]
-    if not single:
-        return
-    triggered = _sqlite.tables_with_triggers(conn)
-    for job in single:
-        assert job.op is not None
-        job.plain = job.op[1] not in triggered
+    if single and _sqlite.statements_undo_themselves(conn):
+        for job in single:
+            job.plain = True
 
 
 class _Carry:
@@ -109,7 +105,8 @@ class _Carry:
 
     def take(self) -> list[_Job[Any]]:
         """The mailbox's writes, taken only now: a slot is held for as long as its own SQL and
-        the COMMIT take, not for as long as this batch's callbacks run."""
+        the COMMIT take, not while this batch's own callbacks run (unless a write ends the
+        transaction and the batch runs again, callbacks included)."""
         self.took = True
         self.taken = self.mailbox.take()
         self.jobs = []
@@ -124,6 +121,11 @@ class _Carry:
         _sqlite.record_batch(conn, self.batch)
         outcomes = [(True, j.result) if j.error is None else (False, j.error) for j in self.jobs]
         self.mailbox.settle(self.taken, outcomes, self.batch)
+
+    def unwritten(self) -> None:
+        """Store each taken write's own error when the batch commits none of them."""
+        outcomes = [(False, j.error or TransactionError("not written")) for j in self.jobs]
+        self.mailbox.settle(self.taken, outcomes, 0)
 
     def after_failure(self, raw: sqlite3.Connection, exc: BaseException) -> None:
         """The batch raised: tell the owners what happened, which the database decides."""
@@ -275,7 +277,8 @@ class WriteQueue:
                         taken = carry.take()
                         _mark_plain(conn, taken)
                         try:
-                            self._run_jobs(conn, raw, taken, alone=not pending)
+                            # Never alone: a carried write's own failure is its owner's.
+                            self._run_jobs(conn, raw, taken, alone=False)
                         except _Redo as redo:
                             # Those that ran before the mailbox's writes were rolled back too.
                             for job in pending:
@@ -287,6 +290,8 @@ class WriteQueue:
             except _Redo as redo:
                 pending = redo.jobs
                 if not pending and (carry is None or carry.took):
+                    if carry is not None and carry.taken:
+                        carry.unwritten()  # every carried write failed: say so in its slot
                     return
 
     def _run_jobs(self, conn: Connection, raw: Any, jobs: list[_Job[Any]], alone: bool) -> None:

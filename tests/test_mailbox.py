@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -375,3 +376,96 @@ def test_writers_killed_at_random_moments_never_cost_an_acknowledged_write(path:
         for w in range(victims, 6):
             assert {f"w{w}-{i}" for i in range(count)} <= keys
         assert store.integrity_check() == ["ok"]
+
+
+# -- one holder, writes left by hand through a second open of the mailbox -------------------
+# A second Mailbox object is its own open of the file, so its locks and slots act as another
+# process's would; the store of this process then leads and carries them.
+
+
+@contextmanager
+def _other_process(store: mpstore.Store) -> Iterator[Any]:
+    """Yield a function that leaves ``op`` in the mailbox as another process would, and
+    returns a function giving its outcome once carried."""
+    other = _mailbox.Mailbox(store._gate.mailbox_path, 0o600)
+
+    def leave(op: tuple[Any, ...]) -> Any:
+        slot = other.claim()
+        assert slot is not None
+        other.publish(slot, _mailbox.encode_op(op))
+
+        def outcome() -> tuple[bool, Any]:
+            assert other.state(slot.index) == _mailbox.DONE
+            return other.collect(slot)
+
+        return outcome
+
+    try:
+        yield leave
+    finally:
+        other.close()
+
+
+def _refuse(store: mpstore.Store, table: str, action: str) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS audit (key TEXT)")
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN NEW.key LIKE 'bad%' "
+            f"BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE({action}, 'refused'); END"
+        )
+
+
+def _upsert(notes: mpstore.Collection[Note], key: str) -> tuple[Any, ...]:
+    return ("upsert", notes.name, notes.indexed, [notes._row(Note(id=key, text="x"))])
+
+
+def test_carried_writes_that_all_end_the_transaction_each_hear_their_own_error(
+    store: mpstore.Store,
+) -> None:
+    # The holder's write and both carried ones end the transaction in turn: nothing commits,
+    # and no owner may read the slot as it was published (that would say "ok, 0 rows").
+    notes = store.collection("notes", Note, key="id")
+    _refuse(store, "notes", "ROLLBACK")
+    with _other_process(store) as leave:
+        outcomes = [leave(_upsert(notes, k)) for k in ("bad1", "bad2")]
+        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+            notes.upsert(Note(id="bad0", text="x"))
+        for outcome in outcomes:
+            ok, error = outcome()
+            assert not ok and isinstance(error, sqlite3.IntegrityError)
+    assert notes.count() == 0
+
+
+def test_the_holder_hears_its_own_error_not_a_carried_writes(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    _refuse(store, "notes", "ROLLBACK")
+    with _other_process(store) as leave:
+        outcome = leave(("delete", "nosuchtable", "k"))
+        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+            notes.upsert(Note(id="bad0", text="x"))
+        ok, error = outcome()
+        assert not ok and "no such table" in str(error)
+
+
+def test_a_malformed_slot_fails_alone(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    with _other_process(store) as leave:
+        good = leave(_upsert(notes, "ok1"))
+        bad = leave(("delete", ["not", "a", "name"], "k"))
+        notes.upsert(Note(id="mine", text="x"))
+        assert good() == (True, 1)
+        ok, error = bad()
+        assert not ok and isinstance(error, mpstore.InvalidName)
+    assert sorted(notes.keys()) == ["mine", "ok1"]
+
+
+def test_a_trigger_spelled_differently_still_keeps_the_savepoint(store: mpstore.Store) -> None:
+    # SQLite matches table names without regard to case; "ON notes" guards collection "Notes".
+    notes = store.collection("Notes", Note, key="id")
+    _refuse(store, "notes", "FAIL")
+    with _other_process(store) as leave:
+        outcome = leave(_upsert(notes, "bad1"))
+        notes.upsert(Note(id="mine", text="x"))
+        ok, error = outcome()
+        assert not ok and isinstance(error, sqlite3.IntegrityError)
+    assert store.query("SELECT key FROM audit") == []
