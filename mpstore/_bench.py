@@ -752,14 +752,8 @@ def run_one(
     jobs = _jobs(strategy, path, scenario, workers, writes, context_bytes, readers)
     if strategy in CEILINGS:
         results = run_ceiling(jobs[0], workers, batched=strategy == "ceiling-batched")
-    elif mode == "processes":
-        if pool is None:
-            with ProcessPool(len(jobs), [(len(jobs), workers)]) as own:
-                results = own.run(jobs)
-        else:
-            results = pool.run(jobs)
     else:
-        results = run_threads(jobs)
+        results = _run_jobs(jobs, mode, pool, (len(jobs), workers))
     after = cls.stored(path)
     alone = 0.0
     if scenario == "mixed" and readers and strategy not in CEILINGS:
@@ -792,17 +786,22 @@ def _readers_alone(
         for j in jobs
         if j.role == "reader"
     ]
-    if mode == "processes":
-        if pool is None:
-            with ProcessPool(len(readers), [shape]) as own:
-                results = own.run(readers)
-        else:
-            results = pool.run(readers)
-    else:
-        results = run_threads(readers)
+    results = _run_jobs(readers, mode, pool, shape)
     reads = sum(r.reads for r in results)
     span = max(r.finished - r.started for r in results)
     return reads / span if span > 0 else 0.0
+
+
+def _run_jobs(
+    jobs: Sequence[Job], mode: str, pool: ProcessPool | None, shape: tuple[int, int]
+) -> list[WorkerResult]:
+    """Run ``jobs`` as threads, or in the process pool (a pool of their own if none)."""
+    if mode != "processes":
+        return run_threads(jobs)
+    if pool is None:
+        with ProcessPool(len(jobs), [shape]) as own:
+            return own.run(jobs)
+    return pool.run(jobs)
 
 
 def _readers_shape(readers: int) -> tuple[int, int]:

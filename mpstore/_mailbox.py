@@ -163,13 +163,7 @@ class Mailbox:
                 f"cannot open the mailbox {path}: {exc.strerror}", path
             ) from exc
         try:
-            head = os.pread(fd, len(_MAGIC), 0)
-            if head not in (b"", bytes(len(head)), _MAGIC):
-                raise MpstoreError(
-                    f"{path} is not an mpstore mailbox file; it is left as it is (remove it "
-                    "while no process uses the database, and mpstore creates a new one)",
-                    path,
-                )
+            _check_magic(os.pread(fd, len(_MAGIC), 0), path)
             if os.fstat(fd).st_size < _SIZE:
                 os.ftruncate(fd, _SIZE)  # sparse: slots cost memory only once used
             self._mm = mmap.mmap(fd, _SIZE)
@@ -536,6 +530,17 @@ class Mailbox:
         os.close(self._fd)  # releases the claims, unless a forked child still shares them
 
 
+def _check_magic(head: bytes, path: str) -> None:
+    """:raises MpstoreError: the file starts with something else than a mailbox (a new, empty
+    or zero-filled file is a mailbox with every slot free)."""
+    if head not in (b"", bytes(len(head)), _MAGIC):
+        raise MpstoreError(
+            f"{path} is not an mpstore mailbox file; it is left as it is (remove it while no "
+            "process uses the database, and mpstore creates a new one)",
+            path,
+        )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The mailbox as seen from outside: how many writes wait, are being carried or are done
@@ -562,8 +567,7 @@ def snapshot(path: str) -> Snapshot:
         head = os.pread(fd, _STATES + SLOTS, 0)
     finally:
         os.close(fd)
-    if head[: len(_MAGIC)] not in (_MAGIC, bytes(len(_MAGIC)), b""):
-        raise MpstoreError(f"{path} is not an mpstore mailbox file", path)
+    _check_magic(head[: len(_MAGIC)], path)
     states = head[_STATES : _STATES + SLOTS]
     holder = _LEADER.unpack_from(head, 8)[0] if len(head) >= 16 else 0
     return Snapshot(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ __all__ = [
     "create_file",
     "file_size_limit_reached",
     "last_batch",
+    "op_runner",
     "record_batch",
     "run_op",
     "translate",
@@ -317,6 +318,11 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
         cursor.close()
         return count
     raise MpstoreError(f"not a carried write: {str(op)[:80]!r}")
+
+
+def op_runner(op: tuple[Any, ...]) -> Callable[[Writer], int]:
+    """``op`` as a write function: what the gate holder runs for it (see :func:`run_op`)."""
+    return lambda conn: run_op(conn, op)
 
 
 def _sql_for(table: object, indexed: object) -> CollectionSQL:

@@ -388,9 +388,7 @@ class Store:
         :raises GateTimeout: the write had not started within ``timeout``.
         """
 
-        def fn(conn: Connection) -> int:
-            return _sqlite.run_op(conn, op)
-
+        fn = _sqlite.op_runner(op)
         if self._current() is not None or self._tx.abandon is not None:
             # Inside a write() block; or an asyncio call, whose cancellation must be able to
             # stop it before it starts, which another process could not see.

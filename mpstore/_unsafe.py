@@ -58,7 +58,7 @@ class UnsafeStore(Store):
 
     def _run_op(self, op: tuple[Any, ...]) -> int:
         # Nor the mailbox: collection upserts and deletes take the same unguarded path.
-        return self._run_write(lambda conn: _sqlite.run_op(conn, op))
+        return self._run_write(_sqlite.op_runner(op))
 
     @property
     def _schema_ready(self) -> bool:

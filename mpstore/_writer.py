@@ -78,10 +78,6 @@ class _Redo(Exception):
         self.jobs = jobs
 
 
-def _run_carried(op: tuple[Any, ...]) -> Callable[[Connection], int]:
-    return lambda conn: _sqlite.run_op(conn, op)
-
-
 def _mark_plain(conn: Connection, jobs: list[_Job[Any]]) -> None:
     """Let the writes that need no SAVEPOINT run without one: one statement on one row, in a
     schema where SQLite undoes such a failed statement by itself."""
@@ -111,7 +107,7 @@ class _Carry:
         self.taken = self.mailbox.take()
         self.jobs = []
         for c in self.taken:
-            job: _Job[int] = _Job(_run_carried(c.op), None, queued=False, carried=True)
+            job: _Job[int] = _Job(_sqlite.op_runner(c.op), None, queued=False, carried=True)
             job.op = c.op
             self.jobs.append(job)
         return self.jobs
