@@ -59,12 +59,13 @@ EVENTS = (
 Hook = Callable[[str], None]
 
 #: Events after which the call's outcome is settled (see Store._emit).
+_SETTLED = frozenset({"commit", "rollback", "gate-released", "pool-released"})
+
 #: How many times a caller whose write waits in the mailbox yields its CPU, looking for the
 #: outcome, before it sleeps: on a busy machine the holder usually finishes meanwhile, and
 #: waking a sleeper costs its waker more than the whole write (measured: +10-25% writes/s
 #: at 16 processes on 2 cores).
 _SPIN = 50
-_SETTLED = frozenset({"commit", "rollback", "gate-released", "pool-released"})
 
 
 class _Unraisable:
@@ -387,7 +388,6 @@ class Store:
 
         :raises GateTimeout: the write had not started within ``timeout``.
         """
-
         fn = _sqlite.op_runner(op)
         if self._current() is not None or self._tx.abandon is not None:
             # Inside a write() block; or an asyncio call, whose cancellation must be able to
@@ -444,9 +444,9 @@ class Store:
             while True:
                 if mailbox.state(index) == _mailbox.DONE:
                     settled = True
-                    self._stats.count("writes_carried_away")
                     ok, value = mailbox.collect(slot)
                     if ok:
+                        self._stats.count("writes_carried_away")
                         return int(value)
                     raise value
                 if self._gate.try_acquire():
