@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -469,3 +470,38 @@ def test_a_trigger_spelled_differently_still_keeps_the_savepoint(store: mpstore.
         ok, error = outcome()
         assert not ok and isinstance(error, sqlite3.IntegrityError)
     assert store.query("SELECT key FROM audit") == []
+
+
+def test_a_write_committed_by_another_holder_is_reported_so_even_if_taking_the_gate_fails(
+    path: str,
+) -> None:
+    # The caller finds the gate free only after another holder has already committed its
+    # write (played here by a second open of the mailbox, at the moment the gate is granted),
+    # and its own turn at the gate then fails: the committed outcome is still its answer.
+    other = _mailbox.Mailbox(path + ".mailbox", 0o600)
+    failed_once: list[str] = []
+
+    def commit_elsewhere_then_fail(event: str) -> None:
+        if event == "gate-acquired" and not failed_once:
+            taken = other.take()
+            assert len(taken) == 1
+            other.settle(taken, [(True, 1)], 1)
+            other.finish(taken)
+            failed_once.append(event)
+            raise RuntimeError("this turn at the gate failed")
+
+    try:
+        with mpstore.Store(path, timeout=30, on_event=commit_elsewhere_then_fail) as store:
+            notes = store.collection("notes", Note, key="id")
+            with workers.holding_the_gate(path) as holder:
+                outcome: list[Any] = []
+                t = threading.Thread(
+                    target=lambda: outcome.append(notes.delete("d1")), daemon=True
+                )
+                t.start()
+                _wait_published(store, 1)
+                holder.release.set()
+                t.join(workers.JOIN_TIMEOUT)
+            assert failed_once and outcome == [True]
+    finally:
+        other.close()
