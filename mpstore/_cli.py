@@ -106,12 +106,12 @@ def _add_bench(commands: Any) -> None:
 def _add_inspection(commands: Any) -> None:
     info = commands.add_parser(
         "info",
-        help="collections, row counts, file sizes, modes, and who holds the write gate",
+        help="collections, row counts, file sizes, modes, the write gate and the mailbox",
         description=(
             "Report on a store without changing it: collections and their row counts, other "
             "tables, file and WAL sizes, schema version, journal mode, and whether a process "
-            "holds the write gate now (its pid, and for how long). Opens the file read-only; "
-            "a missing file is an error."
+            "holds the write gate now (its pid, and for how long), and the writes waiting in "
+            "its mailbox. Opens the file read-only; a missing file is an error."
         ),
     )
     info.add_argument("path", metavar="PATH", help="the database file")
