@@ -48,7 +48,9 @@ __all__ = [
 
 CONCURRENT = ("mpstore", "ungated", "filelock")
 CEILINGS = ("ceiling", "ceiling-batched")
-STRATEGIES = CONCURRENT + CEILINGS
+#: References that only make sense with threads of one process.
+THREADS_ONLY = ("handoff",)
+STRATEGIES = CONCURRENT + CEILINGS + THREADS_ONLY
 MODES = ("processes", "threads")
 SCENARIOS = ("upsert", "modify", "mixed")
 DEFAULT_CELLS = ((4, 10), (8, 10), (16, 10), (16, 100))
@@ -352,6 +354,65 @@ class CeilingStrategy(UngatedStrategy):
             self._all[0].execute("COMMIT")
 
 
+class HandoffStrategy(UngatedStrategy):
+    """UNSAFE, threads only: group commit between threads with nothing else. Callers queue
+    their writes and wait on an event; one writer thread commits everything queued in one
+    transaction. No gate, no isolation (one failing write fails its batch), no timeouts, no
+    bookkeeping: what remains is the cost of handing each write to another thread and back,
+    the floor under any group commit that returns only after the commit.
+    """
+
+    def open(self, path: str) -> None:
+        super().open(path)
+        self._conn = self._checkout()  # the writer thread's own; readers share the rest
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[Callable[[sqlite3.Connection], None], threading.Event]] = []
+        self._failures: dict[threading.Event, BaseException] = {}
+        self._closing = False
+        self._writer = threading.Thread(target=self._drain, name="handoff-writer", daemon=True)
+        self._writer.start()
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], None]) -> None:
+        done = threading.Event()
+        with self._cond:
+            self._queue.append((body, done))
+            self._cond.notify()
+        done.wait()
+        failure = self._failures.pop(done, None)
+        if failure is not None:
+            raise failure
+
+    def _drain(self) -> None:
+        conn = self._conn
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for body, _ in batch:
+                    body(conn)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                for _, done in batch:
+                    self._failures[done] = exc
+            for _, done in batch:
+                done.set()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._writer.join()
+        self._pool.put(self._conn)
+        super().close()
+
+
 def _message_count(context: Any) -> int:
     return len(context.get("messages", [])) if isinstance(context, dict) else 0
 
@@ -375,6 +436,7 @@ _CLASSES: dict[str, type[MpstoreStrategy] | type[UngatedStrategy]] = {
     "filelock": FileLockStrategy,
     "ceiling": CeilingStrategy,
     "ceiling-batched": CeilingStrategy,
+    "handoff": HandoffStrategy,
 }
 
 
@@ -996,7 +1058,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def _modes_for(strategy: str, modes: Sequence[str]) -> list[str]:
-    return [SINGLE] if strategy in CEILINGS else list(modes)
+    if strategy in CEILINGS:
+        return [SINGLE]
+    if strategy in THREADS_ONLY:
+        return [m for m in modes if m == "threads"]
+    return list(modes)
 
 
 def run_bench(
@@ -1115,7 +1181,7 @@ def plot(document: dict[str, Any], path: str) -> None:
     rows = 2 * len(scenarios)
     fig, axes = plt.subplots(rows, len(modes), figsize=(6 * len(modes), 4.5 * rows), squeeze=False)
     styles = {10: "-", 100: "--"}
-    palette = ("tab:blue", "tab:red", "tab:orange", "black", "tab:gray")
+    palette = ("tab:blue", "tab:red", "tab:orange", "black", "tab:gray", "tab:green")
     colors = dict(zip(STRATEGIES, palette, strict=True))
     for si, scenario in enumerate(scenarios):
         for mi, mode in enumerate(modes):

@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["bench_config", "build_parser", "main"]
 
-_STRATEGIES = ("mpstore", "ungated", "filelock", "ceiling", "ceiling-batched")
+_STRATEGIES = ("mpstore", "ungated", "filelock", "ceiling", "ceiling-batched", "handoff")
 _MODES = ("processes", "threads")
 _SCENARIOS = ("upsert", "modify", "mixed")
 
@@ -63,7 +63,8 @@ def _add_bench(commands: Any) -> None:
         nargs="+",
         choices=_STRATEGIES,
         default=None,
-        help="strategies to run (default: all; ratios need 'ceiling')",
+        help="strategies to run (default: all; ratios need 'ceiling'; 'handoff' runs in threads "
+        "mode only)",
     )
     bench.add_argument(
         "--scenario",

@@ -210,7 +210,14 @@ def test_default_arguments() -> None:
     config = _config()
     assert config.cells == [(4, 10), (8, 10), (16, 10), (16, 100)]
     assert config.modes == ["processes", "threads"]
-    assert config.strategies == ["mpstore", "ungated", "filelock", "ceiling", "ceiling-batched"]
+    assert config.strategies == [
+        "mpstore",
+        "ungated",
+        "filelock",
+        "ceiling",
+        "ceiling-batched",
+        "handoff",
+    ]
     assert config.scenarios == ["upsert"]
     assert config.repeat == 3
     assert config.context_bytes == 2048
@@ -363,3 +370,37 @@ def test_each_scenario_of_one_run_gets_its_own_database(tmp_path: Path) -> None:
         ("mixed", 0, 6),
         ("upsert", 0, 6),
     ]
+
+
+@pytest.mark.parametrize("scenario", ["upsert", "modify"])
+def test_handoff_runs_with_threads_and_loses_nothing(tmp_path: Path, scenario: str) -> None:
+    document = _bench_json(
+        tmp_path, "--mode", "threads", "--strategy", "handoff", "--scenario", scenario
+    )
+    (run,) = document["runs"]
+    assert (run["strategy"], run["mode"]) == ("handoff", "threads")
+    assert run["errors"] == {}
+    assert (run["present"], run["lost"]) == (6, 0)
+
+
+def test_handoff_has_no_process_mode(tmp_path: Path) -> None:
+    # Its writer thread serves the threads of one process; across processes it is meaningless.
+    document = _bench_json(tmp_path, "--mode", "processes", "--strategy", "handoff", "ceiling")
+    assert {r["strategy"] for r in document["runs"]} == {"ceiling"}
+
+
+def test_handoff_returns_after_the_commit_and_hands_back_a_failure(tmp_path: Path) -> None:
+    path = str(tmp_path / "h.db")
+    _bench.HandoffStrategy.create(path, [])
+    strategy = _bench.HandoffStrategy()
+    strategy.open(path)
+    try:
+        record = _bench.worker_records(0, 1, 256)[0]
+        strategy.write(record)
+        # Another connection sees it as soon as write() returned: it waited for COMMIT.
+        assert list(_bench.HandoffStrategy.stored(path)) == [record.conversation_id]
+        message = _bench.worker_messages(0, 1)[0][1]
+        with pytest.raises(KeyError):
+            strategy.modify("no-such-conversation", message)
+    finally:
+        strategy.close()
