@@ -460,6 +460,9 @@ class WorkerResult:
     samples: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     reads: int = 0
+    #: CPU seconds its whole process used while it wrote or read; None where the process is
+    #: shared with other workers (threads mode).
+    cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -515,12 +518,17 @@ def run_worker(
     park: _Waitable,
     stop: _Flag,
     prepare: Callable[[], None] | None = None,
+    cpu_clock: Callable[[], float] | None = None,
 ) -> WorkerResult:
-    """Set up, wait for the start barrier, write (or read until ``stop``), park, return."""
+    """Set up, wait for the start barrier, write (or read until ``stop``), park, return.
+
+    ``cpu_clock`` (a process's CPU time) measures the CPU used while working, parking excluded.
+    """
     result = WorkerResult(worker=job.worker, role=job.role, started=0.0, finished=0.0)
     if job.role == "reader":
         start.wait(_BARRIER_TIMEOUT)
         errors: Counter[str] = Counter()
+        cpu = cpu_clock() if cpu_clock is not None else 0.0
         result.started = time.perf_counter()
         workspace = 1 + job.worker % WORKSPACES
         until = result.started + job.duration if job.duration > 0 else math.inf
@@ -533,13 +541,18 @@ def run_worker(
             if stop.is_set() or time.perf_counter() >= until:
                 break
         result.finished = time.perf_counter()
+        if cpu_clock is not None:
+            result.cpu_s = cpu_clock() - cpu
         result.errors = dict(errors)
         return result
     writer = _PreparedWriter(job, strategy)
     if prepare is not None:
         prepare()
     start.wait(_BARRIER_TIMEOUT)
+    cpu = cpu_clock() if cpu_clock is not None else 0.0
     writer.run(result)
+    if cpu_clock is not None:
+        result.cpu_s = cpu_clock() - cpu
     if park.wait(_BARRIER_TIMEOUT) == 0:
         stop.set()
     return result
@@ -575,7 +588,9 @@ def _pool_main(inbox: Any, barriers: dict[tuple[int, int], Any], stop: _Flag, re
             strategy = make_strategy(job.strategy)
             strategy.open(job.path)
             try:
-                result = run_worker(job, strategy, start, park, stop)
+                result = run_worker(
+                    job, strategy, start, park, stop, cpu_clock=time.process_time
+                )
             finally:
                 strategy.close()
         except BaseException as exc:
@@ -734,9 +749,11 @@ def run_ceiling(job: Job, workers: int, batched: bool) -> list[WorkerResult]:
         for call in _PreparedWriter(Job(**{**asdict(job), "worker": w}), strategy).calls
     ]
     try:
+        cpu = time.process_time()
         _timed(calls, result.samples, Counter(), result, time.perf_counter)
         t = time.perf_counter()
         strategy.commit()
+        result.cpu_s = time.process_time() - cpu
         commit = time.perf_counter() - t
         result.finished += commit
         if result.samples:
@@ -777,6 +794,10 @@ class RunResult:
     reads: int = 0
     read_throughput: float = 0.0
     read_alone_throughput: float = 0.0
+    #: CPUs the writers' processes kept busy on average, and their CPU per successful write;
+    #: None in threads mode (one process serves writers and readers alike).
+    writer_cpus: float | None = None
+    cpu_us_per_write: float | None = None
 
 
 def _seed(scenario: str, context_bytes: int) -> list[Conversation]:
@@ -902,6 +923,8 @@ def measure(
     expected = attempted - failed
     reads = sum(r.reads for r in readers)
     read_window = max((r.finished - r.started for r in readers), default=0.0)
+    cpu = [r.cpu_s for r in writers]
+    writer_cpu = sum(c for c in cpu if c is not None) if cpu and None not in cpu else None
     return RunResult(
         scenario=scenario,
         mode=mode,
@@ -922,6 +945,10 @@ def measure(
         readers=len(readers),
         reads=reads,
         read_throughput=reads / read_window if read_window > 0 else 0.0,
+        writer_cpus=writer_cpu / elapsed if writer_cpu is not None and elapsed > 0 else None,
+        cpu_us_per_write=(
+            writer_cpu / expected * 1e6 if writer_cpu is not None and expected > 0 else None
+        ),
     )
 
 
@@ -960,6 +987,15 @@ class Summary:
     x_ceiling: float | None
     read_throughput: float
     read_alone_throughput: float = 0.0
+    writer_cpus: float | None = None
+    cpu_us_per_write: float | None = None
+
+
+def _median_or_none(values: Iterable[float | None]) -> float | None:
+    known = list(values)
+    if not known or any(v is None for v in known):
+        return None
+    return statistics.median(v for v in known if v is not None)
 
 
 def _median_errors(runs: Sequence[RunResult]) -> dict[str, float]:
@@ -1011,6 +1047,8 @@ def summarize(runs: Iterable[RunResult]) -> list[Summary]:
                 x_ceiling=ratio(throughput, ceiling),
                 read_throughput=statistics.median(r.read_throughput for r in group),
                 read_alone_throughput=statistics.median(r.read_alone_throughput for r in group),
+                writer_cpus=_median_or_none(r.writer_cpus for r in group),
+                cpu_us_per_write=_median_or_none(r.cpu_us_per_write for r in group),
             )
         )
     return summaries
@@ -1131,23 +1169,26 @@ def run_bench(
 
 _HEADER = (
     f"{'scenario':<8} {'mode':<9} {'cell':>7} {'strategy':<15} {'writes/s':>9} {'p50 ms':>7} "
-    f"{'p99 ms':>8} {'max ms':>8} {'x ceil':>6} {'lost':>5}  errors"
+    f"{'p99 ms':>8} {'max ms':>8} {'x ceil':>6} {'cpu us/w':>8} {'lost':>5}  errors"
 )
 
 
 def format_row(s: Summary) -> str:
     errors = ", ".join(f"{k} {v:g}" for k, v in s.errors.items()) or "0"
     x = f"{s.x_ceiling:.2f}" if s.x_ceiling is not None else "-"
+    cpu = f"{s.cpu_us_per_write:,.0f}" if s.cpu_us_per_write is not None else "-"
     line = (
         f"{s.scenario:<8} {s.mode:<9} {f'{s.workers}x{s.writes}':>7} {s.strategy:<15} "
         f"{s.throughput:>9,.0f} {s.p50_ms:>7.2f} {s.p99_ms:>8.2f} {s.max_ms:>8.2f} {x:>6} "
-        f"{s.lost:>5g}  {errors}"
+        f"{cpu:>8} {s.lost:>5g}  {errors}"
     )
     if s.scenario == "mixed" and s.mode != SINGLE:
         line += f"  reads/s {s.read_throughput:,.0f}"
         alone = ratio(s.read_throughput, s.read_alone_throughput)
         if alone is not None:
             line += f" ({alone:.2f}x of {s.read_alone_throughput:,.0f} alone)"
+        if s.writer_cpus is not None:
+            line += f"; writers kept {s.writer_cpus:.2f} CPUs busy"
     return line
 
 

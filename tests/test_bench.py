@@ -197,6 +197,33 @@ def test_measure_reports_read_throughput() -> None:
     assert run.attempted == 1
 
 
+def test_measure_reports_the_writers_cpu() -> None:
+    results = [
+        _worker(0.0, 2.0, [0.1, 0.1], cpu_s=0.5),
+        _worker(0.0, 1.0, [0.1, 0.1], cpu_s=0.3),
+        # A reader's CPU is not the writers'.
+        WorkerResult(worker=0, role="reader", started=0.0, finished=2.0, reads=5, cpu_s=9.0),
+    ]
+    run = _measure(results, {}, {"a": 0, "b": 0, "c": 0, "d": 0})
+    assert run.writer_cpus == pytest.approx(0.4)  # 0.8 CPU seconds over 2 s
+    assert run.cpu_us_per_write == pytest.approx(200_000)  # 0.8 s over 4 writes
+
+
+def test_measure_has_no_cpu_figure_when_a_writer_shares_its_process() -> None:
+    results = [_worker(0.0, 1.0, [0.1], cpu_s=0.5), _worker(0.0, 1.0, [0.1])]
+    run = _measure(results, {}, {"a": 0, "b": 0})
+    assert (run.writer_cpus, run.cpu_us_per_write) == (None, None)
+
+
+def test_summarize_takes_the_median_cpu_or_none() -> None:
+    measured = [_run("mpstore", "processes", 100.0, cpu_us_per_write=c) for c in (5.0, 9.0, 7.0)]
+    (summary,) = summarize(measured)
+    assert summary.cpu_us_per_write == 7.0
+    mixed = [*measured, _run("mpstore", "processes", 100.0)]
+    (summary,) = summarize(mixed)
+    assert summary.cpu_us_per_write is None
+
+
 # -- arguments ----------------------------------------------------------------------------------
 
 
@@ -310,6 +337,10 @@ def test_tiny_run_writes_every_row_and_a_complete_json(tmp_path: Path) -> None:
     for run in document["runs"]:
         assert run["attempted"] == 6
         assert run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+    for run in document["runs"]:
+        # Each writer has a process of its own (or, for the ceilings, the whole process).
+        assert run["cpu_us_per_write"] > 0
+        assert run["writer_cpus"] > 0
     (mp_run,) = _mpstore_rows(document)
     assert mp_run["errors"] == {}
     assert mp_run["lost"] == 0
@@ -323,6 +354,7 @@ def test_tiny_run_in_threads_loses_nothing(tmp_path: Path) -> None:
     document = _bench_json(tmp_path, "--mode", "threads", "--strategy", "mpstore", "ceiling")
     (run,) = _mpstore_rows(document)
     assert run["mode"] == "threads"
+    assert run["cpu_us_per_write"] is None  # the process is shared by every worker
     assert run["errors"] == {}
     assert run["lost"] == 0
     assert run["present"] == 6
