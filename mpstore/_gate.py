@@ -334,6 +334,7 @@ class Gate:
 
         :raises PermissionDenied: the mailbox file cannot be opened.
         """
+        self._check_fork()
         if self._mailbox is None and self._kind == "flock" and _mailbox.available():
             with self._mailbox_lock:
                 if self._mailbox is None:

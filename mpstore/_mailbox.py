@@ -24,7 +24,11 @@ Crash safety rests on kernel locks and on the batch id:
   heard back, as if it had died waiting for the gate;
 - a holder that releases the gate wakes one owner of a published slot, so a write published
   while the gate changed hands is never left asleep; owners also wake every ``LIVENESS``
-  seconds to look for a holder that died.
+  seconds to look for a holder that died;
+- the gate's holder also writes its pid into the header while it holds the gate, so a waiting
+  owner sees the gate come free without a failed lock attempt (a system call and an
+  exception). Only a hint: a holder that died leaves its pid there, so an owner tries the gate
+  after every sleep whatever the hint says.
 
 Linux only (abstract Unix sockets carry the wake-ups); elsewhere writes wait for the gate.
 """
@@ -86,6 +90,7 @@ _ERROR_SIZE = 8 * 1024  # the end of a slot holds a failed write's error
 CAPACITY = _SLOT_SIZE - _DATA - _ERROR_SIZE
 _SIZE = _HEADER + SLOTS * _SLOT_SIZE
 _LEADER = struct.Struct("<q")
+_GATE = 16  # the pid of the process holding the gate, 0 when free: a hint for its waiters
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
 # Record locks live far past the end of the file, one byte each: claims, then slot mutexes.
 _CLAIMS = 1 << 40
@@ -444,6 +449,22 @@ class Mailbox:
         _LEADER.pack_into(self._mm, 8, 0)
         with self._claim_lock:
             self._to_wake.extend(sleeping)
+
+    def gate_taken(self) -> None:
+        """Note that this process holds the gate (the caller has just taken it)."""
+        _LEADER.pack_into(self._mm, _GATE, _fork.pid())
+
+    def gate_released(self) -> None:
+        """Note that the gate is about to be released (unless another process took it since)."""
+        if _LEADER.unpack_from(self._mm, _GATE)[0] == _fork.pid():
+            _LEADER.pack_into(self._mm, _GATE, 0)
+
+    def gate_free(self) -> bool:
+        """Whether the gate looks free of other processes, read from shared memory without a
+        system call. A hint: a holder that died leaves it looking taken, and one that does not
+        use a mailbox (a plain ``filelock`` user) leaves it looking free."""
+        holder: int = _LEADER.unpack_from(self._mm, _GATE)[0]
+        return holder == 0 or holder == _fork.pid()
 
     def orphaned(self) -> bool:
         """Whether the last holder died with writes taken and not finished."""

@@ -395,10 +395,12 @@ class Store:
             return self._run_write(fn)
         self._check_open()
         self._emit("gate-wait")
-        if self._gate.try_acquire():
+        mailbox = self._carrier()
+        # Another process's write holding the gate is the common case under contention; the
+        # mailbox says so without the failed lock attempt (a system call and an exception).
+        if (mailbox is None or mailbox.gate_free()) and self._gate.try_acquire():
             with self._holding_gate() as raw:
                 return self._queue.lead(raw, fn)
-        mailbox = self._carrier()
         if mailbox is not None and not self._gate.busy_here:
             payload = _mailbox.encode_op(op)
             if len(payload) <= _mailbox.CAPACITY:
@@ -411,12 +413,11 @@ class Store:
         return self._queue.submit(fn, self.timeout, op)
 
     @staticmethod
-    def _spin_until_done(mailbox: _mailbox.Mailbox, index: int) -> bool:
-        for _ in range(_SPIN):
-            os.sched_yield()
-            if mailbox.state(index) == _mailbox.DONE:
-                return True
-        return False
+    def _worth_trying(mailbox: _mailbox.Mailbox, slept: bool) -> bool:
+        """Whether a write waiting in the mailbox should try the gate: when the gate looks
+        free, and after every sleep whatever it looks like (a holder that died leaves it
+        looking taken). Trying costs a system call and, when it fails, an exception."""
+        return slept or mailbox.gate_free()
 
     def _carrier(self) -> _mailbox.Mailbox | None:
         """The mailbox, if this store uses it to carry writes between processes."""
@@ -437,6 +438,8 @@ class Store:
         deadline = start + self.timeout
         index = slot.index
         settled = False
+        slept = False
+        spins = 0
         with self._followers_done:
             self._following += 1
         try:
@@ -449,27 +452,32 @@ class Store:
                         self._stats.count("writes_carried_away")
                         return int(value)
                     raise value
-                if self._gate.try_acquire():
-                    try:
-                        # _holding_gate first settles what a dead holder left, this one too.
-                        with self._holding_gate() as raw:
-                            if mailbox.withdraw(slot):
-                                settled = True
-                                return self._queue.lead(raw, fn)
-                    except Exception:
-                        if settled or mailbox.state(index) != _mailbox.DONE:
-                            raise
-                        # Another holder committed this write just before: that outcome is
-                        # this call's, whatever went wrong with taking the gate afterwards.
-                    continue
+                if self._worth_trying(mailbox, slept):
+                    slept = False
+                    if self._gate.try_acquire():
+                        try:
+                            # _holding_gate first settles what a dead holder left, this too.
+                            with self._holding_gate() as raw:
+                                if mailbox.withdraw(slot):
+                                    settled = True
+                                    return self._queue.lead(raw, fn)
+                        except Exception:
+                            if settled or mailbox.state(index) != _mailbox.DONE:
+                                raise
+                            # Another holder committed this write just before: that outcome
+                            # is this call's, whatever went wrong with taking the gate after.
+                        continue
                 now = time.monotonic()
                 if now >= deadline and mailbox.withdraw(slot):
                     settled = True
                     raise self._gate_timeout(start)
-                if self._spin_until_done(mailbox, index):
+                if spins < _SPIN:
+                    spins += 1
+                    os.sched_yield()
                     continue
                 # A holder wakes this slot when it finishes the write, or when it releases the
                 # gate with the write still waiting; the timeout only looks for a dead holder.
+                spins, slept = 0, True
                 left = deadline - now
                 mailbox.sleep(slot, min(_mailbox.LIVENESS, left) if left > 0 else _mailbox.LIVENESS)
         finally:
@@ -517,12 +525,16 @@ class Store:
                 self._writer_ident = threading.get_ident()
                 entered = True
             mailbox = self._gate.mailbox()
+            if mailbox is not None:
+                mailbox.gate_taken()
             if mailbox is not None and mailbox.orphaned():
                 # The last holder died with other processes' writes taken: before anything
                 # else is committed, settle them by what the database says it committed.
                 mailbox.recover(_sqlite.last_batch(raw))
             yield raw
         finally:
+            if mailbox is not None:
+                mailbox.gate_released()
             self._gate.release()
             if mailbox is not None:
                 mailbox.wake_next()

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _mailbox, _sqlite
+from mpstore import _mailbox, _sqlite, _store
 from tests import mailbox_workers, workers
 from tests.models import Note
+
+_SPIN = _store._SPIN  # before any test patches it
 
 pytestmark = [
     pytest.mark.processes,
@@ -505,3 +507,89 @@ def test_a_write_committed_by_another_holder_is_reported_so_even_if_taking_the_g
             assert failed_once and outcome == [True]
     finally:
         other.close()
+
+
+def test_a_holder_that_died_leaves_the_gate_looking_taken_and_writes_still_land(
+    path: str,
+) -> None:
+    with workers.holding_the_gate(path) as holder:
+        holder.process.kill()
+        holder.process.join(workers.JOIN_TIMEOUT)
+    with mpstore.Store(path, timeout=5) as store:
+        mailbox = store._gate.mailbox()
+        assert mailbox is not None
+        assert not mailbox.gate_free()  # the dead holder's pid is still there
+        notes = store.collection("notes", Note, key="id")
+        # The write waits in the mailbox for a holder that will never come, sleeps once, then
+        # takes the gate itself: the kernel dropped the dead holder's lock.
+        notes.upsert(Note(id="after", text="x"))
+        assert notes.get("after") == Note(id="after", text="x")
+        assert mailbox.gate_free()
+
+
+def test_control_a_waiting_write_that_trusts_the_hint_alone_waits_for_a_dead_holder(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        mpstore.Store, "_worth_trying", staticmethod(lambda mailbox, slept: mailbox.gate_free())
+    )
+    with workers.holding_the_gate(path) as holder:
+        holder.process.kill()
+        holder.process.join(workers.JOIN_TIMEOUT)
+    with mpstore.Store(path, timeout=0.3) as store:
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.GateTimeout):
+            notes.upsert(Note(id="after", text="x"))
+
+
+def _tries_between_sleeps(path: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """While a plain filelock user (no hint: the gate looks free) holds the gate, one write
+    waits until its timeout; returns how many times it tried the gate before each sleep."""
+    runs = [0]
+    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
+    holder = workers.SPAWN.Process(
+        target=mailbox_workers.hold_with_filelock, args=(path + ".lock", started, release)
+    )
+    holder.start()
+    try:
+        assert started.wait(workers.JOIN_TIMEOUT)
+        with mpstore.Store(path, timeout=1.0) as store:
+            gate = store._gate
+            try_acquire = gate.try_acquire
+            mailbox = gate.mailbox()
+            assert mailbox is not None
+            sleep = mailbox.sleep
+
+            def counting_try() -> bool:
+                runs[-1] += 1
+                return try_acquire()
+
+            def counting_sleep(slot: Any, timeout: float) -> None:
+                runs.append(0)
+                sleep(slot, timeout)
+
+            monkeypatch.setattr(gate, "try_acquire", counting_try)
+            monkeypatch.setattr(mailbox, "sleep", counting_sleep)
+            notes = store.collection("notes", Note, key="id")
+            with pytest.raises(mpstore.GateTimeout):
+                notes.upsert(Note(id="blocked", text="x"))
+    finally:
+        release.set()
+        holder.join(workers.JOIN_TIMEOUT)
+    return runs
+
+
+def test_a_gate_that_looks_free_but_is_taken_is_tried_a_bounded_number_of_times_per_sleep(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = _tries_between_sleeps(path, monkeypatch)
+    assert len(runs) > 1  # it slept
+    assert max(runs) <= _SPIN + 2
+
+
+def test_control_without_the_yield_budget_a_waiting_write_never_sleeps(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_store, "_SPIN", 10**9)
+    runs = _tries_between_sleeps(path, monkeypatch)
+    assert len(runs) == 1 and runs[0] > _SPIN + 2
