@@ -354,17 +354,13 @@ def statements_undo_themselves(conn: Writer) -> bool:
     trigger (which may change other rows first, and RAISE(FAIL) keeps those) or a foreign key
     action could run."""
     cursor = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' "
-        "UNION ALL SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger' LIMIT 1"
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger') "
+        "OR EXISTS (SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger') "
+        "OR (SELECT foreign_keys FROM pragma_foreign_keys)"
     )
-    triggers = cursor.fetchone() is not None
+    (unsafe,) = cursor.fetchone()
     cursor.close()
-    if triggers:
-        return False
-    cursor = conn.execute("PRAGMA foreign_keys")
-    (foreign_keys,) = cursor.fetchone()
-    cursor.close()
-    return not foreign_keys
+    return not unsafe
 
 
 def record_batch(conn: Writer, batch: int) -> None:

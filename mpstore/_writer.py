@@ -78,13 +78,22 @@ class _Redo(Exception):
         self.jobs = jobs
 
 
-def _mark_plain(conn: Connection, jobs: list[_Job[Any]]) -> None:
+def _mark_plain(conn: Connection, jobs: list[_Job[Any]], undo: bool | None = None) -> bool | None:
     """Let the writes that need no SAVEPOINT run without one: one statement on one row, in a
-    schema where SQLite undoes such a failed statement by itself."""
+    schema where SQLite undoes such a failed statement by itself.
+
+    ``undo`` is that schema's answer if already known in this transaction; returns it (None
+    if it was not needed).
+    """
     single = [j for j in jobs if j.op is not None and _sqlite.single_statement(j.op)]
-    if single and _sqlite.statements_undo_themselves(conn):
+    if not single:
+        return undo
+    if undo is None:
+        undo = _sqlite.statements_undo_themselves(conn)
+    if undo:
         for job in single:
             job.plain = True
+    return undo
 
 
 class _Carry:
@@ -267,11 +276,13 @@ class WriteQueue:
         while True:
             try:
                 with self._store._transaction(raw) as conn:
-                    _mark_plain(conn, pending)
+                    undo = _mark_plain(conn, pending)
                     self._run_jobs(conn, raw, pending, alone=carry is None)
                     if carry is not None and not carry.took:
                         taken = carry.take()
-                        _mark_plain(conn, taken)
+                        if any(job.op is None for job in pending):
+                            undo = None  # a callback may have changed the schema
+                        _mark_plain(conn, taken, undo)
                         try:
                             # Never alone: a carried write's own failure is its owner's.
                             self._run_jobs(conn, raw, taken, alone=False)
