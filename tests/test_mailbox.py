@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _mailbox, _sqlite, _store
+from mpstore import _mailbox, _sqlite, _store, _writer
 from tests import mailbox_workers, workers
 from tests.models import Note
 
@@ -593,3 +593,35 @@ def test_control_without_the_yield_budget_a_waiting_write_never_sleeps(
     monkeypatch.setattr(_store, "_SPIN", 10**9)
     runs = _tries_between_sleeps(path, monkeypatch)
     assert len(runs) == 1 and runs[0] > _SPIN + 2
+
+
+def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
+    store: mpstore.Store,
+) -> None:
+    # One batch: a one-row upsert (so the schema is asked, and has no trigger yet), then a
+    # callback that creates a RAISE(FAIL) trigger, then a carried write the trigger refuses.
+    # Asked only once, the carried write would run without its SAVEPOINT and the trigger's
+    # audit row would stay.
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+    mine = _upsert(notes, "mine")
+    first: _writer._Job[int] = _writer._Job(_sqlite.op_runner(mine), None, queued=False)
+    first.op = mine
+
+    def create_trigger(conn: mpstore.Connection) -> None:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key LIKE 'bad%' "
+            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
+        )
+
+    second: _writer._Job[None] = _writer._Job(create_trigger, None, queued=False)
+    with _other_process(store) as leave:
+        outcome = leave(_upsert(notes, "bad1"))
+        with store._write_turn() as raw:
+            store._queue._commit(raw, [first, second])
+        assert (first.error, second.error) == (None, None)
+        ok, error = outcome()
+        assert not ok and isinstance(error, sqlite3.IntegrityError)
+    assert store.query("SELECT key FROM audit") == []
+    assert sorted(notes.keys()) == ["mine"]
