@@ -28,7 +28,7 @@ Crash safety rests on kernel locks and on the batch id:
 - the gate's holder also writes its pid into the header while it holds the gate, so a waiting
   owner sees the gate come free without a failed lock attempt (a system call and an
   exception). Only a hint: a holder that died leaves its pid there, so an owner tries the gate
-  after every sleep whatever the hint says.
+  after every sleep, and at its deadline, whatever the hint says.
 
 Linux only (abstract Unix sockets carry the wake-ups); elsewhere writes wait for the gate.
 """

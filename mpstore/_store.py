@@ -400,14 +400,14 @@ class Store:
         # mailbox says so without the failed lock attempt (a system call and an exception).
         if (mailbox is None or mailbox.gate_free()) and self._gate.try_acquire():
             with self._holding_gate() as raw:
-                return self._queue.lead(raw, fn)
+                return self._queue.lead(raw, fn, op)
         if mailbox is not None and not self._gate.busy_here:
             payload = _mailbox.encode_op(op)
             if len(payload) <= _mailbox.CAPACITY:
                 slot = mailbox.claim()
                 if slot is not None:
                     try:
-                        return self._follow(mailbox, slot, payload, fn)
+                        return self._follow(mailbox, slot, payload, op)
                     finally:
                         mailbox.give_back(slot)
         return self._queue.submit(fn, self.timeout, op)
@@ -428,9 +428,9 @@ class Store:
         mailbox: _mailbox.Mailbox,
         slot: _mailbox.Slot,
         payload: bytes,
-        fn: Callable[[Connection], int],
+        op: tuple[Any, ...],
     ) -> int:
-        """Leave a write in the mailbox and wait for its outcome, or for the gate.
+        """Leave the write ``op`` in the mailbox and wait for its outcome, or for the gate.
 
         :raises GateTimeout: no holder took the write within ``timeout`` (it never will).
         """
@@ -452,7 +452,10 @@ class Store:
                         self._stats.count("writes_carried_away")
                         return int(value)
                     raise value
-                if self._worth_trying(mailbox, slept):
+                now = time.monotonic()
+                # At the deadline the gate is tried whatever the hint says: a write with a short
+                # timeout may never sleep, and a dead holder's pid would keep it from ever trying.
+                if self._worth_trying(mailbox, slept or now >= deadline):
                     slept = False
                     if self._gate.try_acquire():
                         try:
@@ -460,14 +463,13 @@ class Store:
                             with self._holding_gate() as raw:
                                 if mailbox.withdraw(slot):
                                     settled = True
-                                    return self._queue.lead(raw, fn)
+                                    return self._queue.lead(raw, _sqlite.op_runner(op), op)
                         except Exception:
                             if settled or mailbox.state(index) != _mailbox.DONE:
                                 raise
                             # Another holder committed this write just before: that outcome
                             # is this call's, whatever went wrong with taking the gate after.
                         continue
-                now = time.monotonic()
                 if now >= deadline and mailbox.withdraw(slot):
                     settled = True
                     raise self._gate_timeout(start)

@@ -80,12 +80,17 @@ class _Redo(Exception):
 
 def _mark_plain(conn: Connection, jobs: list[_Job[Any]], undo: bool | None = None) -> bool | None:
     """Let the writes that need no SAVEPOINT run without one: one statement on one row, in a
-    schema where SQLite undoes such a failed statement by itself.
+    schema where SQLite undoes such a failed statement by itself. Not when a callback runs
+    among them: it may change the schema (create a trigger) before they run.
 
     ``undo`` is that schema's answer if already known in this transaction; returns it (None
     if it was not needed).
     """
-    single = [j for j in jobs if j.op is not None and _sqlite.single_statement(j.op)]
+    for job in jobs:
+        job.plain = False  # a rerun asks again: the rolled-back attempt's schema is gone
+    if any(job.op is None for job in jobs):
+        return undo
+    single = [j for j in jobs if _sqlite.single_statement(j.op)]
     if not single:
         return undo
     if undo is None:
@@ -229,13 +234,15 @@ class WriteQueue:
             self._store._stats.record("gate_wait", now - job.queued)
         return batch
 
-    def lead(self, raw: Any, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` for a caller that holds the gate, with every write left in the mailbox."""
+    def lead(self, raw: Any, fn: Callable[[Connection], T], op: tuple[Any, ...] | None = None) -> T:
+        """Run ``fn`` (the collection write ``op``, if it is one) for a caller that holds the
+        gate, with every write left in the mailbox."""
         mailbox = self._store._carrier()
         if mailbox is None or not mailbox.waiting():
             with self._store._transaction(raw) as conn:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
+        own.op = op
         self._commit(raw, [own])
         if own.error is not None:
             raise own.error

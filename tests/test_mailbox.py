@@ -7,6 +7,7 @@ import random
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -625,3 +626,75 @@ def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
         assert not ok and isinstance(error, sqlite3.IntegrityError)
     assert store.query("SELECT key FROM audit") == []
     assert sorted(notes.keys()) == ["mine"]
+
+
+class _SlowScheduler:
+    """Stands in for the time module in mpstore._store: each ``os.sched_yield`` takes 10 ms of
+    its clock, as on a machine where every yield gives the CPU away for a whole slice."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sched_yield(self) -> None:
+        self.offset += 0.01
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_a_short_timeout_still_tries_a_gate_a_dead_holder_left_looking_taken(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline comes before the first sleep; without a try at the deadline the write would
+    # time out without ever trying the free gate, and so would every later one: nobody would
+    # take the gate and clear the dead holder's pid.
+    with workers.holding_the_gate(path) as holder:
+        holder.process.kill()
+        holder.process.join(workers.JOIN_TIMEOUT)
+    clock = _SlowScheduler()
+    monkeypatch.setattr(_store, "time", clock)
+    monkeypatch.setattr(os, "sched_yield", clock.sched_yield)
+    with mpstore.Store(path, timeout=0.05) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="after", text="x"))
+        mailbox = store._gate.mailbox()
+        assert mailbox is not None and mailbox.gate_free()
+    assert clock.offset < 0.5  # it never slept through a whole spin budget
+
+
+def test_a_rerun_asks_the_schema_after_the_callbacks_that_recreate_its_triggers(
+    store: mpstore.Store,
+) -> None:
+    # The holder's callback creates a RAISE(FAIL) and a RAISE(ROLLBACK) trigger; the second
+    # carried write hits the ROLLBACK one, which ends the transaction and takes both triggers
+    # back with it. In the rerun the callback creates them again before the first carried
+    # write runs: that write must keep its SAVEPOINT, or the FAIL trigger's audit row stays.
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+
+    def create_triggers(conn: mpstore.Connection) -> None:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key LIKE 'bad%' "
+            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
+        )
+        conn.execute(
+            "CREATE TRIGGER roll BEFORE INSERT ON notes WHEN NEW.key LIKE 'rb%' "
+            "BEGIN SELECT RAISE(ROLLBACK, 'rolled back'); END"
+        )
+
+    own: _writer._Job[None] = _writer._Job(create_triggers, None, queued=False)
+    with _other_process(store) as leave:
+        bad = leave(_upsert(notes, "bad1"))
+        rolled = leave(_upsert(notes, "rb1"))
+        with store._write_turn() as raw:
+            store._queue._commit(raw, [own])
+        assert own.error is None
+        for outcome in (bad, rolled):
+            ok, error = outcome()
+            assert not ok and isinstance(error, sqlite3.IntegrityError)
+    assert store.query("SELECT key FROM audit") == []
+    assert notes.count() == 0
