@@ -375,6 +375,8 @@ class HandoffStrategy(UngatedStrategy):
     def _transaction(self, body: Callable[[sqlite3.Connection], None]) -> None:
         done = threading.Event()
         with self._cond:
+            if self._closing:
+                raise RuntimeError("the handoff strategy is closed")
             self._queue.append((body, done))
             self._cond.notify()
         done.wait()
@@ -396,13 +398,20 @@ class HandoffStrategy(UngatedStrategy):
                 for body, _ in batch:
                     body(conn)
                 conn.execute("COMMIT")
-            except Exception as exc:
+            except BaseException as exc:
+                # Every caller of the batch hears it, and the thread goes on serving: a caller
+                # left waiting would hang the run.
+                failure = exc
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error as rollback_failed:
+                        failure = rollback_failed
                 for _, done in batch:
-                    self._failures[done] = exc
-            for _, done in batch:
-                done.set()
+                    self._failures[done] = failure
+            finally:
+                for _, done in batch:
+                    done.set()
 
     def close(self) -> None:
         with self._cond:
@@ -1093,6 +1102,11 @@ def machine_info() -> dict[str, Any]:
         "filelock": filelock.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def planned(config: BenchConfig) -> list[tuple[str, str]]:
+    """The (strategy, mode) pairs ``config`` runs in each cell; empty if none fits."""
+    return [(s, m) for s in config.strategies for m in _modes_for(s, config.modes)]
 
 
 def _modes_for(strategy: str, modes: Sequence[str]) -> list[str]:

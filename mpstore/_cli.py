@@ -33,8 +33,9 @@ def _add_bench(commands: Any) -> None:
         help="benchmark concurrent conversation writes against the alternatives",
         description=(
             "Concurrent workers x writes per worker of 2 KiB conversation upserts, mpstore side by "
-            "side with an ungated plain-sqlite pool, filelock, and the single-writer ceiling. "
-            "Default cells: 4x10, 8x10, 16x10, 16x100. Medians over --repeat runs."
+            "side with an ungated plain-sqlite pool, filelock, the single-writer ceiling and, "
+            "with threads, the bare hand-off between threads (handoff). Default cells: 4x10, "
+            "8x10, 16x10, 16x100. Medians over --repeat runs."
         ),
     )
     bench.add_argument(
@@ -232,6 +233,12 @@ def _bench_main(args: argparse.Namespace) -> int:
             print(f"mpstore bench: {exc}", file=sys.stderr)
             return 2
     config = bench_config(args)
+    if not _bench.planned(config):
+        print(
+            "mpstore bench: nothing to run: 'handoff' runs in threads mode only",
+            file=sys.stderr,
+        )
+        return 2
     print(_bench.format_table([]), flush=True)
 
     def on_cell(rows: list[_bench.Summary]) -> None:

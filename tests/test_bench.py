@@ -436,3 +436,39 @@ def test_handoff_returns_after_the_commit_and_hands_back_a_failure(tmp_path: Pat
             strategy.modify("no-such-conversation", message)
     finally:
         strategy.close()
+
+
+def test_handoff_survives_a_failing_batch_and_refuses_writes_after_close(tmp_path: Path) -> None:
+    class Stop(BaseException):
+        pass
+
+    path = str(tmp_path / "h.db")
+    _bench.HandoffStrategy.create(path, [])
+    strategy = _bench.HandoffStrategy()
+    strategy.open(path)
+    records = _bench.worker_records(0, 2, 256)
+
+    def stop(conn: Any) -> None:
+        raise Stop()
+
+    try:
+        with pytest.raises(Stop):
+            strategy._transaction(stop)
+        strategy.write(records[0])  # the writer thread still serves
+    finally:
+        strategy.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        strategy.write(records[1])
+    assert list(_bench.HandoffStrategy.stored(path)) == [records[0].conversation_id]
+
+
+def test_a_run_with_nothing_to_run_is_one_clear_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(
+        ["bench", "--mode", "processes", "--strategy", "handoff", "--json", str(tmp_path / "x")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "threads mode only" in err
+    assert not (tmp_path / "x").exists()
