@@ -410,13 +410,25 @@ def _other_process(store: mpstore.Store) -> Iterator[Any]:
         other.close()
 
 
+def _refusing(table: str, action: str, name: str = "refuse", prefix: str = "bad") -> str:
+    """A trigger that notes the key in ``audit``, then refuses rows whose key has ``prefix``."""
+    return (
+        f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN NEW.key LIKE '{prefix}%' "
+        f"BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE({action}, 'refused'); END"
+    )
+
+
+def _audited_notes(store: mpstore.Store) -> mpstore.Collection[Note]:
+    """The notes collection, and an empty ``audit`` table for :func:`_refusing` triggers."""
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+    return store.collection("notes", Note, key="id")
+
+
 def _refuse(store: mpstore.Store, table: str, action: str) -> None:
     with store.write() as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS audit (key TEXT)")
-        conn.execute(
-            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN NEW.key LIKE 'bad%' "
-            f"BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE({action}, 'refused'); END"
-        )
+        conn.execute(_refusing(table, action))
 
 
 def _upsert(notes: mpstore.Collection[Note], key: str) -> tuple[Any, ...]:
@@ -603,18 +615,13 @@ def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
     # callback that creates a RAISE(FAIL) trigger, then a carried write the trigger refuses.
     # Asked only once, the carried write would run without its SAVEPOINT and the trigger's
     # audit row would stay.
-    notes = store.collection("notes", Note, key="id")
-    with store.write() as conn:
-        conn.execute("CREATE TABLE audit (key TEXT)")
+    notes = _audited_notes(store)
     mine = _upsert(notes, "mine")
     first: _writer._Job[int] = _writer._Job(_sqlite.op_runner(mine), None, queued=False)
     first.op = mine
 
     def create_trigger(conn: mpstore.Connection) -> None:
-        conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key LIKE 'bad%' "
-            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
-        )
+        conn.execute(_refusing("notes", "FAIL"))
 
     second: _writer._Job[None] = _writer._Job(create_trigger, None, queued=False)
     with _other_process(store) as leave:
@@ -672,19 +679,11 @@ def test_a_rerun_asks_the_schema_after_the_callbacks_that_recreate_its_triggers(
     # carried write hits the ROLLBACK one, which ends the transaction and takes both triggers
     # back with it. In the rerun the callback creates them again before the first carried
     # write runs: that write must keep its SAVEPOINT, or the FAIL trigger's audit row stays.
-    notes = store.collection("notes", Note, key="id")
-    with store.write() as conn:
-        conn.execute("CREATE TABLE audit (key TEXT)")
+    notes = _audited_notes(store)
 
     def create_triggers(conn: mpstore.Connection) -> None:
-        conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key LIKE 'bad%' "
-            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
-        )
-        conn.execute(
-            "CREATE TRIGGER roll BEFORE INSERT ON notes WHEN NEW.key LIKE 'rb%' "
-            "BEGIN SELECT RAISE(ROLLBACK, 'rolled back'); END"
-        )
+        conn.execute(_refusing("notes", "FAIL"))
+        conn.execute(_refusing("notes", "ROLLBACK", name="roll", prefix="rb"))
 
     own: _writer._Job[None] = _writer._Job(create_triggers, None, queued=False)
     with _other_process(store) as leave:
