@@ -283,12 +283,11 @@ class WriteQueue:
         while True:
             try:
                 with self._store._transaction(raw) as conn:
+                    # None when a callback is among them: asked again after it ran.
                     undo = _mark_plain(conn, pending)
                     self._run_jobs(conn, raw, pending, alone=carry is None)
                     if carry is not None and not carry.took:
                         taken = carry.take()
-                        if any(job.op is None for job in pending):
-                            undo = None  # a callback may have changed the schema
                         _mark_plain(conn, taken, undo)
                         try:
                             # Never alone: a carried write's own failure is its owner's.
