@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Any
 
 __all__ = ["Stats"]
@@ -24,6 +24,17 @@ TIMINGS = {
     "pool_wait": "from asking for a read connection to holding one",
 }
 
+#: Counters, each present (0 until it first counts) in every snapshot.
+COUNTERS = (
+    "commits",
+    "rollbacks",
+    "writes_batched",
+    "writes_carried",
+    "writes_carried_away",
+    "gate_timeouts",
+    "pool_timeouts",
+)
+
 
 class Stats:
     """Thread-safe recorder behind :meth:`mpstore.Store.stats`."""
@@ -31,7 +42,7 @@ class Stats:
     def __init__(self) -> None:
         self._marks = threading.local()
         self._lock = threading.Lock()
-        self._counters: Counter[str] = Counter()
+        self._counters = dict.fromkeys(COUNTERS, 0)
         self._samples: dict[str, deque[float]] = {
             name: deque(maxlen=_RING) for name in (*TIMINGS, "batch_size")
         }
@@ -69,6 +80,7 @@ class Stats:
         self._samples[sample].append(value)
 
     def count(self, counter: str, n: int = 1) -> None:
+        """Add ``n`` to ``counter``, one of :data:`COUNTERS` (KeyError otherwise)."""
         with self._lock:
             self._counters[counter] += n
 

@@ -33,8 +33,8 @@ def write(
         stats = store.stats()
     return {
         "outcome": outcome,
-        "carried": stats.get("writes_carried", 0),
-        "carried_away": stats.get("writes_carried_away", 0),
+        "carried": stats["writes_carried"],
+        "carried_away": stats["writes_carried_away"],
     }
 
 

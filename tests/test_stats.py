@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
 
 import mpstore
+from mpstore._stats import COUNTERS
 from mpstore.conversations import ConversationRepository, sample_conversation
 from tests import workers
 from tests.models import Note
@@ -22,12 +24,21 @@ def test_counters_and_timings_follow_the_writes(store: mpstore.Store) -> None:
         raise ValueError
     notes.get("1")
     after = store.stats()
-    assert after["commits"] - before.get("commits", 0) == 10
-    assert after["rollbacks"] - before.get("rollbacks", 0) == 1
+    assert after["commits"] - before["commits"] == 10
+    assert after["rollbacks"] - before["rollbacks"] == 1
     for timing in ("gate_wait", "gate_hold", "transaction", "pool_wait"):
         summary = after[timing]
         assert summary["count"] >= 10 if timing != "pool_wait" else summary["count"] >= 1
         assert 0 <= summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"]
+
+
+def test_a_new_store_reports_every_counter(store: mpstore.Store) -> None:
+    stats = store.stats()
+    documented = re.findall(r"``(\w+)``", mpstore.Store.stats.__doc__ or "")
+    for counter in (*COUNTERS, "checkpoints", "checkpoint_errors"):
+        # Only the commit that set up the new file has happened.
+        assert stats[counter] == (1 if counter == "commits" else 0), counter
+        assert counter in documented, f"Store.stats() does not document {counter!r}"
 
 
 def test_timeouts_are_counted(db_path: str) -> None:
