@@ -12,9 +12,30 @@ from typing import Any
 from ._errors import PermissionDenied, TransactionError
 from ._sqlite import translating
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "translating_reads"]
 
 Params = Sequence[Any] | dict[str, Any]
+
+
+@contextmanager
+def translating_reads(path: str) -> Iterator[None]:
+    """:func:`translating` for a read-only connection, where SQLite's "readonly database"
+    means a write that would have bypassed the gate, not a file the process may not write.
+
+    :raises TransactionError: a statement tried to write.
+    """
+    try:
+        with translating(path):
+            yield
+    except PermissionDenied as exc:
+        cause = exc.__cause__
+        if getattr(cause, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
+            raise  # the file itself cannot be opened or read
+        raise TransactionError(
+            "reads (read() blocks, query()) are read-only: the write would bypass the gate; "
+            "use write()",
+            path,
+        ) from exc
 
 
 class Connection:
@@ -48,18 +69,8 @@ class Connection:
             )
         return self._conn
 
-    @contextmanager
-    def _translating(self) -> Iterator[None]:
-        try:
-            with translating(self._path):
-                yield
-        except PermissionDenied as exc:
-            if self.writable:
-                raise
-            raise TransactionError(
-                "read() blocks are read-only (the write would bypass the gate); use write()",
-                self._path,
-            ) from exc
+    def _translating(self) -> Any:
+        return translating(self._path) if self.writable else translating_reads(self._path)
 
     def _after(self) -> None:
         if not self._conn.in_transaction:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fork, _mailbox, _sqlite
 from ._checkpoint import Checkpointer
-from ._connection import Connection
+from ._connection import Connection, translating_reads
 from ._errors import (
     Abandoned,
     GateTimeout,
@@ -663,11 +663,12 @@ class Store:
         """Run one read statement and return all its rows (through the open transaction, if any).
 
         :raises PoolTimeout: no read connection became free within ``timeout``.
+        :raises TransactionError: outside a ``write()`` block, the statement tried to write.
         """
         current = self._current()
         if current is not None:
             return current.execute(sql, parameters).fetchall()
-        with self._pooled() as raw, translating(self.path):
+        with self._pooled() as raw, translating_reads(self.path):
             return raw.execute(sql, parameters).fetchall()
 
     # -- schema and collections -------------------------------------------------------------

@@ -137,6 +137,10 @@ def _write_in_a_read_block(e: Env) -> None:
         conn.execute("DELETE FROM notes")
 
 
+def _write_through_query(e: Env) -> None:
+    e.store.query("DELETE FROM notes")
+
+
 def _write_block_inside_read_block(e: Env) -> None:
     with e.store.read(), e.store.write() as conn:
         conn.execute("DELETE FROM notes")
@@ -490,6 +494,12 @@ CASES = [
     Case(
         "write through a read() block",
         _write_in_a_read_block,
+        mpstore.TransactionError,
+        "read-only",
+    ),
+    Case(
+        "write through query()",
+        _write_through_query,
         mpstore.TransactionError,
         "read-only",
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 import mpstore
+from mpstore._connection import translating_reads
 from tests import workers
 from tests.models import Note
 
@@ -120,6 +122,32 @@ def test_read_connections_are_query_only(store: mpstore.Store) -> None:
         conn.execute("CREATE TABLE t (x INTEGER)")
     with pytest.raises(mpstore.TransactionError, match="read-only"), store.read() as conn:
         conn.execute("INSERT INTO t VALUES (1)")
+
+
+def test_query_refuses_a_write(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(mpstore.TransactionError, match="read-only"):
+        store.query("INSERT INTO t VALUES (1)")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (sqlite3.SQLITE_READONLY, mpstore.TransactionError),
+        # A file the process may not open stays a permission problem on a read connection too.
+        (sqlite3.SQLITE_CANTOPEN, mpstore.PermissionDenied),
+        (sqlite3.SQLITE_PERM, mpstore.PermissionDenied),
+    ],
+)
+def test_reads_call_only_a_write_attempt_read_only(
+    code: int, expected: type[mpstore.MpstoreError]
+) -> None:
+    error = sqlite3.OperationalError("refused")
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    with pytest.raises(expected), translating_reads("x.db"):
+        raise error
 
 
 def test_reads_inside_write_see_uncommitted_changes(store: mpstore.Store) -> None:
