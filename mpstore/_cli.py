@@ -223,9 +223,28 @@ def bench_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _unwritable(path: str) -> str | None:
+    """Why an output file cannot be written at ``path``, or None; asked before a long run."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if not os.path.isdir(directory):
+        return f"cannot write {path}: its directory does not exist"
+    if not os.access(directory, os.W_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        return f"cannot write {path}: permission denied"
+    return None
+
+
 def _bench_main(args: argparse.Namespace) -> int:
     from . import _bench
 
+    for path in (args.json, args.plot):
+        reason = _unwritable(path) if path else None
+        if reason is not None:
+            print(f"mpstore bench: {reason}", file=sys.stderr)
+            return 2
     if args.plot:
         try:
             _bench.check_plotting()
@@ -305,7 +324,19 @@ def _progress_line(done: int, total: int | None, records: int) -> None:
 
 def _import_main(args: argparse.Namespace) -> int:
     from . import _inspect
+    from ._errors import InvalidName
 
+    usage = None
+    if args.index and not args.model:
+        usage = "--index needs --model, to compute the indexed fields from records"
+    elif args.model:
+        try:
+            _inspect.split_model_spec(args.model)
+        except InvalidName as exc:
+            usage = str(exc)
+    if usage is not None:
+        print(f"mpstore import: {usage}", file=sys.stderr)
+        return 2
     if args.file == "-":
         total = None
         source = sys.stdin

@@ -462,21 +462,30 @@ def export_to_file(path: str, name: str, target: str) -> int:
 # -- import ----------------------------------------------------------------------------------
 
 
-def load_model(spec: str) -> type[Any]:
-    """The pydantic model class named ``package.module:Class`` (or ``package.module.Class``).
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """``package.module:Class`` (or ``package.module.Class``) as (module, attribute path).
 
-    The current directory is searched first, as ``python -m`` would.
-
-    :raises InvalidName: the module or class cannot be found.
-    :raises RecordTypeError: the object found is not a pydantic model.
+    :raises InvalidName: ``spec`` has no module or no class part.
     """
-    from pydantic import BaseModel
-
     module_name, sep, attr = spec.partition(":")
     if not sep:
         module_name, _, attr = spec.rpartition(".")
     if not module_name or not attr:
         raise InvalidName(f"--model must look like package.module:Class, got {spec!r}")
+    return module_name, attr
+
+
+def load_model(spec: str) -> type[Any]:
+    """The pydantic model class named ``package.module:Class`` (or ``package.module.Class``).
+
+    The current directory is searched first, as ``python -m`` would.
+
+    :raises InvalidName: ``spec`` is malformed, or the module or class cannot be found.
+    :raises RecordTypeError: the object found is not a pydantic model.
+    """
+    from pydantic import BaseModel
+
+    module_name, attr = split_model_spec(spec)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

@@ -462,6 +462,27 @@ def test_handoff_survives_a_failing_batch_and_refuses_writes_after_close(tmp_pat
     assert list(_bench.HandoffStrategy.stored(path)) == [records[0].conversation_id]
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+def test_an_output_that_cannot_be_written_stops_before_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    option: str,
+    where: str,
+) -> None:
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark ran before its output path was checked")
+
+    monkeypatch.setattr(_bench, "run_bench", must_not_run)
+    target = tmp_path / "nowhere" / "out" if where == "missing directory" else tmp_path
+    code = main(["bench", "--quick", option, str(target)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and str(target) in err
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_a_run_with_nothing_to_run_is_one_clear_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -369,11 +370,9 @@ BAD_LINES = [
         "in.jsonl:4: not a valid Conversation: workspace_id: Input should be a valid integer",
     ),
     ('{"conversation_id": "z"}', ["--key", "title"], "keyed by 'conversation_id', not 'title'"),
-    ('{"conversation_id": "z"}', ["--index", "title"], "declaring indexes needs --model"),
     ('{"conversation_id": "z"}', ["--model", "nowhere.models:X"], "cannot import 'nowhere.models'"),
     ('{"conversation_id": "z"}', ["--model", "mpstore:Store"], "is not a pydantic BaseModel"),
     ('{"conversation_id": "z"}', ["--model", "mpstore.conversations:Nope"], "has no 'Nope'"),
-    ('{"conversation_id": "z"}', ["--model", "Conversation"], "must look like package.module"),
 ]
 
 
@@ -412,6 +411,33 @@ def test_import_refuses_an_unknown_collection_and_bytes_that_are_not_utf8(
     code, _, err = run(capsys, "import", source, "conversations", str(tmp_path / "absent"))
     assert code == 1 and "No such file" in err
     assert everything(source) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--model", "models"], "package.module:Class"),
+        (["--model", ":Conversation"], "package.module:Class"),
+        (["--index", "workspace_id"], "--index needs --model"),
+    ],
+)
+def test_import_usage_errors_exit_2_and_touch_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(_good_lines(1)[0] + "\n")
+    target = str(tmp_path / "new.db")
+    code, _, err = run(capsys, "import", target, "conversations", str(lines), *options)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_import_records_refuses_indexes_without_a_model(tmp_path: Path) -> None:
+    with pytest.raises(mpstore.InvalidName, match="needs --model"):
+        _inspect.import_records(
+            str(tmp_path / "new.db"), "c", io.StringIO(""), label="-", indexes=[("title",)]
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_import_without_a_model_needs_an_existing_database(
