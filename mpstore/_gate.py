@@ -368,10 +368,8 @@ class Gate:
         deadline = None if timeout is None else start + timeout
         self._acquire_local(deadline, start)
         try:
-            kernel = self._kernel()
-            if not kernel.acquire(deadline):
-                holder = kernel.holder()
-                raise self.timeout_error(start, holder[0] if holder else None, "another process")
+            if not self._kernel().acquire(deadline):
+                raise self.blocked_error(start)
         except BaseException:
             self._release_local()
             raise
@@ -428,7 +426,7 @@ class Gate:
             if self._owner == me:
                 return  # handed over just as the wait ran out: it is ours
             self._waiters.remove(entry)
-        raise self.timeout_error(start, _fork.pid(), "another thread of this process")
+        raise self.blocked_error(start)
 
     def _release_local(self) -> None:
         with self._mutex:
@@ -460,12 +458,28 @@ class Gate:
         self._check_fork()
         return self._kernel().holder()
 
-    def timeout_error(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
+    def blocked_error(self, start: float) -> GateTimeout:
+        """The timeout of a wait for the gate that began at ``start``, naming what is in the
+        way: a thread of this process that holds the kernel lock or, when none does (its
+        threads may only be waiting too), another process and the last holder the lock file
+        records (a plain ``filelock`` user records none, so that pid may be an earlier one)."""
+        if self.held_here:
+            return self._timeout_error(start, _fork.pid(), "another thread of this process")
+        holder = self.holder()
+        pid = holder[0] if holder else None
+        # This process's own record is from an earlier turn: it says nothing of who holds it now.
+        return self._timeout_error(start, None if pid == _fork.pid() else pid, "another process")
+
+    def _timeout_error(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
         waited = time.monotonic() - start
-        held_by = f"pid {holder_pid}" if holder_pid is not None else "an unknown process"
+        recorded = (
+            f"last holder recorded in the lock file: pid {holder_pid}"
+            if holder_pid is not None
+            else "no other holder recorded in the lock file"
+        )
         return GateTimeout(
             f"waited {waited:.3f} s for the write gate {self.lock_path}, held by {who} "
-            f"(last holder: {held_by})",
+            f"({recorded})",
             self.lock_path,
             waited,
             holder_pid,

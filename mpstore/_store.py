@@ -556,10 +556,7 @@ class Store:
 
     def _gate_timeout(self, start: float) -> GateTimeout:
         self._stats.count("gate_timeouts")
-        if self._gate.held_here:
-            return self._gate.timeout_error(start, _fork.pid(), "another thread of this process")
-        holder = self._gate.holder()
-        return self._gate.timeout_error(start, holder[0] if holder else None, "another process")
+        return self._gate.blocked_error(start)
 
     #: How a write transaction starts: under the gate no other writer can be active, so taking
     #: SQLite's write lock up front never waits and never fails on a read-to-write upgrade.

@@ -13,7 +13,7 @@ import pytest
 
 import mpstore
 from mpstore._gate import Gate, drop_gate, gate_for
-from tests import workers
+from tests import mailbox_workers, workers
 from tests.models import Note
 
 pytestmark = pytest.mark.processes
@@ -124,6 +124,36 @@ def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
         assert err.waited is not None and err.waited >= 0.3
         assert isinstance(err, TimeoutError)
     assert holder.process.exitcode == 0
+
+
+def test_a_timeout_behind_a_waiting_thread_names_the_other_process(tmp_path: Path) -> None:
+    """A plain filelock user in another process holds the gate; this process's update() times
+    out with its writer thread still queued for the kernel lock. The next write, which waits
+    behind that thread, is blocked by the other process, not by the thread."""
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as setup:  # leaves this process's pid as the last holder recorded
+        setup.collection("notes", Note, key="id")
+    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
+    holder = workers.SPAWN.Process(
+        target=mailbox_workers.hold_with_filelock, args=(path + ".lock", started, release)
+    )
+    holder.start()
+    try:
+        assert started.wait(workers.JOIN_TIMEOUT)
+        with mpstore.Store(path, timeout=0.3) as store:
+            notes = store.collection("notes", Note, key="id")
+            with pytest.raises(mpstore.GateTimeout):
+                notes.update("a", lambda n: n)
+            assert store._gate.busy_here and not store._gate.held_here
+            with pytest.raises(mpstore.GateTimeout) as info, store.write():
+                pass
+    finally:
+        release.set()
+        holder.join(workers.JOIN_TIMEOUT)
+    message = str(info.value)
+    assert "held by another process" in message
+    assert "no other holder recorded" in message
+    assert info.value.holder_pid is None  # this process's own old record is not the holder
 
 
 def test_a_killed_holder_releases_the_gate_and_its_transaction(tmp_path: Path) -> None:
