@@ -102,12 +102,15 @@ class Store:
     :param synchronous: SQLite's ``synchronous`` pragma. ``NORMAL`` (the default) in WAL mode
         never corrupts the database; a power loss may undo the last transactions. ``FULL`` also
         keeps those, at the cost of an fsync per commit.
-    :param file_mode: permissions for a new database and its lock file (default ``0o600``).
+    :param file_mode: permissions for a new database, its lock file and its mailbox
+        (default ``0o600``).
     :param max_record_bytes: the largest JSON a collection accepts for one record.
     :param mailbox: let a write that finds the gate held by another process leave itself in
         ``<path>.mailbox`` for the holder to commit with its own (Linux; collection upserts and
         deletes), and let this process commit the mailbox's writes with its own. Off, it does
         neither (writes wait for the gate themselves), but still keeps the mailbox's rules.
+    :param gate: ``"auto"`` (a kernel ``flock`` where the platform has one, else
+        ``filelock``), ``"flock"`` or ``"filelock"`` (the portable lock, without the mailbox).
     :param on_event: called with each name in :data:`EVENTS` as this process passes it. If it
         raises before the write is settled the call fails with that error and nothing is
         written; at "commit", "rollback", "gate-released" and "pool-released" the error goes to
