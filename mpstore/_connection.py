@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,12 +39,26 @@ def translating_reads(path: str) -> Iterator[None]:
         ) from exc
 
 
+#: Statements a block may not run: those that end its transaction (``BEGIN`` too, which fails
+#: inside one anyway), and releasing or rolling back to mpstore's own savepoints. Refused before
+#: they run: a COMMIT inside a group commit would make the writes before it durable, and
+#: nothing could then undo them if the batch failed.
+_ENDS_TRANSACTION = re.compile(
+    r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+    r"(?:begin\b|commit\b|end\b|rollback\b(?!\s+(?:transaction\s+)?to\b)"
+    r"|(?:release|rollback\s+(?:transaction\s+)?to)\s+(?:savepoint\s+)?[\"`\[]?mpstore_sp)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
 class Connection:
     """A thin guard around an ``sqlite3.Connection`` for the length of one transaction.
 
-    It refuses use from another thread or process, use after its block ended, and statements
-    that end the transaction early (``COMMIT``/``ROLLBACK``), which would let later statements
-    run outside the gate. ``writable`` tells a ``write()`` block from a ``read()`` block.
+    It refuses use from another thread or process, use after its block ended, statements that
+    would end the transaction early (``COMMIT``/``ROLLBACK``/``END``), which would let later
+    statements run outside the gate, and any statement once something else ended it (a
+    ``RAISE(ROLLBACK)`` trigger, a full disk). ``writable`` tells a ``write()`` block from a
+    ``read()`` block.
 
     :raises TransactionError: on any of the misuses above.
     """
@@ -58,13 +73,25 @@ class Connection:
         self._active = True
         self.writable = writable
 
-    def _check(self) -> sqlite3.Connection:
+    def _check(self, sql: str | None = None) -> sqlite3.Connection:
         if not self._active:
             raise TransactionError("this connection's transaction block has ended", self._path)
         if self._thread != threading.get_ident() or self._pid != os.getpid():
             raise TransactionError(
                 "a transaction's connection is used by another thread or process; "
                 "open a write()/read() block in that thread instead",
+                self._path,
+            )
+        if not self._conn.in_transaction:
+            # Anything run now would run outside the gate's transaction, in autocommit.
+            raise TransactionError(
+                "this block's transaction was ended by an earlier statement; leave the block",
+                self._path,
+            )
+        if sql is not None and _ENDS_TRANSACTION.match(sql):
+            raise TransactionError(
+                f"{sql.strip()[:40]!r} would end the block's transaction (or mpstore's own "
+                "savepoint); leave the block to commit, raise to roll back",
                 self._path,
             )
         return self._conn
@@ -85,18 +112,25 @@ class Connection:
         :raises TransactionError: misuse (see the class).
         :raises MpstoreError: typed SQLite failures (corruption, full disk, ...).
         """
-        conn = self._check()
+        conn = self._check(sql)
         with self._translating():
             cursor = conn.execute(sql, parameters)
         self._after()
         return cursor
+
+    def _control(self, sql: str) -> None:
+        """Run one of mpstore's own savepoint statements (which :meth:`execute` refuses)."""
+        conn = self._check()
+        with self._translating():
+            conn.execute(sql)
+        self._after()
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Params]) -> sqlite3.Cursor:
         """Run one statement once per parameter set.
 
         :raises TransactionError: misuse (see the class).
         """
-        conn = self._check()
+        conn = self._check(sql)
         with self._translating():
             cursor = conn.executemany(sql, seq_of_parameters)
         self._after()

@@ -594,16 +594,16 @@ class Store:
         tx = self._tx
         tx.depth += 1
         name = f"mpstore_sp{tx.depth}"
-        conn.execute(f"SAVEPOINT {name}")
+        conn._control(f"SAVEPOINT {name}")
         try:
             yield conn
         except BaseException:
             if conn.in_transaction:
-                conn.execute(f"ROLLBACK TO {name}")
-                conn.execute(f"RELEASE {name}")
+                conn._control(f"ROLLBACK TO {name}")
+                conn._control(f"RELEASE {name}")
             raise
         else:
-            conn.execute(f"RELEASE {name}")
+            conn._control(f"RELEASE {name}")
         finally:
             tx.depth -= 1
 

@@ -4,6 +4,7 @@ gate free."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import threading
@@ -148,7 +149,32 @@ def _write_block_inside_read_block(e: Env) -> None:
 
 def _commit_inside_the_block(e: Env) -> None:
     with e.store.write() as conn:
+        conn.execute("DELETE FROM notes")
         conn.execute("COMMIT")
+
+
+def _end_behind_a_comment(e: Env) -> None:
+    with e.store.write() as conn:
+        conn.execute("DELETE FROM notes")
+        conn.execute("/* done */ -- really\n  end transaction")
+
+
+def _release_mpstores_savepoint(e: Env) -> None:
+    with e.store.write(), e.store.write() as conn:
+        conn.execute("DELETE FROM notes")
+        conn.execute('RELEASE "mpstore_sp1"')
+
+
+def _statement_after_a_rollback_trigger(e: Env) -> None:
+    with e.store.write() as conn:
+        conn.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON notes "
+            "WHEN NEW.key = 'refused' BEGIN SELECT RAISE(ROLLBACK, 'refused'); END"
+        )
+        # The caller carries on, as if only that statement had failed.
+        with contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO notes (key, value) VALUES ('refused', '{}')")
+        conn.execute("DELETE FROM notes")
 
 
 def _use_after_close(e: Env) -> None:
@@ -513,7 +539,25 @@ CASES = [
         "COMMIT inside a write block",
         _commit_inside_the_block,
         mpstore.TransactionError,
-        "ended the transaction",
+        "would end the block's transaction",
+    ),
+    Case(
+        "END behind a comment inside a write block",
+        _end_behind_a_comment,
+        mpstore.TransactionError,
+        "would end the block's transaction",
+    ),
+    Case(
+        "releasing mpstore's savepoint in a nested write",
+        _release_mpstores_savepoint,
+        mpstore.TransactionError,
+        "would end the block's transaction",
+    ),
+    Case(
+        "a statement after a trigger rolled the transaction back",
+        _statement_after_a_rollback_trigger,
+        mpstore.TransactionError,
+        "was ended by an earlier statement",
     ),
 ]
 

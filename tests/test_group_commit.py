@@ -61,6 +61,34 @@ def test_one_failing_write_does_not_touch_the_others(store: mpstore.Store) -> No
     assert store.stats()["batch_size"]["max"] == 3
 
 
+def test_a_callback_that_tries_to_commit_the_batch_changes_nobody_elses_write(
+    store: mpstore.Store,
+) -> None:
+    """A COMMIT run inside the shared transaction would make the writes before it durable; if
+    the batch then ran them again, they would be applied twice."""
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="counter", text=""))
+    notes.upsert(Note(id="other", text=""))
+
+    def commits(n: Note) -> Note:
+        with store.write() as conn:  # nested in the batch: a SAVEPOINT
+            conn.execute("COMMIT")
+        return n
+
+    outcomes = _queue_behind_a_write_block(
+        store,
+        [
+            lambda: notes.update("counter", lambda n: n.model_copy(update={"text": n.text + "+"})),
+            lambda: notes.update("other", commits),
+            lambda: notes.update("counter", lambda n: n.model_copy(update={"text": n.text + "+"})),
+        ],
+    )
+    assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
+    assert isinstance(outcomes[1][1], mpstore.TransactionError)
+    counter = notes.get("counter")
+    assert counter is not None and counter.text == "++"
+
+
 def test_queued_writes_apply_in_queue_order(store: mpstore.Store) -> None:
     notes = store.collection("notes", Note, key="id")
     notes.upsert(Note(id="log", text=""))
