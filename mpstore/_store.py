@@ -79,6 +79,21 @@ class _Unraisable:
         self.object: object = None
 
 
+def _report_unraisable(exc: BaseException, message: str) -> None:
+    """Report an error that has no caller to go to through ``sys.unraisablehook``.
+
+    Python's own default hook accepts only the interpreter's argument type, which Python code
+    cannot build: with it in place, print what it would print.
+    """
+    if sys.unraisablehook is sys.__unraisablehook__:
+        import traceback
+
+        print(f"{message}:", file=sys.stderr)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        return
+    sys.unraisablehook(_Unraisable(exc, message))
+
+
 class _TxState(threading.local):
     """The calling thread's open transaction in this store, if any."""
 
@@ -268,9 +283,7 @@ class Store:
             # The write's outcome is already decided: a failing hook must not turn a committed
             # write into a reported failure. It is reported the way Python reports errors that
             # have no caller to go to.
-            sys.unraisablehook(
-                _Unraisable(exc, f"mpstore on_event hook failed at {event!r} on {self.path}")
-            )
+            _report_unraisable(exc, f"mpstore on_event hook failed at {event!r} on {self.path}")
 
     def stats(self) -> dict[str, Any]:
         """What this process has seen of the store: counters and recent latencies.
@@ -538,24 +551,42 @@ class Store:
                 mailbox.recover(_sqlite.last_batch(raw))
             yield raw
         finally:
-            if mailbox is not None:
-                mailbox.gate_released()
-            self._gate.release()
-            if mailbox is not None:
-                mailbox.wake_next()
-            self._emit("gate-released")
-            if entered:
-                with self._writers_lock:
-                    self._writing -= 1
-                    self._writer_ident = None
-                    last_out = self._close_pending and not self._writing
-                    if last_out:
-                        self._shut, self._close_pending = True, False
-                if last_out:
-                    # close() came while this thread was writing and left the rest to it.
-                    self._close_writer_and_gate()
-                else:
-                    self._checkpointer.poke()
+            try:
+                try:
+                    if mailbox is not None:
+                        mailbox.gate_released()
+                finally:
+                    self._gate.release()
+                if mailbox is not None:
+                    # The outcome is decided (committed or not): a failed wake-up must not
+                    # change it. Waiting writes also look for themselves every LIVENESS.
+                    self._after_outcome(mailbox.wake_next, "waking a write in the mailbox")
+                self._emit("gate-released")
+            finally:
+                if entered:
+                    self._leave_writer()
+
+    def _leave_writer(self) -> None:
+        """The bookkeeping of a writer leaving the gate; the last one out after close() closes."""
+        with self._writers_lock:
+            self._writing -= 1
+            self._writer_ident = None
+            last_out = self._close_pending and not self._writing
+            if last_out:
+                self._shut, self._close_pending = True, False
+        if last_out:
+            # close() came while this thread was writing and left the rest to it.
+            self._close_writer_and_gate()
+        else:
+            self._after_outcome(self._checkpointer.poke, "checking the WAL for a checkpoint")
+
+    def _after_outcome(self, step: Callable[[], object], what: str) -> None:
+        """Run a step whose failure cannot change a write's decided outcome; report it the way
+        Python reports errors that have no caller to go to."""
+        try:
+            step()
+        except Exception as exc:
+            _report_unraisable(exc, f"mpstore: {what} failed on {self.path}")
 
     def _gate_timeout(self, start: float) -> GateTimeout:
         self._stats.count("gate_timeouts")
@@ -569,11 +600,11 @@ class Store:
     def _transaction(self, raw: sqlite3.Connection) -> Iterator[Connection]:
         with translating(self.path):
             raw.execute(self._begin)
-        self._emit("begin")
         conn = Connection(raw, self.path, writable=True)
         tx = self._tx
         tx.conn, tx.depth, tx.pid = conn, 0, _fork.pid()
         try:
+            self._emit("begin")
             yield conn
             if not raw.in_transaction:
                 raise TransactionError("the transaction ended inside its write() block", self.path)
@@ -644,9 +675,9 @@ class Store:
         except PoolTimeout:
             self._stats.count("pool_timeouts")
             raise
-        self._emit("pool-acquired")
         broken = False
         try:
+            self._emit("pool-acquired")
             self._check_abandoned()
             yield raw
         except sqlite3.Error:
@@ -797,6 +828,9 @@ def _after_fork_in_child() -> None:
         store._wconn_busy_at_fork = store._writing > 0 and store._writer_ident != me
         store._writing = 0
         store._writer_ident = None
+        # The parent's writes waiting in the mailbox are not the child's to wait for.
+        store._following = 0
+        store._followers_done = threading.Condition(threading.Lock())
 
 
 if hasattr(os, "register_at_fork"):

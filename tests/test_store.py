@@ -453,6 +453,24 @@ def test_a_hook_failing_after_commit_does_not_report_a_committed_write_as_failed
     assert reported and isinstance(reported[0].exc_value, RuntimeError)
 
 
+def test_a_hook_failing_after_commit_is_printed_by_pythons_default_hook(
+    db_path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def hook(name: str) -> None:
+        if name == "commit":
+            raise RuntimeError("broken instrumentation")
+
+    # Python's own hook, which accepts only the interpreter's argument type (pytest's is looser).
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    with mpstore.Store(db_path, on_event=hook) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="a", text="x"))
+        assert notes.get("a") is not None
+    err = capsys.readouterr().err
+    assert "on_event hook failed at 'commit'" in err
+    assert "RuntimeError: broken instrumentation" in err
+
+
 def test_a_hook_failing_before_commit_aborts_the_write(db_path: str) -> None:
     def hook(name: str) -> None:
         if name == "begin":
@@ -465,3 +483,60 @@ def test_a_hook_failing_before_commit_aborts_the_write(db_path: str) -> None:
             notes.upsert(Note(id="a", text="x"))
         store.on_event = None
         assert notes.get("a") is None
+        # Nothing of that transaction is left open: the next write starts its own.
+        notes.upsert(Note(id="b", text="x"))
+        assert notes.get("b") is not None
+
+
+def test_a_hook_failing_as_a_read_gets_its_connection_gives_it_back(db_path: str) -> None:
+    def hook(name: str) -> None:
+        if name == "pool-acquired":
+            raise RuntimeError("injected")
+
+    with mpstore.Store(db_path, pool_size=2, timeout=0.5) as store:
+        store.on_event = hook
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="injected"):
+                store.query("SELECT 1")
+        store.on_event = None
+        assert store.query("SELECT 1") == [(1,)]
+
+
+def test_a_failing_wake_up_after_commit_neither_fails_the_write_nor_keeps_the_store_open(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    store = mpstore.Store(db_path)
+    notes = store.collection("notes", Note, key="id")
+    mailbox = store._gate.mailbox()
+    if mailbox is None:
+        pytest.fail("this platform has no mailbox; the test needs one")
+
+    def no_descriptors_left() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(mailbox, "wake_next", no_descriptors_left)
+    notes.upsert(Note(id="a", text="x"))  # committed: must not be reported as failed
+    assert notes.get("a") is not None
+    assert reported and isinstance(reported[0].exc_value, OSError)
+    store.close()
+    assert store._wconn is None and store._gate.users == 0
+
+
+def test_a_forked_child_does_not_wait_for_the_parents_mailbox_writes(db_path: str) -> None:
+    store = mpstore.Store(db_path)
+    read, write = os.pipe()
+    store._following = 1  # as if another thread's write waited in the mailbox at the fork
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, str(store._following).encode())
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 16) == b"0"
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(read)
+        store._following = 0
+        store.close()
