@@ -61,7 +61,7 @@ def _open_lock_file(path: str, mode: int) -> int:
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags, mode)
-    except PermissionError as exc:
+    except (PermissionError, IsADirectoryError) as exc:
         raise PermissionDenied(f"cannot open the lock file {path}: {exc.strerror}", path) from exc
     return fd
 
@@ -211,10 +211,13 @@ class _FlockLock:
         return (there.st_dev, there.st_ino) == self._identity
 
     def _reopen(self) -> None:
-        os.close(self._fd)
-        self._fd = _open_lock_file(self._path, self._mode)
-        self._identity = _identity(self._fd)
+        # Opened before the old one is closed: if opening fails, the descriptor kept is still
+        # ours, never a number the process has since given to another file.
+        fd = _open_lock_file(self._path, self._mode)
+        old, self._fd = self._fd, fd
+        self._identity = _identity(fd)
         self._generation += 1
+        os.close(old)
 
     def _holder_record(self) -> bytes:
         record = f"{_fork.pid()} {time.time():.6f}".encode()

@@ -210,6 +210,29 @@ def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str) -> Non
         drop_gate(gate)
 
 
+def test_a_lock_file_that_cannot_be_reopened_fails_the_write_and_keeps_other_files_safe(
+    tmp_path: Path,
+) -> None:
+    """The lock file is replaced by a directory: reopening it fails. The gate must keep a
+    descriptor of its own, not a closed number the process then gives to SQLite's files."""
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as store:
+        with store.write() as conn:
+            conn.execute("CREATE TABLE t (x INTEGER)")
+        os.unlink(store.lock_path)
+        os.mkdir(store.lock_path)
+        with pytest.raises(mpstore.PermissionDenied, match="lock file"), store.write():
+            pass
+        os.rmdir(store.lock_path)
+        # New descriptors now, one of them perhaps the number a careless reopen freed.
+        store._pool.close_idle()
+        assert store.query("SELECT count(*) FROM t") == [(0,)]
+        with store.write() as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+        assert store.query("SELECT count(*) FROM t") == [(1,)]
+        assert os.fstat(store._gate._kernel()._fd).st_ino == os.stat(store.lock_path).st_ino
+
+
 @pytest.mark.parametrize("change", ["delete", "replace"])
 def test_writes_never_overlap_while_the_lock_file_churns(tmp_path: Path, change: str) -> None:
     path = str(tmp_path / "state.db")
