@@ -88,7 +88,20 @@ class Collection(Generic[M]):
             )
         self.key = key
         self.indexes = self._check_indexes(indexes, fields)
-        self.indexed = tuple(dict.fromkeys(f.lstrip("-") for idx in self.indexes for f in idx))
+        # Every index the file already has for this collection is kept up to date by this
+        # opener's writes too, declared here or not: a write that skipped one would leave its
+        # column stale, and find() on it would return records that no longer match.
+        registered = self._registered_indexes()
+        try:
+            maintained = self._check_indexes(registered, fields)
+        except InvalidName as exc:
+            raise InvalidName(
+                f"collection {self.name!r} already has the indexes {registered!r}, which "
+                f"{model.__name__} cannot fill: {exc}"
+            ) from None
+        self.indexed = tuple(
+            dict.fromkeys(f.lstrip("-") for idx in (*self.indexes, *maintained) for f in idx)
+        )
         self._include = set(self.indexed)
         self._adapters: dict[str, TypeAdapter[Any]] = {}
         self._sql = _sqlite.CollectionSQL(self.name, self.indexed, self.indexes)
@@ -116,6 +129,13 @@ class Collection(Generic[M]):
                     )
             checked.append(tuple(idx))
         return tuple(checked)
+
+    def _registered_indexes(self) -> list[list[str]]:
+        """The indexes the file records for this collection (none for a new collection)."""
+        rows = self.store.query(
+            f"SELECT indexes FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?", (self.name,)
+        )
+        return [list(i) for i in json.loads(rows[0][0])] if rows else []
 
     def _check_same(
         self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]], revalidate: bool

@@ -145,6 +145,35 @@ def test_adding_an_index_later_backfills_it(db_path: str) -> None:
         assert sorted(i.id for i in items.find({"group": 1})) == ["1", "4", "7"]
 
 
+class _Task(BaseModel):
+    id: str
+    status: str
+
+
+class _Untracked(BaseModel):
+    id: str
+
+
+def test_an_opener_that_declares_no_index_still_keeps_the_files_indexes(db_path: str) -> None:
+    with mpstore.Store(db_path) as first, mpstore.Store(db_path) as second:
+        indexed = first.collection("tasks", _Task, key="id", indexes=[("status",)])
+        indexed.upsert(_Task(id="t1", status="open"))
+        plain = second.collection("tasks", _Task, key="id")  # older code, say: no indexes
+        plain.upsert(_Task(id="t1", status="done"))
+        assert indexed.find({"status": "open"}) == []
+        assert indexed.find({"status": "done"}) == [_Task(id="t1", status="done")]
+
+
+def test_a_model_that_cannot_fill_the_files_indexes_is_refused(db_path: str) -> None:
+    with mpstore.Store(db_path) as store:
+        store.collection("tasks", _Task, key="id", indexes=[("status",)])
+    with (
+        mpstore.Store(db_path) as store,
+        pytest.raises(mpstore.InvalidName, match="already has the indexes"),
+    ):
+        store.collection("tasks", _Untracked, key="id")
+
+
 def test_find_refuses_unindexed_fields(notes: mpstore.Collection[Note]) -> None:
     with pytest.raises(mpstore.InvalidName):
         notes.find({"text": "x"})
