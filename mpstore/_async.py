@@ -433,6 +433,7 @@ class AsyncStore:
         self._closing: asyncio.Future[None] | None = None
         self._block_threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self._shut = False  # the shutdown has taken the sync store (under _threads_lock)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._sync is not None else "not open"
@@ -452,7 +453,15 @@ class AsyncStore:
             self._opening = asyncio.Lock()
         async with self._opening:
             if self._sync is None:
-                self._sync = await self._open_sync()
+                store: Store | None = await self._open_sync()
+                with self._threads_lock:
+                    # aclose() may have finished its shutdown while the store was opening:
+                    # then it never saw this store, and closing it is left to us.
+                    if not self._shut:
+                        self._sync, store = store, None
+                if store is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, store.close)
+                    raise StoreClosed(f"the store {self.path} is closed", self.path)
         return self
 
     async def _open_sync(self) -> Store:
@@ -514,10 +523,12 @@ class AsyncStore:
         self._executor.shutdown(wait=True)
         with self._threads_lock:
             threads, self._block_threads = self._block_threads, set()
+            self._shut = True
+            sync = self._sync
         for thread in threads:
             thread.join()
-        if self._sync is not None:
-            self._sync.close()
+        if sync is not None:
+            sync.close()
 
     def _start_block_thread(self, thread: threading.Thread) -> None:
         with self._threads_lock:

@@ -908,6 +908,46 @@ def test_bad_input_gets_typed_errors_and_changes_nothing(db_path: str) -> None:
     run(main)
 
 
+def test_aclose_while_the_store_is_still_opening_leaks_no_sync_store(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() finishes its shutdown after the sync store has opened in its thread but before
+    open() has resumed on the loop: the store that open() then receives must be closed."""
+    opened: list[mpstore.Store] = []
+    construct = threading.Event()
+    shut_down = threading.Event()
+
+    def slow_store(*args: Any, **kwargs: Any) -> mpstore.Store:
+        construct.wait(workers.JOIN_TIMEOUT)
+        opened.append(mpstore.Store(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(_async, "Store", slow_store)
+
+    async def main() -> None:
+        store = mpstore.AsyncStore(db_path)
+        shutdown = store._shutdown
+
+        def recorded_shutdown() -> None:
+            shutdown()
+            shut_down.set()
+
+        store._shutdown = recorded_shutdown  # type: ignore[method-assign]
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # open() is now waiting for its thread
+        closing = asyncio.create_task(store.aclose())
+        await asyncio.sleep(0)  # aclose() has started its shutdown, which waits for the open
+        construct.set()
+        # Blocking the loop on purpose: open() cannot resume until the shutdown has finished.
+        assert shut_down.wait(workers.JOIN_TIMEOUT)
+        with pytest.raises(mpstore.StoreClosed):
+            await opening
+        await closing
+
+    run(main)
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_aclose_inside_a_block_is_refused(db_path: str) -> None:
     async def main() -> None:
         async with mpstore.AsyncStore(db_path) as store:
