@@ -77,13 +77,3 @@ def write_and_ack(path: str, worker: int, count: int, acks: str) -> int:
             notes.upsert(Note(id=key, text="x"))
             out.write(key + "\n")
     return count
-
-
-def hold_with_filelock(lock_path: str, started: Any, release: Any) -> None:
-    """Hold the gate's lock file with a plain ``filelock.FileLock``, which leaves no hint in the
-    mailbox, until told."""
-    import filelock
-
-    with filelock.FileLock(lock_path):
-        started.set()
-        release.wait(60)

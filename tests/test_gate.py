@@ -13,7 +13,7 @@ import pytest
 
 import mpstore
 from mpstore._gate import Gate, drop_gate, gate_for
-from tests import mailbox_workers, workers
+from tests import workers
 from tests.models import Note
 
 pytestmark = pytest.mark.processes
@@ -133,23 +133,16 @@ def test_a_timeout_behind_a_waiting_thread_names_the_other_process(tmp_path: Pat
     path = str(tmp_path / "state.db")
     with mpstore.Store(path) as setup:  # leaves this process's pid as the last holder recorded
         setup.collection("notes", Note, key="id")
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(
-        target=mailbox_workers.hold_with_filelock, args=(path + ".lock", started, release)
-    )
-    holder.start()
-    try:
-        assert started.wait(workers.JOIN_TIMEOUT)
-        with mpstore.Store(path, timeout=0.3) as store:
-            notes = store.collection("notes", Note, key="id")
-            with pytest.raises(mpstore.GateTimeout):
-                notes.update("a", lambda n: n)
-            assert store._gate.busy_here and not store._gate.held_here
-            with pytest.raises(mpstore.GateTimeout) as info, store.write():
-                pass
-    finally:
-        release.set()
-        holder.join(workers.JOIN_TIMEOUT)
+    with (
+        workers.filelock_held_elsewhere(path + ".lock"),
+        mpstore.Store(path, timeout=0.3) as store,
+    ):
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.GateTimeout):
+            notes.update("a", lambda n: n)
+        assert store._gate.busy_here and not store._gate.held_here
+        with pytest.raises(mpstore.GateTimeout) as info, store.write():
+            pass
     message = str(info.value)
     assert "held by another process" in message
     assert "no other holder recorded" in message

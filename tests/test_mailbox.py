@@ -559,36 +559,29 @@ def _tries_between_sleeps(path: str, monkeypatch: pytest.MonkeyPatch) -> list[in
     """While a plain filelock user (no hint: the gate looks free) holds the gate, one write
     waits until its timeout; returns how many times it tried the gate before each sleep."""
     runs = [0]
-    started, release = workers.SPAWN.Event(), workers.SPAWN.Event()
-    holder = workers.SPAWN.Process(
-        target=mailbox_workers.hold_with_filelock, args=(path + ".lock", started, release)
-    )
-    holder.start()
-    try:
-        assert started.wait(workers.JOIN_TIMEOUT)
-        with mpstore.Store(path, timeout=1.0) as store:
-            gate = store._gate
-            try_acquire = gate.try_acquire
-            mailbox = gate.mailbox()
-            assert mailbox is not None
-            sleep = mailbox.sleep
+    with (
+        workers.filelock_held_elsewhere(path + ".lock"),
+        mpstore.Store(path, timeout=1.0) as store,
+    ):
+        gate = store._gate
+        try_acquire = gate.try_acquire
+        mailbox = gate.mailbox()
+        assert mailbox is not None
+        sleep = mailbox.sleep
 
-            def counting_try() -> bool:
-                runs[-1] += 1
-                return try_acquire()
+        def counting_try() -> bool:
+            runs[-1] += 1
+            return try_acquire()
 
-            def counting_sleep(slot: Any, timeout: float) -> None:
-                runs.append(0)
-                sleep(slot, timeout)
+        def counting_sleep(slot: Any, timeout: float) -> None:
+            runs.append(0)
+            sleep(slot, timeout)
 
-            monkeypatch.setattr(gate, "try_acquire", counting_try)
-            monkeypatch.setattr(mailbox, "sleep", counting_sleep)
-            notes = store.collection("notes", Note, key="id")
-            with pytest.raises(mpstore.GateTimeout):
-                notes.upsert(Note(id="blocked", text="x"))
-    finally:
-        release.set()
-        holder.join(workers.JOIN_TIMEOUT)
+        monkeypatch.setattr(gate, "try_acquire", counting_try)
+        monkeypatch.setattr(mailbox, "sleep", counting_sleep)
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.GateTimeout):
+            notes.upsert(Note(id="blocked", text="x"))
     return runs
 
 

@@ -279,6 +279,30 @@ def holding_the_gate(path: str) -> Iterator[Holder]:
         process.join(JOIN_TIMEOUT)
 
 
+@contextlib.contextmanager
+def filelock_held_elsewhere(lock_path: str) -> Iterator[None]:
+    """Hold ``lock_path`` with a plain ``filelock.FileLock`` (which leaves no hint in the
+    mailbox) in a spawned child for the length of the block."""
+    started, release = SPAWN.Event(), SPAWN.Event()
+    process = SPAWN.Process(target=hold_with_filelock, args=(lock_path, started, release))
+    process.start()
+    try:
+        assert started.wait(JOIN_TIMEOUT), "the filelock holder never took the lock"
+        yield
+    finally:
+        release.set()
+        process.join(JOIN_TIMEOUT)
+
+
+def hold_with_filelock(lock_path: str, started: Any, release: Any) -> None:
+    """Hold the lock file with a plain ``filelock.FileLock`` until told."""
+    import filelock
+
+    with filelock.FileLock(lock_path):
+        started.set()
+        release.wait(60)
+
+
 def hold_write(path: str, started: Any, release: Any) -> None:
     """Write a row inside a write block, then wait there until told (or killed)."""
     with mpstore.Store(path) as store, store.write() as conn:
