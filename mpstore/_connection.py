@@ -7,7 +7,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from ._errors import PermissionDenied, TransactionError
@@ -96,7 +96,7 @@ class Connection:
             )
         return self._conn
 
-    def _translating(self) -> Any:
+    def _translating(self) -> AbstractContextManager[None]:
         return translating(self._path) if self.writable else translating_reads(self._path)
 
     def _after(self) -> None:
