@@ -6,6 +6,12 @@ off on write connections and instead, after a writer has released the gate, look
 WAL frames are not yet copied back into the database (two integers in the WAL index, the -shm
 file). Past a threshold a background thread runs a PASSIVE checkpoint, which never blocks
 writers or readers.
+
+The WAL index is read through a descriptor of mpstore's own, and closing any descriptor of a
+file drops every POSIX lock the process holds on it, SQLite's included: its lock on the -shm
+file is what tells other processes the index is in use, and one that finds no such lock rebuilds
+the index under the connections still using it. So each process keeps one descriptor per -shm
+file, shared by its stores, and closes it only once no lock of the process is left on that file.
 """
 
 from __future__ import annotations
@@ -25,6 +31,99 @@ __all__ = ["Checkpointer"]
 _WAL_INDEX_VERSION = 3007000
 _HEADER = struct.Struct("=I12xI")
 _BACKFILL = struct.Struct("=I")
+
+
+_LOCKS_TABLE = "/proc/locks"
+
+
+def locks_held_here(fd: int) -> bool:
+    """Whether this process holds a POSIX lock on the file ``fd`` refers to (True where that
+    cannot be told: keeping a descriptor open is safe, closing it under a lock is not)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    me = str(os.getpid())
+    try:
+        with open(_LOCKS_TABLE) as table:
+            for line in table:
+                fields = line.split()
+                # "<id>: POSIX ADVISORY READ <pid> <maj:min:inode> <start> <end>"; a waiting
+                # request has "->" after the id.
+                if "->" in fields:
+                    continue
+                if len(fields) >= 6 and fields[1] == "POSIX" and fields[4:6] == [me, inode]:
+                    return True
+    except OSError:
+        return True
+    return False
+
+
+class _WalIndexFiles:
+    """This process's read-only descriptors on -shm files: one per file, shared, counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, int], list[int]] = {}  # identity -> [fd, users]
+        self._parked: list[int] = []  # no user left, but closing them would drop a lock
+
+    def acquire(self, path: str) -> int | None:
+        """A descriptor on ``path`` for reading; None if it cannot be opened."""
+        with self._lock:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            entry = self._open.get((st.st_dev, st.st_ino))
+            if entry is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    return None
+                st = os.fstat(fd)
+                entry = self._open.setdefault((st.st_dev, st.st_ino), [fd, 0])
+                if entry[0] != fd:
+                    # Between the stat and the open the path came to name a file this process
+                    # already reads: share that descriptor, and keep this one until closing it
+                    # drops no lock.
+                    self._parked.append(fd)
+            entry[1] += 1
+            self._sweep()
+            return entry[0]
+
+    def release(self, fd: int) -> None:
+        """Give back a descriptor from :meth:`acquire`; close it if it was the last use and
+        no lock of this process is left on its file."""
+        with self._lock:
+            for identity, entry in list(self._open.items()):
+                if entry[0] == fd:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._open[identity]
+                        self._parked.append(fd)
+                    break
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Close the parked descriptors whose files no longer carry a lock of this process."""
+        if self._parked:
+            kept = [fd for fd in self._parked if locks_held_here(fd)]
+            for fd in self._parked:
+                if fd not in kept:
+                    os.close(fd)
+            self._parked = kept
+
+    def forget_after_fork(self) -> None:
+        """In a forked child, which holds no POSIX locks yet: close the parent's descriptors."""
+        fds = [entry[0] for entry in self._open.values()] + self._parked
+        self._lock = threading.Lock()
+        self._open, self._parked = {}, []
+        for fd in fds:
+            os.close(fd)
+
+
+_wal_indexes = _WalIndexFiles()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_wal_indexes.forget_after_fork)
 
 
 class Checkpointer:
@@ -63,11 +162,8 @@ class Checkpointer:
             if self._closed:
                 return None
             if self._shm is None:
-                try:
-                    self._shm = os.open(
-                        self._shm_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                    )
-                except OSError:
+                self._shm = _wal_indexes.acquire(self._shm_path)
+                if self._shm is None:
                     return None
             raw = os.pread(self._shm, 100, 0)
         if len(raw) < 100:
@@ -124,13 +220,22 @@ class Checkpointer:
             conn.close()
 
     def close(self) -> None:
-        """Stop the thread (after a checkpoint in progress) and close the WAL index."""
+        """Stop the thread, after a checkpoint in progress. The WAL index stays open for
+        :meth:`release`, once the store's connections are closed."""
+        if self._pid != _fork.pid():
+            self._reset()  # the parent's thread and locks are not this process's
         self._closed = True
         self._wake.set()
         thread = self._thread
-        if thread is not None and self._pid == _fork.pid():
+        if thread is not None:
             thread.join()
+
+    def release(self) -> None:
+        """Give back the WAL index's descriptor (see :class:`_WalIndexFiles`)."""
+        if self._pid != _fork.pid():
+            self._reset()
         with self._shm_lock:
-            if self._shm is not None and self._pid == _fork.pid():
-                os.close(self._shm)
-                self._shm = None
+            self._closed = True
+            fd, self._shm = self._shm, None
+        if fd is not None:
+            _wal_indexes.release(fd)

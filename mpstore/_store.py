@@ -263,6 +263,7 @@ class Store:
             conn, self._wconn = self._wconn, None
         if conn is not None:
             conn.close()
+        self._checkpointer.release()
         drop_gate(self._gate)
 
     def _check_open(self) -> None:

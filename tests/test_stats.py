@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import threading
 
 import pytest
@@ -113,3 +114,45 @@ def test_checkpoints_still_run_when_the_wal_index_cannot_be_read(
         for i in range(store._checkpointer.threshold // 4):
             notes.upsert(Note(id=str(i), text="x" * 100))
         assert store._checkpointer.ran.wait(30), "the WAL would grow without bound"
+
+
+_reads_proc = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc (Linux)"
+)
+
+
+@_reads_proc
+def test_closing_a_store_leaves_sqlite_its_lock_on_the_wal_index(db_path: str) -> None:
+    """Closing any descriptor drops every POSIX lock the process holds on that file. The
+    checkpointer's own descriptor on -shm must not take with it the lock by which SQLite tells
+    other processes that the WAL index is in use (one that finds none rebuilds the index)."""
+    with mpstore.Store(db_path) as staying:
+        notes = staying.collection("notes", Note, key="id")
+        notes.upsert(Note(id="1", text="x"))
+        leaving = mpstore.Store(db_path)
+        leaving.collection("notes", Note, key="id").upsert(Note(id="2", text="y"))
+        assert leaving._checkpointer.pending() is not None  # its descriptor is open
+        assert workers.wal_index_in_use_elsewhere(db_path)
+        leaving.close()
+        assert workers.wal_index_in_use_elsewhere(db_path)
+        notes.upsert(Note(id="3", text="z"))
+        assert staying._checkpointer.pending() is not None
+    assert not workers.wal_index_in_use_elsewhere(db_path)
+    assert workers.open_descriptors_on(db_path + "-shm") == 0
+
+
+@_reads_proc
+def test_a_connection_outside_mpstore_keeps_its_wal_index_lock(db_path: str) -> None:
+    store = mpstore.Store(db_path)
+    store.collection("notes", Note, key="id").upsert(Note(id="1", text="x"))
+    assert store._checkpointer.pending() is not None
+    own = sqlite3.connect(db_path)
+    assert own.execute("SELECT count(*) FROM notes").fetchone() == (1,)
+    store.close()
+    assert workers.wal_index_in_use_elsewhere(db_path)
+    own.close()
+    # The descriptor kept for it is closed by a later release, once no lock is left.
+    with mpstore.Store(db_path) as later:
+        assert later.collection("notes", Note, key="id").get("1") is not None
+        later._checkpointer.pending()
+    assert workers.open_descriptors_on(db_path + "-shm") == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -335,3 +337,34 @@ def hold_write_and_fork(path: str, started: Any, release: Any, child_release: An
         child.start()
         started.set()
         release.wait()
+
+
+def wal_index_in_use_elsewhere(db_path: str) -> bool:
+    """Whether another process would find ``db_path``'s WAL index in use, as SQLite does when it
+    opens the database: by trying to lock the index's "dead man switch" byte exclusively. One
+    that gets it takes itself for the only user and rebuilds the index."""
+    code = (
+        "import fcntl, os, sys\n"
+        "try:\n"
+        "    fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "except FileNotFoundError:\n"
+        "    sys.exit(0)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\n"
+        "except OSError:\n"
+        "    sys.exit(3)\n"
+        "sys.exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, db_path + "-shm"], check=False)
+    assert done.returncode in (0, 3), done
+    return done.returncode == 3
+
+
+def open_descriptors_on(path: str) -> int:
+    """How many of this process's descriptors refer to ``path`` (Linux)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == path:
+                count += 1
+    return count
