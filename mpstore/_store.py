@@ -179,7 +179,7 @@ class Store:
         self._close_pending = False  # close() is waiting for the last writer to finish it
         self._wconn: sqlite3.Connection | None = None
         self._wpid = 0
-        self._following = 0  # calls of this store whose write waits in the mailbox
+        self._following = 0  # calls of this store using the mailbox (close() waits)
         self._followers_done = threading.Condition(threading.Lock())
         _sqlite.create_file(self.path, file_mode)
         self._gate = gate_for(self.lock_path, file_mode, gate)
@@ -233,10 +233,12 @@ class Store:
         return self._closed
 
     def close(self) -> None:
-        """Close the store's connections; later use raises :class:`StoreClosed`. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close the store's connections; later use raises :class:`StoreClosed`. Idempotent:
+        of calls racing each other, one closes and the others return at once."""
+        with self._writers_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._queue.close(self.timeout)
         self._wait_for_followers(self.timeout)
         self._checkpointer.close()
@@ -412,22 +414,39 @@ class Store:
             return self._run_write(fn)
         self._check_open()
         self._emit("gate-wait")
-        mailbox = self._carrier()
-        # Another process's write holding the gate is the common case under contention; the
-        # mailbox says so without the failed lock attempt (a system call and an exception).
-        if (mailbox is None or mailbox.gate_free()) and self._gate.try_acquire():
-            with self._holding_gate() as raw:
-                return self._queue.lead(raw, fn, op)
-        if mailbox is not None and not self._gate.busy_here:
-            payload = _mailbox.encode_op(op)
-            if len(payload) <= _mailbox.CAPACITY:
-                slot = mailbox.claim()
-                if slot is not None:
-                    try:
-                        return self._follow(mailbox, slot, payload, op)
-                    finally:
-                        mailbox.give_back(slot)
+        with self._using_mailbox():
+            mailbox = self._carrier()
+            # Another process's write holding the gate is the common case under contention; the
+            # mailbox says so without the failed lock attempt (a system call and an exception).
+            if (mailbox is None or mailbox.gate_free()) and self._gate.try_acquire():
+                with self._holding_gate() as raw:
+                    return self._queue.lead(raw, fn, op)
+            if mailbox is not None and not self._gate.busy_here:
+                payload = _mailbox.encode_op(op)
+                if len(payload) <= _mailbox.CAPACITY:
+                    slot = mailbox.claim()
+                    if slot is not None:
+                        try:
+                            return self._follow(mailbox, slot, payload, op)
+                        finally:
+                            mailbox.give_back(slot)
         return self._queue.submit(fn, self.timeout, op)
+
+    @contextmanager
+    def _using_mailbox(self) -> Iterator[None]:
+        """Count the call among those close() lets finish before it closes the mailbox.
+
+        :raises StoreClosed: close() began before the call was counted.
+        """
+        with self._followers_done:
+            self._following += 1
+        try:
+            self._check_open()
+            yield
+        finally:
+            with self._followers_done:
+                self._following -= 1
+                self._followers_done.notify_all()
 
     @staticmethod
     def _worth_trying(mailbox: _mailbox.Mailbox, slept: bool) -> bool:
@@ -457,8 +476,6 @@ class Store:
         settled = False
         slept = False
         spins = 0
-        with self._followers_done:
-            self._following += 1
         try:
             mailbox.publish(slot, payload)
             while True:
@@ -502,9 +519,6 @@ class Store:
         finally:
             if not settled:
                 mailbox.withdraw(slot)
-            with self._followers_done:
-                self._following -= 1
-                self._followers_done.notify_all()
 
     @contextmanager
     def _write_turn(self, timeout: float | bool | None = True) -> Iterator[sqlite3.Connection]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import sqlite3
@@ -367,6 +368,113 @@ def test_close_while_another_thread_writes_lets_that_write_finish(db_path: str) 
         store.query("SELECT 1")
 
 
+class _SignallingLock:
+    """A lock that says when a given thread is about to take it."""
+
+    def __init__(self, watched: set[int], coming: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._watched, self._coming = watched, coming
+
+    def __enter__(self) -> bool:
+        if threading.get_ident() in self._watched:
+            self._coming.set()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+
+def test_racing_close_calls_close_once(db_path: str) -> None:
+    """Two threads close one store: only one may run the close path, or the gate that stores of
+    the process share is dropped twice and closed under the store still using it."""
+    closing, staying = mpstore.Store(db_path), mpstore.Store(db_path)
+    assert closing._gate is staying._gate and staying._gate.users == 2
+    source, first = inspect.getsourcelines(mpstore.Store.close)
+    mark = first + next(i for i, line in enumerate(source) if "self._closed = True" in line)
+    second_thread: set[int] = set()
+    second_arrived = threading.Event()
+    closing._writers_lock = _SignallingLock(second_thread, second_arrived)  # type: ignore[assignment]
+
+    def hold_at_mark(frame: Any, event: str, arg: Any) -> Any:
+        # The first close() waits just before it marks the store closed, until the second one
+        # has passed the same check (or waits to make it).
+        if frame.f_code is not mpstore.Store.close.__code__:
+            return None
+        if event == "line" and frame.f_lineno == mark:
+            if threading.get_ident() in second_thread:
+                second_arrived.set()
+            else:
+                assert second_arrived.wait(10)
+        return hold_at_mark
+
+    def close(second: bool) -> None:
+        if second:
+            second_thread.add(threading.get_ident())
+        sys.settrace(hold_at_mark)
+        try:
+            closing.close()
+        finally:
+            sys.settrace(None)
+
+    first_close = threading.Thread(target=close, args=(False,))
+    first_close.start()
+    second_close = threading.Thread(target=close, args=(True,))
+    second_close.start()
+    first_close.join()
+    second_close.join()
+    assert staying._gate.users == 1
+    notes = staying.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))
+    assert staying._gate._os is not None  # still open between writes
+    staying.close()
+    assert staying._gate.users == 0
+
+
+def test_a_collection_write_racing_close_ends_typed(db_path: str) -> None:
+    """close() lets a write that has begun to use the mailbox finish, so it never meets the
+    mailbox closed under it (a ValueError from the unmapped file, before)."""
+    store = mpstore.Store(db_path)
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="warm", text="x"))
+    paused, go = threading.Event(), threading.Event()
+    writer: set[int] = set()
+
+    class SignallingCondition(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            go.set()  # close() waits for the writes using the mailbox
+            return super().wait(timeout)
+
+    store._followers_done = SignallingCondition(threading.Lock())
+    mailbox = store._carrier()
+    assert mailbox is not None
+    gate_free = mailbox.gate_free
+
+    def pausing_gate_free() -> bool:
+        if threading.get_ident() in writer:
+            paused.set()
+            assert go.wait(10)
+        return gate_free()
+
+    mailbox.gate_free = pausing_gate_free  # type: ignore[method-assign]
+    outcome: list[object] = []
+
+    def write() -> None:
+        writer.add(threading.get_ident())
+        try:
+            outcome.append(notes.upsert(Note(id="a", text="x")))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=write)
+    t.start()
+    assert paused.wait(10)
+    store.close()  # finishes first, unless it waits for the write
+    go.set()
+    t.join()
+    assert len(outcome) == 1
+    assert outcome[0] is None or isinstance(outcome[0], mpstore.StoreClosed), outcome
+
+
 def test_gate_timeout_behind_a_thread_of_this_process_says_so(db_path: str) -> None:
     with mpstore.Store(db_path, timeout=0.2) as store:
         notes = store.collection("notes", Note, key="id")
@@ -542,3 +650,4 @@ def test_a_forked_child_does_not_wait_for_the_parents_mailbox_writes(db_path: st
         os.close(read)
         store._following = 0
         store.close()
+
