@@ -514,6 +514,9 @@ _open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
 
 
 def _forget_inherited() -> None:
+    global _registry_lock
+    # A thread of the parent may have been opening or closing a store at the fork.
+    _registry_lock = threading.Lock()
     for lock in list(_open_locks):
         lock.abandon_after_fork()
 

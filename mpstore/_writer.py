@@ -353,15 +353,13 @@ class WriteQueue:
         A writer still waiting for the gate after that finds the store closed when it gets it,
         and fails its queued writes with :class:`StoreClosed` (their callers time out first).
         """
+        if self._pid != _fork.pid():
+            self._reset()  # the parent's writer thread and lock are not this process's
         with self._cond:
             self._closed = True
             self._cond.notify()
         thread = self._thread
         # From inside a write (an update() callback runs in the writer thread) there is nothing
         # to wait for: this thread finishes its batch and then stops.
-        if (
-            thread is not None
-            and thread is not threading.current_thread()
-            and self._pid == _fork.pid()
-        ):
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)

@@ -368,6 +368,12 @@ def test_close_while_another_thread_writes_lets_that_write_finish(db_path: str) 
         store.query("SELECT 1")
 
 
+def gate_registry_lock() -> Any:
+    from mpstore import _gate
+
+    return _gate._registry_lock
+
+
 class _SignallingLock:
     """A lock that says when a given thread is about to take it."""
 
@@ -651,3 +657,50 @@ def test_a_forked_child_does_not_wait_for_the_parents_mailbox_writes(db_path: st
         store._following = 0
         store.close()
 
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_forked_child_opens_and_closes_stores_whatever_the_parents_threads_held(
+    db_path: str,
+) -> None:
+    """Only the forking thread survives a fork: a lock another thread held stays held in the
+    child for good. The child must not need any of the locks such threads may hold: the
+    registry of gates (another thread opening a store), the write queue's and the
+    checkpointer's own (a write, a WAL check)."""
+    store = mpstore.Store(db_path)
+    store.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+    held = [gate_registry_lock(), store._queue._cond, store._checkpointer._shm_lock]
+    inside, release = threading.Barrier(len(held) + 1), threading.Event()
+
+    def hold(lock: Any) -> None:
+        with lock:
+            inside.wait()
+            release.wait()
+
+    holders = [threading.Thread(target=hold, args=(lock,)) for lock in held]
+    for t in holders:
+        t.start()
+    inside.wait()
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            # Steps run in a thread, so a step stuck on a lock is reported, not waited for.
+            done = threading.Event()
+
+            def steps() -> None:
+                mpstore.Store(db_path + "-other").close()
+                store.close()
+                done.set()
+
+            threading.Thread(target=steps, daemon=True).start()
+            os.write(write, b"ok" if done.wait(10) else b"stuck")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 16) == b"ok"
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(read)
+        release.set()
+        for t in holders:
+            t.join()
+        store.close()
