@@ -34,6 +34,7 @@ M = TypeVar("M", bound=BaseModel)
 
 _PAGE = 256
 _SCALARS = (str, int, float, bool, type(None))
+_INT64 = range(-(2**63), 2**63)
 
 
 def check_key(key: object) -> str:
@@ -240,6 +241,13 @@ class Collection(Generic[M]):
             value = self._json_value(field, value)
             if not isinstance(value, _SCALARS):
                 raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
+        if isinstance(value, int) and value not in _INT64:
+            # SQLite would refuse it at the INSERT, as OverflowError; through another process's
+            # transaction the type would not survive the trip back.
+            raise RecordTypeError(
+                f"indexed field {field!r} holds {value}, outside SQLite's 64-bit integers",
+                self.store.path,
+            )
         return value
 
     def _load(self, value: str) -> M:

@@ -369,6 +369,18 @@ CASES = [
         mpstore.KeyNotFound,
         "no record 'absent'",
     ),
+    Case(
+        "indexed int beyond SQLite's 64 bits, among good records",
+        lambda e: e.items.upsert_many([Item(id="i1", group=7), Item(id="big", group=2**63)]),
+        mpstore.RecordTypeError,
+        "64-bit",
+    ),
+    Case(
+        "indexed int below SQLite's 64 bits",
+        lambda e: e.items.upsert(Item(id="small", group=-(2**63) - 1)),
+        mpstore.RecordTypeError,
+        "64-bit",
+    ),
     # Collections, names and indexes.
     Case(
         "collection name with SQL",
