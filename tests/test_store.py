@@ -642,18 +642,10 @@ def test_a_failing_wake_up_after_commit_neither_fails_the_write_nor_keeps_the_st
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 def test_a_forked_child_does_not_wait_for_the_parents_mailbox_writes(db_path: str) -> None:
     store = mpstore.Store(db_path)
-    read, write = os.pipe()
     store._following = 1  # as if another thread's write waited in the mailbox at the fork
     try:
-        pid = os.fork()
-        if pid == 0:
-            os.write(write, str(store._following).encode())
-            os._exit(0)
-        os.close(write)
-        assert os.read(read, 16) == b"0"
-        assert os.waitpid(pid, 0)[1] == 0
+        assert workers.report_from_forked_child(lambda: str(store._following).encode()) == b"0"
     finally:
-        os.close(read)
         store._following = 0
         store.close()
 
@@ -680,26 +672,22 @@ def test_a_forked_child_opens_and_closes_stores_whatever_the_parents_threads_hel
     for t in holders:
         t.start()
     inside.wait()
-    read, write = os.pipe()
+
+    def child() -> bytes:
+        # The steps run in a thread, so a step stuck on a lock is reported, not waited for.
+        done = threading.Event()
+
+        def steps() -> None:
+            mpstore.Store(db_path + "-other").close()
+            store.close()
+            done.set()
+
+        threading.Thread(target=steps, daemon=True).start()
+        return b"ok" if done.wait(10) else b"stuck"
+
     try:
-        pid = os.fork()
-        if pid == 0:
-            # Steps run in a thread, so a step stuck on a lock is reported, not waited for.
-            done = threading.Event()
-
-            def steps() -> None:
-                mpstore.Store(db_path + "-other").close()
-                store.close()
-                done.set()
-
-            threading.Thread(target=steps, daemon=True).start()
-            os.write(write, b"ok" if done.wait(10) else b"stuck")
-            os._exit(0)
-        os.close(write)
-        assert os.read(read, 16) == b"ok"
-        assert os.waitpid(pid, 0)[1] == 0
+        assert workers.report_from_forked_child(child) == b"ok"
     finally:
-        os.close(read)
         release.set()
         for t in holders:
             t.join()

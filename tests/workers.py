@@ -368,3 +368,30 @@ def open_descriptors_on(path: str) -> int:
             if os.readlink(f"/proc/self/fd/{name}") == path:
                 count += 1
     return count
+
+
+def report_from_forked_child(report: Callable[[], bytes]) -> bytes:
+    """Fork; the child sends what ``report()`` returns (or the error it raised) and exits at
+    once, running no cleanup of the parent's; return what the child sent."""
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                out = report()
+            except BaseException as exc:
+                out = f"raised {exc!r}".encode()
+            finally:
+                os.write(write, locals().get("out", b"raised"))
+                os._exit(0)
+        os.close(write)
+        write = -1
+        out = b""
+        while chunk := os.read(read, 4096):
+            out += chunk
+        assert os.waitpid(pid, 0)[1] == 0
+        return out
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
