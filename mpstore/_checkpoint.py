@@ -37,85 +37,91 @@ _LOCKS_TABLE = "/proc/locks"
 
 
 def locks_held_here(fd: int) -> bool:
-    """Whether this process holds a POSIX lock on the file ``fd`` refers to (True where that
-    cannot be told: keeping a descriptor open is safe, closing it under a lock is not)."""
-    st = os.fstat(fd)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    """Whether this process holds a POSIX lock on the file ``fd`` refers to, as far as
+    /proc/locks tells (False where there is none to read).
+
+    Matched on the inode number alone: /proc/locks names the device the lock lives on, which
+    on overlayfs or btrfs is not the one ``stat`` reports; a false match only keeps a
+    descriptor open.
+    """
+    inode = f":{os.fstat(fd).st_ino}"
     me = str(os.getpid())
     try:
         with open(_LOCKS_TABLE) as table:
             for line in table:
-                fields = line.split()
                 # "<id>: POSIX ADVISORY READ <pid> <maj:min:inode> <start> <end>"; a waiting
-                # request has "->" after the id.
-                if "->" in fields:
+                # request has "->" after the id and is not held.
+                fields = line.split()
+                if "->" in fields or len(fields) < 6 or fields[1] != "POSIX":
                     continue
-                if len(fields) >= 6 and fields[1] == "POSIX" and fields[4:6] == [me, inode]:
+                if fields[4] == me and fields[5].endswith(inode):
                     return True
     except OSError:
-        return True
+        return False
     return False
 
 
 class _WalIndexFiles:
-    """This process's read-only descriptors on -shm files: one per file, shared, counted."""
+    """This process's read-only descriptors on -shm files: one per file, shared by its stores.
+
+    A descriptor is closed only once its file is deleted, which SQLite does when the last
+    connection to the database anywhere closes, and /proc/locks (where there is one) shows no
+    lock of the process left on it. While the file exists a connection may open and lock it
+    between any check and the close, so until then the descriptor stays open, and a store that
+    opens the same file again uses it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[tuple[int, int], list[int]] = {}  # identity -> [fd, users]
-        self._parked: list[int] = []  # no user left, but closing them would drop a lock
+        self._fds: dict[tuple[int, int], list[int]] = {}  # identity -> [fd, users]
 
     def acquire(self, path: str) -> int | None:
         """A descriptor on ``path`` for reading; None if it cannot be opened."""
         with self._lock:
+            self._sweep()
             try:
                 st = os.stat(path)
             except OSError:
                 return None
-            entry = self._open.get((st.st_dev, st.st_ino))
+            entry = self._fds.get((st.st_dev, st.st_ino))
             if entry is None:
                 try:
                     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError:
                     return None
                 st = os.fstat(fd)
-                entry = self._open.setdefault((st.st_dev, st.st_ino), [fd, 0])
-                if entry[0] != fd:
-                    # Between the stat and the open the path came to name a file this process
-                    # already reads: share that descriptor, and keep this one until closing it
-                    # drops no lock.
-                    self._parked.append(fd)
+                entry = self._fds.get((st.st_dev, st.st_ino))
+                if entry is None:
+                    entry = self._fds[(st.st_dev, st.st_ino)] = [fd, 0]
+                else:
+                    # Between the stat and the open the path came to name a file open here
+                    # already: that descriptor serves, and this one waits to be closed by the
+                    # same rule as any other.
+                    self._fds[(-1, fd)] = [fd, 0]
             entry[1] += 1
-            self._sweep()
             return entry[0]
 
     def release(self, fd: int) -> None:
-        """Give back a descriptor from :meth:`acquire`; close it if it was the last use and
-        no lock of this process is left on its file."""
+        """Give back a descriptor from :meth:`acquire`."""
         with self._lock:
-            for identity, entry in list(self._open.items()):
-                if entry[0] == fd:
+            for entry in self._fds.values():
+                if entry[0] == fd and entry[1] > 0:
                     entry[1] -= 1
-                    if entry[1] == 0:
-                        del self._open[identity]
-                        self._parked.append(fd)
                     break
             self._sweep()
 
     def _sweep(self) -> None:
-        """Close the parked descriptors whose files no longer carry a lock of this process."""
-        if self._parked:
-            kept = [fd for fd in self._parked if locks_held_here(fd)]
-            for fd in self._parked:
-                if fd not in kept:
-                    os.close(fd)
-            self._parked = kept
+        """Close the unused descriptors whose files are deleted and carry no lock of ours."""
+        for identity, (fd, users) in list(self._fds.items()):
+            if users == 0 and os.fstat(fd).st_nlink == 0 and not locks_held_here(fd):
+                del self._fds[identity]
+                os.close(fd)
 
     def forget_after_fork(self) -> None:
         """In a forked child, which holds no POSIX locks yet: close the parent's descriptors."""
-        fds = [entry[0] for entry in self._open.values()] + self._parked
+        fds = [fd for fd, _ in self._fds.values()]
         self._lock = threading.Lock()
-        self._open, self._parked = {}, []
+        self._fds = {}
         for fd in fds:
             os.close(fd)
 

@@ -6,10 +6,12 @@ import os
 import re
 import sqlite3
 import threading
+from typing import Any
 
 import pytest
 
 import mpstore
+from mpstore import _checkpoint
 from mpstore._stats import COUNTERS
 from mpstore.conversations import ConversationRepository, sample_conversation
 from tests import workers
@@ -156,3 +158,77 @@ def test_a_connection_outside_mpstore_keeps_its_wal_index_lock(db_path: str) -> 
         assert later.collection("notes", Note, key="id").get("1") is not None
         later._checkpointer.pending()
     assert workers.open_descriptors_on(db_path + "-shm") == 0
+
+
+@_reads_proc
+def test_reopening_a_store_reuses_the_wal_index_descriptor(db_path: str) -> None:
+    own = sqlite3.connect(db_path)
+    try:
+        for i in range(6):
+            with mpstore.Store(db_path) as store:
+                store.collection("notes", Note, key="id").upsert(Note(id=str(i), text="x"))
+                assert store._checkpointer.pending() is not None
+                if i == 0:
+                    # Keeps the -shm file, and a lock on it, from here on.
+                    assert own.execute("SELECT count(*) FROM notes").fetchone() == (1,)
+            if i == 1:
+                after_second = workers.open_descriptors_on(db_path + "-shm")
+        assert workers.open_descriptors_on(db_path + "-shm") == after_second
+    finally:
+        own.close()
+
+
+@_reads_proc
+def test_the_wal_index_descriptor_stays_open_while_its_file_exists(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection may open and lock the -shm between any check for locks and the close: while
+    the file exists (another process keeps it), mpstore's descriptor is not closed at all."""
+    store = mpstore.Store(db_path)
+    store.collection("notes", Note, key="id").upsert(Note(id="1", text="x"))
+    assert store._checkpointer.pending() is not None
+    check = _checkpoint.locks_held_here
+    opened: list[sqlite3.Connection] = []
+
+    def check_then_connect(fd: int) -> bool:
+        held = check(fd)
+        if not opened:  # another thread, just after the check
+            opened.append(sqlite3.connect(db_path))
+            opened[0].execute("SELECT count(*) FROM notes").fetchone()
+        return held
+
+    with workers.holding_the_gate(db_path):
+        monkeypatch.setattr(_checkpoint, "locks_held_here", check_then_connect)
+        store.close()
+        if not opened:
+            opened.append(sqlite3.connect(db_path))
+            opened[0].execute("SELECT count(*) FROM notes").fetchone()
+        mpstore.Store(db_path + "-other").close()  # another release: closes what it may
+        probe = os.open(db_path + "-shm", os.O_RDONLY)
+        try:
+            assert check(probe), "the connection lost its lock on the WAL index"
+            opened[0].close()
+        finally:
+            os.close(probe)
+
+
+def test_locks_are_matched_on_the_inode_whatever_device_proc_locks_names(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On overlayfs and btrfs /proc/locks names another device than stat() reports."""
+    target = tmp_path / "f"
+    target.write_bytes(b"")
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        table = tmp_path / "locks"
+        inode = os.fstat(fd).st_ino
+        table.write_text(
+            f"1: POSIX  ADVISORY  READ {os.getpid()} 00:28:{inode} 128 128\n"
+            f"2: -> POSIX  ADVISORY  WRITE {os.getpid() + 1} 00:28:{inode + 1} 0 EOF\n"
+        )
+        monkeypatch.setattr(_checkpoint, "_LOCKS_TABLE", str(table))
+        assert _checkpoint.locks_held_here(fd)
+        table.write_text(f"1: POSIX  ADVISORY  READ {os.getpid() + 1} 00:28:{inode} 128 128\n")
+        assert not _checkpoint.locks_held_here(fd)
+    finally:
+        os.close(fd)

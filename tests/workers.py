@@ -361,11 +361,12 @@ def wal_index_in_use_elsewhere(db_path: str) -> bool:
 
 
 def open_descriptors_on(path: str) -> int:
-    """How many of this process's descriptors refer to ``path`` (Linux)."""
+    """How many of this process's descriptors refer to ``path``, or to a file deleted from
+    there (Linux)."""
     count = 0
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}") == path:
+            if os.readlink(f"/proc/self/fd/{name}") in (path, path + " (deleted)"):
                 count += 1
     return count
 
