@@ -101,6 +101,7 @@ class _TxState(threading.local):
     depth: int = 0
     pid: int = 0
     abandon: threading.Event | None = None
+    mailbox_uses: int = 0  # of the store's calls counted in _following, those of this thread
 
 
 class Store:
@@ -256,8 +257,11 @@ class Store:
         if self._gate.held_by_me:
             return  # from inside a write: they cannot run before this thread lets go
         deadline = time.monotonic() + timeout
+        mine = self._tx.mailbox_uses  # a hook of this thread's own write may close the store
         with self._followers_done:
-            while self._following and self._followers_done.wait(deadline - time.monotonic()):
+            while self._following > mine and self._followers_done.wait(
+                deadline - time.monotonic()
+            ):
                 pass
 
     def _close_writer_and_gate(self) -> None:
@@ -438,12 +442,15 @@ class Store:
 
         :raises StoreClosed: close() began before the call was counted.
         """
+        tx = self._tx
         with self._followers_done:
             self._following += 1
+        tx.mailbox_uses += 1
         try:
             self._check_open()
             yield
         finally:
+            tx.mailbox_uses -= 1
             with self._followers_done:
                 self._following -= 1
                 self._followers_done.notify_all()

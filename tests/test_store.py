@@ -368,6 +368,25 @@ def test_close_while_another_thread_writes_lets_that_write_finish(db_path: str) 
         store.query("SELECT 1")
 
 
+def test_a_hook_may_close_the_store_after_its_own_write(db_path: str) -> None:
+    """close() waits for the calls using the mailbox, but not for the one it is called from."""
+    store = mpstore.Store(db_path, timeout=0.5)
+    notes = store.collection("notes", Note, key="id")
+    waits: list[float | None] = []
+
+    class RecordingCondition(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    store._followers_done = RecordingCondition(threading.Lock())
+    store.on_event = lambda event: store.close() if event == "gate-released" else None
+    notes.upsert(Note(id="a", text="x"))
+    assert store.closed and waits == []
+    with mpstore.Store(db_path) as again:
+        assert again.collection("notes", Note, key="id").get("a") == Note(id="a", text="x")
+
+
 def gate_registry_lock() -> Any:
     from mpstore import _gate
 
