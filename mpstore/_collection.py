@@ -241,9 +241,15 @@ class Collection(Generic[M]):
             value = self._json_value(field, value)
             if not isinstance(value, _SCALARS):
                 raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
+        return self._within_sqlite(field, value)
+
+    def _within_sqlite(self, field: str, value: Any) -> Any:
+        """``value`` if SQLite can bind it.
+
+        :raises RecordTypeError: an int beyond 64 bits, which SQLite refuses as OverflowError
+            (and which a write carried by another process would bring back untyped).
+        """
         if isinstance(value, int) and value not in _INT64:
-            # SQLite would refuse it at the INSERT, as OverflowError; through another process's
-            # transaction the type would not survive the trip back.
             raise RecordTypeError(
                 f"indexed field {field!r} holds {value}, outside SQLite's 64-bit integers",
                 self.store.path,
@@ -362,6 +368,7 @@ class Collection(Generic[M]):
         declared (values compare as their JSON form: strings as text, numbers as numbers).
 
         :raises InvalidName: a field that is not indexed.
+        :raises RecordTypeError: a value SQLite cannot compare (an int beyond 64 bits).
         :raises ValueError: a negative limit.
         """
         where = dict(where or {})
@@ -372,7 +379,9 @@ class Collection(Generic[M]):
                 raise InvalidName(
                     f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
                 )
-        params: list[Any] = [self._json_value(f, v) for f, v in where.items()]
+        params: list[Any] = [
+            self._within_sqlite(f, self._json_value(f, v)) for f, v in where.items()
+        ]
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"limit must be a non-negative integer, got {limit!r}")

@@ -376,6 +376,12 @@ CASES = [
         "64-bit",
     ),
     Case(
+        "find() by an int beyond SQLite's 64 bits",
+        lambda e: e.items.find({"group": 2**64}),
+        mpstore.RecordTypeError,
+        "64-bit",
+    ),
+    Case(
         "indexed int below SQLite's 64 bits",
         lambda e: e.items.upsert(Item(id="small", group=-(2**63) - 1)),
         mpstore.RecordTypeError,
