@@ -11,7 +11,8 @@ The WAL index is read through a descriptor of mpstore's own, and closing any des
 file drops every POSIX lock the process holds on it, SQLite's included: its lock on the -shm
 file is what tells other processes the index is in use, and one that finds no such lock rebuilds
 the index under the connections still using it. So each process keeps one descriptor per -shm
-file, shared by its stores, and closes it only once no lock of the process is left on that file.
+file, shared by its stores, and closes it only once SQLite has deleted that file and no lock of
+the process is left on it (see :class:`_WalIndexFiles`).
 """
 
 from __future__ import annotations
