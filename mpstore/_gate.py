@@ -344,6 +344,23 @@ class Gate:
                     self._mailbox = Mailbox(self.mailbox_path, self._mode)
         return self._mailbox
 
+    def current_mailbox(self) -> Mailbox | None:
+        """The mailbox at :attr:`mailbox_path` now: if the file this process opened was deleted
+        or replaced meanwhile, the file there (created if need be) takes its place, and the old
+        one closes once its callers have given back their slots.
+
+        :raises PermissionDenied: the new mailbox file cannot be opened.
+        :raises MpstoreError: the file there now is not a mailbox.
+        """
+        current = self.mailbox()
+        if current is None or current.is_live():
+            return current
+        with self._mailbox_lock:
+            if self._mailbox is current:
+                self._mailbox = Mailbox(self.mailbox_path, self._mode)
+                current.close()
+            return self._mailbox
+
     @property
     def held_here(self) -> bool:
         """A thread of this process holds the kernel lock (not merely waits for it)."""

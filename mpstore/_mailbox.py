@@ -179,7 +179,8 @@ class Mailbox:
         if self._mm[: len(_MAGIC)] != _MAGIC:
             self._mm[: len(_MAGIC)] = _MAGIC  # new (all zeros): every slot is free
         st = os.fstat(fd)
-        self._name = b"\0mpstore-%x-%x" % (st.st_dev, st.st_ino)
+        self._identity = (st.st_dev, st.st_ino)
+        self._name = b"\0mpstore-%x-%x" % self._identity
         self._local = [threading.Lock() for _ in range(SLOTS)]
         self._owned: set[int] = set()  # claimed by this process
         self._slots: list[Slot] = []
@@ -192,6 +193,17 @@ class Mailbox:
         self._close_pending = False
         self._closed = False
         _open.add(self)
+
+    def is_live(self) -> bool:
+        """Whether the file at :attr:`path` is still the one this mailbox has open: one
+        deleted or replaced meanwhile (by hand, or a cleanup) would leave the processes that
+        open it from now on with another mailbox, where no holder of this one sees their
+        writes."""
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (there.st_dev, there.st_ino) == self._identity
 
     # -- locks --------------------------------------------------------------------------------
 
@@ -278,7 +290,7 @@ class Mailbox:
     def claim(self) -> Slot | None:
         """A slot for one write of the calling thread, or None if all are in use."""
         with self._claim_lock:
-            if self._closed:
+            if self._closed or self._close_pending:
                 return None
             for slot in self._spare:
                 # A write interrupted in its caller (KeyboardInterrupt) may still be carried:
@@ -287,8 +299,6 @@ class Mailbox:
                     self._spare.remove(slot)
                     self._busy += 1
                     return slot
-            if self._close_pending:
-                return None
             pid = _fork.pid()
             for index in range(SLOTS):
                 if index in self._owned or not self._lock(_CLAIMS + index, wait=False):
@@ -338,8 +348,9 @@ class Mailbox:
             self._put_head(index, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
             self._set_state(index, PUBLISHED)
 
-    def sleep(self, slot: Slot, timeout: float) -> None:
-        """Wait until a holder wakes this slot's owner, or ``timeout`` seconds.
+    def sleep(self, slot: Slot, timeout: float) -> bool:
+        """Wait until a holder wakes this slot's owner, or ``timeout`` seconds; False if
+        nobody woke it (nor had finished its write already).
 
         The owner marks itself asleep under the slot's lock, where :meth:`finish` marks the slot
         done: either the holder sees the mark and wakes it, or the owner sees the slot done and
@@ -348,11 +359,13 @@ class Mailbox:
         index = slot.index
         with self._mutex(index):
             if self.state(index) == DONE:
-                return
+                return True
             self._mm[_SLEEPING + index] = 1
         try:
             if slot.poller.poll(max(timeout, 0.0) * 1000.0):
                 slot.drain()
+                return True
+            return False
         finally:
             self._mm[_SLEEPING + index] = 0
 

@@ -522,7 +522,16 @@ class Store:
                 # gate with the write still waiting; the timeout only looks for a dead holder.
                 spins, slept = 0, True
                 left = deadline - now
-                mailbox.sleep(slot, min(_mailbox.LIVENESS, left) if left > 0 else _mailbox.LIVENESS)
+                woken = mailbox.sleep(
+                    slot, min(_mailbox.LIVENESS, left) if left > 0 else _mailbox.LIVENESS
+                )
+                if not woken and not mailbox.is_live() and mailbox.withdraw(slot):
+                    # The file was deleted or replaced: holders that opened it since never see
+                    # this write. Wait for the gate itself; the holder that takes it next in
+                    # this process moves the process to the file there now.
+                    settled = True
+                    left = max(0.0, deadline - time.monotonic())
+                    return self._queue.submit(_sqlite.op_runner(op), left, op)
         finally:
             if not settled:
                 mailbox.withdraw(slot)
@@ -565,12 +574,20 @@ class Store:
                 self._writer_ident = threading.get_ident()
                 entered = True
             mailbox = self._gate.mailbox()
+            while mailbox is not None:
+                if mailbox.orphaned():
+                    # The last holder died with other processes' writes taken: before anything
+                    # else is committed, settle them by what the database says it committed.
+                    mailbox.recover(_sqlite.last_batch(raw))
+                # A mailbox file deleted or replaced since this process opened it is settled
+                # as above, then left for the one the path names now, which processes that
+                # open the database from now on use.
+                current = self._gate.current_mailbox()
+                if current is mailbox:
+                    break
+                mailbox = current
             if mailbox is not None:
                 mailbox.gate_taken()
-            if mailbox is not None and mailbox.orphaned():
-                # The last holder died with other processes' writes taken: before anything
-                # else is committed, settle them by what the database says it committed.
-                mailbox.recover(_sqlite.last_batch(raw))
             yield raw
         finally:
             try:

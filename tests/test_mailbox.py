@@ -141,10 +141,21 @@ def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
         assert store.query("SELECT count(*) FROM audit") == [(0,)]
 
 
-def _kill_the_holder_while_it_carries(path: str, event: str) -> list[Any]:
+def _move_the_mailbox(path: str, how: str) -> None:
+    """Delete the mailbox file, or put a new empty one in its place, as a cleanup might."""
+    mailbox_path = path + ".mailbox"
+    if how == "deleted":
+        os.unlink(mailbox_path)
+    else:
+        Path(mailbox_path + ".new").touch()
+        os.replace(mailbox_path + ".new", mailbox_path)
+
+
+def _kill_the_holder_while_it_carries(path: str, event: str, move: str = "") -> list[Any]:
     """Two processes leave deletes of d1 and d2 in the mailbox and never lead; a third takes
     them and is killed at ``event``; then this process writes, which makes it settle the dead
-    holder's slots first. Returns the two deleting processes' reports."""
+    holder's slots first (after the mailbox file is deleted or replaced, if ``move`` says so).
+    Returns the two deleting processes' reports."""
     with mpstore.Store(path) as store:
         notes = store.collection("notes", Note, key="id")
         calls = [(path, "delete", k, True, True) for k in ("d1", "d2")]
@@ -159,9 +170,14 @@ def _kill_the_holder_while_it_carries(path: str, event: str) -> list[Any]:
             assert leader.exitcode == -signal.SIGKILL
             mailbox = store._gate.mailbox()
             assert mailbox is not None and mailbox.orphaned()
+            if move:
+                _move_the_mailbox(path, move)
             notes.upsert(Note(id="after", text="x"))
             reports = collect()
-        assert not mailbox.orphaned()
+        if move:
+            assert store._gate.mailbox() is not mailbox and mailbox._closed
+        else:
+            assert not mailbox.orphaned()
         assert notes.get("d1") is None and notes.get("d2") is None
         assert (notes.get("leader") is not None) == (event == "commit")
     return reports
@@ -176,6 +192,16 @@ def test_a_holder_killed_while_carrying_writes_leaves_no_caller_misled(
     # the outcomes the dead one stored before COMMIT; running the deletes again would tell
     # both callers their rows did not exist.
     reports = _kill_the_holder_while_it_carries(path, event)
+    assert [r["outcome"] for r in reports] == [("ok", True), ("ok", True)]
+
+
+@pytest.mark.parametrize("event", ["taken", "commit"])
+def test_a_dead_holders_writes_are_settled_before_its_mailbox_file_is_left(
+    path: str, event: str
+) -> None:
+    # The deleting processes wait in the old file: only a holder that settles it before moving
+    # to the new one can give them their outcomes (left taken, they would wait for good).
+    reports = _kill_the_holder_while_it_carries(path, event, move="replaced")
     assert [r["outcome"] for r in reports] == [("ok", True), ("ok", True)]
 
 
@@ -690,3 +716,80 @@ def test_a_rerun_asks_the_schema_after_the_callbacks_that_recreate_its_triggers(
             assert not ok and isinstance(error, sqlite3.IntegrityError)
     assert store.query("SELECT key FROM audit") == []
     assert notes.count() == 0
+
+
+def _follow_after_move(path: str, how: str, timeout: float) -> mpstore.Store:
+    """A store whose mailbox file was deleted or replaced after its first write, and whose
+    writes never take the gate on their own (only through the write queue, which waits)."""
+    store = mpstore.Store(path, timeout=timeout)
+    store.collection("notes", Note, key="id").upsert(Note(id="first", text=""))
+    _move_the_mailbox(path, how)
+    store._gate.try_acquire = lambda: False  # type: ignore[method-assign]
+    return store
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_holder_carries_writes_left_in_the_mailbox_file_that_replaced_its_own(
+    path: str, how: str
+) -> None:
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text=""))
+        old = store._gate.mailbox()
+        _move_the_mailbox(path, how)
+        # Opened after the move, the other process leaves its write in the new file.
+        with _one_writer((path, "upsert", "later", True, True, 5)) as (_, report):
+            while _mailbox.snapshot(path + ".mailbox").waiting < 1:
+                os.sched_yield()
+            notes.upsert(Note(id="holder", text=""))
+            status, got = report()
+        assert status == "ok" and got["outcome"] == ("ok", None) and got["carried_away"] == 1
+        assert store.stats()["writes_carried"] == 1
+        current = store._gate.mailbox()
+        assert current is not old and current is not None and current.is_live()
+        assert old is not None and old._closed
+        assert notes.get("later") is not None
+
+
+def test_control_a_holder_blind_to_the_move_never_sees_the_other_processes_write(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_mailbox.Mailbox, "is_live", lambda self: True)
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text=""))
+        _move_the_mailbox(path, "replaced")
+        with _one_writer((path, "upsert", "later", True, True, 1)) as (_, report):
+            while _mailbox.snapshot(path + ".mailbox").waiting < 1:
+                os.sched_yield()
+            notes.upsert(Note(id="holder", text=""))
+            status, got = report()
+        assert status == "ok" and got["outcome"][:2] == ("error", "GateTimeout")
+        assert store.stats()["writes_carried"] == 0
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_write_left_in_a_mailbox_file_since_deleted_waits_for_the_gate_itself(
+    path: str, how: str
+) -> None:
+    # Holders that opened the mailbox since the move never see this process's write; it must
+    # not wait for them. Its process then moves to the file there now.
+    with _follow_after_move(path, how, timeout=60) as store:
+        old = store._gate.mailbox()
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="later", text=""))
+        assert notes.get("later") is not None
+        assert store.stats()["writes_carried_away"] == 0
+        current = store._gate.mailbox()
+        assert current is not old and current is not None and current.is_live()
+        assert old is not None and old._closed
+
+
+def test_control_a_write_blind_to_the_move_waits_until_its_timeout(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_mailbox.Mailbox, "is_live", lambda self: True)
+    with _follow_after_move(path, "deleted", timeout=0.5) as store:
+        notes = store.collection("notes", Note, key="id")
+        with pytest.raises(mpstore.GateTimeout):
+            notes.upsert(Note(id="later", text=""))
