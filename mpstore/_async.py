@@ -445,7 +445,8 @@ class AsyncStore:
         """Open the sync store in a worker thread (once); return this store.
 
         :raises StoreClosed: the store was closed.
-        :raises ValueError, CorruptDatabase, PermissionDenied, GateTimeout: as :class:`Store`.
+        :raises ValueError, CorruptDatabase, PermissionDenied, DirectoryNotFound, GateTimeout:
+            as :class:`Store`.
         """
         if self._closing is not None:
             raise StoreClosed(f"the store {self.path} is closed", self.path)

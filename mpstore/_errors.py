@@ -105,6 +105,11 @@ class PermissionDenied(MpstoreError, PermissionError):
     """The database, its directory or its lock file cannot be opened or written."""
 
 
+class DirectoryNotFound(MpstoreError, FileNotFoundError):
+    """The database's directory does not exist (or a part of its path is not a directory):
+    mpstore creates the database file, never the directories above it."""
+
+
 class InvalidName(MpstoreError, ValueError):
     """A collection, field or index name is not a plain identifier."""
 

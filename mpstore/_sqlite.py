@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from ._errors import (
     BusyTimeout,
     CorruptDatabase,
+    DirectoryNotFound,
     DiskFull,
     InvalidName,
     MpstoreError,
@@ -82,7 +83,8 @@ def create_file(path: str, mode: int) -> bool:
     SQLite would create the database with 0644; conversations hold secrets, so mpstore creates
     the file first. SQLite gives the -wal and -shm files the database file's permissions.
 
-    :raises PermissionDenied: the directory is not writable, missing, or not a directory.
+    :raises PermissionDenied: the directory is not writable.
+    :raises DirectoryNotFound: the directory is missing, or a part of its path is not one.
     :raises CorruptDatabase: the path is a directory.
     """
     try:
@@ -96,9 +98,11 @@ def create_file(path: str, mode: int) -> bool:
     except PermissionError as exc:
         raise PermissionDenied(f"cannot create {path}: {exc.strerror}", path) from exc
     except FileNotFoundError as exc:
-        raise PermissionDenied(f"cannot create {path}: its directory does not exist", path) from exc
+        raise DirectoryNotFound(
+            f"cannot create {path}: its directory does not exist", path
+        ) from exc
     except NotADirectoryError as exc:
-        raise PermissionDenied(
+        raise DirectoryNotFound(
             f"cannot create {path}: a component of its directory is not a directory", path
         ) from exc
     os.close(fd)

@@ -134,6 +134,7 @@ class Store:
     :raises ValueError: a setting is out of range.
     :raises CorruptDatabase: the file is not an SQLite database (it is left untouched).
     :raises PermissionDenied: the file, its directory or its lock file cannot be opened.
+    :raises DirectoryNotFound: the file's directory does not exist.
     :raises GateTimeout: creating the schema waited too long for the gate.
     """
 

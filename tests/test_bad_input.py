@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -475,6 +476,12 @@ CASES = [
         lambda e: mpstore.Store(e.tmp),
         mpstore.CorruptDatabase,
         "is a directory",
+    ),
+    Case(
+        "path in a directory that does not exist",
+        lambda e: mpstore.Store(os.path.join(e.tmp, "missing", "x.db")),
+        mpstore.DirectoryNotFound,
+        "its directory does not exist",
     ),
     Case("zero timeout", lambda e: mpstore.Store(e.path, timeout=0), ValueError, "timeout"),
     Case("negative timeout", lambda e: mpstore.Store(e.path, timeout=-1), ValueError, "timeout"),

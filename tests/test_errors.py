@@ -25,6 +25,7 @@ BUILTIN_BASE: dict[type[mpstore.MpstoreError], type[BaseException] | None] = {
     mpstore.TransactionError: RuntimeError,
     mpstore.CorruptDatabase: None,
     mpstore.DiskFull: OSError,
+    mpstore.DirectoryNotFound: FileNotFoundError,
     mpstore.PermissionDenied: PermissionError,
     mpstore.InvalidName: ValueError,
     mpstore.InvalidKey: ValueError,

@@ -512,13 +512,13 @@ def _holds_the_write(path: str) -> bool:
         return store.collection("notes", Note, key="id").get("by-another-user") is not None
 
 
-def test_a_path_under_a_regular_file_is_permission_denied(tmp_path: Path) -> None:
-    # ENOTDIR: the "directory" is a file. No privileges are needed to get a real one.
+def test_a_path_under_a_regular_file_is_directory_not_found(tmp_path: Path) -> None:
+    # ENOTDIR: the "directory" is a file.
     plain = tmp_path / "plain"
     plain.write_text("x")
     path = str(plain / "state.db")
-    with pytest.raises(mpstore.PermissionDenied, match="not a directory") as info:
+    with pytest.raises(mpstore.DirectoryNotFound, match="not a directory") as info:
         mpstore.Store(path)
-    assert isinstance(info.value, PermissionError)
+    assert isinstance(info.value, FileNotFoundError)
     assert info.value.path == path
     assert plain.read_text() == "x"
