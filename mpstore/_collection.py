@@ -176,6 +176,7 @@ class Collection(Generic[M]):
                         conn.execute(statement)
             for _, ddl in sql.indexes:
                 conn.execute(ddl)
+            _sqlite.schema_changed(conn)
             known = json.loads(reg[1]) if reg is not None else []
             merged = known + [list(i) for i in self.indexes if list(i) not in known]
             conn.execute(
@@ -313,7 +314,7 @@ class Collection(Generic[M]):
             row = self._row(new)
             if row[0] != key:
                 raise InvalidKey(f"update() must not change the key ({key!r} -> {row[0]!r})")
-            conn.execute(self._sql.upsert, row)
+            _sqlite.run_op(conn, ("upsert", self.name, self.indexed, [row]))
             return new
 
         return self.store._run_write(read_modify_write)

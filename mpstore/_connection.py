@@ -63,7 +63,7 @@ class Connection:
     :raises TransactionError: on any of the misuses above.
     """
 
-    __slots__ = ("_active", "_conn", "_path", "_pid", "_thread", "writable")
+    __slots__ = ("_active", "_conn", "_path", "_pid", "_thread", "schema_checked", "writable")
 
     def __init__(self, conn: sqlite3.Connection, path: str, writable: bool) -> None:
         self._conn = conn
@@ -72,6 +72,7 @@ class Connection:
         self._pid = os.getpid()
         self._active = True
         self.writable = writable
+        self.schema_checked = False  # see _sqlite.schema_changed
 
     def _check(self, sql: str | None = None) -> sqlite3.Connection:
         if not self._active:

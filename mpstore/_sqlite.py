@@ -50,6 +50,16 @@ META_TABLE = "_mpstore_meta"
 COLLECTIONS_TABLE = "_mpstore_collections"
 
 
+class SQLiteConnection(sqlite3.Connection):
+    """sqlite3's connection, remembering which indexed fields each collection table has (as
+    of one schema version), so that a write can check them for one cheap statement."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema_version = -1
+        self.table_fields: dict[str, frozenset[str]] = {}
+
+
 class Writer(Protocol):
     """What a write needs of a connection (sqlite3's own, or mpstore's guarded one)."""
 
@@ -121,7 +131,11 @@ def connect(
     """
     with translating(path):
         conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            path,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=SQLiteConnection,
         )
         try:
             conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -231,14 +245,24 @@ class CollectionSQL:
     """
 
     def __init__(
-        self, table: str, indexed: Sequence[str], indexes: Sequence[Sequence[str]]
+        self,
+        table: str,
+        indexed: Sequence[str],
+        indexes: Sequence[Sequence[str]],
+        filled_by_sqlite: Sequence[str] = (),
     ) -> None:
         self.table = table
         t = quote(table)
         self.indexed = tuple(indexed)
-        cols = [quote(column_for(f)) for f in self.indexed]
+        self.indexed_set = frozenset(self.indexed)
+        cols = [quote(column_for(f)) for f in (*self.indexed, *filled_by_sqlite)]
         names = ", ".join(["key", "value", *cols])
-        marks = ", ".join("?" * (2 + len(cols)))
+        # Fields the caller does not know it must fill are taken from the record's JSON (the
+        # second parameter), as when their column was added.
+        marks = ", ".join(
+            ["?"] * (2 + len(self.indexed))
+            + [f"json_extract(?2, '$.{f}')" for f in filled_by_sqlite]
+        )
         updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *cols])
         self.upsert = (
             f"INSERT INTO {t} ({names}) VALUES ({marks}) ON CONFLICT(key) DO UPDATE SET {updates}"
@@ -294,7 +318,7 @@ class CollectionSQL:
 # -- writes carried between processes (see _mailbox) ------------------------------------------
 
 _BATCH_KEY = "last_batch"
-_carried_sql: dict[tuple[str, tuple[str, ...]], CollectionSQL] = {}
+_carried_sql: dict[tuple[str, tuple[str, ...], tuple[str, ...]], CollectionSQL] = {}
 
 
 def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
@@ -314,6 +338,11 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
             isinstance(r, tuple) and len(r) == 2 + len(indexed) for r in rows
         ):
             raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
+        unfilled = _table_fields(conn, sql.table) - sql.indexed_set
+        if unfilled:
+            # An index added since the writer's collection was opened (by another process,
+            # or another opener here): its column must not go stale.
+            sql = _sql_for(table, indexed, tuple(sorted(unfilled)))
         conn.executemany(sql.upsert, rows).close()
         return len(rows)
     if kind == "delete" and len(op) == 3 and isinstance(op[2], str):
@@ -329,18 +358,52 @@ def op_runner(op: tuple[Any, ...]) -> Callable[[Writer], int]:
     return lambda conn: run_op(conn, op)
 
 
-def _sql_for(table: object, indexed: object) -> CollectionSQL:
+def _sql_for(table: object, indexed: object, unfilled: tuple[str, ...] = ()) -> CollectionSQL:
     if not isinstance(indexed, tuple):
         raise MpstoreError(f"a carried write names its indexed fields badly: {indexed!r}")
-    key = (check_identifier(table, "collection name"), indexed)
+    key = (check_identifier(table, "collection name"), indexed, unfilled)
     sql = _carried_sql.get(key)
     if sql is None:
         for field in indexed:
             check_identifier(field, "indexed field")
         if len(_carried_sql) > 1024:
             _carried_sql.clear()
-        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, ())
+        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, (), unfilled)
     return sql
+
+
+def _table_fields(conn: Writer, table: str) -> frozenset[str]:
+    """The indexed fields ``table`` has columns for now (``table`` is a checked identifier).
+
+    The schema version is asked once per transaction of mpstore's guarded connection: under
+    the gate only this connection changes the schema, and it says so (:func:`schema_changed`).
+    """
+    raw = getattr(conn, "_conn", conn)  # mpstore's guarded connection wraps sqlite3's
+    memo: dict[str, frozenset[str]] = {}
+    if isinstance(raw, SQLiteConnection):
+        if not getattr(conn, "schema_checked", False):
+            cursor = raw.execute("PRAGMA schema_version")
+            (version,) = cursor.fetchone()
+            cursor.close()
+            if raw.schema_version != version:
+                raw.schema_version, raw.table_fields = version, {}
+            if hasattr(conn, "schema_checked"):
+                conn.schema_checked = True
+        memo = raw.table_fields
+    fields = memo.get(table)
+    if fields is None:
+        prefix = column_for("")
+        cursor = conn.execute(f"SELECT name FROM pragma_table_info('{table}')")
+        fields = frozenset(n[len(prefix) :] for (n,) in cursor if n.startswith(prefix))
+        cursor.close()
+        memo[table] = fields
+    return fields
+
+
+def schema_changed(conn: Writer) -> None:
+    """Note that the transaction of ``conn`` changed the schema (or rolled back a change)."""
+    if hasattr(conn, "schema_checked"):
+        conn.schema_checked = False
 
 
 def single_statement(op: object) -> bool:

@@ -672,6 +672,7 @@ class Store:
             if conn.in_transaction:
                 conn._control(f"ROLLBACK TO {name}")
                 conn._control(f"RELEASE {name}")
+                _sqlite.schema_changed(conn)  # what was rolled back may have been DDL
             raise
         else:
             conn._control(f"RELEASE {name}")

@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 import mpstore
+from mpstore import _sqlite
 from mpstore.conversations import (
     Conversation,
     ConversationRepository,
@@ -162,6 +163,38 @@ def test_an_opener_that_declares_no_index_still_keeps_the_files_indexes(db_path:
         plain.upsert(_Task(id="t1", status="done"))
         assert indexed.find({"status": "open"}) == []
         assert indexed.find({"status": "done"}) == [_Task(id="t1", status="done")]
+
+
+def _writes_after_an_index_was_added(db_path: str) -> list[list[str]]:
+    """An opener that knew no index writes after another opener added one: inserts, an
+    update through upsert, one through update(). What the index finds after each."""
+    found = []
+    with mpstore.Store(db_path) as first, mpstore.Store(db_path) as second:
+        plain = first.collection("tasks", _Task, key="id")
+        plain.upsert(_Task(id="t0", status="open"))
+        indexed = second.collection("tasks", _Task, key="id", indexes=[("status",)])
+        plain.upsert_many([_Task(id="t1", status="open"), _Task(id="t2", status="open")])
+        found.append(sorted(t.id for t in indexed.find({"status": "open"})))
+        plain.upsert(_Task(id="t1", status="done"))
+        plain.update("t2", lambda t: t.model_copy(update={"status": "done"}))
+        found.append(sorted(t.id for t in indexed.find({"status": "open"})))
+        found.append(sorted(t.id for t in indexed.find({"status": "done"})))
+    return found
+
+
+def test_an_index_added_while_a_collection_is_open_is_kept_up_to_date(db_path: str) -> None:
+    assert _writes_after_an_index_was_added(db_path) == [["t0", "t1", "t2"], ["t0"], ["t1", "t2"]]
+
+
+def test_control_writes_blind_to_the_added_index_leave_it_stale(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sqlite, "_table_fields", lambda conn, table: frozenset())
+    assert _writes_after_an_index_was_added(db_path) != [
+        ["t0", "t1", "t2"],
+        ["t0"],
+        ["t1", "t2"],
+    ]
 
 
 def test_a_model_that_cannot_fill_the_files_indexes_is_refused(db_path: str) -> None:
