@@ -384,13 +384,8 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
         if not getattr(conn, "schema_checked", False):
             # sqlite3's own connection, without the guarded one's checks (the write that
             # follows makes them), but with its typed errors.
-            try:
+            with translating(getattr(conn, "_path", "")):
                 (version,) = raw.execute("PRAGMA schema_version").fetchone()
-            except sqlite3.Error as exc:
-                mapped = translate(exc, getattr(conn, "_path", ""))
-                if mapped is exc:
-                    raise
-                raise mapped from exc
             if raw.schema_version != version:
                 raw.schema_version, raw.table_fields = version, {}
             if hasattr(conn, "schema_checked"):
