@@ -402,9 +402,14 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
 
 
 def schema_changed(conn: Writer) -> None:
-    """Note that the transaction of ``conn`` changed the schema (or rolled back a change)."""
+    """Note that the transaction of ``conn`` changed the schema, or rolled back what may have
+    been a change: then the file's schema version goes back to a number another change can
+    reach again, with other columns, so the memo is dropped too."""
     if hasattr(conn, "schema_checked"):
         conn.schema_checked = False
+    raw = getattr(conn, "_conn", conn)
+    if isinstance(raw, SQLiteConnection):
+        raw.schema_version, raw.table_fields = -1, {}
 
 
 def single_statement(op: object) -> bool:

@@ -652,6 +652,8 @@ class Store:
                 raw.execute("COMMIT")
             self._emit("commit")
         except BaseException:
+            # What was rolled back (here, or by SQLite itself) may have been DDL.
+            _sqlite.schema_changed(conn)
             if raw.in_transaction:
                 raw.execute("ROLLBACK")
                 self._emit("rollback")

@@ -197,6 +197,27 @@ def test_control_writes_blind_to_the_added_index_leave_it_stale(
     ]
 
 
+class _Pair(BaseModel):
+    id: str
+    a: int = 0
+    b: int | None = None
+
+
+def test_a_rolled_back_schema_change_does_not_leave_the_index_check_stale(db_path: str) -> None:
+    # The rollback takes the file's schema version back; another opener's change then brings
+    # it to the same number with another column, which the check must still see.
+    with mpstore.Store(db_path) as first, mpstore.Store(db_path) as second:
+        plain = first.collection("pairs", _Pair, key="id", indexes=[("a",)])
+        with pytest.raises(KeyError), first.write() as conn:
+            conn.execute("CREATE TABLE scratch1 (x)")
+            conn.execute("CREATE TABLE scratch2 (x)")
+            plain.upsert(_Pair(id="rolled", a=1))
+            raise KeyError("give up")
+        indexed = second.collection("pairs", _Pair, key="id", indexes=[("a",), ("b",)])
+        plain.upsert(_Pair(id="later", a=2, b=42))
+        assert indexed.find({"b": 42}) == [_Pair(id="later", a=2, b=42)]
+
+
 def test_a_model_that_cannot_fill_the_files_indexes_is_refused(db_path: str) -> None:
     with mpstore.Store(db_path) as store:
         store.collection("tasks", _Task, key="id", indexes=[("status",)])
