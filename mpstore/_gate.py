@@ -315,6 +315,7 @@ class Gate:
         self._os: _FlockLock | _PortableLock | None = None
         self._os_held = False
         self._mailbox: Mailbox | None = None
+        self._retired: list[Mailbox] = []  # files replaced at the path while this gate was open
         self._mailbox_lock = threading.Lock()
 
     def _kernel(self) -> _FlockLock | _PortableLock:
@@ -327,8 +328,9 @@ class Gate:
         if self._pid != _fork.pid():
             if self._os is not None:
                 self._os.abandon_after_fork()
-            if self._mailbox is not None:
-                self._mailbox.close()  # the parent's claims were never ours
+            for mailbox in [*self._retired, self._mailbox]:
+                if mailbox is not None:
+                    mailbox.close()  # the parent's claims were never ours
             self._reset()
 
     def mailbox(self) -> Mailbox | None:
@@ -347,7 +349,7 @@ class Gate:
     def current_mailbox(self) -> Mailbox | None:
         """The mailbox at :attr:`mailbox_path` now: if the file this process opened was deleted
         or replaced meanwhile, the file there (created if need be) takes its place, and the old
-        one closes once its callers have given back their slots.
+        one is retired: it takes no new writes, and closes with the gate.
 
         :raises PermissionDenied: the new mailbox file cannot be opened.
         :raises MpstoreError: the file there now is not a mailbox.
@@ -358,7 +360,8 @@ class Gate:
         with self._mailbox_lock:
             if self._mailbox is current:
                 self._mailbox = Mailbox(self.mailbox_path, self._mode)
-                current.close()
+                current.retire()
+                self._retired.append(current)
             return self._mailbox
 
     @property
@@ -522,9 +525,10 @@ class Gate:
         if self._os is not None:
             self._os.close()
             self._os = None
-        if self._mailbox is not None:
-            self._mailbox.close()
-            self._mailbox = None
+        for mailbox in [*self._retired, self._mailbox]:
+            if mailbox is not None:
+                mailbox.close()
+        self._mailbox, self._retired = None, []
 
 
 _open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()

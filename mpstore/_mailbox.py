@@ -191,6 +191,7 @@ class Mailbox:
         self._busy = 0  # slots handed to callers and not given back
         self._to_wake: list[tuple[int, int]] = []
         self._close_pending = False
+        self._retired = False
         self._closed = False
         _open.add(self)
 
@@ -204,6 +205,13 @@ class Mailbox:
         except FileNotFoundError:
             return False
         return (there.st_dev, there.st_ino) == self._identity
+
+    def retire(self) -> None:
+        """Claim no more slots here (the file at :attr:`path` is another one now); writes
+        already left here still finish. Closed with the gate, not before: a thread may hold
+        this mailbox without a slot yet, and must find it mapped."""
+        with self._claim_lock:
+            self._retired = True
 
     # -- locks --------------------------------------------------------------------------------
 
@@ -290,7 +298,7 @@ class Mailbox:
     def claim(self) -> Slot | None:
         """A slot for one write of the calling thread, or None if all are in use."""
         with self._claim_lock:
-            if self._closed or self._close_pending:
+            if self._closed or self._close_pending or self._retired:
                 return None
             for slot in self._spare:
                 # A write interrupted in its caller (KeyboardInterrupt) may still be carried:

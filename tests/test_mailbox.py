@@ -175,7 +175,7 @@ def _kill_the_holder_while_it_carries(path: str, event: str, move: str = "") -> 
             notes.upsert(Note(id="after", text="x"))
             reports = collect()
         if move:
-            assert store._gate.mailbox() is not mailbox and mailbox._closed
+            assert store._gate.mailbox() is not mailbox and mailbox.claim() is None
         else:
             assert not mailbox.orphaned()
         assert notes.get("d1") is None and notes.get("d2") is None
@@ -747,8 +747,9 @@ def test_a_holder_carries_writes_left_in_the_mailbox_file_that_replaced_its_own(
         assert store.stats()["writes_carried"] == 1
         current = store._gate.mailbox()
         assert current is not old and current is not None and current.is_live()
-        assert old is not None and old._closed
+        assert old is not None and old.claim() is None and not old._closed
         assert notes.get("later") is not None
+    assert old._closed  # with the gate
 
 
 def test_control_a_holder_blind_to_the_move_never_sees_the_other_processes_write(
@@ -782,7 +783,8 @@ def test_a_write_left_in_a_mailbox_file_since_deleted_waits_for_the_gate_itself(
         assert store.stats()["writes_carried_away"] == 0
         current = store._gate.mailbox()
         assert current is not old and current is not None and current.is_live()
-        assert old is not None and old._closed
+        assert old is not None and old.claim() is None and not old._closed
+    assert old._closed  # with the gate
 
 
 def test_control_a_write_blind_to_the_move_waits_until_its_timeout(
@@ -793,3 +795,40 @@ def test_control_a_write_blind_to_the_move_waits_until_its_timeout(
         notes = store.collection("notes", Note, key="id")
         with pytest.raises(mpstore.GateTimeout):
             notes.upsert(Note(id="later", text=""))
+
+
+def test_a_write_holding_the_replaced_mailbox_without_a_slot_still_lands(path: str) -> None:
+    # A thread has the mailbox in hand, not yet a slot of it, when the holder moves to the
+    # new file: the old one must still be there for it to look at.
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text=""))
+        carrier = store._carrier
+        in_hand, go_on = threading.Event(), threading.Event()
+
+        def carrier_then_wait() -> _mailbox.Mailbox | None:
+            mailbox = carrier()
+            if threading.current_thread().name == "in-hand":
+                in_hand.set()
+                go_on.wait()
+            return mailbox
+
+        store._carrier = carrier_then_wait  # type: ignore[method-assign]
+        outcome: list[Any] = []
+
+        def write() -> None:
+            try:
+                notes.upsert(Note(id="in-hand", text=""))
+                outcome.append("ok")
+            except Exception as exc:  # reported to the test below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=write, name="in-hand")
+        thread.start()
+        in_hand.wait()
+        _move_the_mailbox(path, "replaced")
+        notes.upsert(Note(id="holder", text=""))  # moves this process to the new file
+        go_on.set()
+        thread.join()
+        assert outcome == ["ok"]
+        assert notes.get("in-hand") is not None
