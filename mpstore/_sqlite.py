@@ -6,6 +6,7 @@ and collection layers speak to SQLite only through the functions and statements 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -373,7 +374,8 @@ def _sql_for(table: object, indexed: object, unfilled: tuple[str, ...] = ()) -> 
 
 
 def _table_fields(conn: Writer, table: str) -> frozenset[str]:
-    """The indexed fields ``table`` has columns for now (``table`` is a checked identifier).
+    """The fields of the indexes the file records for collection ``table`` now (a checked
+    identifier); columns added to the table by hand are not mpstore's to fill.
 
     The schema version is asked once per transaction of mpstore's guarded connection: under
     the gate only this connection changes the schema, and it says so (:func:`schema_changed`).
@@ -393,12 +395,28 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
         memo = raw.table_fields
     fields = memo.get(table)
     if fields is None:
-        prefix = column_for("")
-        cursor = conn.execute(f"SELECT name FROM pragma_table_info('{table}')")
-        fields = frozenset(n[len(prefix) :] for (n,) in cursor if n.startswith(prefix))
+        cursor = conn.execute(f"SELECT indexes FROM {COLLECTIONS_TABLE} WHERE name = ?", (table,))
+        row = cursor.fetchone()
         cursor.close()
+        fields = frozenset(_registered_fields(row[0] if row else "[]", table))
         memo[table] = fields
     return fields
+
+
+def _registered_fields(indexes: object, table: str) -> Iterator[str]:
+    """The fields of a collection's registered indexes (JSON: lists of ``[-]field``).
+
+    :raises MpstoreError: the record is not such a list, or names a field unsafe for SQL.
+    """
+    try:
+        parsed = json.loads(indexes if isinstance(indexes, str) else "")
+        for index in parsed:
+            for field in index:
+                yield check_identifier(field.lstrip("-"), "indexed field")
+    except (ValueError, TypeError, AttributeError, InvalidName) as exc:
+        raise MpstoreError(
+            f"the indexes recorded for collection {table!r} are damaged: {str(indexes)[:80]!r}"
+        ) from exc
 
 
 def schema_changed(conn: Writer) -> None:

@@ -218,6 +218,40 @@ def test_a_rolled_back_schema_change_does_not_leave_the_index_check_stale(db_pat
         assert indexed.find({"b": 42}) == [_Pair(id="later", a=2, b=42)]
 
 
+def test_a_column_added_by_hand_is_left_to_its_owner(db_path: str) -> None:
+    # Only the indexes the file records are mpstore's to fill; a hand-made f_ column (even one
+    # whose name could not be put into SQL unquoted) is neither written nor a reason to fail.
+    with mpstore.Store(db_path) as store:
+        tasks = store.collection("tasks", _Task, key="id")
+        tasks.upsert(_Task(id="t1", status="open"))
+        with store.write() as conn:
+            conn.execute('ALTER TABLE tasks ADD COLUMN "f_tag" TEXT')
+            conn.execute("ALTER TABLE tasks ADD COLUMN \"f_it's\" TEXT")
+            conn.execute("UPDATE tasks SET f_tag = 'mine'")
+        tasks.upsert(_Task(id="t1", status="done"))
+        tasks.upsert(_Task(id="t2", status="open"))
+        assert store.query("SELECT key, f_tag FROM tasks ORDER BY key") == [
+            ("t1", "mine"),
+            ("t2", None),
+        ]
+
+
+def test_damaged_index_records_fail_the_write_typed_and_change_nothing(db_path: str) -> None:
+    with mpstore.Store(db_path) as store:
+        tasks = store.collection("tasks", _Task, key="id")
+        tasks.upsert(_Task(id="t1", status="open"))
+    with mpstore.Store(db_path) as store:
+        tasks = store.collection("tasks", _Task, key="id")
+        with store.write() as conn:
+            conn.execute(
+                f"UPDATE {_sqlite.COLLECTIONS_TABLE} SET indexes = ? WHERE name = 'tasks'",
+                ('[["x y"]]',),
+            )
+        with pytest.raises(mpstore.MpstoreError, match="damaged"):
+            tasks.upsert(_Task(id="t1", status="done"))
+        assert tasks.get("t1") == _Task(id="t1", status="open")
+
+
 def test_a_model_that_cannot_fill_the_files_indexes_is_refused(db_path: str) -> None:
     with mpstore.Store(db_path) as store:
         store.collection("tasks", _Task, key="id", indexes=[("status",)])
