@@ -72,6 +72,10 @@ __all__ = [
     "snapshot",
 ]
 
+#: Why opening a file beside the database (the mailbox, the lock file) fails for good: no
+#: permission, a directory in its place, or a symlink (never followed there: O_NOFOLLOW).
+REFUSED_OPENS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP})
+
 #: How often a sleeping owner checks on its own that the gate holder is still alive.
 LIVENESS = 0.02
 
@@ -163,7 +167,9 @@ class Mailbox:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # as the lock file
         try:
             fd = os.open(path, flags, mode)
-        except PermissionError as exc:
+        except OSError as exc:
+            if exc.errno not in REFUSED_OPENS:
+                raise
             raise _errors.PermissionDenied(
                 f"cannot open the mailbox {path}: {exc.strerror}", path
             ) from exc

@@ -797,6 +797,25 @@ def test_control_a_write_blind_to_the_move_waits_until_its_timeout(
             notes.upsert(Note(id="later", text=""))
 
 
+@pytest.mark.parametrize("what", ["directory", "symlink"])
+def test_a_mailbox_replaced_by_what_it_cannot_open_fails_writes_typed(
+    path: str, what: str
+) -> None:
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text=""))
+        mailbox_path = path + ".mailbox"
+        os.replace(mailbox_path, path + ".elsewhere")
+        if what == "directory":
+            os.mkdir(mailbox_path)
+        else:
+            Path(path + ".other").touch()
+            os.symlink(path + ".other", mailbox_path)
+        with pytest.raises(mpstore.PermissionDenied, match="cannot open the mailbox"):
+            notes.upsert(Note(id="refused", text=""))
+        assert notes.get("refused") is None
+
+
 def test_a_write_holding_the_replaced_mailbox_without_a_slot_still_lands(path: str) -> None:
     # A thread has the mailbox in hand, not yet a slot of it, when the holder moves to the
     # new file: the old one must still be there for it to look at.
