@@ -206,11 +206,7 @@ class _FlockLock:
 
     def _is_live(self) -> bool:
         """Whether the file at the lock path is still the one our descriptor has open."""
-        try:
-            there = os.stat(self._path)
-        except FileNotFoundError:
-            return False
-        return (there.st_dev, there.st_ino) == self._identity
+        return _mailbox.names_file(self._path, self._identity)
 
     def _reopen(self) -> None:
         # Opened before the old one is closed: if opening fails, the descriptor kept is still

@@ -76,6 +76,16 @@ __all__ = [
 #: permission, a directory in its place, or a symlink (never followed there: O_NOFOLLOW).
 REFUSED_OPENS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP})
 
+def names_file(path: str, identity: tuple[int, int]) -> bool:
+    """Whether ``path`` names the file of ``identity`` (st_dev, st_ino) still: a file beside
+    the database that was deleted or replaced leaves its openers apart from later ones."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (there.st_dev, there.st_ino) == identity
+
+
 #: How often a sleeping owner checks on its own that the gate holder is still alive.
 LIVENESS = 0.02
 
@@ -206,11 +216,7 @@ class Mailbox:
         deleted or replaced meanwhile (by hand, or a cleanup) would leave the processes that
         open it from now on with another mailbox, where no holder of this one sees their
         writes."""
-        try:
-            there = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return (there.st_dev, there.st_ino) == self._identity
+        return names_file(self.path, self._identity)
 
     def retire(self) -> None:
         """Claim no more slots here (the file at :attr:`path` is another one now); writes

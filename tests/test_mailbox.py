@@ -142,13 +142,21 @@ def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
 
 
 def _move_the_mailbox(path: str, how: str) -> None:
-    """Delete the mailbox file, or put a new empty one in its place, as a cleanup might."""
+    """Delete the mailbox file, or put something else in its place ("replaced": a new empty
+    file, as a cleanup might; "directory"; "symlink" to another file)."""
     mailbox_path = path + ".mailbox"
     if how == "deleted":
         os.unlink(mailbox_path)
-    else:
+    elif how == "replaced":
         Path(mailbox_path + ".new").touch()
         os.replace(mailbox_path + ".new", mailbox_path)
+    else:
+        os.unlink(mailbox_path)
+        if how == "directory":
+            os.mkdir(mailbox_path)
+        else:
+            Path(path + ".other").touch()
+            os.symlink(path + ".other", mailbox_path)
 
 
 def _kill_the_holder_while_it_carries(path: str, event: str, move: str = "") -> list[Any]:
@@ -797,20 +805,14 @@ def test_control_a_write_blind_to_the_move_waits_until_its_timeout(
             notes.upsert(Note(id="later", text=""))
 
 
-@pytest.mark.parametrize("what", ["directory", "symlink"])
+@pytest.mark.parametrize("how", ["directory", "symlink"])
 def test_a_mailbox_replaced_by_what_it_cannot_open_fails_writes_typed(
-    path: str, what: str
+    path: str, how: str
 ) -> None:
     with mpstore.Store(path) as store:
         notes = store.collection("notes", Note, key="id")
         notes.upsert(Note(id="first", text=""))
-        mailbox_path = path + ".mailbox"
-        os.replace(mailbox_path, path + ".elsewhere")
-        if what == "directory":
-            os.mkdir(mailbox_path)
-        else:
-            Path(path + ".other").touch()
-            os.symlink(path + ".other", mailbox_path)
+        _move_the_mailbox(path, how)
         with pytest.raises(mpstore.PermissionDenied, match="cannot open the mailbox"):
             notes.upsert(Note(id="refused", text=""))
         assert notes.get("refused") is None
