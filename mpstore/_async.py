@@ -648,7 +648,7 @@ class AsyncStore:
             raise RecordTypeError(f"model must be a pydantic BaseModel subclass, got {model!r}")
         if not isinstance(key, str) or key not in model.model_fields:
             raise InvalidName(f"key {key!r} is not a field of {model.__name__}")
-        checked = Collection._check_indexes(indexes, model.model_fields)
+        checked = Collection._check_indexes(indexes, model)
 
         def opener() -> Collection[M]:
             return self._require_sync().collection(name, model, key, indexes=checked)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import types
 from collections import abc
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -14,11 +15,13 @@ from typing import (
     Literal,
     TypeVar,
     Union,
+    cast,
     get_args,
     get_origin,
 )
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
 from . import _sqlite
@@ -88,13 +91,14 @@ class Collection(Generic[M]):
                 f"text), not {annotation!r}"
             )
         self.key = key
-        self.indexes = self._check_indexes(indexes, fields)
+        self._json_keys = _json_keys(model)
+        self.indexes = self._check_indexes(indexes, model)
         # Every index the file already has for this collection is kept up to date by this
         # opener's writes too, declared here or not: a write that skipped one would leave its
         # column stale, and find() on it would return records that no longer match.
         registered = self._registered_indexes()
         try:
-            maintained = self._check_indexes(registered, fields)
+            maintained = self._check_indexes(registered, model)
         except InvalidName as exc:
             raise InvalidName(
                 f"collection {self.name!r} already has the indexes {registered!r}, which "
@@ -104,14 +108,22 @@ class Collection(Generic[M]):
             dict.fromkeys(f.lstrip("-") for idx in (*self.indexes, *maintained) for f in idx)
         )
         self._include = set(self.indexed)
+        # Fields whose value is their JSON form whenever it is a plain scalar: no serializer.
+        self._plain = _plainly_serialised(model, self.indexed)
+        self._carried_keys = tuple(sorted(self._json_keys.items()))
+        recorded = {f: k for f, k in self._carried_keys if f == key or f in self._include}
+        self._recorded_keys = json.dumps(recorded) if recorded else None
         self._adapters: dict[str, TypeAdapter[Any]] = {}
-        self._sql = _sqlite.CollectionSQL(self.name, self.indexed, self.indexes)
+        self._sql = _sqlite.CollectionSQL(
+            self.name, self.indexed, self.indexes, json_keys=self._json_keys
+        )
         self._ensure_table()
 
     @staticmethod
     def _check_indexes(
-        indexes: Sequence[Sequence[str]], fields: Mapping[str, Any]
+        indexes: Sequence[Sequence[str]], model: type[BaseModel]
     ) -> tuple[tuple[str, ...], ...]:
+        fields = model.model_fields
         if isinstance(indexes, str):
             raise InvalidName("indexes must be a list of field tuples, e.g. [('a', '-b')]")
         checked = []
@@ -128,6 +140,7 @@ class Collection(Generic[M]):
                         f"indexed field {bare!r} must hold a scalar (str, int, float, bool or "
                         f"None), not {fields[bare].annotation!r}"
                     )
+                _check_stored(model, bare, fields[bare])
             checked.append(tuple(idx))
         return tuple(checked)
 
@@ -177,6 +190,15 @@ class Collection(Generic[M]):
             for _, ddl in sql.indexes:
                 conn.execute(ddl)
             _sqlite.schema_changed(conn)
+            entry = _sqlite.json_keys_entry(self.name)
+            if self._recorded_keys is None:
+                conn.execute(f"DELETE FROM {_sqlite.META_TABLE} WHERE key = ?", (entry,))
+            else:
+                conn.execute(
+                    f"INSERT INTO {_sqlite.META_TABLE} (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (entry, self._recorded_keys),
+                )
             known = json.loads(reg[1]) if reg is not None else []
             merged = known + [list(i) for i in self.indexes if list(i) not in known]
             conn.execute(
@@ -197,8 +219,16 @@ class Collection(Generic[M]):
         registered = self.store.query(
             f"SELECT key_field FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?", (self.name,)
         )
+        recorded = self.store.query(
+            f"SELECT value FROM {_sqlite.META_TABLE} WHERE key = ?",
+            (_sqlite.json_keys_entry(self.name),),
+        )
         wanted = {self.name, *(name for name, _ in self._sql.indexes)}
-        return wanted <= names and registered == [(self.key,)]
+        return (
+            wanted <= names
+            and registered == [(self.key,)]
+            and recorded == ([(self._recorded_keys,)] if self._recorded_keys else [])
+        )
 
     # -- records <-> rows ---------------------------------------------------------------------
 
@@ -234,23 +264,44 @@ class Collection(Generic[M]):
             self.model.model_validate_json(value)
         if not self.indexed:
             return (key, value)
-        extra = [self._index_value(f, getattr(record, f)) for f in self.indexed]
-        return (key, value, *extra)
+        return (key, value, *self._index_values(record))
 
-    def _index_value(self, field: str, value: Any) -> Any:
-        if type(value) not in _SCALARS:
-            value = self._json_value(field, value)
-            if not isinstance(value, _SCALARS):
-                raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
-        return self._within_sqlite(field, value)
+    def _index_values(self, record: BaseModel) -> list[Any]:
+        """The indexed fields' values as the record's JSON holds them, which is what SQLite
+        finds there when it fills a column itself (see :func:`_sqlite.run_op`)."""
+        values = []
+        dumped: dict[str, Any] | None = None
+        for field in self.indexed:
+            value = getattr(record, field)
+            if type(value) not in _SCALARS or field not in self._plain:
+                if dumped is None:
+                    dumped = record.model_dump(mode="json", include=self._include, by_alias=False)
+                value = dumped[field]
+            values.append(self._column_value(field, value))
+        return values
 
-    def _within_sqlite(self, field: str, value: Any) -> Any:
-        """``value`` if SQLite can bind it.
+    def _column_value(self, field: str, value: Any) -> Any:
+        """An indexed field's JSON value as its column holds it.
 
-        :raises RecordTypeError: an int beyond 64 bits, which SQLite refuses as OverflowError
-            (and which a write carried by another process would bring back untyped).
+        :raises RecordTypeError: not a scalar; an int SQLite cannot hold; a float the model's
+            JSON writes in a form SQLite cannot read (``ser_json_inf_nan='constants'``).
         """
+        if isinstance(value, float) and not math.isfinite(value):
+            how = self.model.model_config.get("ser_json_inf_nan", "null")
+            if how == "null":
+                return None
+            if how == "strings":
+                return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            raise RecordTypeError(
+                f"indexed field {field!r} holds {value}, which {self.model.__name__}'s JSON "
+                f"writes as a constant SQLite cannot read (ser_json_inf_nan={how!r})",
+                self.store.path,
+            )
+        if not isinstance(value, _SCALARS):
+            raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
         if isinstance(value, int) and value not in _INT64:
+            # SQLite refuses it as OverflowError, which a write carried by another process
+            # would bring back untyped.
             raise RecordTypeError(
                 f"indexed field {field!r} holds {value}, outside SQLite's 64-bit integers",
                 self.store.path,
@@ -282,7 +333,11 @@ class Collection(Generic[M]):
         rows = [self._row(r) for r in records]
         if not rows:
             return 0
-        return self.store._run_op(("upsert", self.name, self.indexed, rows))
+        return self.store._run_op(self._upsert_op(rows))
+
+    def _upsert_op(self, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        """The upsert of ``rows`` as data, for whichever process holds the gate."""
+        return ("upsert", self.name, self.indexed, rows, self._carried_keys)
 
     def delete(self, key: str) -> bool:
         """Delete the record with ``key``; True if it existed.
@@ -314,7 +369,7 @@ class Collection(Generic[M]):
             row = self._row(new)
             if row[0] != key:
                 raise InvalidKey(f"update() must not change the key ({key!r} -> {row[0]!r})")
-            _sqlite.run_op(conn, ("upsert", self.name, self.indexed, [row]))
+            _sqlite.run_op(conn, self._upsert_op([row]))
             return new
 
         return self.store._run_write(read_modify_write)
@@ -381,7 +436,7 @@ class Collection(Generic[M]):
                     f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
                 )
         params: list[Any] = [
-            self._within_sqlite(f, self._json_value(f, v)) for f, v in where.items()
+            self._column_value(f, self._json_value(f, v)) for f, v in where.items()
         ]
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -396,7 +451,9 @@ class Collection(Generic[M]):
             # With its metadata: a field's own serializer decides its JSON form (and so the
             # order the index keeps), exactly as in the stored record.
             annotation: Any = self.model.model_fields[field].rebuild_annotation()
-            adapter = self._adapters[field] = TypeAdapter(annotation)
+            adapter = self._adapters[field] = TypeAdapter(
+                annotation, config=_serialisation_settings(self.model)
+            )
         return adapter.dump_python(value, mode="json")
 
     def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
@@ -426,6 +483,78 @@ def _may_be_scalar(annotation: Any) -> bool:
         containers = (*_CONTAINERS, abc.Sequence, abc.Mapping, abc.Set)
         return not (isinstance(origin, type) and issubclass(origin, containers))
     return not (isinstance(annotation, type) and issubclass(annotation, _CONTAINERS))
+
+
+def _check_stored(model: type[BaseModel], field: str, info: FieldInfo) -> None:
+    """Check that the record's JSON holds ``field`` where an index can find it: an index
+    column holds the field's value as stored, and SQLite fills it from the JSON too.
+
+    :raises InvalidName: the field is left out of the JSON, or its place or form there
+        depends on code mpstore cannot run without a record.
+    """
+    decorators = model.__pydantic_decorators__
+    if decorators.model_serializers:
+        raise InvalidName(
+            f"{model.__name__} has a model_serializer, so where its JSON holds {field!r} is "
+            "up to that code; its fields cannot be indexed"
+        )
+    if info.exclude is True or getattr(info, "exclude_if", None) is not None:
+        raise InvalidName(
+            f"indexed field {field!r} is left out of the record's JSON (exclude), so the "
+            "stored records do not hold it"
+        )
+    for decorator in decorators.field_serializers.values():
+        if field in decorator.info.fields or "*" in decorator.info.fields:
+            raise InvalidName(
+                f"indexed field {field!r} has a @field_serializer, which find() cannot apply "
+                "to a query value without a record; put the serializer in the field's type "
+                "(Annotated[..., PlainSerializer(...)]) instead"
+            )
+    _sqlite.json_path(_json_keys(model).get(field, field))  # raises if SQLite cannot name it
+
+
+def _serialisation_settings(model: type[BaseModel]) -> ConfigDict | None:
+    """The model's settings for writing values to JSON (``ser_json_timedelta``, ...), which
+    find() must apply to a query value as they were applied to the records."""
+    settings = {k: v for k, v in model.model_config.items() if k.startswith("ser_")}
+    return cast(ConfigDict, settings) if settings else None
+
+
+def _json_keys(model: type[BaseModel]) -> dict[str, str]:
+    """The fields the model's JSON holds under another key than their name (aliases), with
+    that key."""
+    if not model.model_config.get("serialize_by_alias"):
+        return {}
+    keys = {}
+    for name, info in model.model_fields.items():
+        alias = info.serialization_alias
+        if alias and alias != name:
+            keys[name] = alias
+    return keys
+
+
+def _plainly_serialised(model: type[BaseModel], fields: Sequence[str]) -> frozenset[str]:
+    """Those of ``fields`` with no serializer anywhere in their schema; for the others, only
+    pydantic can say what the JSON holds."""
+    schema: Any = model.__pydantic_core_schema__
+    if schema.get("type") == "definitions":
+        schema = schema.get("schema", {})
+    inner = schema.get("schema", {}) if schema.get("type") == "model" else {}
+    known = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
+    return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
+
+
+def _no_serializer(schema: Any) -> bool:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "serialization" in node or node.get("type") == "definition-ref":
+                return False
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return True
 
 
 def _model_name(model: type[BaseModel]) -> str:

@@ -55,6 +55,7 @@ __all__ = [
 #: Files larger than this show a progress line while they are imported.
 PROGRESS_THRESHOLD = 1024 * 1024
 _SCALARS = (str, int, float, bool, type(None))
+_MISSING = object()
 
 Progress = Callable[[int, int | None, int], None]
 
@@ -116,10 +117,22 @@ class Registration:
     model: str
     key_field: str
     indexes: tuple[tuple[str, ...], ...]
+    json_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def indexed(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f.lstrip("-") for idx in self.indexes for f in idx))
+
+    def json_key(self, field: str) -> str:
+        """The key under which the records' JSON holds ``field``."""
+        return dict(self.json_keys).get(field, field)
+
+    def json_path(self, field: str) -> str:
+        """``json_extract``'s path to ``field`` in a record.
+
+        :raises InvalidName: a recorded key SQLite cannot name.
+        """
+        return _sqlite.json_path(self.json_key(field))
 
 
 def _registrations(conn: Any) -> dict[str, Registration]:
@@ -128,7 +141,13 @@ def _registrations(conn: Any) -> dict[str, Registration]:
         f"SELECT name, model, key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name"
     ).fetchall()
     return {
-        name: Registration(name, model, key, tuple(tuple(i) for i in json.loads(indexes)))
+        name: Registration(
+            name,
+            model,
+            key,
+            tuple(tuple(i) for i in json.loads(indexes)),
+            tuple(sorted(_sqlite.recorded_json_keys(conn, name).items())),
+        )
         for name, model, key, indexes in rows
     }
 
@@ -391,7 +410,7 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
         if name not in present:
             problems.append(f"collection {reg.name!r}: index {name} is missing")
     t = _sqlite.quote(reg.name)
-    key_path = f"$.{reg.key_field}"
+    key_path = reg.json_path(reg.key_field)
     (bad_json,) = conn.execute(
         f"SELECT count(*) FROM {t} WHERE NOT json_valid(value) OR json_type(value) != 'object'"
     ).fetchone()
@@ -414,7 +433,7 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
             continue
         (stale,) = conn.execute(
             f"SELECT count(*) FROM {t} WHERE {_sqlite.quote(column)} IS NOT json_extract(value, ?)",
-            (f"$.{fld}",),
+            (reg.json_path(fld),),
         ).fetchone()
         if stale:
             problems.append(
@@ -670,28 +689,31 @@ def _import_raw(
             raise RecordTypeError(f"{where}: not valid JSON: {exc.msg}") from exc
         if not isinstance(record, dict):
             raise RecordTypeError(f"{where}: a record must be a JSON object")
-        if reg.key_field not in record:
-            raise InvalidKey(f"{where}: the record has no key field {reg.key_field!r}")
+        if reg.json_key(reg.key_field) not in record:
+            raise InvalidKey(
+                f"{where}: the record has no key field {reg.json_key(reg.key_field)!r}"
+            )
         try:
-            record_key = check_key(record[reg.key_field])
+            record_key = check_key(record[reg.json_key(reg.key_field)])
         except InvalidKey as exc:
             raise InvalidKey(f"{where}: {exc.message}") from exc
         for fld in reg.indexed:
-            if fld not in record:
+            value = record.get(reg.json_key(fld), _MISSING)
+            if value is _MISSING:
                 raise RecordTypeError(
-                    f"{where}: indexed field {fld!r} is missing; without --model its default "
-                    "is unknown, so import with --model"
+                    f"{where}: indexed field {reg.json_key(fld)!r} is missing; without --model "
+                    "its default is unknown, so import with --model"
                 )
-            if not isinstance(record[fld], _SCALARS):
+            if not isinstance(value, _SCALARS):
                 raise RecordTypeError(
-                    f"{where}: indexed field {fld!r} must hold a scalar, got {record[fld]!r}"
+                    f"{where}: indexed field {fld!r} must hold a scalar, got {value!r}"
                 )
         rows.append((record_key, line, *([line] * len(reg.indexed))))
         counter.add(line)
     counter.finish()
     table = _sqlite.quote(reg.name)
     columns = [_sqlite.quote(_sqlite.column_for(f)) for f in reg.indexed]
-    extracts = [f"json_extract(?, '$.{f}')" for f in reg.indexed]
+    extracts = [f"json_extract(?, {_sqlite.literal(reg.json_path(f))})" for f in reg.indexed]
     updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *columns])
     sql = (
         f"INSERT INTO {table} ({', '.join(['key', 'value', *columns])}) "

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -86,6 +86,54 @@ def check_identifier(name: object, what: str) -> str:
     if name.lower().startswith(_RESERVED_PREFIXES):
         raise InvalidName(f"{what} {name!r} uses a prefix reserved for SQLite and mpstore")
     return name
+
+
+def json_path(key: object) -> str:
+    """The JSON path of ``key`` in a record's top-level object, for ``json_extract``.
+
+    :raises InvalidName: ``key`` is not a string, or holds what SQLite's JSON paths cannot
+        name (a double quote, a backslash, a control character).
+    """
+    if not isinstance(key, str) or not key or any(c in '"\\' or c < " " for c in key):
+        raise InvalidName(f"a record's JSON key must be a string SQLite can name; got {key!r}")
+    return f'$."{key}"'
+
+
+def literal(text: str) -> str:
+    """``text`` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def json_keys_entry(collection: str) -> str:
+    """The key under which the meta table records a collection's JSON keys (see
+    :func:`recorded_json_keys`)."""
+    return "json_keys:" + collection
+
+
+def recorded_json_keys(conn: Any, collection: str) -> dict[str, str]:
+    """The keys under which a collection's records hold its key and indexed fields, for those
+    whose key is not their name (aliases): recorded by the collection, read by tools that work
+    without its model.
+
+    :raises MpstoreError: the record is damaged.
+    """
+    row = conn.execute(
+        f"SELECT value FROM {META_TABLE} WHERE key = ?", (json_keys_entry(collection),)
+    ).fetchone()
+    if row is None:
+        return {}
+    try:
+        keys = json.loads(row[0])
+    except (TypeError, ValueError):
+        keys = None
+    if not isinstance(keys, dict) or not all(
+        isinstance(f, str) and isinstance(k, str) for f, k in keys.items()
+    ):
+        raise MpstoreError(
+            f"the JSON keys recorded for collection {collection!r} are damaged: "
+            f"{str(row[0])[:80]!r}"
+        )
+    return keys
 
 
 def create_file(path: str, mode: int) -> bool:
@@ -251,18 +299,20 @@ class CollectionSQL:
         indexed: Sequence[str],
         indexes: Sequence[Sequence[str]],
         filled_by_sqlite: Sequence[str] = (),
+        json_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.table = table
         t = quote(table)
         self.indexed = tuple(indexed)
         self.indexed_set = frozenset(self.indexed)
+        self.json_keys = dict(json_keys or {})
         cols = [quote(column_for(f)) for f in (*self.indexed, *filled_by_sqlite)]
         names = ", ".join(["key", "value", *cols])
         # Fields the caller does not know it must fill are taken from the record's JSON (the
         # second parameter), as when their column was added.
         marks = ", ".join(
             ["?"] * (2 + len(self.indexed))
-            + [f"json_extract(?2, '$.{f}')" for f in filled_by_sqlite]
+            + [f"json_extract(?2, {self._path(f)})" for f in filled_by_sqlite]
         )
         updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *cols])
         self.upsert = (
@@ -279,12 +329,15 @@ class CollectionSQL:
         self.columns = f"SELECT name FROM pragma_table_info('{table}')"
         self.indexes = [self._index_ddl(fields) for fields in indexes]
 
+    def _path(self, field: str) -> str:
+        return literal(json_path(self.json_keys.get(field, field)))
+
     def add_column(self, field: str) -> tuple[str, str]:
         """DDL that adds an indexed field's column and fills it from the stored JSON."""
         t, c = quote(self.table), quote(column_for(field))
         return (
             f"ALTER TABLE {t} ADD COLUMN {c}",
-            f"UPDATE {t} SET {c} = json_extract(value, '$.{field}')",
+            f"UPDATE {t} SET {c} = json_extract(value, {self._path(field)})",
         )
 
     def index_name(self, fields: Sequence[str]) -> str:
@@ -319,21 +372,22 @@ class CollectionSQL:
 # -- writes carried between processes (see _mailbox) ------------------------------------------
 
 _BATCH_KEY = "last_batch"
-_carried_sql: dict[tuple[str, tuple[str, ...], tuple[str, ...]], CollectionSQL] = {}
+_carried_sql: dict[tuple[str, tuple[str, ...], tuple[str, ...], object], CollectionSQL] = {}
 
 
 def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
     """Run one collection write given as data, and return how many rows it changed.
 
-    ``("upsert", table, indexed_fields, rows)`` or ``("delete", table, key)``: what a
-    collection sends through the mailbox to whichever process holds the gate. Names are checked
+    ``("upsert", table, indexed_fields, rows, json_keys)`` or ``("delete", table, key)``: what
+    a collection sends through the mailbox to whichever process holds the gate. ``json_keys``
+    pairs each field its model's JSON holds under another key with that key. Names are checked
     again here, so a damaged or forged slot can at worst fail its own write.
 
     :raises MpstoreError: the operation is not one of the above.
     """
     kind = op[0] if op else None
-    if kind == "upsert" and len(op) == 4:
-        _, table, indexed, rows = op
+    if kind == "upsert" and len(op) == 5:
+        _, table, indexed, rows, json_keys = op
         sql = _sql_for(table, indexed)
         if not isinstance(rows, list) or not all(
             isinstance(r, tuple) and len(r) == 2 + len(indexed) for r in rows
@@ -343,7 +397,7 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
         if unfilled:
             # An index added since the writer's collection was opened (by another process,
             # or another opener here): its column must not go stale.
-            sql = _sql_for(table, indexed, tuple(sorted(unfilled)))
+            sql = _sql_for(table, indexed, tuple(sorted(unfilled)), json_keys)
         conn.executemany(sql.upsert, rows).close()
         return len(rows)
     if kind == "delete" and len(op) == 3 and isinstance(op[2], str):
@@ -359,17 +413,30 @@ def op_runner(op: tuple[Any, ...]) -> Callable[[Writer], int]:
     return lambda conn: run_op(conn, op)
 
 
-def _sql_for(table: object, indexed: object, unfilled: tuple[str, ...] = ()) -> CollectionSQL:
+def _sql_for(
+    table: object, indexed: object, unfilled: tuple[str, ...] = (), json_keys: object = ()
+) -> CollectionSQL:
     if not isinstance(indexed, tuple):
         raise MpstoreError(f"a carried write names its indexed fields badly: {indexed!r}")
-    key = (check_identifier(table, "collection name"), indexed, unfilled)
-    sql = _carried_sql.get(key)
+    if not unfilled:
+        json_keys = ()  # only fields filled from the JSON need their keys
+    elif not isinstance(json_keys, tuple):
+        raise MpstoreError(f"a carried write names its JSON keys badly: {json_keys!r}")
+    key = (check_identifier(table, "collection name"), indexed, unfilled, json_keys)
+    try:
+        sql = _carried_sql.get(key)
+    except TypeError as exc:  # a list where a name belongs: unhashable
+        raise MpstoreError(f"a carried write into {table!r} is malformed") from exc
     if sql is None:
         for field in indexed:
             check_identifier(field, "indexed field")
+        try:
+            keys = dict(json_keys)
+        except (TypeError, ValueError) as exc:
+            raise MpstoreError(f"a carried write names its JSON keys badly: {json_keys!r}") from exc
         if len(_carried_sql) > 1024:
             _carried_sql.clear()
-        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, (), unfilled)
+        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, (), unfilled, keys)
     return sql
 
 
@@ -437,7 +504,7 @@ def single_statement(op: object) -> bool:
         return False
     if op[0] == "delete":
         return len(op) == 3
-    return op[0] == "upsert" and len(op) == 4 and isinstance(op[3], list) and len(op[3]) == 1
+    return op[0] == "upsert" and len(op) == 5 and isinstance(op[3], list) and len(op[3]) == 1
 
 
 def statements_undo_themselves(conn: Writer) -> bool:

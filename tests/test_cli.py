@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from mpstore._cli import build_parser, main
 from mpstore.conversations import ConversationRepository, sample_conversation
 from mpstore.hypothesis import SQLiteExampleDatabase
 from tests import workers
+from tests.models import Person
 
 README = Path(__file__).parent.parent / "README.md"
 CONVERSATION = "mpstore.conversations:Conversation"
@@ -330,6 +332,52 @@ def test_rows_without_their_indexed_columns_would_be_noticed(
     assert rows(target) != rows(source)
     code, out, _ = run(capsys, "check", target)
     assert code == 1 and "6 rows whose indexed column f_workspace_id differs" in out
+
+
+def _people(path: str) -> None:
+    with mpstore.Store(path) as store:
+        people = store.collection("people", Person, key="person_id", indexes=[("team",)])
+        people.upsert_many([Person(person_id=f"p{i}", team=f"t{i % 2}") for i in range(4)])
+
+
+def _check_and_import_aliased(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
+    """What check says of a collection whose JSON holds its key and indexed field under
+    aliases, and the rows a raw import of its export writes."""
+    source, target = str(tmp_path / "source.db"), str(tmp_path / "target.db")
+    exported = str(tmp_path / "people.jsonl")
+    _people(source)
+    checked = run(capsys, "check", source)
+    assert run(capsys, "export", source, "people", "-o", exported)[0] == 0
+    with mpstore.Store(target) as store:
+        store.collection("people", Person, key="person_id", indexes=[("team",)])
+    imported = run(capsys, "import", target, "people", exported)
+    return checked, imported, rows(source, "people"), rows(target, "people")
+
+
+def test_check_and_import_find_aliased_fields_where_the_records_hold_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checked, imported, source_rows, target_rows = _check_and_import_aliased(tmp_path, capsys)
+    assert checked == (0, "ok\n", "")
+    assert imported == (0, "", "imported 4 records into people\n")
+    assert target_rows == source_rows
+
+
+def test_control_check_and_import_blind_to_the_aliases_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_inspect, "_registrations", _blind_registrations)
+    checked, imported, _, _ = _check_and_import_aliased(tmp_path, capsys)
+    assert checked[0] == 1 and "4 rows whose key differs" in checked[1]
+    assert imported[0] != 0 and "no key field 'person_id'" in imported[2]
+
+
+_registrations = _inspect._registrations
+
+
+def _blind_registrations(conn: Any) -> dict[str, _inspect.Registration]:
+    found = _registrations(conn)
+    return {name: dataclasses.replace(reg, json_keys=()) for name, reg in found.items()}
 
 
 def test_import_replaces_records_with_the_same_key_and_keeps_the_others(

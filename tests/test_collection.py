@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_serializer,
+    model_serializer,
+)
 
 import mpstore
-from mpstore import _sqlite
+from mpstore import _inspect, _sqlite
 from mpstore.conversations import (
     Conversation,
     ConversationRepository,
     sample_conversation,
 )
-from tests.models import Note
+from tests.models import Note, Person
 
 
 def test_upsert_get_delete(notes: mpstore.Collection[Note]) -> None:
@@ -226,7 +236,7 @@ def test_a_column_added_by_hand_is_left_to_its_owner(db_path: str) -> None:
         tasks.upsert(_Task(id="t1", status="open"))
         with store.write() as conn:
             conn.execute('ALTER TABLE tasks ADD COLUMN "f_tag" TEXT')
-            conn.execute("ALTER TABLE tasks ADD COLUMN \"f_it's\" TEXT")
+            conn.execute('ALTER TABLE tasks ADD COLUMN "f_it\'s" TEXT')
             conn.execute("UPDATE tasks SET f_tag = 'mine'")
         tasks.upsert(_Task(id="t1", status="done"))
         tasks.upsert(_Task(id="t2", status="open"))
@@ -260,6 +270,171 @@ def test_a_model_that_cannot_fill_the_files_indexes_is_refused(db_path: str) -> 
         pytest.raises(mpstore.InvalidName, match="already has the indexes"),
     ):
         store.collection("tasks", _Untracked, key="id")
+
+
+# An index column holds the field as the record's JSON holds it, whoever fills it: Python for
+# the opener that declared the index, SQLite's json_extract for an opener that did not know of
+# it (a carried write), and the backfill when the index is added over existing records.
+
+
+def _upper(value: str) -> str:
+    return value.upper()
+
+
+class _Aliased(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True)
+    id: str
+    owner: str = Field(alias="owner-id.v'1")
+
+
+class _Serialised(BaseModel):
+    id: str
+    owner: Annotated[str, PlainSerializer(_upper)]
+
+
+class _InfAsNull(BaseModel):
+    id: str
+    score: float | None
+
+
+class _InfAsString(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    id: str
+    score: float
+
+
+class _SpanAsFloat(BaseModel):
+    model_config = ConfigDict(ser_json_timedelta="float")
+    id: str
+    span: timedelta
+
+
+_STORED_FORMS = {
+    "alias": (_Aliased, "owner", "ann", "_json_keys", lambda model: {}),
+    "serializer": (_Serialised, "owner", "ann", "_plainly_serialised", lambda m, f: frozenset(f)),
+    "inf-as-null": (_InfAsNull, "score", math.inf, "Collection._column_value", lambda s, f, v: v),
+    "inf-as-string": (_InfAsString, "score", -math.inf, "Collection._column_value", None),
+    "span-as-float": (
+        _SpanAsFloat,
+        "span",
+        timedelta(seconds=1.5),
+        "_serialisation_settings",
+        None,
+    ),
+}
+
+
+def _filled_three_ways(db_path: str, model: type[BaseModel], field: str, value: object) -> Any:
+    """The column each filler wrote for the same value, and which records find() returns."""
+    with mpstore.Store(db_path) as first, mpstore.Store(db_path) as second:
+        blind = first.collection("things", model, key="id")
+        blind.upsert(model(id="backfilled", **{field: value}))
+        indexed = second.collection("things", model, key="id", indexes=[(field,)])
+        blind.upsert(model(id="by-sqlite", **{field: value}))
+        indexed.upsert(model(id="by-python", **{field: value}))
+        column = dict(second.query(f"SELECT key, f_{field} FROM things"))
+        found = sorted(r.id for r in indexed.find({field: value}))
+        return column, found
+
+
+@pytest.mark.parametrize("case", sorted(_STORED_FORMS))
+def test_an_index_holds_the_field_as_stored_whoever_fills_it(db_path: str, case: str) -> None:
+    model, field, value, _, _ = _STORED_FORMS[case]
+    column, found = _filled_three_ways(db_path, model, field, value)
+    assert column["by-python"] == column["by-sqlite"] == column["backfilled"]
+    assert found == ["backfilled", "by-python", "by-sqlite"]
+
+
+@pytest.mark.parametrize("case", sorted(_STORED_FORMS))
+def test_control_an_index_filled_from_the_fields_python_value_diverges(
+    db_path: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, field, value, target, blinded = _STORED_FORMS[case]
+    if target == "_serialisation_settings":
+        blinded = lambda model: None  # noqa: E731 - find() forgets the model's settings
+    elif blinded is None:
+        blinded = lambda self, field, value: value  # noqa: E731
+    monkeypatch.setattr(f"mpstore._collection.{target}", blinded)
+    column, found = _filled_three_ways(db_path, model, field, value)
+    assert not (
+        column["by-python"] == column["by-sqlite"] == column["backfilled"]
+        and found == ["backfilled", "by-python", "by-sqlite"]
+    )
+
+
+class _Hidden(BaseModel):
+    id: str
+    secret: int = Field(default=0, exclude=True)
+
+
+class _Decorated(BaseModel):
+    id: str
+    owner: str
+
+    @field_serializer("owner")
+    def _owner(self, value: str) -> str:
+        return value.upper()
+
+
+class _Reshaped(BaseModel):
+    id: str
+    owner: str
+
+    @model_serializer
+    def _flat(self) -> dict[str, str]:
+        return {"id": self.id, "who": self.owner}
+
+
+class _Quoted(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)
+    id: str
+    owner: str = Field(serialization_alias='owner"id')
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "reason"),
+    [
+        (_Hidden, "secret", "left out of the record's JSON"),
+        (_Decorated, "owner", "@field_serializer"),
+        (_Reshaped, "owner", "model_serializer"),
+        (_Quoted, "owner", "JSON key"),
+    ],
+)
+def test_a_field_the_json_does_not_hold_plainly_cannot_be_indexed(
+    store: mpstore.Store, model: type[BaseModel], field: str, reason: str
+) -> None:
+    with pytest.raises(mpstore.InvalidName, match=reason):
+        store.collection("things", model, key="id", indexes=[(field,)])
+    assert "things" not in store.collections()
+
+
+class _InfAsConstant(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    id: str
+    score: float
+
+
+def test_a_value_the_json_writes_unreadably_is_refused_typed(store: mpstore.Store) -> None:
+    scores = store.collection("scores", _InfAsConstant, key="id", indexes=[("score",)])
+    scores.upsert(_InfAsConstant(id="a", score=1.0))
+    with pytest.raises(mpstore.RecordTypeError, match="constant SQLite cannot read"):
+        scores.upsert(_InfAsConstant(id="a", score=math.inf))
+    assert scores.get("a") == _InfAsConstant(id="a", score=1.0)
+
+
+def test_opening_records_the_json_keys_a_file_lacks(db_path: str) -> None:
+    # Tools without the model (check, import) read them; a file written before they were
+    # recorded gets them from the next opener.
+    with mpstore.Store(db_path) as store:
+        store.collection("people", Person, key="person_id", indexes=[("team",)]).upsert(
+            Person(person_id="p1", team="t1")
+        )
+        with store.write() as conn:
+            conn.execute(f"DELETE FROM {_sqlite.META_TABLE} WHERE key = 'json_keys:people'")
+    assert _inspect.check(db_path) != []
+    with mpstore.Store(db_path) as store:
+        store.collection("people", Person, key="person_id", indexes=[("team",)])
+    assert _inspect.check(db_path) == []
 
 
 def test_find_refuses_unindexed_fields(notes: mpstore.Collection[Note]) -> None:
