@@ -6,6 +6,9 @@ the default exception pickling reproduces it exactly: errors cross process bound
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
     "Abandoned",
     "BusyTimeout",
@@ -97,17 +100,43 @@ class CorruptDatabase(MpstoreError):
     """The file is not an SQLite database, or its contents are damaged."""
 
 
-class DiskFull(MpstoreError, OSError):
+class _SystemRefusal(MpstoreError, OSError):
+    """An mpstore error that is also an OSError: ``errno``, ``strerror`` and ``filename`` say
+    what the system refused, as handlers of OSError expect; ``str()`` stays mpstore's message.
+    """
+
+    default_errno = 0
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message, path)
+        self.errno = self.default_errno if errno is None else errno
+        self.strerror = os.strerror(self.errno)
+        self.filename = path
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (self.__class__, (self.message, self.path, self.errno), self.__dict__)
+
+
+class DiskFull(_SystemRefusal):
     """The write did not fit: the disk (or the process's file size limit) is full."""
 
+    default_errno = errno.ENOSPC
 
-class PermissionDenied(MpstoreError, PermissionError):
+
+class PermissionDenied(_SystemRefusal, PermissionError):
     """The database, its directory or its lock file cannot be opened or written."""
 
+    default_errno = errno.EACCES
 
-class DirectoryNotFound(MpstoreError, FileNotFoundError):
+
+class DirectoryNotFound(_SystemRefusal, FileNotFoundError):
     """The database's directory does not exist (or a part of its path is not a directory):
     mpstore creates the database file, never the directories above it."""
+
+    default_errno = errno.ENOENT
 
 
 class InvalidName(MpstoreError, ValueError):

@@ -64,7 +64,9 @@ def _open_lock_file(path: str, mode: int) -> int:
     except OSError as exc:
         if exc.errno not in _mailbox.REFUSED_OPENS:
             raise
-        raise PermissionDenied(f"cannot open the lock file {path}: {exc.strerror}", path) from exc
+        raise PermissionDenied(
+            f"cannot open the lock file {path}: {exc.strerror}", path, exc.errno
+        ) from exc
     return fd
 
 
@@ -273,7 +275,9 @@ class _PortableLock:
         except filelock.Timeout:
             return False
         except PermissionError as exc:
-            raise PermissionDenied(f"cannot open the lock file {self._path}", self._path) from exc
+            raise PermissionDenied(
+                f"cannot open the lock file {self._path}", self._path, exc.errno
+            ) from exc
         return True
 
     def release(self) -> None:

@@ -181,7 +181,7 @@ class Mailbox:
             if exc.errno not in REFUSED_OPENS:
                 raise
             raise _errors.PermissionDenied(
-                f"cannot open the mailbox {path}: {exc.strerror}", path
+                f"cannot open the mailbox {path}: {exc.strerror}", path, exc.errno
             ) from exc
         try:
             _check_magic(os.pread(fd, len(_MAGIC), 0), path)

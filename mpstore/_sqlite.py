@@ -6,6 +6,7 @@ and collection layers speak to SQLite only through the functions and statements 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -155,14 +156,16 @@ def create_file(path: str, mode: int) -> bool:
     except IsADirectoryError:
         raise CorruptDatabase(f"{path} is a directory, not a database file", path) from None
     except PermissionError as exc:
-        raise PermissionDenied(f"cannot create {path}: {exc.strerror}", path) from exc
+        raise PermissionDenied(f"cannot create {path}: {exc.strerror}", path, exc.errno) from exc
     except FileNotFoundError as exc:
         raise DirectoryNotFound(
-            f"cannot create {path}: its directory does not exist", path
+            f"cannot create {path}: its directory does not exist", path, exc.errno
         ) from exc
     except NotADirectoryError as exc:
         raise DirectoryNotFound(
-            f"cannot create {path}: a component of its directory is not a directory", path
+            f"cannot create {path}: a component of its directory is not a directory",
+            path,
+            exc.errno,
         ) from exc
     os.close(fd)
     return True
@@ -258,6 +261,7 @@ def translate(exc: sqlite3.Error, path: str) -> Exception:
             f"{path}: {exc} ({name}): the database's files reached this process's file size "
             f"limit (RLIMIT_FSIZE = {limit} bytes)",
             path,
+            errno.EFBIG,
         )
     cls = _CODE_TO_ERROR.get(code & 0xFF)
     if cls is None:

@@ -3,6 +3,8 @@ through a real spawned process with its message and attributes intact."""
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -50,6 +52,8 @@ def _args(cls: type[mpstore.MpstoreError]) -> tuple[Any, ...]:
         return ("waited 1.500 s for the gate (last holder: pid 4242)", "/db.lock", 1.5, 4242)
     if issubclass(cls, mpstore.Timeout):
         return (f"{cls.__name__}: waited 2.000 s", "/db", 2.0)
+    if issubclass(cls, OSError):
+        return (f"{cls.__name__}: something about /db", "/db", errno.EROFS)  # not the default
     return (f"{cls.__name__}: something about /db", "/db")
 
 
@@ -59,6 +63,7 @@ def _attributes(err: BaseException) -> dict[str, Any]:
         "str": str(err),
         "args": err.args,
         "message": getattr(err, "message", None),
+        "os": (err.errno, err.strerror, err.filename) if isinstance(err, OSError) else None,
         **vars(err),
     }
 
@@ -102,13 +107,32 @@ def test_key_not_found_reads_as_its_message() -> None:
     assert str(err) == "no record 'a' in 'notes'"
 
 
-def test_the_comparison_notices_a_lost_attribute() -> None:
-    # Negative control: an error whose pickling drops its details must fail the comparison.
-    class Forgetful(mpstore.GateTimeout):
-        def __reduce__(self) -> tuple[object, ...]:
-            return (mpstore.GateTimeout, (self.message,))
+@pytest.mark.parametrize(
+    ("cls", "default"),
+    [
+        (mpstore.DiskFull, errno.ENOSPC),
+        (mpstore.PermissionDenied, errno.EACCES),
+        (mpstore.DirectoryNotFound, errno.ENOENT),
+    ],
+)
+def test_errors_that_are_oserrors_say_what_the_system_refused(
+    cls: type[mpstore.MpstoreError], default: int
+) -> None:
+    # A handler written for OSError tests errno and filename; str() stays the message.
+    err = cls("cannot create /x/db: its directory does not exist", "/x/db")
+    assert isinstance(err, OSError)
+    assert (err.errno, err.strerror, err.filename) == (default, os.strerror(default), "/x/db")
+    assert str(err) == "cannot create /x/db: its directory does not exist"
 
-    err = Forgetful(*_args(mpstore.GateTimeout))
+
+@pytest.mark.parametrize("cls", [mpstore.GateTimeout, mpstore.PermissionDenied])
+def test_the_comparison_notices_a_lost_attribute(cls: type[mpstore.MpstoreError]) -> None:
+    # Negative control: an error whose pickling drops its details must fail the comparison.
+    class Forgetful(cls):  # type: ignore[valid-type,misc]
+        def __reduce__(self) -> tuple[object, ...]:
+            return (cls, (self.message,))
+
+    err = Forgetful(*_args(cls))
     assert _attributes(pickle.loads(pickle.dumps(err))) != _attributes(err)
 
 

@@ -8,6 +8,7 @@ store pickled into a spawn child and 16 processes creating one database in ``tes
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -520,5 +521,14 @@ def test_a_path_under_a_regular_file_is_directory_not_found(tmp_path: Path) -> N
     with pytest.raises(mpstore.DirectoryNotFound, match="not a directory") as info:
         mpstore.Store(path)
     assert isinstance(info.value, FileNotFoundError)
-    assert info.value.path == path
+    assert (info.value.path, info.value.filename, info.value.errno) == (path, path, errno.ENOTDIR)
     assert plain.read_text() == "x"
+
+
+def test_a_missing_directory_says_enoent_as_an_oserror_would(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing" / "state.db")
+    with pytest.raises(FileNotFoundError) as info:
+        mpstore.Store(path)
+    assert isinstance(info.value, mpstore.DirectoryNotFound)
+    assert (info.value.errno, info.value.filename) == (errno.ENOENT, path)
+    assert not (tmp_path / "missing").exists()
