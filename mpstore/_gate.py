@@ -58,16 +58,7 @@ class _KernelLock(Protocol):
 
 
 def _open_lock_file(path: str, mode: int) -> int:
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, mode)
-    except OSError as exc:
-        if exc.errno not in _mailbox.REFUSED_OPENS:
-            raise
-        raise PermissionDenied(
-            f"cannot open the lock file {path}: {exc.strerror}", path, exc.errno
-        ) from exc
-    return fd
+    return _mailbox.open_beside(path, mode, "the lock file")
 
 
 def _identity(fd: int) -> tuple[int, int]:

@@ -76,6 +76,27 @@ __all__ = [
 #: permission, a directory in its place, or a symlink (never followed there: O_NOFOLLOW).
 REFUSED_OPENS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP})
 
+def open_beside(path: str, mode: int, what: str) -> int:
+    """Open (creating it) the file beside the database at ``path``, never through a symlink.
+
+    :raises PermissionDenied: it cannot be opened for good (see :data:`REFUSED_OPENS`).
+    :raises DirectoryNotFound: the database's directory is gone.
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, mode)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise _errors.DirectoryNotFound(
+            f"cannot open {what} {path}: the database's directory is gone", path, exc.errno
+        ) from exc
+    except OSError as exc:
+        if exc.errno not in REFUSED_OPENS:
+            raise
+        raise _errors.PermissionDenied(
+            f"cannot open {what} {path}: {exc.strerror}", path, exc.errno
+        ) from exc
+
+
 def names_file(path: str, identity: tuple[int, int]) -> bool:
     """Whether ``path`` names the file of ``identity`` (st_dev, st_ino) still: a file beside
     the database that was deleted or replaced leaves its openers apart from later ones."""
@@ -174,15 +195,7 @@ class Mailbox:
     def __init__(self, path: str, mode: int) -> None:
         self.path = path
         self._pid = _fork.pid()
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # as the lock file
-        try:
-            fd = os.open(path, flags, mode)
-        except OSError as exc:
-            if exc.errno not in REFUSED_OPENS:
-                raise
-            raise _errors.PermissionDenied(
-                f"cannot open the mailbox {path}: {exc.strerror}", path, exc.errno
-            ) from exc
+        fd = open_beside(path, mode, "the mailbox")
         try:
             _check_magic(os.pread(fd, len(_MAGIC), 0), path)
             if os.fstat(fd).st_size < _SIZE:
