@@ -232,3 +232,25 @@ def test_locks_are_matched_on_the_inode_whatever_device_proc_locks_names(
         assert not _checkpoint.locks_held_here(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(
+    not hasattr(_checkpoint.fcntl, "F_OFD_GETLK"), reason="open-file-description locks (Linux)"
+)
+def test_a_lock_of_this_process_on_a_file_is_seen_without_proc_locks(tmp_path: Any) -> None:
+    """The check that spares the read of /proc/locks finds SQLite's own locks on the WAL index
+    (this process's), and says unlocked only once none is left."""
+    path = str(tmp_path / "t.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (a)")
+    fd = os.open(path + "-shm", os.O_RDONLY)
+    try:
+        assert not _checkpoint.unlocked(fd)
+        assert _checkpoint.locks_held_here(fd)
+        conn.close()  # the last connection: SQLite unlocks and deletes the -shm
+        assert os.fstat(fd).st_nlink == 0
+        assert _checkpoint.unlocked(fd)
+    finally:
+        conn.close()
+        os.close(fd)
