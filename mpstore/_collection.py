@@ -15,12 +15,11 @@ from typing import (
     Literal,
     TypeVar,
     Union,
-    cast,
     get_args,
     get_origin,
 )
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
@@ -92,6 +91,7 @@ class Collection(Generic[M]):
             )
         self.key = key
         self._json_keys = _json_keys(model)
+        _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
         self.indexes = self._check_indexes(indexes, model)
         # Every index the file already has for this collection is kept up to date by this
         # opener's writes too, declared here or not: a write that skipped one would leave its
@@ -190,14 +190,11 @@ class Collection(Generic[M]):
             for _, ddl in sql.indexes:
                 conn.execute(ddl)
             _sqlite.schema_changed(conn)
-            entry = _sqlite.json_keys_entry(self.name)
-            if self._recorded_keys is None:
-                conn.execute(f"DELETE FROM {_sqlite.META_TABLE} WHERE key = ?", (entry,))
-            else:
+            if self._recorded_keys is not None:
                 conn.execute(
                     f"INSERT INTO {_sqlite.META_TABLE} (key, value) VALUES (?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (entry, self._recorded_keys),
+                    (_sqlite.json_keys_entry(self.name), self._recorded_keys),
                 )
             known = json.loads(reg[1]) if reg is not None else []
             merged = known + [list(i) for i in self.indexes if list(i) not in known]
@@ -219,16 +216,18 @@ class Collection(Generic[M]):
         registered = self.store.query(
             f"SELECT key_field FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?", (self.name,)
         )
+        wanted = {self.name, *(name for name, _ in self._sql.indexes)}
+        if not (wanted <= names and registered == [(self.key,)]):
+            return False
+        if self._recorded_keys is None:
+            # Nothing to record; a model without aliases (a reader's, say) leaves those of
+            # another in place rather than take the gate on every open to erase them.
+            return True
         recorded = self.store.query(
             f"SELECT value FROM {_sqlite.META_TABLE} WHERE key = ?",
             (_sqlite.json_keys_entry(self.name),),
         )
-        wanted = {self.name, *(name for name, _ in self._sql.indexes)}
-        return (
-            wanted <= names
-            and registered == [(self.key,)]
-            and recorded == ([(self._recorded_keys,)] if self._recorded_keys else [])
-        )
+        return recorded == [(self._recorded_keys,)]
 
     # -- records <-> rows ---------------------------------------------------------------------
 
@@ -299,6 +298,12 @@ class Collection(Generic[M]):
             )
         if not isinstance(value, _SCALARS):
             raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
+        if isinstance(value, str) and "\x00" in value:
+            # SQLite's JSON functions end a string at NUL: a column filled from the JSON
+            # would hold less than this one.
+            raise RecordTypeError(
+                f"indexed field {field!r} holds a NUL character: {value!r}", self.store.path
+            )
         if isinstance(value, int) and value not in _INT64:
             # SQLite refuses it as OverflowError, which a write carried by another process
             # would bring back untyped.
@@ -451,10 +456,18 @@ class Collection(Generic[M]):
             # With its metadata: a field's own serializer decides its JSON form (and so the
             # order the index keeps), exactly as in the stored record.
             annotation: Any = self.model.model_fields[field].rebuild_annotation()
-            adapter = self._adapters[field] = TypeAdapter(
-                annotation, config=_serialisation_settings(self.model)
-            )
-        return adapter.dump_python(value, mode="json")
+            try:
+                adapter = TypeAdapter(annotation, config=_serialisation_settings(self.model))
+            except PydanticUserError:  # a type with its own config (a dataclass) refuses one
+                adapter = TypeAdapter(annotation)
+            self._adapters[field] = adapter
+        try:
+            return adapter.dump_python(value, mode="json")
+        except PydanticSerializationError as exc:
+            raise RecordTypeError(
+                f"{value!r} cannot be written as indexed field {field!r} is: {exc}",
+                self.store.path,
+            ) from exc
 
     def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
         """SQLite's query plan for :meth:`find` with these fields (to check an index serves it)."""
@@ -510,14 +523,21 @@ def _check_stored(model: type[BaseModel], field: str, info: FieldInfo) -> None:
                 "to a query value without a record; put the serializer in the field's type "
                 "(Annotated[..., PlainSerializer(...)]) instead"
             )
-    _sqlite.json_path(_json_keys(model).get(field, field))  # raises if SQLite cannot name it
+    keys = _json_keys(model)
+    key = keys.get(field, field)
+    _sqlite.json_path(key)  # raises if SQLite cannot name it
+    shared = [f for f in model.model_fields if f != field and keys.get(f, f) == key]
+    if shared:
+        raise InvalidName(
+            f"indexed field {field!r} is written under the JSON key {key!r}, as {shared[0]!r} "
+            "is: the record's JSON holds that key twice"
+        )
 
 
 def _serialisation_settings(model: type[BaseModel]) -> ConfigDict | None:
-    """The model's settings for writing values to JSON (``ser_json_timedelta``, ...), which
-    find() must apply to a query value as they were applied to the records."""
-    settings = {k: v for k, v in model.model_config.items() if k.startswith("ser_")}
-    return cast(ConfigDict, settings) if settings else None
+    """The model's settings, for turning a query value into JSON as the records' values were
+    (``ser_json_timedelta``, ``json_encoders``, ``arbitrary_types_allowed``, ...)."""
+    return model.model_config or None
 
 
 def _json_keys(model: type[BaseModel]) -> dict[str, str]:
@@ -537,8 +557,18 @@ def _plainly_serialised(model: type[BaseModel], fields: Sequence[str]) -> frozen
     """Those of ``fields`` with no serializer anywhere in their schema; for the others, only
     pydantic can say what the JSON holds."""
     schema: Any = model.__pydantic_core_schema__
-    if schema.get("type") == "definitions":
-        schema = schema.get("schema", {})
+    definitions = {d.get("ref"): d for d in schema.get("definitions", ())}
+    # Down through model validators (function-* wrappers) and references to the model itself;
+    # a serializer on the way applies to every field.
+    for _ in range(8):
+        if schema.get("type") == "definitions":
+            schema = schema.get("schema", {})
+        elif schema.get("type") == "definition-ref":
+            schema = definitions.get(schema.get("schema_ref"), {})
+        elif schema.get("type", "").startswith("function-") and "serialization" not in schema:
+            schema = schema.get("schema", {})
+        else:
+            break
     inner = schema.get("schema", {}) if schema.get("type") == "model" else {}
     known = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
     return frozenset(f for f in fields if f in known and _no_serializer(known[f]))

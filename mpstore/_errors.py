@@ -100,7 +100,7 @@ class CorruptDatabase(MpstoreError):
     """The file is not an SQLite database, or its contents are damaged."""
 
 
-class _SystemRefusal(MpstoreError, OSError):
+class OSErrorKind(MpstoreError, OSError):
     """An mpstore error that is also an OSError: ``errno``, ``strerror`` and ``filename`` say
     what the system refused, as handlers of OSError expect; ``str()`` stays mpstore's message.
     """
@@ -120,19 +120,19 @@ class _SystemRefusal(MpstoreError, OSError):
         return (self.__class__, (self.message, self.path, self.errno), self.__dict__)
 
 
-class DiskFull(_SystemRefusal):
+class DiskFull(OSErrorKind):
     """The write did not fit: the disk (or the process's file size limit) is full."""
 
     default_errno = errno.ENOSPC
 
 
-class PermissionDenied(_SystemRefusal, PermissionError):
+class PermissionDenied(OSErrorKind, PermissionError):
     """The database, its directory or its lock file cannot be opened or written."""
 
     default_errno = errno.EACCES
 
 
-class DirectoryNotFound(_SystemRefusal, FileNotFoundError):
+class DirectoryNotFound(OSErrorKind, FileNotFoundError):
     """The database's directory does not exist (or a part of its path is not a directory):
     mpstore creates the database file, never the directories above it."""
 

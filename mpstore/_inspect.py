@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 from . import _sqlite
@@ -135,8 +135,12 @@ class Registration:
         return _sqlite.json_path(self.json_key(field))
 
 
-def _registrations(conn: Any) -> dict[str, Registration]:
-    """The registered collections, read through a raw or an mpstore connection."""
+def _registrations(conn: Any, json_keys: bool = False) -> dict[str, Registration]:
+    """The registered collections, read through a raw or an mpstore connection; with the JSON
+    keys they recorded if ``json_keys``.
+
+    :raises MpstoreError: ``json_keys`` and a collection's record of them is damaged.
+    """
     rows = conn.execute(
         f"SELECT name, model, key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name"
     ).fetchall()
@@ -146,7 +150,7 @@ def _registrations(conn: Any) -> dict[str, Registration]:
             model,
             key,
             tuple(tuple(i) for i in json.loads(indexes)),
-            tuple(sorted(_sqlite.recorded_json_keys(conn, name).items())),
+            tuple(sorted(_sqlite.recorded_json_keys(conn, name).items())) if json_keys else (),
         )
         for name, model, key, indexes in rows
     }
@@ -404,13 +408,19 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
     if not _has_table(conn, reg.name):
         return [f"collection {reg.name!r} is registered but its table is missing"]
     problems = []
+    try:
+        keys = _sqlite.recorded_json_keys(conn, reg.name)
+        reg = replace(reg, json_keys=tuple(sorted(keys.items())))
+        paths = {f: reg.json_path(f) for f in (reg.key_field, *reg.indexed)}
+    except MpstoreError as exc:
+        return [f"collection {reg.name!r}: {exc.message}"]
     sql = _sqlite.CollectionSQL(reg.name, reg.indexed, reg.indexes)
     present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     for name, _ in sql.indexes:
         if name not in present:
             problems.append(f"collection {reg.name!r}: index {name} is missing")
     t = _sqlite.quote(reg.name)
-    key_path = reg.json_path(reg.key_field)
+    key_path = paths[reg.key_field]
     (bad_json,) = conn.execute(
         f"SELECT count(*) FROM {t} WHERE NOT json_valid(value) OR json_type(value) != 'object'"
     ).fetchone()
@@ -433,7 +443,7 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
             continue
         (stale,) = conn.execute(
             f"SELECT count(*) FROM {t} WHERE {_sqlite.quote(column)} IS NOT json_extract(value, ?)",
-            (reg.json_path(fld),),
+            (paths[fld],),
         ).fetchone()
         if stale:
             problems.append(
@@ -578,7 +588,7 @@ def import_records(
     reg: Registration | None = None
     if model is None or os.path.exists(path):
         with _readonly(path) as conn, _sqlite.translating(path):
-            found = _registrations(conn)
+            found = _registrations(conn, json_keys=True)
         reg = found.get(name)
         if reg is None and model is None:
             known = ", ".join(found) or "none"
@@ -676,6 +686,7 @@ def _import_raw(
 
     counter = _Counter(total, progress)
     rows: list[tuple[Any, ...]] = []
+    read: list[tuple[int, tuple[Any, ...]]] = []  # each line's number, and what Python read
     for number, line in _lines(source, label):
         where = f"{label}:{number}"
         if len(line.encode()) > max_record_bytes:
@@ -697,6 +708,7 @@ def _import_raw(
             record_key = check_key(record[reg.json_key(reg.key_field)])
         except InvalidKey as exc:
             raise InvalidKey(f"{where}: {exc.message}") from exc
+        values: list[Any] = [record_key]
         for fld in reg.indexed:
             value = record.get(reg.json_key(fld), _MISSING)
             if value is _MISSING:
@@ -708,12 +720,18 @@ def _import_raw(
                 raise RecordTypeError(
                     f"{where}: indexed field {fld!r} must hold a scalar, got {value!r}"
                 )
+            values.append(int(value) if isinstance(value, bool) else value)
         rows.append((record_key, line, *([line] * len(reg.indexed))))
+        read.append((number, tuple(values)))
         counter.add(line)
     counter.finish()
     table = _sqlite.quote(reg.name)
     columns = [_sqlite.quote(_sqlite.column_for(f)) for f in reg.indexed]
     extracts = [f"json_extract(?, {_sqlite.literal(reg.json_path(f))})" for f in reg.indexed]
+    fields = (reg.key_field, *reg.indexed)
+    probe = "SELECT " + ", ".join(
+        f"json_extract(?1, {_sqlite.literal(reg.json_path(f))})" for f in fields
+    )
     updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *columns])
     sql = (
         f"INSERT INTO {table} ({', '.join(['key', 'value', *columns])}) "
@@ -721,11 +739,27 @@ def _import_raw(
     )
     with Store(path) as store, store.write() as conn:
         # The registration is read again under the gate: the rows were checked against it.
-        now = _registrations(conn).get(reg.name)
+        now = _registrations(conn, json_keys=True).get(reg.name)
         if now != reg:
             raise TransactionError(
                 f"collection {reg.name!r} changed while the file was read; run the import again",
                 path,
             )
+        # SQLite must read each line's key and indexed fields as Python did, or the columns
+        # (and check) would disagree with the record: it does not match a key written with
+        # escapes ("\u00e9"), and of a key written twice it takes the first.
+        for (number, expected), row in zip(read, rows, strict=True):
+            try:
+                got = conn.execute(probe, (row[1],)).fetchone()
+            except sqlite3.Error as exc:
+                raise RecordTypeError(
+                    f"{label}:{number}: SQLite cannot read this JSON: {exc}"
+                ) from exc
+            if tuple(got) != expected:
+                raise RecordTypeError(
+                    f"{label}:{number}: SQLite reads {fields} of this record as {tuple(got)!r}, "
+                    f"not {expected!r}: a key written with escapes or twice? Write it plainly "
+                    "(json.dumps(..., ensure_ascii=False)), or import with --model"
+                )
         conn.executemany(sql, rows).close()
     return len(rows)

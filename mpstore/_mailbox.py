@@ -102,7 +102,7 @@ def names_file(path: str, identity: tuple[int, int]) -> bool:
     the database that was deleted or replaced leaves its openers apart from later ones."""
     try:
         there = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # gone, or its directory is
         return False
     return (there.st_dev, there.st_ino) == identity
 
@@ -674,19 +674,22 @@ def _encode_error(exc: BaseException) -> bytes:
     module = "mpstore" if isinstance(exc, MpstoreError) else type(exc).__module__
     path = exc.path if isinstance(exc, MpstoreError) else None
     message = exc.message if isinstance(exc, MpstoreError) else str(exc)
+    code = exc.errno if isinstance(exc, MpstoreError) and isinstance(exc, OSError) else None
     limit = _ERROR_SIZE // 10  # characters of at most 4 bytes: everything fits its place
     names = (module[:100], type(exc).__name__[:100])
-    return marshal.dumps((*names, message[:limit], (path or "")[:limit]))
+    return marshal.dumps((*names, message[:limit], (path or "")[:limit], code))
 
 
 def _decode_error(data: bytes, path: str) -> BaseException:
     try:
-        module, name, message, where = marshal.loads(data)
+        module, name, message, where, code = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
         return MpstoreError(f"the outcome of this write in {path} could not be read", path)
     where = str(where) or None
     if module == "mpstore":
         cls = getattr(_errors, str(name), None)
+        if isinstance(cls, type) and issubclass(cls, _errors.OSErrorKind):
+            return cls(str(message), where, code if isinstance(code, int) else None)
         if isinstance(cls, type) and issubclass(cls, MpstoreError):
             return cls(str(message), where)
     elif module == "sqlite3":

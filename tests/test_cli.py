@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -16,12 +15,12 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _inspect, _mailbox
+from mpstore import _inspect, _mailbox, _sqlite
 from mpstore._cli import build_parser, main
 from mpstore.conversations import ConversationRepository, sample_conversation
 from mpstore.hypothesis import SQLiteExampleDatabase
 from tests import workers
-from tests.models import Person
+from tests.models import Note, Person
 
 README = Path(__file__).parent.parent / "README.md"
 CONVERSATION = "mpstore.conversations:Conversation"
@@ -366,18 +365,50 @@ def test_check_and_import_find_aliased_fields_where_the_records_hold_them(
 def test_control_check_and_import_blind_to_the_aliases_fail(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_inspect, "_registrations", _blind_registrations)
+    monkeypatch.setattr(_sqlite, "recorded_json_keys", lambda conn, name: {})
     checked, imported, _, _ = _check_and_import_aliased(tmp_path, capsys)
     assert checked[0] == 1 and "4 rows whose key differs" in checked[1]
     assert imported[0] != 0 and "no key field 'person_id'" in imported[2]
 
 
-_registrations = _inspect._registrations
+@pytest.mark.parametrize("damage", ["not json", '{"team": 7}', '{"team": "a\\"b"}'])
+def test_check_reports_damaged_json_keys_and_other_commands_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    path = str(tmp_path / "people.db")
+    _people(path)
+    with mpstore.Store(path) as store:
+        store.collection("notes", Note, key="id").upsert(Note(id="n", text=""))
+        with store.write() as conn:
+            conn.execute(
+                "UPDATE _mpstore_meta SET value = ? WHERE key = 'json_keys:people'", (damage,)
+            )
+    code, out, _ = run(capsys, "check", path)
+    assert code == 1 and "collection 'people':" in out
+    assert run(capsys, "info", path)[0] == 0
+    assert run(capsys, "export", path, "notes")[0] == 0
 
 
-def _blind_registrations(conn: Any) -> dict[str, _inspect.Registration]:
-    found = _registrations(conn)
-    return {name: dataclasses.replace(reg, json_keys=()) for name, reg in found.items()}
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"personId": "p9", "team.n\\u0061me": "t0"}',  # the same key, written with an escape
+        '{"personId": "p9", "team.name": "t0", "team.name": "t1"}',  # written twice
+    ],
+    ids=["escaped", "twice"],
+)
+def test_import_refuses_a_line_sqlite_would_read_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+) -> None:
+    # Python's json module and SQLite's json_extract disagree on these: the column would not
+    # hold what the record does.
+    path, lines = str(tmp_path / "people.db"), tmp_path / "in.jsonl"
+    _people(path)
+    before = everything(path)
+    lines.write_text('{"personId": "p8", "team.name": "t0"}\n' + line + "\n")
+    code, _, err = run(capsys, "import", path, "people", str(lines))
+    assert code == 1 and "in.jsonl:2: SQLite reads" in err
+    assert everything(path) == before
 
 
 def test_import_replaces_records_with_the_same_key_and_keeps_the_others(

@@ -525,19 +525,24 @@ def test_a_path_under_a_regular_file_is_directory_not_found(tmp_path: Path) -> N
     assert plain.read_text() == "x"
 
 
-def test_a_directory_deleted_under_an_open_store_fails_writes_typed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("how", "code"), [("deleted", errno.ENOENT), ("a file", errno.ENOTDIR)])
+def test_a_directory_deleted_under_an_open_store_fails_writes_typed(
+    tmp_path: Path, how: str, code: int
+) -> None:
     # The lock file is opened again when it is gone from its path; with its directory gone too
-    # that is an error to name, not a bare OSError from deep inside.
+    # (or a file in its place) that is an error to name, not a bare OSError from deep inside.
     directory = tmp_path / "state"
     directory.mkdir()
     with mpstore.Store(str(directory / "state.db")) as store:
         notes = store.collection("notes", Note, key="id")
         notes.upsert(Note(id="a", text="kept"))
         shutil.rmtree(directory)
+        if how == "a file":
+            directory.write_text("not a directory")
         for _ in range(2):
             with pytest.raises(mpstore.DirectoryNotFound, match="directory is gone") as info:
                 notes.upsert(Note(id="b", text="lost"))
-            assert info.value.errno == errno.ENOENT
+            assert info.value.errno == code
         assert notes.get("a") == Note(id="a", text="kept")  # open connections still read
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -260,6 +261,22 @@ def test_a_forged_json_key_fails_its_write_alone(store: mpstore.Store, json_keys
     with pytest.raises(mpstore.MpstoreError):
         store._run_op(("upsert", "notes", (), [row], json_keys))
     assert [n.text for n in notes.scan()] == ["kept"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        mpstore.DiskFull("the file size limit", "/db", errno.EFBIG),
+        mpstore.PermissionDenied("cannot open /db.lock", "/db.lock", errno.EPERM),
+        mpstore.GateTimeout("waited", "/db.lock"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_carried_writes_error_comes_back_with_its_details(error: mpstore.MpstoreError) -> None:
+    # What the holder stores in the slot is all its owner hears: the errno included.
+    back = _mailbox._decode_error(_mailbox._encode_error(error), "/db")
+    assert (type(back), back.message, back.path) == (type(error), error.message, error.path)
+    assert getattr(back, "errno", None) == getattr(error, "errno", None)
 
 
 def test_a_damaged_mailbox_file_is_refused_before_any_write(path: str) -> None:
