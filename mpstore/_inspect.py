@@ -686,7 +686,9 @@ def _import_raw(
 
     counter = _Counter(total, progress)
     rows: list[tuple[Any, ...]] = []
-    read: list[tuple[int, tuple[Any, ...]]] = []  # each line's number, and what Python read
+    numbers: list[int] = []
+    fields = (reg.key_field, *reg.indexed)
+    keys = {f: reg.json_key(f) for f in fields}
     for number, line in _lines(source, label):
         where = f"{label}:{number}"
         if len(line.encode()) > max_record_bytes:
@@ -700,20 +702,18 @@ def _import_raw(
             raise RecordTypeError(f"{where}: not valid JSON: {exc.msg}") from exc
         if not isinstance(record, dict):
             raise RecordTypeError(f"{where}: a record must be a JSON object")
-        if reg.json_key(reg.key_field) not in record:
-            raise InvalidKey(
-                f"{where}: the record has no key field {reg.json_key(reg.key_field)!r}"
-            )
+        if keys[reg.key_field] not in record:
+            raise InvalidKey(f"{where}: the record has no key field {keys[reg.key_field]!r}")
         try:
-            record_key = check_key(record[reg.json_key(reg.key_field)])
+            record_key = check_key(record[keys[reg.key_field]])
         except InvalidKey as exc:
             raise InvalidKey(f"{where}: {exc.message}") from exc
-        values: list[Any] = [record_key]
+        values: list[Any] = []
         for fld in reg.indexed:
-            value = record.get(reg.json_key(fld), _MISSING)
+            value = record.get(keys[fld], _MISSING)
             if value is _MISSING:
                 raise RecordTypeError(
-                    f"{where}: indexed field {reg.json_key(fld)!r} is missing; without --model "
+                    f"{where}: indexed field {keys[fld]!r} is missing; without --model "
                     "its default is unknown, so import with --model"
                 )
             if not isinstance(value, _SCALARS):
@@ -721,21 +721,19 @@ def _import_raw(
                     f"{where}: indexed field {fld!r} must hold a scalar, got {value!r}"
                 )
             values.append(int(value) if isinstance(value, bool) else value)
-        rows.append((record_key, line, *([line] * len(reg.indexed))))
-        read.append((number, tuple(values)))
+        rows.append((record_key, line, *values))
+        numbers.append(number)
         counter.add(line)
     counter.finish()
     table = _sqlite.quote(reg.name)
     columns = [_sqlite.quote(_sqlite.column_for(f)) for f in reg.indexed]
-    extracts = [f"json_extract(?, {_sqlite.literal(reg.json_path(f))})" for f in reg.indexed]
-    fields = (reg.key_field, *reg.indexed)
     probe = "SELECT " + ", ".join(
         f"json_extract(?1, {_sqlite.literal(reg.json_path(f))})" for f in fields
     )
     updates = ", ".join(f"{c}=excluded.{c}" for c in ["value", *columns])
     sql = (
         f"INSERT INTO {table} ({', '.join(['key', 'value', *columns])}) "
-        f"VALUES ({', '.join(['?', '?', *extracts])}) ON CONFLICT(key) DO UPDATE SET {updates}"
+        f"VALUES ({', '.join('?' * (2 + len(columns)))}) ON CONFLICT(key) DO UPDATE SET {updates}"
     )
     with Store(path) as store, store.write() as conn:
         # The registration is read again under the gate: the rows were checked against it.
@@ -745,10 +743,12 @@ def _import_raw(
                 f"collection {reg.name!r} changed while the file was read; run the import again",
                 path,
             )
-        # SQLite must read each line's key and indexed fields as Python did, or the columns
-        # (and check) would disagree with the record: it does not match a key written with
-        # escapes ("\u00e9"), and of a key written twice it takes the first.
-        for (number, expected), row in zip(read, rows, strict=True):
+        # The columns hold what Python read; SQLite must read each line's key and indexed
+        # fields alike, or they (and check, and columns SQLite fills) would disagree with the
+        # record: it does not match a key written with escapes ("\u00e9"), and of a key
+        # written twice it takes the first.
+        for number, row in zip(numbers, rows, strict=True):
+            expected = (row[0], *row[2:])
             try:
                 got = conn.execute(probe, (row[1],)).fetchone()
             except sqlite3.Error as exc:
