@@ -558,20 +558,26 @@ def _plainly_serialised(model: type[BaseModel], fields: Sequence[str]) -> frozen
     pydantic can say what the JSON holds."""
     schema: Any = model.__pydantic_core_schema__
     definitions = {d.get("ref"): d for d in schema.get("definitions", ())}
-    # Down through model validators (function-* wrappers) and references to the model itself;
-    # a serializer on the way applies to every field.
+    outer = _unwrapped(schema, definitions)
+    inner = _unwrapped(outer.get("schema", {}), definitions) if outer.get("type") == "model" else {}
+    known = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
+    return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
+
+
+def _unwrapped(schema: Any, definitions: Mapping[Any, Any]) -> Any:
+    """``schema`` past model validators (function-* wrappers, outside or inside the model) and
+    references; one with a serializer of its own is where the walk stops."""
     for _ in range(8):
-        if schema.get("type") == "definitions":
+        kind = schema.get("type", "")
+        if kind == "definitions":
             schema = schema.get("schema", {})
-        elif schema.get("type") == "definition-ref":
+        elif kind == "definition-ref":
             schema = definitions.get(schema.get("schema_ref"), {})
-        elif schema.get("type", "").startswith("function-") and "serialization" not in schema:
+        elif kind.startswith("function-") and "serialization" not in schema:
             schema = schema.get("schema", {})
         else:
             break
-    inner = schema.get("schema", {}) if schema.get("type") == "model" else {}
-    known = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
-    return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
+    return schema
 
 
 def _no_serializer(schema: Any) -> bool:

@@ -17,6 +17,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     model_serializer,
+    model_validator,
 )
 
 import mpstore
@@ -293,6 +294,19 @@ class _Serialised(BaseModel):
     owner: Annotated[str, PlainSerializer(_upper)]
 
 
+class _CheckedSerialised(BaseModel):
+    """A serializer behind a model validator, and a recursive field: the schema is nested."""
+
+    id: str
+    owner: Annotated[str, PlainSerializer(_upper)]
+    children: list[_CheckedSerialised] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept(cls, data: Any) -> Any:
+        return data
+
+
 class _InfAsNull(BaseModel):
     id: str
     score: float | None
@@ -329,6 +343,13 @@ _STORED_FORMS = {
     ),
     "alias": (_Aliased, "owner", "ann", "_json_keys", lambda model: {}),
     "serializer": (_Serialised, "owner", "ann", "_plainly_serialised", lambda m, f: frozenset(f)),
+    "serializer-nested": (
+        _CheckedSerialised,
+        "owner",
+        "ann",
+        "_plainly_serialised",
+        lambda m, f: frozenset(f),
+    ),
     "inf-as-null": (_InfAsNull, "score", math.inf, "Collection._column_value", lambda s, f, v: v),
     "inf-as-string": (_InfAsString, "score", -math.inf, "Collection._column_value", None),
     "span-as-float": (
