@@ -342,7 +342,7 @@ class Gate:
     def current_mailbox(self) -> Mailbox | None:
         """The mailbox at :attr:`mailbox_path` now: if the file this process opened was deleted
         or replaced meanwhile, the file there (created if need be) takes its place, and the old
-        one is retired: it takes no new writes, and closes with the gate.
+        one is retired: it takes no new writes, and closes once those left in it are settled.
 
         :raises PermissionDenied: the new mailbox file cannot be opened.
         :raises MpstoreError: the file there now is not a mailbox.
@@ -354,7 +354,10 @@ class Gate:
             if self._mailbox is current:
                 self._mailbox = Mailbox(self.mailbox_path, self._mode)
                 current.retire()
-                self._retired.append(current)
+                # Kept until closed: a forked child must close its copy too.
+                self._retired = [m for m in self._retired if not m.closed]
+                if not current.closed:
+                    self._retired.append(current)
             return self._mailbox
 
     @property

@@ -232,11 +232,17 @@ class Mailbox:
         return names_file(self.path, self._identity)
 
     def retire(self) -> None:
-        """Claim no more slots here (the file at :attr:`path` is another one now); writes
-        already left here still finish. Closed with the gate, not before: a thread may hold
-        this mailbox without a slot yet, and must find it mapped."""
+        """Claim no more slots here (the file at :attr:`path` is another one now), and close
+        once the writes already left here are settled. A thread holding this mailbox without
+        a slot finds it closed: it claims none and asks the gate itself."""
         with self._claim_lock:
             self._retired = True
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the file is unmapped and closed (:meth:`close` may wait for slots)."""
+        return self._closed
 
     # -- locks --------------------------------------------------------------------------------
 
@@ -509,7 +515,10 @@ class Mailbox:
         """Whether the gate looks free of other processes, read from shared memory without a
         system call. A hint: a holder that died leaves it looking taken, and one that does not
         use a mailbox (a plain ``filelock`` user) leaves it looking free."""
-        holder: int = _LEADER.unpack_from(self._mm, _GATE)[0]
+        try:
+            holder: int = _LEADER.unpack_from(self._mm, _GATE)[0]
+        except ValueError:  # closed since this caller took it in hand (retired)
+            return True  # only the gate itself can answer now
         return holder == 0 or holder == _fork.pid()
 
     def orphaned(self) -> bool:
