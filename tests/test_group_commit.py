@@ -174,6 +174,32 @@ def test_closing_the_store_from_an_update_callback(store: mpstore.Store) -> None
         assert got is not None and got.text == "changed"
 
 
+@pytest.mark.parametrize("kind", ["TRIGGER", "TEMP TRIGGER"])
+def test_a_trigger_made_after_a_batch_ran_without_savepoints_still_gets_them(
+    store: mpstore.Store, kind: str
+) -> None:
+    # The answer "one-row writes undo themselves" is remembered per schema; a temp trigger
+    # (the write connection's own) does not change the file's schema version.
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+    outcomes = _queue_behind_a_write_block(
+        store, [lambda k=k: notes.upsert(Note(id=k, text="x")) for k in ("a", "b")]
+    )
+    assert [o[0] for o in outcomes] == ["ok", "ok"]
+    with store.write() as conn:
+        conn.execute(
+            f"CREATE {kind} refuse BEFORE INSERT ON main.notes WHEN NEW.key = 'bad' "
+            "BEGIN INSERT INTO audit VALUES (NEW.key); SELECT RAISE(FAIL, 'refused'); END"
+        )
+    outcomes = _queue_behind_a_write_block(
+        store, [lambda k=k: notes.upsert(Note(id=k, text="x")) for k in ("c", "bad", "d")]
+    )
+    assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
+    assert sorted(notes.keys()) == ["a", "b", "c", "d"]
+    assert store.query("SELECT count(*) FROM audit") == [(0,)]
+
+
 def test_a_queued_write_whose_trigger_fails_midway_leaves_nothing(store: mpstore.Store) -> None:
     # RAISE(FAIL) keeps what its statement did before it (here the trigger's audit row): only
     # the write's own SAVEPOINT takes that back. Writes on tables without triggers skip it.
