@@ -237,7 +237,8 @@ class Checkpointer:
         self._wake.set()
 
     def _run(self) -> None:
-        conn = self._connect()
+        with _fork.background_sqlite:
+            conn = self._connect()
         try:
             while True:
                 self._wake.wait()
@@ -245,7 +246,8 @@ class Checkpointer:
                 if self._closed:
                     return
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    with _fork.background_sqlite:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
                     # Nothing is lost when a checkpoint fails: the frames stay in the WAL and
                     # the next poke retries. Counted, and kept, for stats().
@@ -255,7 +257,8 @@ class Checkpointer:
                     self.runs += 1
                     self.ran.set()
         finally:
-            conn.close()
+            with _fork.background_sqlite:
+                conn.close()
 
     def close(self) -> None:
         """Stop the thread, after a checkpoint in progress. The WAL index stays open for

@@ -7,19 +7,30 @@ value keeps that check off the system-call path (``os.getpid`` is a syscall on m
 from __future__ import annotations
 
 import os
+import threading
 
-__all__ = ["keep_forever", "pid"]
+__all__ = ["background_sqlite", "keep_forever", "pid"]
 
 _pid = os.getpid()
+
+#: Held by mpstore's own background threads (WAL checkpoints, Hypothesis listeners) while they
+#: are inside SQLite, and taken by fork() first: a child forked while one of them was in
+#: SQLite would inherit SQLite's mutexes locked, and hang at its first SQLite call.
+background_sqlite = threading.Lock()
 
 
 def _refresh() -> None:
     global _pid
     _pid = os.getpid()
+    background_sqlite.release()  # taken by the thread that forked, the one that lives on
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_refresh)
+    os.register_at_fork(
+        before=background_sqlite.acquire,
+        after_in_parent=background_sqlite.release,
+        after_in_child=_refresh,
+    )
 
 
 # Objects inherited from the parent that must never be used or finalised here (see Store._writer).

@@ -21,20 +21,34 @@ import sqlite3
 import threading
 import time
 import uuid
+import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from hypothesis.database import ExampleDatabase, ListenerEventT
+from hypothesis.database import ExampleDatabase, ListenerEventT, ListenerT
 
-from ._errors import RecordTooLarge, RecordTypeError
+from . import _fork
+from ._errors import (
+    DirectoryNotFound,
+    MpstoreError,
+    PermissionDenied,
+    RecordTooLarge,
+    RecordTypeError,
+)
 from ._sqlite import translating
 from ._store import Store
 
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["SQLiteExampleDatabase"]
+__all__ = ["ExampleDatabaseWarning", "SQLiteExampleDatabase"]
+
+
+class ExampleDatabaseWarning(UserWarning):
+    """An example could not be saved, deleted, moved or fetched (the file or the gate failed);
+    the run goes on without it, as with Hypothesis's own databases."""
+
 
 #: The table of examples: one row per (key, value) pair, so a value is never stored twice.
 EXAMPLES_TABLE = "_mpstore_hypothesis_examples"
@@ -54,13 +68,21 @@ _DELETE = f"DELETE FROM {EXAMPLES_TABLE} WHERE key = ? AND value = ?"
 _LOG = f"INSERT INTO {CHANGES_TABLE} (event, key, value, origin, at) VALUES (?, ?, ?, ?, ?)"
 _PRUNE = f"DELETE FROM {CHANGES_TABLE} WHERE at < ?"
 _PRUNE_EVERY = 256
+_READ_LOG = (
+    f"SELECT seq, event, key, value FROM {CHANGES_TABLE} WHERE seq > ? AND seq <= ? ORDER BY seq"
+)
 
-#: Every instance alive in this process, so a forked child can drop the parent's listeners.
-_instances: weakref.WeakSet[SQLiteExampleDatabase] = weakref.WeakSet()
+#: Every instance alive in this process (by identity: equal instances are distinct objects),
+#: so a forked child can drop the parent's listeners.
+_instances: weakref.WeakValueDictionary[int, SQLiteExampleDatabase] = weakref.WeakValueDictionary()
+
+#: What a failing file or gate raises. Hypothesis calls its database without a safety net, and
+#: its own databases carry on without the example; so does this one, with a warning.
+_CARRY_ON = (MpstoreError, OSError, sqlite3.Error)
 
 
 def _after_fork_in_child() -> None:
-    for db in list(_instances):
+    for db in list(_instances.values()):
         db._forget_listeners()
 
 
@@ -83,17 +105,25 @@ class SQLiteExampleDatabase(ExampleDatabase):
     profile costs nothing. An instance can be pickled (it travels as its path and settings) and
     survives ``fork``; listeners stay with the process that added them.
 
-    Change listeners receive this instance's own saves and deletes at once, from the calling
-    thread, and changes committed by any other instance or process from a background thread,
-    within about ``poll_interval`` seconds (it checks SQLite's ``PRAGMA data_version``, then
-    reads the change log). A move is a ``delete`` event followed by a ``save`` event. Changes
-    are logged for ``retention`` seconds; a listener held up for longer misses the older ones.
+    Change listeners hear every change in commit order, each once: this instance's own saves
+    and deletes before the call returns (with any change committed before them), and changes
+    committed by any other instance or process within about ``poll_interval`` seconds, from a
+    background thread (it checks SQLite's ``PRAGMA data_version``, then reads the change log).
+    A move is a ``delete`` event followed by a ``save`` event. A listener's error is reported
+    through ``threading.excepthook`` and the others still hear. Changes are logged for
+    ``retention`` seconds; a listener held up for longer misses the older ones.
+
+    A save, delete or move that the file or the gate refuses (a timeout, a full disk, a
+    damaged file, an example over ``max_record_bytes``) is dropped with an
+    :class:`ExampleDatabaseWarning`, and a fetch that fails finds nothing, as Hypothesis's own
+    databases do: a test's own failure is never replaced by the database's.
 
     :param path: the database file; created with mode ``0o600`` if missing.
     :param poll_interval: seconds between checks for other processes' changes while listening.
     :param retention: seconds the change log keeps a change for listeners to read.
     :param timeout: seconds a write waits for the gate before raising ``GateTimeout``.
     :raises ValueError: a setting is not a positive number.
+    :raises RecordTypeError: (from every method) a key or value is not bytes.
     """
 
     def __init__(
@@ -114,7 +144,9 @@ class SQLiteExampleDatabase(ExampleDatabase):
         self._origin = ""
         self._origin_pid = 0
         self._poller: _Poller | None = None
-        _instances.add(self)
+        self._delivery = threading.RLock()  # a listener may save, and hear that too
+        self._delivered = 0  # the last change log seq handed to the listeners
+        _instances[id(self)] = self
 
     # -- identity, pickling, lifetime ------------------------------------------------------
 
@@ -149,17 +181,41 @@ class SQLiteExampleDatabase(ExampleDatabase):
             return store
         with self._open_lock:
             if self._store is None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._make_directory()
                 store = Store(self.path, timeout=self.timeout, pool_size=2)
                 try:
-                    with store.write() as conn:
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
+                    # Only the first opener of a file waits for the gate to create the tables.
+                    if not self._has_tables(store):
+                        with store.write() as conn:
+                            for statement in _SCHEMA:
+                                conn.execute(statement)
                 except BaseException:
                     store.close()
                     raise
                 self._store = store
             return self._store
+
+    def _make_directory(self) -> None:
+        """:raises DirectoryNotFound, PermissionDenied: the directory cannot be made."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise DirectoryNotFound(
+                f"cannot make the directory of {self.path}: a file is in the way",
+                self.path,
+                exc.errno,
+            ) from exc
+        except PermissionError as exc:
+            raise PermissionDenied(
+                f"cannot make the directory of {self.path}: {exc.strerror}", self.path, exc.errno
+            ) from exc
+
+    @staticmethod
+    def _has_tables(store: Store) -> bool:
+        wanted = (EXAMPLES_TABLE, CHANGES_TABLE)
+        found = store.query("SELECT count(*) FROM sqlite_master WHERE name IN (?, ?)", wanted)
+        return bool(found[0][0] == len(wanted))
 
     def _me(self) -> str:
         """This instance's name in the change log; a forked child gets a name of its own."""
@@ -180,39 +236,36 @@ class SQLiteExampleDatabase(ExampleDatabase):
     # -- the ExampleDatabase interface -----------------------------------------------------
 
     def fetch(self, key: bytes) -> Iterable[bytes]:
-        """Every value saved under ``key``, in byte order.
+        """Every value saved under ``key``, in byte order (none, with a warning, if the file
+        cannot be read).
 
         :raises RecordTypeError: ``key`` is not bytes.
         """
         key = _as_bytes(key, "key")
-        rows = self._open().query(
-            f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value", (key,)
-        )
-        for (value,) in rows:
-            yield bytes(value)
+        try:
+            rows = self._open().query(
+                f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value", (key,)
+            )
+        except _CARRY_ON as exc:
+            self._carry_on("fetch", exc, stacklevel=3)
+            return iter(())
+        return (bytes(value) for (value,) in rows)
 
     def save(self, key: bytes, value: bytes) -> None:
         """Save ``value`` under ``key``; nothing happens if it is there already.
 
         :raises RecordTypeError: ``key`` or ``value`` is not bytes.
-        :raises RecordTooLarge: the example is larger than the store's ``max_record_bytes``.
-        :raises GateTimeout: the gate was not granted within ``timeout``.
         """
         key, value = _as_bytes(key, "key"), _as_bytes(value, "value")
-        store = self._open()
-        self._check_size(store, key, value)
-        events = self._change(store, [("save", key, value)])
-        self._broadcast_all(events)
+        self._change("save", [("save", key, value)])
 
     def delete(self, key: bytes, value: bytes) -> None:
         """Remove ``value`` from ``key``; nothing happens if it is not there.
 
         :raises RecordTypeError: ``key`` or ``value`` is not bytes.
-        :raises GateTimeout: the gate was not granted within ``timeout``.
         """
         key, value = _as_bytes(key, "key"), _as_bytes(value, "value")
-        events = self._change(self._open(), [("delete", key, value)])
-        self._broadcast_all(events)
+        self._change("delete", [("delete", key, value)])
 
     def move(self, src: bytes, dest: bytes, value: bytes) -> None:
         """Move ``value`` from ``src`` to ``dest`` in one transaction.
@@ -221,59 +274,105 @@ class SQLiteExampleDatabase(ExampleDatabase):
         when ``src == dest`` this is a save. Concurrent moves never lose or duplicate a value.
 
         :raises RecordTypeError: a key or ``value`` is not bytes.
-        :raises RecordTooLarge: the example is larger than the store's ``max_record_bytes``.
-        :raises GateTimeout: the gate was not granted within ``timeout``.
         """
         src, dest = _as_bytes(src, "key"), _as_bytes(dest, "key")
         value = _as_bytes(value, "value")
-        store = self._open()
-        self._check_size(store, dest, value)
         if src == dest:
-            changes = [("save", dest, value)]
+            self._change("move", [("save", dest, value)])
         else:
-            changes = [("delete", src, value), ("save", dest, value)]
-        self._broadcast_all(self._change(store, changes))
+            self._change("move", [("delete", src, value), ("save", dest, value)])
 
-    def _change(
-        self, store: Store, changes: list[tuple[str, bytes, bytes]]
-    ) -> list[ListenerEventT]:
-        """Apply ``changes`` in one write transaction, log the ones that changed something, and
-        return them as listener events (to broadcast once committed)."""
-        origin = self._me()
-        done: list[ListenerEventT] = []
-        with store.write() as conn:
+    def _change(self, what: str, changes: list[tuple[str, bytes, bytes]]) -> None:
+        """Apply ``changes`` in one write transaction, logging the ones that changed something,
+        then hand the listeners every change committed up to them."""
+        try:
+            store = self._open()
             for event, key, value in changes:
-                statement = _INSERT if event == "save" else _DELETE
-                if conn.execute(statement, (key, value)).rowcount:
-                    self._log(conn, event, key, value, origin)
-                    done.append(
-                        ("save", (key, value)) if event == "save" else ("delete", (key, value))
-                    )
-        return done
+                if event == "save":
+                    self._check_size(store, key, value)
+            origin = self._me()
+            last = 0
+            with store.write() as conn:
+                for event, key, value in changes:
+                    statement = _INSERT if event == "save" else _DELETE
+                    if conn.execute(statement, (key, value)).rowcount:
+                        last = self._log(conn, event, key, value, origin)
+        except _CARRY_ON as exc:
+            self._carry_on(what, exc)
+            return
+        if last:
+            self._deliver(lambda after: store.query(_READ_LOG, (after, last)))
 
-    def _log(self, conn: Connection, event: str, key: bytes, value: bytes, origin: str) -> None:
+    def _carry_on(self, what: str, exc: BaseException, stacklevel: int = 4) -> None:
+        """Warn that ``what`` failed with ``exc`` and was dropped (``stacklevel`` names the
+        caller of the public method)."""
+        warnings.warn(
+            f"{self!r}: {what} skipped, Hypothesis goes on without it: "
+            f"{type(exc).__name__}: {exc}",
+            ExampleDatabaseWarning,
+            stacklevel=stacklevel,
+        )
+
+    def _log(self, conn: Connection, event: str, key: bytes, value: bytes, origin: str) -> int:
+        """Log one change; its seq."""
         now = time.time()
         seq = conn.execute(_LOG, (event, key, value, origin, now)).lastrowid
-        if seq is not None and seq % _PRUNE_EVERY == 0:
+        assert seq is not None  # an INSERT into a table with an INTEGER PRIMARY KEY
+        if seq % _PRUNE_EVERY == 0:
             conn.execute(_PRUNE, (now - self.retention,))
+        return seq
 
     # -- change listening ------------------------------------------------------------------
 
-    def _broadcast_all(self, events: list[ListenerEventT]) -> None:
-        for event in events:
-            self._broadcast_change(event)
+    def _deliver(self, read: Callable[[int], list[tuple[Any, ...]]]) -> None:
+        """Hand the listeners the logged changes after the last one delivered, in commit order.
+
+        Whoever comes first (the thread that committed a change, or the polling thread)
+        delivers it; one lock keeps them in order and each change once.
+        """
+        with self._delivery:
+            if self._poller is None:
+                return  # nobody listens
+            for seq, event, key, value in read(self._delivered):
+                self._delivered = seq
+                self._broadcast_change(
+                    ("save", (bytes(key), bytes(value)))
+                    if event == "save"
+                    else ("delete", (bytes(key), bytes(value)))
+                )
 
     def _broadcast_change(self, event: ListenerEventT) -> None:
         # A copy: the polling thread broadcasts while other threads may add or remove listeners.
         for listener in list(self._listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception:
+                # Reported as an uncaught error of this thread; one failing listener must not
+                # silence the others or later changes.
+                threading.excepthook(_hook_args())
+
+    def add_listener(self, f: ListenerT, /) -> None:
+        """Add a change listener (see the class); starts the polling thread for the first.
+
+        :raises MpstoreError: the file cannot be opened; ``f`` is not added.
+        """
+        try:
+            super().add_listener(f)
+        except BaseException:
+            # Hypothesis adds f before it starts listening: without this, the next listener
+            # would take listening for started and never start it.
+            if f in self._listeners:
+                self._listeners.remove(f)
+            raise
 
     def _start_listening(self) -> None:
         store = self._open()
-        # Read where the log ends now, before returning: every change committed after
-        # add_listener() returns is then delivered.
-        (last,) = store.query(f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")[0]
-        self._poller = _Poller(self, int(last))
+        with self._delivery:
+            # Read where the log ends now, before returning: every change committed after
+            # add_listener() returns is then delivered.
+            (last,) = store.query(f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")[0]
+            self._delivered = int(last)
+            self._poller = _Poller(self)
         self._poller.start()
 
     def _stop_listening(self) -> None:
@@ -283,23 +382,18 @@ class SQLiteExampleDatabase(ExampleDatabase):
 
     def _forget_listeners(self) -> None:
         """In a forked child: the polling thread did not survive the fork, so neither do the
-        listeners; the child adds its own."""
+        listeners; the child adds its own. Locks a lost thread may have held are new."""
         self._listeners.clear()
         self._poller = None
         self._open_lock = threading.Lock()
-
-    def _is_foreign(self, origin: str) -> bool:
-        """True for a change that another instance or process made (this one broadcast its own
-        changes already)."""
-        return origin != self._me()
+        self._delivery = threading.RLock()
 
 
 class _Poller:
     """The thread that notices other processes' changes and broadcasts them."""
 
-    def __init__(self, db: SQLiteExampleDatabase, last_seq: int) -> None:
+    def __init__(self, db: SQLiteExampleDatabase) -> None:
         self._db = db
-        self._last = last_seq
         self._stopping = threading.Event()
         self._pid = os.getpid()
         self._thread = threading.Thread(
@@ -316,46 +410,30 @@ class _Poller:
 
     def _run(self) -> None:
         db = self._db
-        with translating(db.path):
+        with _fork.background_sqlite, translating(db.path):
             # A connection of its own: data_version changes when *another* connection commits.
             conn = sqlite3.connect(db.path, isolation_level=None, timeout=db.timeout)
         try:
-            conn.execute("PRAGMA query_only=1")
+            with _fork.background_sqlite:
+                conn.execute("PRAGMA query_only=1")
             version = None
             while not self._stopping.is_set():
-                (now,) = conn.execute("PRAGMA data_version").fetchone()
+                with _fork.background_sqlite:
+                    (now,) = conn.execute("PRAGMA data_version").fetchone()
                 if now != version:
                     version = now
-                    self._deliver(conn)
+                    db._deliver(lambda after: self._read(conn, after))
                 self._stopping.wait(db.poll_interval)
         finally:
-            conn.close()
+            with _fork.background_sqlite:
+                conn.close()
 
-    def _deliver(self, conn: sqlite3.Connection) -> None:
-        db = self._db
-        rows = conn.execute(
-            f"SELECT seq, event, key, value, origin FROM {CHANGES_TABLE} WHERE seq > ? "
-            "ORDER BY seq",
-            (self._last,),
-        ).fetchall()
-        for seq, event, key, value, origin in rows:
-            self._last = seq
-            if self._stopping.is_set():
-                return
-            if not db._is_foreign(origin):
-                continue
-            change: ListenerEventT = (
-                ("save", (bytes(key), bytes(value)))
-                if event == "save"
-                else ("delete", (bytes(key), bytes(value)))
-            )
-            for listener in list(db._listeners):
-                try:
-                    listener(change)
-                except Exception:
-                    # Report it as an uncaught error of this thread, and keep delivering: one
-                    # failing listener must not silence the others or later changes.
-                    threading.excepthook(_hook_args())
+    def _read(self, conn: sqlite3.Connection, after: int) -> list[tuple[Any, ...]]:
+        if self._stopping.is_set():
+            return []
+        with _fork.background_sqlite:
+            rows: list[tuple[Any, ...]] = conn.execute(_READ_LOG, (after, 1 << 62)).fetchall()
+        return rows
 
 
 def _hook_args() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -26,7 +27,13 @@ from hypothesis.database import (
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
 
 import mpstore
-from mpstore.hypothesis import CHANGES_TABLE, EXAMPLES_TABLE, SQLiteExampleDatabase
+from mpstore import _fork
+from mpstore.hypothesis import (
+    CHANGES_TABLE,
+    EXAMPLES_TABLE,
+    ExampleDatabaseWarning,
+    SQLiteExampleDatabase,
+)
 from tests import example_db_workers as w
 from tests import workers
 
@@ -96,9 +103,10 @@ def comparison_machine(factory: type[SQLiteExampleDatabase]) -> type[RuleBasedSt
     class DatabaseComparison(RuleBasedStateMachine):
         """Every operation goes to two instances on one file and to InMemoryExampleDatabase.
 
-        The first instance's events (its own, broadcast at once) must match the in-memory
-        database's exactly; the second instance repeats each operation after the first, so
-        it never changes anything itself, and hears every change from its polling thread.
+        The first instance's events (its own, heard before each call returns) must match the
+        in-memory database's exactly; the second instance repeats each operation after the
+        first, so it never changes anything itself, and hears every change from its polling
+        thread.
         """
 
         keys = Bundle("keys")
@@ -161,7 +169,6 @@ def comparison_machine(factory: type[SQLiteExampleDatabase]) -> type[RuleBasedSt
                 assert self.heard_first.events == expected
                 self.heard_second.wait_for(lambda events: len(events) >= len(expected))
                 assert self.heard_second.events == expected
-                assert not any(t.startswith("mpstore-hypothesis") for t in self.heard_first.threads)
             finally:
                 self.first.close()
                 self.second.close()
@@ -193,16 +200,21 @@ def test_own_changes_are_broadcast_at_once_exactly_like_in_memory(
     mine, theirs = Recorder(), Recorder()
     db.add_listener(mine)
     memory.add_listener(theirs)
-    for database in (db, memory):
-        database.save(b"k", b"1")
-        database.save(b"k", b"1")  # already there: no event
-        database.delete(b"k", b"2")  # not there: no event
-        database.move(b"k", b"j", b"1")  # delete then save
-        database.move(b"j", b"j", b"1")  # src == dest and present: nothing
-        database.move(b"j", b"j", b"3")  # src == dest and absent: a save
-        database.move(b"x", b"k", b"4")  # absent at src: only the save
-        database.delete(b"j", b"1")
-    expected = [
+    calls: list[Callable[[ExampleDatabase], None]] = [
+        lambda d: d.save(b"k", b"1"),
+        lambda d: d.save(b"k", b"1"),  # already there: no event
+        lambda d: d.delete(b"k", b"2"),  # not there: no event
+        lambda d: d.move(b"k", b"j", b"1"),  # delete then save
+        lambda d: d.move(b"j", b"j", b"1"),  # src == dest and present: nothing
+        lambda d: d.move(b"j", b"j", b"3"),  # src == dest and absent: a save
+        lambda d: d.move(b"x", b"k", b"4"),  # absent at src: only the save
+        lambda d: d.delete(b"j", b"1"),
+    ]
+    for call in calls:
+        call(db)
+        call(memory)
+        assert mine.events == theirs.events  # heard before the call returned
+    assert mine.events == [
         ("save", (b"k", b"1")),
         ("delete", (b"k", b"1")),
         ("save", (b"j", b"1")),
@@ -210,8 +222,6 @@ def test_own_changes_are_broadcast_at_once_exactly_like_in_memory(
         ("save", (b"k", b"4")),
         ("delete", (b"j", b"1")),
     ]
-    assert mine.events == theirs.events == expected
-    assert all(name == threading.current_thread().name for name in mine.threads)
 
 
 def _hear_other_instance(cls: type[SQLiteExampleDatabase], path: str) -> list[ListenerEventT]:
@@ -245,17 +255,60 @@ def test_changes_of_another_instance_are_heard_once(ex_path: str) -> None:
 
 
 class EchoesOwnChanges(SQLiteExampleDatabase):
-    """Broken on purpose: the polling thread also broadcasts this instance's own changes."""
+    """Broken on purpose: what the calling thread delivers, the polling thread delivers again."""
 
-    def _is_foreign(self, origin: str) -> bool:
-        return True
+    def _deliver(self, read: Callable[[int], list[tuple[Any, ...]]]) -> None:
+        before = self._delivered
+        super()._deliver(read)
+        if not threading.current_thread().name.startswith("mpstore-hypothesis-listener"):
+            self._delivered = before
 
 
 def test_own_changes_echoed_by_the_poller_would_be_noticed(ex_path: str) -> None:
-    # Negative control for the test above: an instance that does not recognise its own log
-    # rows hears its save twice.
+    # Negative control for the test above: an instance that forgets what it delivered hears
+    # its save twice.
     events = _hear_other_instance(EchoesOwnChanges, ex_path)
-    assert events.count(("save", (b"k", b"x"))) == 2
+    assert events.count(("save", (b"k", b"x"))) >= 2
+
+
+def test_listeners_hear_changes_in_commit_order(ex_path: str) -> None:
+    # Another process saves, then this one deletes: a listener that replays the events must
+    # end where the file is, so it must hear the save first, though the polling thread (slow
+    # here) has not yet looked.
+    a = SQLiteExampleDatabase(ex_path, poll_interval=3600)
+    b = SQLiteExampleDatabase(ex_path)
+    heard = Recorder()
+    try:
+        a.add_listener(heard)
+        b.save(b"k", b"v")
+        a.delete(b"k", b"v")
+        assert heard.events == [("save", (b"k", b"v")), ("delete", (b"k", b"v"))]
+        assert list(a.fetch(b"k")) == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_listener_that_cannot_start_is_not_kept(
+    db: SQLiteExampleDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hypothesis registers a listener before it starts listening; if that fails, a later
+    # add_listener must start listening itself.
+    def refuse() -> None:
+        raise mpstore.GateTimeout("waited", db.path)
+
+    monkeypatch.setattr(db, "_start_listening", refuse)
+    with pytest.raises(mpstore.GateTimeout):
+        db.add_listener(Recorder())
+    assert db._listeners == []
+    monkeypatch.undo()
+    heard = Recorder()
+    db.add_listener(heard)
+    assert len(_listener_threads(db.path)) == 1
+    other = SQLiteExampleDatabase(db.path)
+    other.save(b"k", b"v")
+    assert heard.wait_count(1) == [("save", (b"k", b"v"))]
+    other.close()
 
 
 def test_changes_before_listening_are_not_replayed(ex_path: str) -> None:
@@ -356,12 +409,69 @@ def test_pickled_copies_share_the_file_and_not_the_listeners(db: SQLiteExampleDa
 def test_spawned_and_forked_children_use_the_same_file(db: SQLiteExampleDatabase) -> None:
     db.save(b"k", b"parent")  # the parent's store is open before the fork
     db.add_listener(Recorder())
+    twin = eval(repr(db), {"SQLiteExampleDatabase": SQLiteExampleDatabase})  # equal, not it
+    twin.add_listener(Recorder())
     listeners_in_spawned = workers.run_processes(w.save_in_child, [(db, b"spawned")])
     assert listeners_in_spawned == [0]
-    fork = mp.get_context("fork")
-    with fork.Pool(1) as pool:
-        assert pool.apply(w.save_in_child, (db, b"forked")) == 0
+    # The forked child uses the parent's very objects (a Process target is not pickled under
+    # fork), listeners, open store and all.
+    assert _in_a_forked_child(lambda: [w.save_in_child(d, b"forked") for d in (db, twin)]) == [
+        0,
+        0,
+    ]
     assert list(db.fetch(b"k")) == [b"forked", b"parent", b"spawned"]
+    twin.close()
+
+
+def _in_a_forked_child(fn: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """What ``fn`` returns in a child forked from this process (with its threads' state), or
+    ``"hung"`` if it has not finished within ``timeout`` seconds."""
+    fork = mp.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    child = fork.Process(target=lambda: send.send(fn()), daemon=True)
+    child.start()
+    send.close()
+    try:
+        return receive.recv() if receive.poll(timeout) else "hung"
+    finally:
+        child.kill()
+        child.join()
+        receive.close()
+
+
+def _forks_while_listening(trials: int, timeout: float) -> list[Any]:
+    """Fork right after add_listener, while the polling thread opens its connection and reads
+    the log, and use the database in the child: what each child said, or "hung"."""
+    outcomes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in range(trials):
+            database = SQLiteExampleDatabase(os.path.join(tmp, f"e{trial}.db"))
+            database.save(b"k", b"parent")
+            list(database.fetch(b"k"))  # an idle pooled connection too
+            database.add_listener(Recorder())
+            outcome = _in_a_forked_child(
+                lambda d=database: (d.save(b"k", b"child"), sorted(d.fetch(b"k")))[1], timeout
+            )
+            outcomes.append(outcome)
+            database.close()
+            if outcome == "hung":
+                break
+    return outcomes
+
+
+@pytest.mark.processes
+def test_a_child_forked_while_the_listener_polls_does_not_hang() -> None:
+    outcomes = _forks_while_listening(40, timeout=WAIT)
+    assert outcomes == [[b"child", b"parent"]] * 40
+
+
+@pytest.mark.processes
+def test_control_a_child_forked_inside_the_listeners_sqlite_call_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without the lock that fork takes first, some child inherits SQLite's mutexes locked.
+    monkeypatch.setattr(_fork, "background_sqlite", contextlib.nullcontext())
+    assert "hung" in _forks_while_listening(200, timeout=2.0)
 
 
 def test_usable_without_pytest(tmp_path: Path) -> None:
@@ -399,12 +509,71 @@ def test_non_bytes_are_a_typed_error_and_change_nothing(
     assert dump(db.path) == before
 
 
-def test_an_oversized_example_is_refused(db: SQLiteExampleDatabase) -> None:
+def test_an_oversized_example_is_dropped_with_a_warning(db: SQLiteExampleDatabase) -> None:
     db.save(b"k", b"v")
     before = dump(db.path)
-    with pytest.raises(mpstore.RecordTooLarge):
+    with pytest.warns(ExampleDatabaseWarning, match="save skipped.*RecordTooLarge"):
         db.save(b"k", b"x" * (16 * 1024 * 1024 + 1))
     assert dump(db.path) == before
+
+
+# -- a failing file or gate: the run goes on, as with Hypothesis's own databases ----------------
+
+
+@pytest.mark.processes
+def test_with_the_gate_held_elsewhere_writes_are_dropped_and_reads_go_on(ex_path: str) -> None:
+    SQLiteExampleDatabase(ex_path).save(b"k", b"kept")
+    database = SQLiteExampleDatabase(ex_path, timeout=0.2)
+    try:
+        with workers.holding_the_gate(ex_path):
+            assert list(database.fetch(b"k")) == [b"kept"]  # no gate needed to read
+            with pytest.warns(ExampleDatabaseWarning, match="save skipped.*GateTimeout"):
+                database.save(b"k", b"new")
+            with pytest.warns(ExampleDatabaseWarning, match="move skipped.*GateTimeout"):
+                database.move(b"k", b"j", b"kept")
+            with pytest.warns(ExampleDatabaseWarning, match="delete skipped.*GateTimeout"):
+                database.delete(b"k", b"kept")
+        assert dump(ex_path) == [(b"k", b"kept")]
+    finally:
+        database.close()
+
+
+@pytest.mark.processes
+def test_a_failing_test_is_reported_even_when_its_example_cannot_be_saved(ex_path: str) -> None:
+    # Hypothesis calls its database without a safety net: an error there would replace the
+    # test's own failure, and the falsifying example would be lost with it.
+    from hypothesis import given
+
+    database = SQLiteExampleDatabase(ex_path, timeout=0.2)
+    list(database.fetch(b"k"))  # the file exists, so only the write needs the gate
+
+    @settings(database=database, max_examples=20)
+    @given(st.integers())
+    def fails(n: int) -> None:
+        assert n < 3
+
+    try:
+        with (
+            workers.holding_the_gate(ex_path),
+            pytest.warns(ExampleDatabaseWarning),
+            pytest.raises(AssertionError, match="assert"),
+        ):
+            fails()
+    finally:
+        database.close()
+
+
+def test_a_directory_that_cannot_be_made_leaves_the_database_empty(tmp_path: Path) -> None:
+    (tmp_path / "blocked").write_text("a file where the directory should be")
+    database = SQLiteExampleDatabase(tmp_path / "blocked" / "examples.db")
+    with pytest.warns(ExampleDatabaseWarning, match="fetch skipped.*DirectoryNotFound"):
+        assert list(database.fetch(b"k")) == []
+    with pytest.warns(ExampleDatabaseWarning, match="save skipped.*DirectoryNotFound"):
+        database.save(b"k", b"v")
+    with pytest.raises(mpstore.DirectoryNotFound):
+        database.add_listener(Recorder())  # asked for explicitly: the error is the caller's
+    assert database._listeners == []
+    assert (tmp_path / "blocked").read_text() == "a file where the directory should be"
 
 
 @pytest.mark.parametrize("name", ["poll_interval", "retention", "timeout"])
