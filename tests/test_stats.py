@@ -100,11 +100,20 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
             repo.upsert_conversation(sample_conversation(f"c{i}", context_bytes=8192))
             if store._checkpointer.ran.is_set():
                 break
-        assert store._checkpointer.ran.wait(30), "no checkpoint ran after the WAL grew"
+        checkpointer = store._checkpointer
+        assert checkpointer.ran.wait(30), "no checkpoint ran after the WAL grew"
+        pending = checkpointer.pending()
+        assert pending is not None
+        if pending >= checkpointer.threshold:
+            # The writes made while that checkpoint ran (a slow one, on a busy machine) grew
+            # the WAL again; with none in flight, the next one must bring it down.
+            checkpointer.ran.clear()
+            checkpointer.poke()
+            assert checkpointer.ran.wait(30), "no checkpoint ran after the WAL grew again"
+            pending = checkpointer.pending()
         assert store.stats()["checkpoints"] >= 1
         assert store.stats()["checkpoint_errors"] == 0
-        pending = store._checkpointer.pending()
-        assert pending is not None and pending < store._checkpointer.threshold
+        assert pending is not None and pending < checkpointer.threshold
 
 
 def test_checkpoints_still_run_when_the_wal_index_cannot_be_read(
