@@ -698,7 +698,8 @@ def _decode_error(data: bytes, path: str) -> BaseException:
     if module == "mpstore":
         cls = getattr(_errors, str(name), None)
         if isinstance(cls, type) and issubclass(cls, _errors.OSErrorKind):
-            return cls(str(message), where, code if isinstance(code, int) else None)
+            valid = type(code) is int and 0 <= code < 1 << 31  # a damaged slot: not trusted
+            return cls(str(message), where, code if valid else None)
         if isinstance(cls, type) and issubclass(cls, MpstoreError):
             return cls(str(message), where)
     elif module == "sqlite3":

@@ -35,6 +35,8 @@ from ._errors import (
     PermissionDenied,
     RecordTooLarge,
     RecordTypeError,
+    StoreClosed,
+    TransactionError,
 )
 from ._sqlite import translating
 from ._store import Store
@@ -79,6 +81,8 @@ _instances: weakref.WeakValueDictionary[int, SQLiteExampleDatabase] = weakref.We
 #: What a failing file or gate raises. Hypothesis calls its database without a safety net, and
 #: its own databases carry on without the example; so does this one, with a warning.
 _CARRY_ON = (MpstoreError, OSError, sqlite3.Error)
+#: ... but not a misuse of mpstore or of sqlite3, which is a bug to see, not a file to forgive.
+_MISUSE = (TransactionError, StoreClosed, sqlite3.ProgrammingError, sqlite3.InterfaceError)
 
 
 def _after_fork_in_child() -> None:
@@ -144,8 +148,10 @@ class SQLiteExampleDatabase(ExampleDatabase):
         self._origin = ""
         self._origin_pid = 0
         self._poller: _Poller | None = None
-        self._delivery = threading.RLock()  # a listener may save, and hear that too
+        self._delivery = threading.RLock()  # see _deliver
         self._delivered = 0  # the last change log seq handed to the listeners
+        self._wanted = 0  # the last seq a delivery was asked for
+        self._delivering = False
         _instances[id(self)] = self
 
     # -- identity, pickling, lifetime ------------------------------------------------------
@@ -247,6 +253,8 @@ class SQLiteExampleDatabase(ExampleDatabase):
                 f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value", (key,)
             )
         except _CARRY_ON as exc:
+            if isinstance(exc, _MISUSE):
+                raise
             self._carry_on("fetch", exc, stacklevel=3)
             return iter(())
         return (bytes(value) for (value,) in rows)
@@ -298,10 +306,12 @@ class SQLiteExampleDatabase(ExampleDatabase):
                     if conn.execute(statement, (key, value)).rowcount:
                         last = self._log(conn, event, key, value, origin)
         except _CARRY_ON as exc:
+            if isinstance(exc, _MISUSE):
+                raise
             self._carry_on(what, exc)
             return
         if last:
-            self._deliver(lambda after: store.query(_READ_LOG, (after, last)))
+            self._deliver(lambda after, upto: store.query(_READ_LOG, (after, upto)), last)
 
     def _carry_on(self, what: str, exc: BaseException, stacklevel: int = 4) -> None:
         """Warn that ``what`` failed with ``exc`` and was dropped (``stacklevel`` names the
@@ -323,26 +333,48 @@ class SQLiteExampleDatabase(ExampleDatabase):
         return seq
 
     # -- change listening ------------------------------------------------------------------
+    #
+    # One re-entrant lock, _delivery, orders everything listeners see: deliveries, and adding
+    # or removing listeners (a listener may do either, or save, from inside a delivery).
 
-    def _deliver(self, read: Callable[[int], list[tuple[Any, ...]]]) -> None:
-        """Hand the listeners the logged changes after the last one delivered, in commit order.
+    def _deliver(self, read: Callable[[int, int], list[tuple[Any, ...]]], upto: int) -> None:
+        """Hand the listeners the logged changes after the last one delivered, up to seq
+        ``upto``, in commit order; ``read(after, upto)`` reads them from the log.
 
         Whoever comes first (the thread that committed a change, or the polling thread)
-        delivers it; one lock keeps them in order and each change once.
+        delivers; each change goes out once. A change that a listener makes is handed out by
+        the delivery under way, after the one that listener was hearing.
         """
         with self._delivery:
-            if self._poller is None:
-                return  # nobody listens
-            for seq, event, key, value in read(self._delivered):
-                self._delivered = seq
-                self._broadcast_change(
-                    ("save", (bytes(key), bytes(value)))
-                    if event == "save"
-                    else ("delete", (bytes(key), bytes(value)))
-                )
+            self._wanted = max(self._wanted, upto)
+            if self._delivering:
+                return  # a listener's own change: the loop below hands it out
+            self._delivering = True
+            try:
+                while self._poller is not None and self._wanted > self._delivered:
+                    rows = read(self._delivered, self._wanted)
+                    if not rows:
+                        break
+                    for seq, event, key, value in rows:
+                        if self._poller is None or seq <= self._delivered:
+                            break  # stopped, or listening started again further on
+                        self._delivered = seq
+                        self._broadcast_change(
+                            ("save", (bytes(key), bytes(value)))
+                            if event == "save"
+                            else ("delete", (bytes(key), bytes(value)))
+                        )
+                self._wanted = self._delivered
+            finally:
+                self._delivering = False
+
+    def _behind(self) -> bool:
+        """Whether a delivery stopped short (a listener raised KeyboardInterrupt)."""
+        return self._wanted > self._delivered
 
     def _broadcast_change(self, event: ListenerEventT) -> None:
-        # A copy: the polling thread broadcasts while other threads may add or remove listeners.
+        # A copy: a listener may add or remove listeners.
+        stop: BaseException | None = None
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -350,20 +382,39 @@ class SQLiteExampleDatabase(ExampleDatabase):
                 # Reported as an uncaught error of this thread; one failing listener must not
                 # silence the others or later changes.
                 threading.excepthook(_hook_args())
+            except BaseException as exc:  # KeyboardInterrupt: the others still hear first
+                stop = stop or exc
+        if stop is not None:
+            raise stop
 
     def add_listener(self, f: ListenerT, /) -> None:
-        """Add a change listener (see the class); starts the polling thread for the first.
+        """Add a change listener (see the class); the first starts the polling thread.
 
         :raises MpstoreError: the file cannot be opened; ``f`` is not added.
         """
-        try:
-            super().add_listener(f)
-        except BaseException:
-            # Hypothesis adds f before it starts listening: without this, the next listener
-            # would take listening for started and never start it.
-            if f in self._listeners:
-                self._listeners.remove(f)
-            raise
+        with self._delivery:
+            self._listeners.append(f)
+            if self._poller is None:
+                try:
+                    self._start_listening()
+                except BaseException:
+                    self._listeners.remove(f)
+                    raise
+
+    def remove_listener(self, f: ListenerT, /) -> None:
+        """Remove ``f`` (nothing happens if it is not a listener); the last stops the thread."""
+        with self._delivery:
+            if f not in self._listeners:
+                return
+            self._listeners.remove(f)
+            if not self._listeners:
+                self._stop_listening()
+
+    def clear_listeners(self) -> None:
+        """Remove every listener and stop the polling thread."""
+        with self._delivery:
+            self._listeners.clear()
+            self._stop_listening()
 
     def _start_listening(self) -> None:
         store = self._open()
@@ -371,7 +422,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
             # Read where the log ends now, before returning: every change committed after
             # add_listener() returns is then delivered.
             (last,) = store.query(f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")[0]
-            self._delivered = int(last)
+            self._delivered = self._wanted = int(last)
             self._poller = _Poller(self)
         self._poller.start()
 
@@ -387,6 +438,11 @@ class SQLiteExampleDatabase(ExampleDatabase):
         self._poller = None
         self._open_lock = threading.Lock()
         self._delivery = threading.RLock()
+        self._delivering = False
+
+
+#: The end of the log, for a reader that wants every change logged so far.
+_END = 1 << 62
 
 
 class _Poller:
@@ -417,22 +473,46 @@ class _Poller:
             with _fork.background_sqlite:
                 conn.execute("PRAGMA query_only=1")
             version = None
+            reported = ""
             while not self._stopping.is_set():
-                with _fork.background_sqlite:
-                    (now,) = conn.execute("PRAGMA data_version").fetchone()
-                if now != version:
-                    version = now
-                    db._deliver(lambda after: self._read(conn, after))
+                try:
+                    with _fork.background_sqlite:
+                        (now,) = conn.execute("PRAGMA data_version").fetchone()
+                    if now != version or db._behind():
+                        version = now
+                        self._deliver(conn)
+                except sqlite3.Error as exc:
+                    # Reported once (it may last), and tried again at the next poll: listening
+                    # must not stop for good because the file was busy or unreadable a while.
+                    if str(exc) != reported:
+                        reported = str(exc)
+                        threading.excepthook(_hook_args())
                 self._stopping.wait(db.poll_interval)
         finally:
             with _fork.background_sqlite:
                 conn.close()
 
-    def _read(self, conn: sqlite3.Connection, after: int) -> list[tuple[Any, ...]]:
+    def _deliver(self, conn: sqlite3.Connection) -> None:
+        """Deliver what the log holds, once the lock is free; give up waiting if stopped (a
+        thread holding the lock may be the one that stops this thread, and waits for it)."""
+        db = self._db
+        while not db._delivery.acquire(timeout=min(db.poll_interval, 0.05)):
+            if self._stopping.is_set():
+                return
+        try:
+            if not self._stopping.is_set():
+                db._deliver(lambda after, upto: self._read(conn, after, upto), _END)
+        except BaseException:
+            # A listener's SystemExit (the others heard the change): report it, keep polling.
+            threading.excepthook(_hook_args())
+        finally:
+            db._delivery.release()
+
+    def _read(self, conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[Any, ...]]:
         if self._stopping.is_set():
             return []
         with _fork.background_sqlite:
-            rows: list[tuple[Any, ...]] = conn.execute(_READ_LOG, (after, 1 << 62)).fetchall()
+            rows: list[tuple[Any, ...]] = conn.execute(_READ_LOG, (after, upto)).fetchall()
         return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import marshal
 import os
 import random
 import signal
@@ -277,6 +278,13 @@ def test_a_carried_writes_error_comes_back_with_its_details(error: mpstore.Mpsto
     back = _mailbox._decode_error(_mailbox._encode_error(error), "/db")
     assert (type(back), back.message, back.path) == (type(error), error.message, error.path)
     assert getattr(back, "errno", None) == getattr(error, "errno", None)
+
+
+@pytest.mark.parametrize("code", [10**20, -1, True, "28"])
+def test_a_damaged_errno_in_a_slot_is_not_trusted(code: object) -> None:
+    data = marshal.dumps(("mpstore", "DiskFull", "the disk is full", "/db", code))
+    back = _mailbox._decode_error(data, "/db")
+    assert isinstance(back, mpstore.DiskFull) and back.errno == errno.ENOSPC
 
 
 def test_a_damaged_mailbox_file_is_refused_before_any_write(path: str) -> None:
