@@ -226,25 +226,35 @@ def test_own_changes_are_broadcast_at_once_exactly_like_in_memory(
     ]
 
 
+@contextlib.contextmanager
+def _two_instances(
+    path: str,
+    poll_interval: float = 0.005,
+    cls: type[SQLiteExampleDatabase] = SQLiteExampleDatabase,
+) -> Iterator[tuple[SQLiteExampleDatabase, SQLiteExampleDatabase]]:
+    """A (of ``cls``, polling every ``poll_interval``) and B on one file, closed afterwards."""
+    a, b = cls(path, poll_interval=poll_interval), SQLiteExampleDatabase(path)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def _hear_other_instance(cls: type[SQLiteExampleDatabase], path: str) -> list[ListenerEventT]:
     """A listens and saves x; B, another instance on the file, saves y then moves it.
 
     Changes are delivered in commit order, so once A has heard B's last change it has also
     looked at the log row of its own save: any echo of it would be in the list by then.
     """
-    a = cls(path, poll_interval=0.005)
-    b = SQLiteExampleDatabase(path)
     heard = Recorder()
-    try:
+    with _two_instances(path, cls=cls) as (a, b):
         a.add_listener(heard)
         a.save(b"k", b"x")
         b.save(b"k", b"y")
         b.move(b"k", b"m", b"y")
         heard.wait_for(lambda events: ("save", (b"m", b"y")) in events)
         return list(heard.events)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_changes_of_another_instance_are_heard_once(ex_path: str) -> None:
@@ -277,18 +287,13 @@ def test_listeners_hear_changes_in_commit_order(ex_path: str) -> None:
     # Another process saves, then this one deletes: a listener that replays the events must
     # end where the file is, so it must hear the save first, though the polling thread (slow
     # here) has not yet looked.
-    a = SQLiteExampleDatabase(ex_path, poll_interval=3600)
-    b = SQLiteExampleDatabase(ex_path)
     heard = Recorder()
-    try:
+    with _two_instances(ex_path, poll_interval=3600) as (a, b):
         a.add_listener(heard)
         b.save(b"k", b"v")
         a.delete(b"k", b"v")
         assert heard.events == [("save", (b"k", b"v")), ("delete", (b"k", b"v"))]
         assert list(a.fetch(b"k")) == []
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_listener_may_remove_itself_or_close_the_database_without_a_hang(
@@ -329,15 +334,14 @@ def _one_shot(
 
 
 def test_changes_a_listener_makes_are_heard_after_the_one_it_heard(ex_path: str) -> None:
-    a, b = SQLiteExampleDatabase(ex_path, poll_interval=3600), SQLiteExampleDatabase(ex_path)
     first, second = Recorder(), Recorder()
+    with _two_instances(ex_path, poll_interval=3600) as (a, b):
 
-    def delete_what_was_saved(event: ListenerEventT) -> None:
-        first(event)
-        if event[0] == "save":
-            a.delete(*event[1])
+        def delete_what_was_saved(event: ListenerEventT) -> None:
+            first(event)
+            if event[0] == "save":
+                a.delete(*event[1])
 
-    try:
         a.add_listener(delete_what_was_saved)
         a.add_listener(second)
         b.save(b"k", b"1")
@@ -347,9 +351,6 @@ def test_changes_a_listener_makes_are_heard_after_the_one_it_heard(ex_path: str)
         deletes = [("delete", (b"k", v)) for v in (b"1", b"2", b"3")]
         assert first.events == second.events == saves + deletes  # commit order, each once
         assert list(a.fetch(b"k")) == []
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_listener_interrupted_still_lets_the_others_hear(db: SQLiteExampleDatabase) -> None:
@@ -382,16 +383,12 @@ def test_the_polling_thread_goes_on_after_an_sqlite_error(
         return read(self, conn, after, upto)
 
     monkeypatch.setattr(mpstore.hypothesis._Poller, "_read", flaky)
-    a, b = SQLiteExampleDatabase(ex_path, poll_interval=0.005), SQLiteExampleDatabase(ex_path)
     heard = Recorder()
-    try:
+    with _two_instances(ex_path) as (a, b):
         a.add_listener(heard)
         b.save(b"k", b"1")
         assert heard.wait_count(1) == [("save", (b"k", b"1"))]
         assert [str(e) for e in reported] == ["database is locked"]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_listener_that_cannot_start_is_not_kept(
