@@ -13,23 +13,23 @@ __all__ = ["background_sqlite", "keep_forever", "pid"]
 
 _pid = os.getpid()
 
+_in_sqlite = threading.Lock()
+
 #: Held by mpstore's own background threads (WAL checkpoints, Hypothesis listeners) while they
 #: are inside SQLite, and taken by fork() first: a child forked while one of them was in
 #: SQLite would inherit SQLite's mutexes locked, and hang at its first SQLite call.
-background_sqlite = threading.Lock()
+background_sqlite = _in_sqlite
 
 
 def _refresh() -> None:
     global _pid
     _pid = os.getpid()
-    background_sqlite.release()  # taken by the thread that forked, the one that lives on
+    _in_sqlite.release()  # taken by the thread that forked, the one that lives on
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
-        before=background_sqlite.acquire,
-        after_in_parent=background_sqlite.release,
-        after_in_child=_refresh,
+        before=_in_sqlite.acquire, after_in_parent=_in_sqlite.release, after_in_child=_refresh
     )
 
 

@@ -24,7 +24,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hypothesis.database import ExampleDatabase, ListenerEventT, ListenerT
 
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from ._connection import Connection
 
 __all__ = ["ExampleDatabaseWarning", "SQLiteExampleDatabase"]
+
+_T = TypeVar("_T")
 
 
 class ExampleDatabaseWarning(UserWarning):
@@ -248,14 +250,13 @@ class SQLiteExampleDatabase(ExampleDatabase):
         :raises RecordTypeError: ``key`` is not bytes.
         """
         key = _as_bytes(key, "key")
+        sql = f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value"
         try:
-            rows = self._open().query(
-                f"SELECT value FROM {EXAMPLES_TABLE} WHERE key = ? ORDER BY value", (key,)
-            )
+            rows = self._with_store(lambda store: store.query(sql, (key,)))
         except _CARRY_ON as exc:
             if isinstance(exc, _MISUSE):
                 raise
-            self._carry_on("fetch", exc, stacklevel=3)
+            self._carry_on("fetch skipped, Hypothesis goes on without it", exc, stacklevel=3)
             return iter(())
         return (bytes(value) for (value,) in rows)
 
@@ -293,8 +294,8 @@ class SQLiteExampleDatabase(ExampleDatabase):
     def _change(self, what: str, changes: list[tuple[str, bytes, bytes]]) -> None:
         """Apply ``changes`` in one write transaction, logging the ones that changed something,
         then hand the listeners every change committed up to them."""
-        try:
-            store = self._open()
+
+        def write(store: Store) -> int:
             for event, key, value in changes:
                 if event == "save":
                     self._check_size(store, key, value)
@@ -305,20 +306,48 @@ class SQLiteExampleDatabase(ExampleDatabase):
                     statement = _INSERT if event == "save" else _DELETE
                     if conn.execute(statement, (key, value)).rowcount:
                         last = self._log(conn, event, key, value, origin)
+            return last
+
+        def read(after: int, upto: int) -> list[tuple[Any, ...]]:
+            # Through the store open now: a listener may have closed the one written to.
+            return self._with_store(lambda store: store.query(_READ_LOG, (after, upto)))
+
+        try:
+            last = self._with_store(write)
         except _CARRY_ON as exc:
             if isinstance(exc, _MISUSE):
                 raise
-            self._carry_on(what, exc)
+            self._carry_on(f"{what} skipped, Hypothesis goes on without it", exc)
             return
-        if last:
-            self._deliver(lambda after, upto: store.query(_READ_LOG, (after, upto)), last)
+        if not last:
+            return
+        try:
+            self._deliver(read, last)
+        except _CARRY_ON as exc:
+            if isinstance(exc, _MISUSE):
+                raise
+            # Committed: the polling thread hands it out instead (the delivery is behind).
+            self._carry_on(f"{what} made; its listeners hear of it later", exc)
+
+    def _with_store(self, fn: Callable[[Store], _T]) -> _T:
+        """``fn(store)`` on the open store; once more if :meth:`close` (from a listener in
+        another thread) closed it before ``fn`` could start, which writes nothing.
+
+        :raises StoreClosed: the store closed under ``fn`` otherwise (a misuse).
+        """
+        store = self._open()
+        try:
+            return fn(store)
+        except StoreClosed:
+            if store is self._store:
+                raise
+            return fn(self._open())
 
     def _carry_on(self, what: str, exc: BaseException, stacklevel: int = 4) -> None:
-        """Warn that ``what`` failed with ``exc`` and was dropped (``stacklevel`` names the
-        caller of the public method)."""
+        """Warn that ``exc`` cut ``what`` short (``stacklevel`` names the caller of the public
+        method)."""
         warnings.warn(
-            f"{self!r}: {what} skipped, Hypothesis goes on without it: "
-            f"{type(exc).__name__}: {exc}",
+            f"{self!r}: {what}: {type(exc).__name__}: {exc}",
             ExampleDatabaseWarning,
             stacklevel=stacklevel,
         )
@@ -423,8 +452,12 @@ class SQLiteExampleDatabase(ExampleDatabase):
             # add_listener() returns is then delivered.
             (last,) = store.query(f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")[0]
             self._delivered = self._wanted = int(last)
-            self._poller = _Poller(self)
-        self._poller.start()
+            poller = self._poller = _Poller(self)
+            try:
+                poller.start()
+            except BaseException:
+                self._poller = None  # no thread: the next listener starts one
+                raise
 
     def _stop_listening(self) -> None:
         poller, self._poller = self._poller, None
@@ -443,6 +476,10 @@ class SQLiteExampleDatabase(ExampleDatabase):
 
 #: The end of the log, for a reader that wants every change logged so far.
 _END = 1 << 62
+
+
+class _Stopped(Exception):
+    """The polling thread was stopped in the middle of a delivery."""
 
 
 class _Poller:
@@ -474,7 +511,7 @@ class _Poller:
                 conn.execute("PRAGMA query_only=1")
             version = None
             reported = ""
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and self._pid == os.getpid():
                 try:
                     with _fork.background_sqlite:
                         (now,) = conn.execute("PRAGMA data_version").fetchone()
@@ -487,30 +524,39 @@ class _Poller:
                     if str(exc) != reported:
                         reported = str(exc)
                         threading.excepthook(_hook_args())
-                self._stopping.wait(db.poll_interval)
+                self._stopping.wait(min(db.poll_interval, threading.TIMEOUT_MAX))
         finally:
-            with _fork.background_sqlite:
-                conn.close()
+            if self._pid == os.getpid():
+                with _fork.background_sqlite:
+                    conn.close()
+            else:  # forked from a listener of this thread: the parent's connection, not ours
+                _fork.keep_forever(conn)
 
     def _deliver(self, conn: sqlite3.Connection) -> None:
         """Deliver what the log holds, once the lock is free; give up waiting if stopped (a
         thread holding the lock may be the one that stops this thread, and waits for it)."""
         db = self._db
-        while not db._delivery.acquire(timeout=min(db.poll_interval, 0.05)):
+        lock = db._delivery  # the one to release, even if a listener forks (see _forget...)
+        while not lock.acquire(timeout=min(db.poll_interval, 0.05)):
             if self._stopping.is_set():
                 return
         try:
             if not self._stopping.is_set():
                 db._deliver(lambda after, upto: self._read(conn, after, upto), _END)
+        except _Stopped:
+            return
+        except sqlite3.Error:
+            raise  # reading the log: _run reports it once
         except BaseException:
             # A listener's SystemExit (the others heard the change): report it, keep polling.
             threading.excepthook(_hook_args())
         finally:
-            db._delivery.release()
+            lock.release()
 
     def _read(self, conn: sqlite3.Connection, after: int, upto: int) -> list[tuple[Any, ...]]:
         if self._stopping.is_set():
-            return []
+            # Not "nothing more": the delivery stays behind, for whoever delivers next.
+            raise _Stopped
         with _fork.background_sqlite:
             rows: list[tuple[Any, ...]] = conn.execute(_READ_LOG, (after, upto)).fetchall()
         return rows

@@ -6,7 +6,9 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import select
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -333,7 +335,11 @@ def _one_shot(
     return once
 
 
-def test_changes_a_listener_makes_are_heard_after_the_one_it_heard(ex_path: str) -> None:
+def test_changes_a_listener_makes_are_heard_after_the_one_it_heard(
+    ex_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No polling thread: it could hear b's first save before b's second is committed.
+    monkeypatch.setattr(mpstore.hypothesis._Poller, "_run", lambda self: None)
     first, second = Recorder(), Recorder()
     with _two_instances(ex_path, poll_interval=3600) as (a, b):
 
@@ -353,7 +359,11 @@ def test_changes_a_listener_makes_are_heard_after_the_one_it_heard(ex_path: str)
         assert list(a.fetch(b"k")) == []
 
 
-def test_a_listener_interrupted_still_lets_the_others_hear(db: SQLiteExampleDatabase) -> None:
+def test_a_listener_interrupted_still_lets_the_others_hear(
+    db: SQLiteExampleDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every change is delivered by the saving thread here, where the interrupt propagates.
+    monkeypatch.setattr(mpstore.hypothesis._Poller, "_run", lambda self: None)
     heard = Recorder()
 
     def interrupted(event: ListenerEventT) -> None:
@@ -374,7 +384,7 @@ def test_the_polling_thread_goes_on_after_an_sqlite_error(
     reported: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
     read = mpstore.hypothesis._Poller._read
-    failures = iter([sqlite3.OperationalError("database is locked")])
+    failures = iter([sqlite3.OperationalError("database is locked")] * 20)  # it lasts a while
 
     def flaky(self: Any, conn: sqlite3.Connection, after: int, upto: int) -> Any:
         failure = next(failures, None)
@@ -389,6 +399,79 @@ def test_the_polling_thread_goes_on_after_an_sqlite_error(
         b.save(b"k", b"1")
         assert heard.wait_count(1) == [("save", (b"k", b"1"))]
         assert [str(e) for e in reported] == ["database is locked"]
+
+
+def test_a_listener_may_close_the_database_add_another_and_save(ex_path: str) -> None:
+    # The delivery under way then reads the log through the store opened again.
+    heard = Recorder()
+    with _two_instances(ex_path, poll_interval=3600) as (a, b):
+
+        def reopen(event: ListenerEventT) -> None:
+            a.close()
+            a.add_listener(heard)
+            a.save(b"k", b"from the listener")
+
+        a.add_listener(reopen)
+        a.save(b"k", b"first")
+        assert heard.events == [("save", (b"k", b"from the listener"))]
+        assert sorted(b.fetch(b"k")) == [b"first", b"from the listener"]
+
+
+def test_a_change_whose_delivery_fails_is_made_and_heard_later(
+    ex_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    query = mpstore.Store.query
+    failures = iter([mpstore.PoolTimeout("no read connection became free", ex_path)])
+
+    def flaky(self: mpstore.Store, sql: str, parameters: Any = ()) -> Any:
+        failure = next(failures, None) if sql == mpstore.hypothesis._READ_LOG else None
+        if failure is not None:
+            raise failure
+        return query(self, sql, parameters)
+
+    monkeypatch.setattr(mpstore.Store, "query", flaky)
+    # No polling thread: the next delivery, the saving thread's here, catches up.
+    monkeypatch.setattr(mpstore.hypothesis._Poller, "_run", lambda self: None)
+    heard = Recorder()
+    with _two_instances(ex_path) as (a, b):
+        a.add_listener(heard)
+        with pytest.warns(ExampleDatabaseWarning, match="save made; its listeners hear"):
+            a.save(b"k", b"v")
+        assert list(b.fetch(b"k")) == [b"v"]
+        assert heard.events == []
+        a.save(b"k", b"w")
+        assert heard.events == [("save", (b"k", b"v")), ("save", (b"k", b"w"))]
+
+
+def test_a_polling_thread_that_cannot_start_is_not_kept(
+    db: SQLiteExampleDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start = mpstore.hypothesis._Poller.start
+
+    def refuse(self: Any) -> None:
+        monkeypatch.setattr(mpstore.hypothesis._Poller, "start", start)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(mpstore.hypothesis._Poller, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start"):
+        db.add_listener(Recorder())
+    assert db._listeners == [] and db._poller is None
+    heard = Recorder()
+    db.add_listener(heard)
+    assert len(_listener_threads(db.path)) == 1
+    db.remove_listener(heard)
+    assert _listener_threads(db.path) == []
+
+
+def test_a_huge_poll_interval_does_not_kill_the_polling_thread(db: SQLiteExampleDatabase) -> None:
+    huge = SQLiteExampleDatabase(db.path, poll_interval=1e12)
+    huge.add_listener(Recorder())
+    db.save(b"k", b"v")  # wakes nothing: only a change is heard, after the interval
+    (thread,) = _listener_threads(db.path)
+    assert huge._poller is not None and huge._poller._stopping.wait(0) is False
+    huge.close()
+    thread.join(WAIT)
+    assert not thread.is_alive()
 
 
 def test_a_listener_that_cannot_start_is_not_kept(
@@ -541,30 +624,53 @@ def _in_a_forked_child(fn: Callable[[], Any], timeout: float = WAIT) -> Any:
         receive.close()
 
 
-def _forks_while_listening(trials: int, timeout: float) -> list[Any]:
-    """Fork right after add_listener, while the polling thread opens its connection and reads
-    the log, and use the database in the child: what each child said, or "hung"."""
-    outcomes = []
+def _forks_while_listening(trials: int, timeout: float) -> list[str]:
+    """Fork four children right after add_listener, while the polling thread opens its
+    connection and reads the log; each uses the database and says "ok", or is "hung" if it
+    has not within ``timeout`` seconds. Stops at the first trial with a hung child."""
+    outcomes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for trial in range(trials):
             database = SQLiteExampleDatabase(os.path.join(tmp, f"e{trial}.db"))
             database.save(b"k", b"parent")
             list(database.fetch(b"k"))  # an idle pooled connection too
             database.add_listener(Recorder())
-            outcome = _in_a_forked_child(
-                lambda d=database: (d.save(b"k", b"child"), sorted(d.fetch(b"k")))[1], timeout
-            )
-            outcomes.append(outcome)
+            children = [_fork_child(database, i) for i in range(4)]
+            outcomes += [_outcome(pid, pipe, timeout) for pid, pipe in children]
             database.close()
-            if outcome == "hung":
+            if "hung" in outcomes:
                 break
     return outcomes
 
 
+def _fork_child(database: SQLiteExampleDatabase, i: int) -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once, whatever happens
+        try:
+            value = f"child {i}".encode()
+            database.save(b"k", value)
+            os.write(write_end, b"ok" if value in list(database.fetch(b"k")) else b"lost")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _outcome(pid: int, pipe: int, timeout: float) -> str:
+    try:
+        ready, _, _ = select.select([pipe], [], [], timeout)
+        said = os.read(pipe, 16).decode() if ready else "hung"
+    finally:
+        os.close(pipe)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return said or "died"
+
+
 @pytest.mark.processes
 def test_a_child_forked_while_the_listener_polls_does_not_hang() -> None:
-    outcomes = _forks_while_listening(40, timeout=WAIT)
-    assert outcomes == [[b"child", b"parent"]] * 40
+    assert _forks_while_listening(20, timeout=WAIT) == ["ok"] * 80
 
 
 @pytest.mark.processes
@@ -573,7 +679,7 @@ def test_control_a_child_forked_inside_the_listeners_sqlite_call_hangs(
 ) -> None:
     # Without the lock that fork takes first, some child inherits SQLite's mutexes locked.
     monkeypatch.setattr(_fork, "background_sqlite", contextlib.nullcontext())
-    assert "hung" in _forks_while_listening(200, timeout=2.0)
+    assert "hung" in _forks_while_listening(100, timeout=2.0)
 
 
 def test_usable_without_pytest(tmp_path: Path) -> None:
