@@ -71,7 +71,7 @@ class _Reply(Generic[T]):
         self._post(self._set, value)
 
     def fail(self, exc: BaseException) -> None:
-        self._post(self._fail, exc)
+        self._post(self._fail, _for_a_future(exc))
 
     def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
         try:
@@ -88,6 +88,17 @@ class _Reply(Generic[T]):
     def _fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+def _for_a_future(exc: BaseException) -> BaseException:
+    """``exc``, or a RuntimeError from it if it is a StopIteration, which an asyncio future
+    refuses to carry (it would leave the awaiting task pending for ever): PEP 479's rule for
+    generators, applied to calls."""
+    if isinstance(exc, StopIteration):
+        error = RuntimeError(f"the call raised StopIteration: {exc!r}")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 class _Call(Generic[T]):
@@ -427,13 +438,25 @@ class AsyncStore:
             "gate": gate,
             "mailbox": mailbox,
         }
-        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="mpstore-async")
+        self._max_threads = max_threads
         self._sync: Store | None = None
-        self._opening: asyncio.Lock | None = None
-        self._closing: asyncio.Future[None] | None = None
+        self._closing: Future[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Threads and their bookkeeping, new (and again in a forked child, which has none of
+        the parent's threads). Futures here are concurrent ones: any event loop may await
+        them, and several may use one store."""
+        self._pid = os.getpid()
+        self._executor = ThreadPoolExecutor(self._max_threads, thread_name_prefix="mpstore-async")
+        self._opening: Future[Store] | None = None
         self._block_threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._shut = False  # the shutdown has taken the sync store (under _threads_lock)
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._reset()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._sync is not None else "not open"
@@ -448,31 +471,35 @@ class AsyncStore:
         :raises ValueError, CorruptDatabase, PermissionDenied, DirectoryNotFound, GateTimeout:
             as :class:`Store`.
         """
-        if self._closing is not None:
+        self._check_fork()
+        with self._threads_lock:
+            if self._closing is not None or self._shut:
+                raise StoreClosed(f"the store {self.path} is closed", self.path)
+            if self._sync is not None:
+                return self
+            opening = self._opening
+            if opening is None or (opening.done() and opening.exception() is not None):
+                # The first caller opens it, once; a failed open is tried again.
+                opening = self._opening = self._executor.submit(self._open_sync)
+        # Shielded: a cancelled caller must not cancel the open the others wait for.
+        await asyncio.shield(asyncio.wrap_future(opening))
+        if self._closing is not None:  # aclose() came meanwhile, and closes what opened
             raise StoreClosed(f"the store {self.path} is closed", self.path)
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._sync is None:
-                store: Store | None = await self._open_sync()
-                with self._threads_lock:
-                    # aclose() may have finished its shutdown while the store was opening:
-                    # then it never saw this store, and closing it is left to us.
-                    if not self._shut:
-                        self._sync, store = store, None
-                if store is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, store.close)
-                    raise StoreClosed(f"the store {self.path} is closed", self.path)
         return self
 
-    async def _open_sync(self) -> Store:
-        future = self._executor.submit(Store, self.path, **self._settings)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            # A store that opens after all is closed at once instead of leaking.
-            future.add_done_callback(_close_opened)
-            raise
+    def _open_sync(self) -> Store:
+        """Open the sync store (in a worker thread) and keep it, unless aclose() has finished
+        its shutdown meanwhile: it never saw this store, so it is closed here.
+
+        :raises StoreClosed: so closed.
+        """
+        store = Store(self.path, **self._settings)
+        with self._threads_lock:
+            if not self._shut:
+                self._sync = store
+                return store
+        store.close()
+        raise StoreClosed(f"the store {self.path} is closed", self.path)
 
     async def __aenter__(self) -> AsyncStore:
         return await self.open()
@@ -511,16 +538,29 @@ class AsyncStore:
 
         :raises TransactionError: called inside a ``write()``/``read()`` block of this store.
         """
-        if self._closing is None:
-            if self._current_level() is not None:
-                raise TransactionError(
-                    "aclose() inside a write() or read() block of this store", self.path
-                )
-            loop = asyncio.get_running_loop()
-            self._closing = loop.run_in_executor(None, self._shutdown)
-        await asyncio.shield(self._closing)
+        self._check_fork()
+        if self._closing is None and self._current_level() is not None:
+            raise TransactionError(
+                "aclose() inside a write() or read() block of this store", self.path
+            )
+        with self._threads_lock:
+            closing = self._closing
+            if closing is None:
+                closing = self._closing = Future()
+                threading.Thread(
+                    target=self._shutdown, args=(closing,), name="mpstore-async-close"
+                ).start()
+        await asyncio.shield(asyncio.wrap_future(closing))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, done: Future[None]) -> None:
+        try:
+            self._shut_down()
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+    def _shut_down(self) -> None:
         self._executor.shutdown(wait=True)
         with self._threads_lock:
             threads, self._block_threads = self._block_threads, set()
@@ -556,12 +596,16 @@ class AsyncStore:
         level = self._current_level()
         if level is not None:
             return await level.call(fn)
+        self._check_fork()
         sync = self._require_open()
         abandon = threading.Event()
 
         def abandonable() -> T:
-            with sync.abandon_when(abandon):
-                return fn()
+            try:
+                with sync.abandon_when(abandon):
+                    return fn()
+            except StopIteration as exc:
+                raise _for_a_future(exc) from exc
 
         try:
             future: Future[T] = self._executor.submit(contextvars.copy_context().run, abandonable)
@@ -654,11 +698,6 @@ class AsyncStore:
             return self._require_sync().collection(name, model, key, indexes=checked)
 
         return AsyncCollection(self, name, opener)
-
-
-def _close_opened(future: Future[Store]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().close()
 
 
 # -- collections --------------------------------------------------------------------------------

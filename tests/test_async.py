@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.util
 import itertools
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from tests.models import Note
 
 T = TypeVar("T")
 
+WAIT = 60.0  # generous: a healthy wait ends in milliseconds
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 LOOPS = [
     "asyncio",
@@ -926,13 +928,13 @@ def test_aclose_while_the_store_is_still_opening_leaks_no_sync_store(
 
     async def main() -> None:
         store = mpstore.AsyncStore(db_path)
-        shutdown = store._shutdown
+        shutdown = store._shut_down
 
         def recorded_shutdown() -> None:
             shutdown()
             shut_down.set()
 
-        store._shutdown = recorded_shutdown  # type: ignore[method-assign]
+        store._shut_down = recorded_shutdown  # type: ignore[method-assign]
         opening = asyncio.create_task(store.open())
         await asyncio.sleep(0)  # open() is now waiting for its thread
         closing = asyncio.create_task(store.aclose())
@@ -1224,3 +1226,131 @@ def test_async_store_takes_every_setting_of_store() -> None:
         return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
     assert settings(mpstore.AsyncStore) == {**settings(mpstore.Store), "max_threads": 32}
+
+
+# -- raised in a worker thread, several loops, fork ----------------------------------------------
+
+
+def _stop_iteration(note: Note) -> Note:
+    return next(iter(()))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("in_block", [False, True])
+def test_stop_iteration_from_a_call_is_a_runtime_error_not_a_hang(
+    db_path: str, loop_kind: str, in_block: bool
+) -> None:
+    # An asyncio future refuses StopIteration: set on one, the awaiting task would wait for
+    # ever. It comes back as generators turn it: a RuntimeError from it.
+    async def main() -> None:
+        async with mpstore.AsyncStore(db_path) as store:
+            notes = store.collection("notes", Note, key="id")
+            await notes.upsert(Note(id="a", text=""))
+            with pytest.raises(RuntimeError, match="StopIteration") as info:
+                if in_block:
+                    async with store.write():
+                        await asyncio.wait_for(notes.update("a", _stop_iteration), WAIT)
+                else:
+                    await asyncio.wait_for(notes.update("a", _stop_iteration), WAIT)
+            assert isinstance(info.value.__cause__, StopIteration)
+            assert await notes.get("a") == Note(id="a", text="")
+
+    run(main, loop_kind)
+
+
+def test_one_store_opens_and_closes_from_two_loops_at_once(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two threads, each with its own loop: the second open() waits for the first's (held in
+    # Store() here), and both aclose() calls wait for the one shutdown.
+    construct, b_waiting = threading.Event(), threading.Event()
+    real_store = _async.Store
+
+    def held_store(*args: Any, **kwargs: Any) -> mpstore.Store:
+        assert construct.wait(WAIT)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(_async, "Store", held_store)
+    store = mpstore.AsyncStore(db_path)
+    outcomes: dict[str, str] = {}
+    both_open = threading.Barrier(2, timeout=WAIT)
+
+    def in_a_loop(name: str) -> None:
+        async def main() -> None:
+            if name == "B":
+                b_waiting.set()
+            await store.open()
+            both_open.wait()
+            await store.aclose()
+
+        try:
+            run(main)
+            outcomes[name] = "ok"
+        except BaseException as exc:  # reported below
+            outcomes[name] = repr(exc)
+
+    a = threading.Thread(target=in_a_loop, args=("A",))
+    a.start()
+    b = threading.Thread(target=in_a_loop, args=("B",))
+    b.start()
+    assert b_waiting.wait(WAIT)
+    construct.set()
+    a.join(WAIT)
+    b.join(WAIT)
+    assert outcomes == {"A": "ok", "B": "ok"} and store.closed
+
+
+def test_open_racing_aclose_says_store_closed_to_every_opener(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    construct = threading.Event()
+    real_store = _async.Store
+
+    def held_store(*args: Any, **kwargs: Any) -> mpstore.Store:
+        assert construct.wait(WAIT)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(_async, "Store", held_store)
+
+    async def main() -> list[Any]:
+        store = mpstore.AsyncStore(db_path)
+        openers = [asyncio.create_task(store.open()) for _ in range(2)]
+        await asyncio.sleep(0)  # both wait for the one open, held in Store()
+        closing = asyncio.create_task(store.aclose())
+        await asyncio.sleep(0)
+        construct.set()
+        await closing
+        return await asyncio.gather(*openers, return_exceptions=True)
+
+    outcomes = run(main)
+    assert [type(o) for o in outcomes] == [mpstore.StoreClosed, mpstore.StoreClosed]
+
+
+@pytest.mark.processes
+def test_an_async_store_works_in_a_forked_child(db_path: str) -> None:
+    # The child has none of the parent's worker threads; the store starts its own there.
+    async def parent_side() -> mpstore.AsyncStore:
+        store = mpstore.AsyncStore(db_path)
+        await store.open()
+        await store.collection("notes", Note, key="id").upsert(Note(id="parent", text=""))
+        return store
+
+    store = run(parent_side)
+
+    async def child_side() -> list[str]:
+        notes = store.collection("notes", Note, key="id")
+        await asyncio.wait_for(notes.upsert(Note(id="child", text="")), WAIT)
+        return [n.id async for n in notes.scan()]
+
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    child = fork.Process(target=lambda: send.send(run(child_side)), daemon=True)
+    child.start()
+    send.close()
+    try:
+        assert receive.poll(WAIT), "the child's async call never returned"
+        assert receive.recv() == ["child", "parent"]
+    finally:
+        child.kill()
+        child.join()
+        run(store.aclose)
