@@ -22,6 +22,7 @@ import contextvars
 import os
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
@@ -442,21 +443,27 @@ class AsyncStore:
         self._sync: Store | None = None
         self._closing: Future[None] | None = None
         self._reset()
+        _stores.add(self)
 
     def _reset(self) -> None:
         """Threads and their bookkeeping, new (and again in a forked child, which has none of
         the parent's threads). Futures here are concurrent ones: any event loop may await
         them, and several may use one store."""
-        self._pid = os.getpid()
         self._executor = ThreadPoolExecutor(self._max_threads, thread_name_prefix="mpstore-async")
         self._opening: Future[Store] | None = None
+        self._open_waiters = 0  # open() calls awaiting _opening
+        self._open_abandoned = False  # every one of them was cancelled: close what opens
         self._block_threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._shut = False  # the shutdown has taken the sync store (under _threads_lock)
 
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self._reset()
+    def _after_fork_in_child(self) -> None:
+        """The parent's worker threads, and the thread finishing its aclose(), are not here:
+        the threads are made anew, and a close under way is finished here, at once."""
+        self._reset()
+        if self._closing is not None and not self._closing.done():
+            self._closing = Future()
+            self._shutdown(self._closing)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._sync is not None else "not open"
@@ -471,21 +478,43 @@ class AsyncStore:
         :raises ValueError, CorruptDatabase, PermissionDenied, DirectoryNotFound, GateTimeout:
             as :class:`Store`.
         """
-        self._check_fork()
         with self._threads_lock:
             if self._closing is not None or self._shut:
                 raise StoreClosed(f"the store {self.path} is closed", self.path)
             if self._sync is not None:
                 return self
             opening = self._opening
-            if opening is None or (opening.done() and opening.exception() is not None):
-                # The first caller opens it, once; a failed open is tried again.
+            if opening is None or opening.done():
+                # The first caller opens it, once; a failed or abandoned open is tried again.
                 opening = self._opening = self._executor.submit(self._open_sync)
-        # Shielded: a cancelled caller must not cancel the open the others wait for.
-        await asyncio.shield(asyncio.wrap_future(opening))
+            self._open_waiters += 1
+            self._open_abandoned = False
+        try:
+            # Shielded: a cancelled caller must not cancel the open the others wait for.
+            await asyncio.shield(asyncio.wrap_future(opening))
+        except asyncio.CancelledError:
+            self._leave_open(opening, cancelled=True)
+            raise
+        self._leave_open(opening, cancelled=False)
         if self._closing is not None:  # aclose() came meanwhile, and closes what opened
             raise StoreClosed(f"the store {self.path} is closed", self.path)
         return self
+
+    def _leave_open(self, opening: Future[Store], cancelled: bool) -> None:
+        """One open() caller stops waiting; if it was cancelled and was the last, the store
+        that opening gives is closed, as if it had never been asked for."""
+        with self._threads_lock:
+            self._open_waiters -= 1
+            if not cancelled or self._open_waiters:
+                return
+            if not opening.done():
+                self._open_abandoned = True  # _open_sync closes it
+                return
+            store = self._sync if self._opening is opening else None
+            if store is None:
+                return
+            self._sync = None
+        self._executor.submit(store.close)
 
     def _open_sync(self) -> Store:
         """Open the sync store (in a worker thread) and keep it, unless aclose() has finished
@@ -495,7 +524,7 @@ class AsyncStore:
         """
         store = Store(self.path, **self._settings)
         with self._threads_lock:
-            if not self._shut:
+            if not self._shut and not self._open_abandoned:
                 self._sync = store
                 return store
         store.close()
@@ -538,11 +567,14 @@ class AsyncStore:
 
         :raises TransactionError: called inside a ``write()``/``read()`` block of this store.
         """
-        self._check_fork()
         if self._closing is None and self._current_level() is not None:
             raise TransactionError(
                 "aclose() inside a write() or read() block of this store", self.path
             )
+        await asyncio.shield(asyncio.wrap_future(self._start_shutdown()))
+
+    def _start_shutdown(self) -> Future[None]:
+        """The shutdown, started once, in a thread of its own: any loop may await it."""
         with self._threads_lock:
             closing = self._closing
             if closing is None:
@@ -550,7 +582,7 @@ class AsyncStore:
                 threading.Thread(
                     target=self._shutdown, args=(closing,), name="mpstore-async-close"
                 ).start()
-        await asyncio.shield(asyncio.wrap_future(closing))
+        return closing
 
     def _shutdown(self, done: Future[None]) -> None:
         try:
@@ -596,7 +628,6 @@ class AsyncStore:
         level = self._current_level()
         if level is not None:
             return await level.call(fn)
-        self._check_fork()
         sync = self._require_open()
         abandon = threading.Event()
 
@@ -698,6 +729,19 @@ class AsyncStore:
             return self._require_sync().collection(name, model, key, indexes=checked)
 
         return AsyncCollection(self, name, opener)
+
+
+#: Every AsyncStore alive in this process, so that a forked child makes its threads anew.
+_stores: weakref.WeakSet[AsyncStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- collections --------------------------------------------------------------------------------

@@ -1340,6 +1340,8 @@ def test_an_async_store_works_in_a_forked_child(db_path: str) -> None:
     async def child_side() -> list[str]:
         notes = store.collection("notes", Note, key="id")
         await asyncio.wait_for(notes.upsert(Note(id="child", text="")), WAIT)
+        async with store.write():  # a block's thread, made and tracked in the child
+            await notes.upsert(Note(id="child block", text=""))
         return [n.id async for n in notes.scan()]
 
     fork = multiprocessing.get_context("fork")
@@ -1349,8 +1351,42 @@ def test_an_async_store_works_in_a_forked_child(db_path: str) -> None:
     send.close()
     try:
         assert receive.poll(WAIT), "the child's async call never returned"
-        assert receive.recv() == ["child", "parent"]
+        assert receive.recv() == ["child", "child block", "parent"]
     finally:
         child.kill()
         child.join()
         run(store.aclose)
+
+
+def test_an_open_every_caller_gave_up_on_leaves_no_store_open(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    construct = threading.Event()
+    opened: list[mpstore.Store] = []
+    real_store = _async.Store
+
+    def held_store(*args: Any, **kwargs: Any) -> mpstore.Store:
+        assert construct.wait(WAIT)
+        opened.append(real_store(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(_async, "Store", held_store)
+
+    async def main() -> mpstore.AsyncStore:
+        store = mpstore.AsyncStore(db_path)
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # waiting for the open, held in Store()
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        construct.set()
+        assert store._opening is not None
+        with pytest.raises(mpstore.StoreClosed):
+            await asyncio.wrap_future(store._opening)
+        return store
+
+    store = run(main)
+    assert store._sync is None and len(opened) == 1 and opened[0].closed
+    run(store.open)  # asked for again: opened again
+    assert store._sync is not None and not store._sync.closed
+    run(store.aclose)
