@@ -33,9 +33,9 @@ def _add_bench(commands: Any) -> None:
         help="benchmark concurrent conversation writes against the alternatives",
         description=(
             "Concurrent workers x writes per worker of 2 KiB conversation upserts, mpstore side by "
-            "side with an ungated plain-sqlite pool, filelock, the single-writer ceiling and, "
-            "with threads, the bare hand-off between threads (handoff). Default cells: 4x10, "
-            "8x10, 16x10, 16x100. Medians over --repeat runs."
+            "side with an ungated plain-sqlite pool, filelock, the single-writer ceiling and the "
+            "bare hand-off of group commit between threads or processes (handoff). Default "
+            "cells: 4x10, 8x10, 16x10, 16x100. Medians over --repeat runs."
         ),
     )
     bench.add_argument(
@@ -64,8 +64,8 @@ def _add_bench(commands: Any) -> None:
         nargs="+",
         choices=_STRATEGIES,
         default=None,
-        help="strategies to run (default: all; ratios need 'ceiling'; 'handoff' runs in threads "
-        "mode only)",
+        help="strategies to run (default: all; ratios need 'ceiling'; 'handoff' with processes "
+        "runs on Linux only, and never the modify scenario)",
     )
     bench.add_argument(
         "--scenario",
@@ -254,7 +254,8 @@ def _bench_main(args: argparse.Namespace) -> int:
     config = bench_config(args)
     if not _bench.planned(config):
         print(
-            "mpstore bench: nothing to run: 'handoff' runs in threads mode only",
+            "mpstore bench: nothing to run: 'handoff' with processes runs on Linux only, and "
+            "never the modify scenario",
             file=sys.stderr,
         )
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,7 @@ def test_tiny_run_writes_every_row_and_a_complete_json(tmp_path: Path) -> None:
         ("mpstore", "processes"),
         ("ungated", "processes"),
         ("filelock", "processes"),
+        ("handoff", "processes"),
         ("ceiling", "single"),
         ("ceiling-batched", "single"),
     }
@@ -415,10 +417,49 @@ def test_handoff_runs_with_threads_and_loses_nothing(tmp_path: Path, scenario: s
     assert (run["present"], run["lost"]) == (6, 0)
 
 
-def test_handoff_has_no_process_mode(tmp_path: Path) -> None:
-    # Its writer thread serves the threads of one process; across processes it is meaningless.
-    document = _bench_json(tmp_path, "--mode", "processes", "--strategy", "handoff", "ceiling")
-    assert {r["strategy"] for r in document["runs"]} == {"ceiling"}
+def test_handoff_runs_with_processes_and_loses_nothing(tmp_path: Path) -> None:
+    document = _bench_json(
+        tmp_path, "--mode", "processes", "--strategy", "handoff", "--scenario", "upsert", "modify"
+    )
+    # A read-then-write is a callback, which cannot travel between processes as data.
+    (run,) = document["runs"]
+    assert (run["scenario"], run["strategy"], run["mode"]) == ("upsert", "handoff", "processes")
+    assert run["errors"] == {}
+    assert (run["present"], run["lost"]) == (6, 0)
+
+
+def _process_handoff(path: str) -> _bench.ProcessHandoffStrategy:
+    strategy = _bench.ProcessHandoffStrategy()
+    strategy.open(path)
+    return strategy
+
+
+def test_process_handoff_commits_every_waiting_write_and_fails_them_together(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "h.db")
+    _bench.ProcessHandoffStrategy.create(path, [])
+    first, second = _process_handoff(path), _process_handoff(path)
+    try:
+        assert first._slot != second._slot
+        one, two, three, four = _bench.worker_records(0, 4, 256)
+        first._publish(one)
+        second.write(two)  # the gate is free: this batch takes the first's write too
+        assert set(_bench.ProcessHandoffStrategy.stored(path)) == {
+            one.conversation_id,
+            two.conversation_id,
+        }
+        first._wait()  # done already: returns without taking the gate
+        # workspace_id is NOT NULL in the table: this row fails the whole batch.
+        first._publish(three.model_copy(update={"workspace_id": None}))
+        with pytest.raises(sqlite3.IntegrityError):
+            second.write(four)
+        with pytest.raises(RuntimeError, match="failed"):
+            first._wait()
+        assert len(_bench.ProcessHandoffStrategy.stored(path)) == 2
+    finally:
+        first.close()
+        second.close()
 
 
 def test_handoff_returns_after_the_commit_and_hands_back_a_failure(tmp_path: Path) -> None:
@@ -487,9 +528,19 @@ def test_a_run_with_nothing_to_run_is_one_clear_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code = main(
-        ["bench", "--mode", "processes", "--strategy", "handoff", "--json", str(tmp_path / "x")]
+        [
+            "bench",
+            "--mode",
+            "processes",
+            "--strategy",
+            "handoff",
+            "--scenario",
+            "modify",
+            "--json",
+            str(tmp_path / "x"),
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and "threads mode only" in err
+    assert err.count("\n") == 1 and "never the modify scenario" in err
     assert not (tmp_path / "x").exists()
