@@ -18,6 +18,7 @@ starts inside the block) join it, nested blocks as SAVEPOINTs, exactly as in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import queue
@@ -35,6 +36,7 @@ from . import _sqlite
 from ._collection import Collection
 from ._connection import Connection, Params
 from ._errors import InvalidName, RecordTypeError, StoreClosed, TransactionError
+from ._gate import Gate
 from ._store import Hook, Store
 from .conversations import Conversation, ConversationRepository
 
@@ -160,6 +162,7 @@ class _Level:
         self.entered: _Reply[Connection] = _Reply(loop)
         self.done: _Reply[None] = _Reply(loop)
         self.began = False  # written by the block's thread once the sync block is open
+        self.thread: int | None = None  # the block's thread (set for the outermost level)
         self.closed = False  # written on the loop once the block's exit has been sent
         self.poisoned = False  # a call was cancelled: the block can only roll back
 
@@ -186,10 +189,23 @@ class _Level:
         self.inbox.put(_Exit(commit))
 
 
-def _run_block(sync: Store, top: _Level, abandon: threading.Event) -> None:
-    """The body of an outermost block's thread."""
-    with sync.abandon_when(abandon):
+def _run_block(
+    sync: Store, top: _Level, abandon: threading.Event, holders: list[tuple[Gate, int]]
+) -> None:
+    """The body of an outermost block's thread; ``holders`` as for :func:`_acting_for`."""
+    top.thread = threading.get_ident()
+    with sync.abandon_when(abandon), _acting_for(holders):
         _hold(sync, top)
+
+
+@contextlib.contextmanager
+def _acting_for(holders: list[tuple[Gate, int]]) -> Iterator[None]:
+    """Let this thread act for the task's open write blocks of other stores (see
+    :meth:`AsyncStore._write_holders`)."""
+    with contextlib.ExitStack() as stack:
+        for gate, owner in holders:
+            stack.enter_context(gate.acting_for(owner))
+        yield
 
 
 def _hold(sync: Store, level: _Level) -> None:
@@ -223,6 +239,13 @@ def _serve(sync: Store, level: _Level) -> None:
             _hold(sync, op)
         else:
             op.run()
+
+
+def _open_level(level: _Level | None) -> _Level | None:
+    """``level``, or the innermost of its enclosing levels that is still open."""
+    while level is not None and level.closed:
+        level = level.parent
+    return level
 
 
 #: The innermost block each task has open, per AsyncStore.
@@ -351,7 +374,7 @@ class _Block:
             abandon = threading.Event()
             thread = threading.Thread(
                 target=contextvars.copy_context().run,
-                args=(_run_block, sync, level, abandon),
+                args=(_run_block, sync, level, abandon, store._write_holders()),
                 name=f"mpstore-async-{self._kind}",
                 daemon=True,
             )
@@ -612,10 +635,24 @@ class AsyncStore:
     # -- dispatch -------------------------------------------------------------------------------
 
     def _current_level(self) -> _Level | None:
-        level = _BLOCKS.get().get(self)
-        while level is not None and level.closed:
-            level = level.parent
-        return level
+        return _open_level(_BLOCKS.get().get(self))
+
+    def _write_holders(self) -> list[tuple[Gate, int]]:
+        """The gate and thread of each write block the task has open through *other* stores.
+
+        A write through this store on the same file would wait for that block's gate, and
+        the block for the task, which waits for the write: the sync core refuses it instead
+        (a :class:`TransactionError`, as a write nested across two stores in one thread is).
+        """
+        holders = []
+        for store, innermost in _BLOCKS.get().items():
+            level = _open_level(innermost)
+            if store is self or level is None or level.root.kind != "write":
+                continue
+            sync, thread = store._sync, level.root.thread
+            if sync is not None and thread is not None:
+                holders.append((sync._gate, thread))
+        return holders
 
     async def _run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread (in the task's open block, if any) and await it.
@@ -630,10 +667,11 @@ class AsyncStore:
             return await level.call(fn)
         sync = self._require_open()
         abandon = threading.Event()
+        holders = self._write_holders()
 
         def abandonable() -> T:
             try:
-                with sync.abandon_when(abandon):
+                with sync.abandon_when(abandon), _acting_for(holders):
                     return fn()
             except StopIteration as exc:
                 raise _for_a_future(exc) from exc

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Protocol
 
 from . import _fork, _mailbox
@@ -404,8 +405,8 @@ class Gate:
         me = threading.get_ident()
         with self._mutex:
             if self._owner is not None:
-                if self._owner == me:
-                    raise self._reentered()
+                if self._owner == me or self._acts_for(self._owner):
+                    raise self._reentered(self._owner != me)
                 return False
             self._owner = me
         try:
@@ -419,12 +420,29 @@ class Gate:
         self._os_held = True
         return True
 
-    def _reentered(self) -> TransactionError:
+    def _reentered(self, for_block: bool = False) -> TransactionError:
+        holder = "an open write block of this task" if for_block else "this thread"
         return TransactionError(
-            f"this thread already holds the write gate {self.lock_path} (through another "
-            "Store on the same file?); nest writes in one Store instead",
+            f"{holder} already holds the write gate {self.lock_path} (through another "
+            "store on the same file?); nest writes in one store instead",
             self.lock_path,
         )
+
+    @contextlib.contextmanager
+    def acting_for(self, owner: int) -> Iterator[None]:
+        """Run this thread's calls for ``owner``, a thread holding this gate in a transaction
+        that waits for them (an asyncio block's thread, whose task awaits this call): taking
+        the gate here then fails as a re-entry does, instead of waiting for that transaction,
+        which cannot end first."""
+        pairs: list[tuple[Gate, int]] = _acting.__dict__.setdefault("pairs", [])
+        pairs.append((self, owner))
+        try:
+            yield
+        finally:
+            pairs.remove((self, owner))
+
+    def _acts_for(self, owner: int) -> bool:
+        return any(g is self and o == owner for g, o in _acting.__dict__.get("pairs", ()))
 
     def _acquire_local(self, deadline: float | None, start: float) -> None:
         me = threading.get_ident()
@@ -432,8 +450,8 @@ class Gate:
             if self._owner is None:
                 self._owner = me
                 return
-            if self._owner == me:
-                raise self._reentered()
+            if self._owner == me or self._acts_for(self._owner):
+                raise self._reentered(self._owner != me)
             turn = threading.Lock()
             turn.acquire()
             entry = (me, turn)
@@ -528,6 +546,9 @@ class Gate:
 
 
 _open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
+
+#: Per thread: the (gate, owner thread) pairs it acts for (see :meth:`Gate.acting_for`).
+_acting = threading.local()
 
 
 def _forget_inherited() -> None:

@@ -1390,3 +1390,42 @@ def test_an_open_every_caller_gave_up_on_leaves_no_store_open(
     run(store.open)  # asked for again: opened again
     assert store._sync is not None and not store._sync.closed
     run(store.aclose)
+
+
+def test_a_write_through_another_store_inside_a_write_block_fails_at_once(
+    tmp_path: Any,
+) -> None:
+    # The block's thread holds the gate and the block waits for the task, so such a write
+    # would only wait for the gate until it timed out. As in the sync API, it is refused.
+    path = str(tmp_path / "two.db")
+
+    async def main() -> None:
+        async with (
+            mpstore.AsyncStore(path, timeout=WAIT) as first,
+            mpstore.AsyncStore(path, timeout=WAIT) as second,
+        ):
+            mine, theirs = await notes_of(first), await notes_of(second)
+            later: asyncio.Task[None] | None = None
+            async with first.write():
+                await mine.upsert(note("a"))
+                with pytest.raises(mpstore.TransactionError, match="open write block"):
+                    await theirs.upsert(note("b"))
+                with pytest.raises(mpstore.TransactionError, match="open write block"):
+                    async with second.write():
+                        pass
+                with pytest.raises(mpstore.TransactionError, match="open write block"):
+                    await asyncio.create_task(theirs.delete("a"))
+                assert await theirs.get("a") is None  # reading is fine: committed data only
+                go = asyncio.Event()
+
+                async def after_the_block() -> None:
+                    await go.wait()
+                    await theirs.upsert(note("c"))
+
+                later = asyncio.create_task(after_the_block())
+            go.set()
+            await later  # started in the block, writing after it: the gate is free again
+            await theirs.upsert(note("d"))
+            assert await ids(theirs) == {"a", "c", "d"}
+
+    run(main)
