@@ -7,6 +7,7 @@ write. ``import`` writes through a :class:`Store`, under the gate, in one transa
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ from ._errors import (
     InvalidKey,
     InvalidName,
     MpstoreError,
+    PermissionDenied,
     RecordTooLarge,
     RecordTypeError,
     TransactionError,
@@ -86,11 +88,23 @@ def _readonly(path: str) -> Iterator[sqlite3.Connection]:
 
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
+    """:raises PermissionDenied: the file cannot be read, or SQLite cannot make the WAL index
+    it needs beside it (see :func:`_unreadable_beside`)."""
     if os.path.isdir(path):
         raise CorruptDatabase(f"{path} is a directory, not a database file", path)
     if not os.path.exists(path):
         raise MpstoreError(f"no database at {path}", path)
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        return _open_uri(path, "mode=ro")
+    except PermissionDenied:
+        if not os.access(path, os.R_OK):
+            raise
+        immutable = _unreadable_beside(path)  # raises where it cannot be read safely
+    return _open_uri(path, immutable)
+
+
+def _open_uri(path: str, query: str) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
     with _sqlite.translating(path):
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         try:
@@ -100,6 +114,44 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
             conn.close()
             raise
     return conn
+
+
+def _unreadable_beside(path: str) -> str:
+    """Why a readable file failed to open: SQLite reads a WAL database through an index file
+    (``-shm``) beside it, which it could not create. On a read-only file system nothing can
+    change the file, so it is read as immutable (the URI query returned), unless its WAL holds
+    changes, which only that index could read.
+
+    :raises PermissionDenied: the directory is only closed to this user (a writer elsewhere
+        may change the file, so reading it as immutable would not be safe), or the WAL holds
+        changes.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        raise PermissionDenied(
+            f"{path}: its WAL holds changes that only SQLite's index file (-shm) can read, and "
+            "that file cannot be created here; copy the database with its -wal file to a "
+            "writable directory and read it there",
+            path,
+            errno.EROFS if _read_only_fs(directory) else errno.EACCES,
+        )
+    if not _read_only_fs(directory):
+        raise PermissionDenied(
+            f"{path}: SQLite reads a WAL database through an index file (-shm) beside it, "
+            f"and cannot create one in {directory}; read it as a user who can write there, "
+            "or from a copy",
+            path,
+            errno.EACCES,
+        )
+    return "immutable=1"
+
+
+def _read_only_fs(directory: str) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): not known to be read-only
+        return False
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,86 @@ def test_info_refuses_a_sqlite_file_that_is_not_a_store(
         conn.execute("CREATE TABLE t (x)")
     code, _, err = run(capsys, "info", str(path))
     assert code == 1 and "not an mpstore store" in err
+
+
+@contextlib.contextmanager
+def read_only_mount(directory: Path, at: Path) -> Iterator[Path]:
+    """``directory`` bind-mounted read-only at ``at``: a place where SQLite cannot create the
+    index file (-shm) it reads a WAL database through, as on a read-only volume or image."""
+    at.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "--bind", str(directory), str(at)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot bind-mount here (needs root and mount): {exc}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(at)], check=True)
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], check=True)
+
+
+def test_a_store_on_a_read_only_file_system_can_be_inspected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    (tmp_path / "data").mkdir()
+    make_store(str(tmp_path / "data" / "x.db"), conversations=3)
+    with read_only_mount(tmp_path / "data", tmp_path / "ro") as ro:
+        path = str(ro / "x.db")
+        # SQLite alone cannot read it there: no -shm can be made beside it.
+        with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("SELECT 1 FROM sqlite_master")
+        code, out, err = run(capsys, "info", path)
+        assert (code, err) == (0, "") and "conversations" in out
+        assert run(capsys, "check", path)[:2] == (0, "ok\n")
+        code, out, _ = run(capsys, "export", path, "conversations")
+        assert code == 0 and len(out.splitlines()) == 3
+        assert sorted(os.listdir(ro)) == ["x.db", "x.db.lock", "x.db.mailbox"]
+
+
+def test_a_read_only_copy_whose_wal_holds_changes_is_refused_with_the_way_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "copy").mkdir()
+    with mpstore.Store(str(tmp_path / "data" / "x.db")) as store:
+        ConversationRepository(store).upsert_conversation(sample_conversation("c0"))
+        # Copied while open: the change is still in the WAL only, which needs the -shm to read.
+        for name in ("x.db", "x.db-wal"):
+            shutil.copy(tmp_path / "data" / name, tmp_path / "copy" / name)
+    assert os.path.getsize(tmp_path / "copy" / "x.db-wal") > 0
+    with read_only_mount(tmp_path / "copy", tmp_path / "ro") as ro:
+        code, out, err = run(capsys, "info", str(ro / "x.db"))
+    assert (code, out) == (1, "")
+    assert "WAL holds changes" in err and "writable directory" in err and err.count("\n") == 1
+
+
+def test_a_directory_closed_only_to_this_user_is_not_read_as_immutable(
+    monkeypatch: pytest.MonkeyPatch, source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A writer with more rights may change the file meanwhile: only a read-only file system
+    # makes reading it without SQLite's locks safe. (Simulated: root can write anywhere.)
+    opened = []
+    real_open = _inspect._open_uri
+
+    def open_uri(path: str, query: str) -> Any:
+        opened.append(query)
+        if query == "mode=ro":
+            raise mpstore.PermissionDenied(f"{path}: unable to open database file", path)
+        return real_open(path, query)
+
+    monkeypatch.setattr(_inspect, "_open_uri", open_uri)
+    code, out, err = run(capsys, "check", source)
+    assert (code, out, opened) == (1, "", ["mode=ro"])
+    assert "cannot create one in" in err and err.count("\n") == 1
+    monkeypatch.setattr(_inspect, "_read_only_fs", lambda directory: True)
+    assert run(capsys, "check", source)[:2] == (0, "ok\n")
+    assert opened[-1] == "immutable=1"
 
 
 # -- check -------------------------------------------------------------------------------------
