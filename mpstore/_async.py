@@ -163,6 +163,7 @@ class _Level:
         self.done: _Reply[None] = _Reply(loop)
         self.began = False  # written by the block's thread once the sync block is open
         self.thread: int | None = None  # the block's thread (set for the outermost level)
+        self.task: asyncio.Task[Any] | None = None  # the task that opened the outermost level
         self.closed = False  # written on the loop once the block's exit has been sent
         self.poisoned = False  # a call was cancelled: the block can only roll back
 
@@ -190,7 +191,7 @@ class _Level:
 
 
 def _run_block(
-    sync: Store, top: _Level, abandon: threading.Event, holders: list[tuple[Gate, int]]
+    sync: Store, top: _Level, abandon: threading.Event, holders: list[tuple[Gate, _Level]]
 ) -> None:
     """The body of an outermost block's thread; ``holders`` as for :func:`_acting_for`."""
     top.thread = threading.get_ident()
@@ -199,12 +200,12 @@ def _run_block(
 
 
 @contextlib.contextmanager
-def _acting_for(holders: list[tuple[Gate, int]]) -> Iterator[None]:
+def _acting_for(holders: list[tuple[Gate, _Level]]) -> Iterator[None]:
     """Let this thread act for the task's open write blocks of other stores (see
     :meth:`AsyncStore._write_holders`)."""
     with contextlib.ExitStack() as stack:
-        for gate, owner in holders:
-            stack.enter_context(gate.acting_for(owner))
+        for gate, block in holders:
+            stack.enter_context(gate.acting_for(block))
         yield
 
 
@@ -371,6 +372,7 @@ class _Block:
         if parent is None:
             sync = store._require_open()
             level = _Level(store, self._kind, None, loop)
+            level.task = asyncio.current_task()
             abandon = threading.Event()
             thread = threading.Thread(
                 target=contextvars.copy_context().run,
@@ -451,7 +453,7 @@ class AsyncStore:
     ) -> None:
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ValueError(f"max_threads must be a positive integer, got {max_threads!r}")
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.realpath(os.fspath(path))
         self._settings: dict[str, Any] = {
             "pool_size": pool_size,
             "timeout": timeout,
@@ -637,21 +639,25 @@ class AsyncStore:
     def _current_level(self) -> _Level | None:
         return _open_level(_BLOCKS.get().get(self))
 
-    def _write_holders(self) -> list[tuple[Gate, int]]:
-        """The gate and thread of each write block the task has open through *other* stores.
+    def _write_holders(self) -> list[tuple[Gate, _Level]]:
+        """The gate and outermost level of each write block this very task opened through
+        *other* stores and has open.
 
         A write through this store on the same file would wait for that block's gate, and
         the block for the task, which waits for the write: the sync core refuses it instead
         (a :class:`TransactionError`, as a write nested across two stores in one thread is).
+        Blocks that tasks started inside another task's block see are left out: such a task
+        may outlive the block, and its write then waits its turn.
         """
+        task = asyncio.current_task()
         holders = []
         for store, innermost in _BLOCKS.get().items():
             level = _open_level(innermost)
-            if store is self or level is None or level.root.kind != "write":
+            if store is self or level is None:
                 continue
-            sync, thread = store._sync, level.root.thread
-            if sync is not None and thread is not None:
-                holders.append((sync._gate, thread))
+            root, sync = level.root, store._sync
+            if root.kind == "write" and root.task is task and sync is not None:
+                holders.append((sync._gate, root))
         return holders
 
     async def _run(self, fn: Callable[[], T]) -> T:

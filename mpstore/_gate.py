@@ -41,6 +41,16 @@ _HOLDER_RECORD_SIZE = 48
 _HELD, _BUSY, _BLOCK = object(), object(), object()
 
 
+class HolderBlock(Protocol):
+    """A transaction block held open by a thread of its own (see :meth:`Gate.acting_for`)."""
+
+    @property
+    def thread(self) -> int | None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
 class _KernelLock(Protocol):
     """The platform part of the gate: an exclusive lock on one file, shared by nobody in-process."""
 
@@ -297,9 +307,20 @@ class Gate:
         self.lock_path = lock_path
         self.mailbox_path = lock_path.removesuffix(".lock") + ".mailbox"
         self._mode = mode
-        self._kind = "flock" if kind == "auto" and fcntl is not None else kind
+        self._kind = self.resolve_kind(kind)
         self.users = 0
         self._reset()
+
+    @staticmethod
+    def resolve_kind(kind: str) -> str:
+        """The lock ``kind`` stands for here: ``"auto"`` is ``"flock"`` where there is one."""
+        if kind == "auto":
+            return "flock" if fcntl is not None else "filelock"
+        return kind
+
+    @property
+    def kind(self) -> str:
+        return self._kind
 
     def _reset(self) -> None:
         self._pid = _fork.pid()
@@ -429,20 +450,23 @@ class Gate:
         )
 
     @contextlib.contextmanager
-    def acting_for(self, owner: int) -> Iterator[None]:
-        """Run this thread's calls for ``owner``, a thread holding this gate in a transaction
-        that waits for them (an asyncio block's thread, whose task awaits this call): taking
-        the gate here then fails as a re-entry does, instead of waiting for that transaction,
-        which cannot end first."""
-        pairs: list[tuple[Gate, int]] = _acting.__dict__.setdefault("pairs", [])
-        pairs.append((self, owner))
+    def acting_for(self, block: HolderBlock) -> Iterator[None]:
+        """Run this thread's calls for ``block``, a transaction held open by another thread
+        that waits for them (an asyncio block's thread, whose task awaits this call): while
+        that block holds this gate, taking it here fails as a re-entry does, instead of
+        waiting for a transaction that cannot end first."""
+        pairs: list[tuple[Gate, HolderBlock]] = _acting.__dict__.setdefault("pairs", [])
+        pairs.append((self, block))
         try:
             yield
         finally:
-            pairs.remove((self, owner))
+            pairs.remove((self, block))
 
     def _acts_for(self, owner: int) -> bool:
-        return any(g is self and o == owner for g, o in _acting.__dict__.get("pairs", ()))
+        return any(
+            g is self and not b.closed and b.thread == owner
+            for g, b in _acting.__dict__.get("pairs", ())
+        )
 
     def _acquire_local(self, deadline: float | None, start: float) -> None:
         me = threading.get_ident()
@@ -563,7 +587,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_inherited)
 
 
-_registry: weakref.WeakValueDictionary[tuple[str, str], Gate] = weakref.WeakValueDictionary()
+_registry: weakref.WeakValueDictionary[str, Gate] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
 
 
@@ -571,13 +595,21 @@ def gate_for(lock_path: str, mode: int, kind: str = "auto") -> Gate:
     """The process-wide gate for ``lock_path``: every Store on one file shares one FIFO.
 
     Each call must be paired with :func:`drop_gate`; the last drop closes the lock file.
+
+    :raises ValueError: the gate is open here with another kind of lock: two kinds on one file
+        in one process would wait for each other.
     """
-    key = (os.path.realpath(lock_path), kind)
+    key = os.path.realpath(lock_path)
     with _registry_lock:
         gate = _registry.get(key)
-        if gate is None:
+        if gate is None or (gate.users == 0 and gate.kind != Gate.resolve_kind(kind)):
             gate = Gate(lock_path, mode, kind)
             _registry[key] = gate
+        elif gate.kind != Gate.resolve_kind(kind):
+            raise ValueError(
+                f"{lock_path} is open in this process with gate={gate.kind!r}; every Store of "
+                f"one process on one file must use the same gate, not {kind!r}"
+            )
         gate._check_fork()
         gate.users += 1
         return gate

@@ -112,7 +112,9 @@ class Store:
     busy handler never decides who goes next. Readers use a pool of ``pool_size`` connections and
     read a consistent WAL snapshot while writers write.
 
-    :param path: the database file; created (with ``file_mode``) if missing.
+    :param path: the database file; created (with ``file_mode``) if missing. Symlinks are
+        resolved (:attr:`path` is the file itself), so the lock file and the mailbox sit beside
+        the file, as SQLite's ``-wal`` and ``-shm`` do, whichever name a process opened it by.
     :param pool_size: how many read connections may be open at once.
     :param timeout: seconds to wait for the gate or a pooled connection before raising.
     :param synchronous: SQLite's ``synchronous`` pragma. ``NORMAL`` (the default) in WAL mode
@@ -131,7 +133,8 @@ class Store:
         raises before the write is settled the call fails with that error and nothing is
         written; at "commit", "rollback", "gate-released" and "pool-released" the error goes to
         ``sys.unraisablehook`` instead, as the outcome can no longer change.
-    :raises ValueError: a setting is out of range.
+    :raises ValueError: a setting is out of range, or another Store of this process has the
+        file open with another ``gate``.
     :raises CorruptDatabase: the file is not an SQLite database (it is left untouched).
     :raises PermissionDenied: the file, its directory or its lock file cannot be opened.
     :raises DirectoryNotFound: the file's directory does not exist.
@@ -152,7 +155,7 @@ class Store:
         mailbox: bool = True,
     ) -> None:
         self._closed = True  # until fully open, so close()/__del__ are safe on failure
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.realpath(os.fspath(path))
         self.pool_size = _positive_int(pool_size, "pool_size")
         self.timeout = _positive_float(timeout, "timeout")
         self.max_record_bytes = _positive_int(max_record_bytes, "max_record_bytes")

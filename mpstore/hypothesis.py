@@ -141,7 +141,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
         timeout: float = 30.0,
     ) -> None:
         super().__init__()
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.realpath(os.fspath(path))
         self.poll_interval = _positive(poll_interval, "poll_interval")
         self.retention = _positive(retention, "retention")
         self.timeout = _positive(timeout, "timeout")

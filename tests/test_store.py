@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,6 +337,35 @@ def test_two_stores_on_one_file_share_the_gate(db_path: str) -> None:
         ):
             pass
         with b.write() as conn:
+            conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("how", ["gate='flock' beside 'auto'", "through a symlink"])
+def test_every_name_and_spelling_of_one_file_shares_its_gate(
+    tmp_path: Path, db_path: str, how: str
+) -> None:
+    other, kind = db_path, "flock"
+    if how == "through a symlink":
+        other, kind = str(tmp_path / "link.db"), "auto"
+        os.symlink(db_path, other)
+    with mpstore.Store(db_path) as a, mpstore.Store(other, gate=kind) as b:
+        # One lock file, one mailbox, beside the file itself, as SQLite's -wal and -shm are.
+        assert (a._gate, a.path, a.lock_path) == (b._gate, b.path, b.lock_path)
+        with (
+            a.write(),
+            pytest.raises(mpstore.TransactionError, match="already holds"),
+            b.write(),
+        ):
+            pass
+    if other != db_path:
+        assert not os.path.exists(other + ".lock")
+
+
+def test_another_kind_of_gate_on_an_open_file_is_refused(db_path: str) -> None:
+    with mpstore.Store(db_path) as store:
+        with pytest.raises(ValueError, match="same gate"):
+            mpstore.Store(db_path, gate="filelock")
+        with store.write() as conn:  # the open store is untouched
             conn.execute("SELECT 1")
 
 
