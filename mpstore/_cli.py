@@ -105,6 +105,16 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--plot", metavar="FILE.png", help="plot throughput and p99 against workers")
 
 
+def _add_immutable(command: Any) -> None:
+    command.add_argument(
+        "--immutable",
+        action="store_true",
+        help="where SQLite cannot create the -shm index beside the file (a read-only medium), "
+        "read it without that index and without locks: only for a file nothing writes "
+        "meanwhile; refused if its -wal file holds changes",
+    )
+
+
 def _add_inspection(commands: Any) -> None:
     info = commands.add_parser(
         "info",
@@ -118,6 +128,7 @@ def _add_inspection(commands: Any) -> None:
     )
     info.add_argument("path", metavar="PATH", help="the database file")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_immutable(info)
 
     check = commands.add_parser(
         "check",
@@ -130,6 +141,7 @@ def _add_inspection(commands: Any) -> None:
         ),
     )
     check.add_argument("path", metavar="PATH", help="the database file")
+    _add_immutable(check)
 
     export = commands.add_parser(
         "export",
@@ -147,6 +159,7 @@ def _add_inspection(commands: Any) -> None:
         metavar="FILE",
         help="write to FILE (complete or not at all) instead of standard output",
     )
+    _add_immutable(export)
 
     imp = commands.add_parser(
         "import",
@@ -283,7 +296,7 @@ def _bench_main(args: argparse.Namespace) -> int:
 def _info_main(args: argparse.Namespace) -> int:
     from . import _inspect
 
-    report = _inspect.info(args.path)
+    report = _inspect.info(args.path, args.immutable)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
     else:
@@ -294,7 +307,7 @@ def _info_main(args: argparse.Namespace) -> int:
 def _check_main(args: argparse.Namespace) -> int:
     from . import _inspect
 
-    problems = _inspect.check(args.path)
+    problems = _inspect.check(args.path, args.immutable)
     if not problems:
         print("ok")
         return 0
@@ -308,9 +321,11 @@ def _export_main(args: argparse.Namespace) -> int:
     from . import _inspect
 
     if args.output:
-        count = _inspect.export_to_file(args.path, args.collection, args.output)
+        count = _inspect.export_to_file(
+            args.path, args.collection, args.output, args.immutable
+        )
     else:
-        count = _inspect.export(args.path, args.collection, sys.stdout)
+        count = _inspect.export(args.path, args.collection, sys.stdout, args.immutable)
         sys.stdout.flush()
     print(f"exported {count} records from {args.collection}", file=sys.stderr)
     return 0

@@ -66,13 +66,14 @@ Progress = Callable[[int, int | None, int], None]
 
 
 @contextmanager
-def _readonly(path: str) -> Iterator[sqlite3.Connection]:
+def _readonly(path: str, immutable: bool = False) -> Iterator[sqlite3.Connection]:
     """A read-only connection to an existing mpstore file, inside one read transaction.
 
     :raises MpstoreError: there is no file at ``path``, or it is not an mpstore store.
     :raises CorruptDatabase: the file is not an SQLite database.
+    :raises PermissionDenied: see :func:`_connect_readonly`.
     """
-    conn = _connect_readonly(path)
+    conn = _connect_readonly(path, immutable)
     try:
         with _sqlite.translating(path):
             conn.execute("BEGIN")
@@ -87,9 +88,17 @@ def _readonly(path: str) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def _connect_readonly(path: str) -> sqlite3.Connection:
-    """:raises PermissionDenied: the file cannot be read, or SQLite cannot make the WAL index
-    it needs beside it (see :func:`_unreadable_beside`)."""
+def _connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
+    """A read-only connection; ``path`` is resolved (see :func:`resolve`).
+
+    SQLite reads a WAL database through an index file (``-shm``) beside it, which it cannot
+    create in a directory this user cannot write (a read-only medium, say). Only with
+    ``immutable`` (the caller vouches that nothing writes the file meanwhile) is such a file
+    then read without that index and without SQLite's locks.
+
+    :raises PermissionDenied: the file cannot be read; or its index cannot be made and
+        ``immutable`` is not given, or its ``-wal`` holds changes an immutable read would miss.
+    """
     if os.path.isdir(path):
         raise CorruptDatabase(f"{path} is a directory, not a database file", path)
     if not os.path.exists(path):
@@ -99,12 +108,12 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     except PermissionDenied:
         if not os.access(path, os.R_OK):
             raise
-        immutable = _unreadable_beside(path)  # raises where it cannot be read safely
-    return _open_uri(path, immutable)
+        _check_immutable_read(path, immutable)
+    return _open_uri(path, "immutable=1")
 
 
 def _open_uri(path: str, query: str) -> sqlite3.Connection:
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
+    uri = "file:" + urllib.parse.quote(path) + "?" + query
     with _sqlite.translating(path):
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         try:
@@ -116,35 +125,29 @@ def _open_uri(path: str, query: str) -> sqlite3.Connection:
     return conn
 
 
-def _unreadable_beside(path: str) -> str:
-    """Why a readable file failed to open: SQLite reads a WAL database through an index file
-    (``-shm``) beside it, which it could not create. On a read-only file system nothing can
-    change the file, so it is read as immutable (the URI query returned), unless its WAL holds
-    changes, which only that index could read.
-
-    :raises PermissionDenied: the directory is only closed to this user (a writer elsewhere
-        may change the file, so reading it as immutable would not be safe), or the WAL holds
-        changes.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
+def _check_immutable_read(path: str, immutable: bool) -> None:
+    """:raises PermissionDenied: reading ``path`` as immutable is not asked for, or would miss
+    the changes its ``-wal`` holds."""
+    directory = os.path.dirname(path)
+    where = "a read-only file system" if _read_only_fs(directory) else "a directory it cannot write"
+    code = errno.EROFS if where.startswith("a read-only") else errno.EACCES
+    if not immutable:
+        raise PermissionDenied(
+            f"{path}: SQLite reads a WAL database through an index file (-shm) beside it, and "
+            f"cannot create one in {directory} ({where}); if nothing can write the file "
+            "meanwhile, read it with --immutable, else copy it with its -wal file to a "
+            "writable directory",
+            path,
+            code,
+        )
     wal = path + "-wal"
     if os.path.exists(wal) and os.path.getsize(wal) > 0:
         raise PermissionDenied(
-            f"{path}: its WAL holds changes that only SQLite's index file (-shm) can read, and "
-            "that file cannot be created here; copy the database with its -wal file to a "
-            "writable directory and read it there",
+            f"{path}: its -wal file may hold changes that an immutable read would miss; copy "
+            "the database with its -wal file to a writable directory and read it there",
             path,
-            errno.EROFS if _read_only_fs(directory) else errno.EACCES,
+            code,
         )
-    if not _read_only_fs(directory):
-        raise PermissionDenied(
-            f"{path}: SQLite reads a WAL database through an index file (-shm) beside it, "
-            f"and cannot create one in {directory}; read it as a user who can write there, "
-            "or from a copy",
-            path,
-            errno.EACCES,
-        )
-    return "immutable=1"
 
 
 def _read_only_fs(directory: str) -> bool:
@@ -152,6 +155,24 @@ def _read_only_fs(directory: str) -> bool:
         return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):  # no statvfs (Windows): not known to be read-only
         return False
+
+
+def resolve(path: str) -> str:
+    """``path`` with symlinks resolved: SQLite keeps ``-wal`` and ``-shm`` beside the file
+    itself, and mpstore its lock file and mailbox."""
+    return os.path.realpath(path)
+
+
+def _journal_mode(conn: sqlite3.Connection, path: str) -> str:
+    """The file's journal mode. An immutable connection reports its own ("delete"), so a WAL
+    file is told by its header (bytes 18 and 19 are 2 in WAL mode)."""
+    (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return str(mode)
+    return "wal" if header[18:20] == b"\x02\x02" else str(mode)
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
@@ -300,14 +321,15 @@ def _size(path: str) -> int | None:
         return None
 
 
-def info(path: str) -> Info:
+def info(path: str, immutable: bool = False) -> Info:
     """Collections and their row counts, file sizes, schema and journal mode, and the gate.
 
     :raises MpstoreError: no file at ``path``, or not an mpstore store.
     :raises CorruptDatabase: not an SQLite database.
+    :raises PermissionDenied: see :func:`_connect_readonly` (``immutable`` too).
     """
-    path = os.path.abspath(path)
-    with _readonly(path) as conn, _sqlite.translating(path):
+    path = resolve(path)
+    with _readonly(path, immutable) as conn, _sqlite.translating(path):
         meta = dict(conn.execute(f"SELECT key, value FROM {_sqlite.META_TABLE}").fetchall())
         regs = _registrations(conn)
         collections = [
@@ -329,7 +351,7 @@ def info(path: str) -> Info:
         ]
         internal = {_sqlite.META_TABLE, _sqlite.COLLECTIONS_TABLE, *regs}
         tables = {n: _count(conn, n) for n in names if n not in internal}
-        (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+        journal = _journal_mode(conn, path)
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         (free,) = conn.execute("PRAGMA freelist_count").fetchone()
@@ -425,7 +447,7 @@ def format_info(report: Info) -> str:
 # -- check -----------------------------------------------------------------------------------
 
 
-def check(path: str) -> list[str]:
+def check(path: str, immutable: bool = False) -> list[str]:
     """Everything wrong with the file; an empty list means healthy.
 
     SQLite's ``integrity_check``, then for an mpstore store: each registered collection's table
@@ -433,10 +455,11 @@ def check(path: str) -> list[str]:
     every indexed column holds what the JSON holds.
 
     :raises MpstoreError: there is no file at ``path``.
+    :raises PermissionDenied: see :func:`_connect_readonly` (``immutable`` too).
     """
-    path = os.path.abspath(path)
+    path = resolve(path)
     try:
-        conn = _connect_readonly(path)
+        conn = _connect_readonly(path, immutable)
     except CorruptDatabase as exc:
         return [exc.message]
     try:
@@ -508,16 +531,17 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
 # -- export ----------------------------------------------------------------------------------
 
 
-def export(path: str, name: str, out: IO[str]) -> int:
+def export(path: str, name: str, out: IO[str], immutable: bool = False) -> int:
     """Write every record of collection ``name`` to ``out`` as JSON Lines, in key order, from one
     snapshot; return how many.
 
     :raises MpstoreError: no file, or not an mpstore store.
     :raises InvalidName: no such collection.
+    :raises PermissionDenied: see :func:`_connect_readonly` (``immutable`` too).
     """
-    path = os.path.abspath(path)
+    path = resolve(path)
     count = 0
-    with _readonly(path) as conn, _sqlite.translating(path):
+    with _readonly(path, immutable) as conn, _sqlite.translating(path):
         _registration(conn, path, name)
         for (value,) in conn.execute(f"SELECT value FROM {_sqlite.quote(name)} ORDER BY key"):
             out.write(value)
@@ -526,13 +550,13 @@ def export(path: str, name: str, out: IO[str]) -> int:
     return count
 
 
-def export_to_file(path: str, name: str, target: str) -> int:
+def export_to_file(path: str, name: str, target: str, immutable: bool = False) -> int:
     """:func:`export` into ``target``, which appears complete or not at all."""
     directory = os.path.dirname(os.path.abspath(target))
     fd, tmp = tempfile.mkstemp(prefix=".mpstore-export-", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            count = export(path, name, f)
+            count = export(path, name, f, immutable)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
@@ -633,7 +657,7 @@ def import_records(
         message); nothing is written.
     :raises GateTimeout: the gate was not granted within the store's timeout.
     """
-    path = os.path.abspath(path)
+    path = resolve(path)
     wanted = tuple(tuple(i) for i in indexes)
     if wanted and model is None:
         raise InvalidName("declaring indexes needs --model, to compute them from records", path)

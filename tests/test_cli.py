@@ -182,10 +182,11 @@ def read_only_mount(directory: Path, at: Path) -> Iterator[Path]:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(at)], check=True)
         yield at
     finally:
-        subprocess.run(["umount", str(at)], check=True)
+        # Lazily, so a descriptor some failed assertion left open cannot keep the mount.
+        subprocess.run(["umount", "--lazy", str(at)], check=True)
 
 
-def test_a_store_on_a_read_only_file_system_can_be_inspected(
+def test_a_store_on_a_read_only_medium_is_read_only_when_asked_as_immutable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import sqlite3
@@ -195,23 +196,33 @@ def test_a_store_on_a_read_only_file_system_can_be_inspected(
     with read_only_mount(tmp_path / "data", tmp_path / "ro") as ro:
         path = str(ro / "x.db")
         # SQLite alone cannot read it there: no -shm can be made beside it.
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         with pytest.raises(sqlite3.OperationalError, match="unable to open"):
-            sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("SELECT 1 FROM sqlite_master")
-        code, out, err = run(capsys, "info", path)
-        assert (code, err) == (0, "") and "conversations" in out
-        assert run(capsys, "check", path)[:2] == (0, "ok\n")
-        code, out, _ = run(capsys, "export", path, "conversations")
+            conn.execute("SELECT 1 FROM sqlite_master")
+        conn.close()
+        # Nothing vouches that no writer reaches the file another way (a bind mount does).
+        for command in (["info"], ["check"], ["export", "--", "conversations"]):
+            code, out, err = run(capsys, *command[:1], path, *command[2:])
+            assert (code, out) == (1, "")
+            assert "read-only file system" in err and "--immutable" in err
+            assert err.count("\n") == 1
+        code, out, err = run(capsys, "info", "--immutable", path)
+        assert code == 0 and "conversations" in out
+        assert re.search(r"journal mode +wal", out)
+        assert run(capsys, "check", "--immutable", path)[:2] == (0, "ok\n")
+        code, out, _ = run(capsys, "export", "--immutable", path, "conversations")
         assert code == 0 and len(out.splitlines()) == 3
         assert sorted(os.listdir(ro)) == ["x.db", "x.db.lock", "x.db.mailbox"]
 
 
-def test_a_read_only_copy_whose_wal_holds_changes_is_refused_with_the_way_out(
+def test_an_immutable_read_is_refused_when_the_wal_holds_changes_whatever_the_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import shutil
 
     (tmp_path / "data").mkdir()
     (tmp_path / "copy").mkdir()
+    (tmp_path / "links").mkdir()
     with mpstore.Store(str(tmp_path / "data" / "x.db")) as store:
         ConversationRepository(store).upsert_conversation(sample_conversation("c0"))
         # Copied while open: the change is still in the WAL only, which needs the -shm to read.
@@ -219,20 +230,24 @@ def test_a_read_only_copy_whose_wal_holds_changes_is_refused_with_the_way_out(
             shutil.copy(tmp_path / "data" / name, tmp_path / "copy" / name)
     assert os.path.getsize(tmp_path / "copy" / "x.db-wal") > 0
     with read_only_mount(tmp_path / "copy", tmp_path / "ro") as ro:
-        code, out, err = run(capsys, "info", str(ro / "x.db"))
-    assert (code, out) == (1, "")
-    assert "WAL holds changes" in err and "writable directory" in err and err.count("\n") == 1
+        link = tmp_path / "links" / "link.db"  # the -wal is beside the file, not the link
+        link.symlink_to(ro / "x.db")
+        for path in (ro / "x.db", link):
+            code, out, err = run(capsys, "export", "--immutable", str(path), "conversations")
+            assert (code, out) == (1, "")
+            assert "-wal file may hold changes" in err and err.count("\n") == 1
+            code, out, err = run(capsys, "check", str(path))
+            assert code == 1 and f"cannot create one in {ro} (a read-only file system)" in err
 
 
-def test_a_directory_closed_only_to_this_user_is_not_read_as_immutable(
+def test_a_directory_closed_to_this_user_is_read_only_when_asked_as_immutable(
     monkeypatch: pytest.MonkeyPatch, source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A writer with more rights may change the file meanwhile: only a read-only file system
-    # makes reading it without SQLite's locks safe. (Simulated: root can write anywhere.)
     opened = []
     real_open = _inspect._open_uri
 
     def open_uri(path: str, query: str) -> Any:
+        # Root may write anywhere: SQLite's refusal to make the -shm there is simulated.
         opened.append(query)
         if query == "mode=ro":
             raise mpstore.PermissionDenied(f"{path}: unable to open database file", path)
@@ -241,9 +256,8 @@ def test_a_directory_closed_only_to_this_user_is_not_read_as_immutable(
     monkeypatch.setattr(_inspect, "_open_uri", open_uri)
     code, out, err = run(capsys, "check", source)
     assert (code, out, opened) == (1, "", ["mode=ro"])
-    assert "cannot create one in" in err and err.count("\n") == 1
-    monkeypatch.setattr(_inspect, "_read_only_fs", lambda directory: True)
-    assert run(capsys, "check", source)[:2] == (0, "ok\n")
+    assert "(a directory it cannot write)" in err and err.count("\n") == 1
+    assert run(capsys, "check", "--immutable", source)[:2] == (0, "ok\n")
     assert opened[-1] == "immutable=1"
 
 
