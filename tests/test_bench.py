@@ -441,7 +441,7 @@ def test_process_handoff_commits_every_waiting_write_and_fails_them_together(
     _bench.ProcessHandoffStrategy.create(path, [])
     first, second = _process_handoff(path), _process_handoff(path)
     try:
-        assert first._slot != second._slot
+        assert first._slot is not None and first._slot != second._slot
         one, two, three, four = _bench.worker_records(0, 4, 256)
         first._publish(one)
         second.write(two)  # the gate is free: this batch takes the first's write too
