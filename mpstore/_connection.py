@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import threading
@@ -10,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+from . import _fork
 from ._errors import PermissionDenied, TransactionError
 from ._sqlite import translating
 
@@ -69,7 +69,7 @@ class Connection:
         self._conn = conn
         self._path = path
         self._thread = threading.get_ident()
-        self._pid = os.getpid()
+        self._pid = _fork.pid()
         self._active = True
         self.writable = writable
         self.schema_checked = False  # see _sqlite.schema_changed
@@ -77,7 +77,7 @@ class Connection:
     def _check(self, sql: str | None = None) -> sqlite3.Connection:
         if not self._active:
             raise TransactionError("this connection's transaction block has ended", self._path)
-        if self._thread != threading.get_ident() or self._pid != os.getpid():
+        if self._thread != threading.get_ident() or self._pid != _fork.pid():
             raise TransactionError(
                 "a transaction's connection is used by another thread or process; "
                 "open a write()/read() block in that thread instead",

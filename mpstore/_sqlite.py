@@ -376,7 +376,7 @@ class CollectionSQL:
 # -- writes carried between processes (see _mailbox) ------------------------------------------
 
 _BATCH_KEY = "last_batch"
-_carried_sql: dict[tuple[str, tuple[str, ...], tuple[str, ...], object], CollectionSQL] = {}
+_carried_sql: dict[tuple[object, ...], CollectionSQL] = {}
 
 
 def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
@@ -426,12 +426,15 @@ def _sql_for(
         json_keys = ()  # only fields filled from the JSON need their keys
     elif not isinstance(json_keys, tuple):
         raise MpstoreError(f"a carried write names its JSON keys badly: {json_keys!r}")
-    key = (check_identifier(table, "collection name"), indexed, unfilled, json_keys)
+    key = (table, indexed, unfilled, json_keys)
     try:
-        sql = _carried_sql.get(key)
+        sql = _carried_sql.get(key)  # names in a key found here were checked when it was made
     except TypeError as exc:  # a list where a name belongs: unhashable
+        check_identifier(table, "collection name")
         raise MpstoreError(f"a carried write into {table!r} is malformed") from exc
     if sql is None:
+        name = check_identifier(table, "collection name")
+        key = (name, indexed, unfilled, json_keys)
         for field in indexed:
             check_identifier(field, "indexed field")
         try:
@@ -440,7 +443,7 @@ def _sql_for(
             raise MpstoreError(f"a carried write names its JSON keys badly: {json_keys!r}") from exc
         if len(_carried_sql) > 1024:
             _carried_sql.clear()
-        sql = _carried_sql[key] = CollectionSQL(key[0], indexed, (), unfilled, keys)
+        sql = _carried_sql[key] = CollectionSQL(name, indexed, (), unfilled, keys)
     return sql
 
 

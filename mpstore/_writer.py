@@ -10,12 +10,13 @@ One write's failure rolls back only its savepoint; no caller hears "done" before
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork, _sqlite
@@ -59,7 +60,8 @@ class _Job(Generic[T]):
         self.plain = False  # runs without a SAVEPOINT (see _mark_plain)
         # A queued write runs in the writer thread but sees the caller's context variables.
         self.context = contextvars.copy_context() if queued else None
-        self.done = threading.Event()
+        # Only a queued write's caller waits for it; the others run in the caller's thread.
+        self.done = threading.Event() if queued else _RAN_HERE
         self.result: T | None = None
         self.error: BaseException | None = None
         self.started = False
@@ -68,6 +70,9 @@ class _Job(Generic[T]):
 
     def run(self, conn: Connection) -> T:
         return self.fn(conn) if self.context is None else self.context.run(self.fn, conn)
+
+
+_RAN_HERE = threading.Event()
 
 
 class _Redo(Exception):
@@ -101,6 +106,21 @@ def _mark_plain(conn: Connection, jobs: list[_Job[Any]], undo: bool | None = Non
     return undo
 
 
+_batch_ids: tuple[int, Iterator[int]] = (0, iter(()))
+
+
+def _new_batch_id() -> int:
+    """An id for a batch that carries other processes' writes, unique among the batches of
+    all processes on the file: a random start per process (a forked child draws its own),
+    counted up from there."""
+    global _batch_ids
+    pid, ids = _batch_ids
+    if pid != _fork.pid():
+        ids = itertools.count(int.from_bytes(os.urandom(8), "little") >> 2)
+        _batch_ids = (_fork.pid(), ids)
+    return next(ids) % (1 << 63) or 1
+
+
 class _Carry:
     """Writes of other processes that one batch takes from the mailbox, once its own ran."""
 
@@ -108,7 +128,7 @@ class _Carry:
 
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
-        self.batch = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        self.batch = _new_batch_id()
         self.taken: list[Carried] = []
         self.jobs: list[_Job[Any]] = []
         self.took = False
