@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _fork
@@ -18,25 +17,27 @@ __all__ = ["Connection", "translating_reads"]
 Params = Sequence[Any] | dict[str, Any]
 
 
-@contextmanager
-def translating_reads(path: str) -> Iterator[None]:
-    """:func:`translating` for a read-only connection, where SQLite's "readonly database"
+class translating_reads(translating):
+    """:class:`translating` for a read-only connection, where SQLite's "readonly database"
     means a write that would have bypassed the gate, not a file the process may not write.
 
     :raises TransactionError: a statement tried to write.
     """
-    try:
-        with translating(path):
-            yield
-    except PermissionDenied as exc:
-        cause = exc.__cause__
-        if getattr(cause, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
-            raise  # the file itself cannot be opened or read
-        raise TransactionError(
-            "reads (read() blocks, query()) are read-only: the write would bypass the gate; "
-            "use write()",
-            path,
-        ) from exc
+
+    __slots__ = ()
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            super().__exit__(kind, exc, tb)
+        except PermissionDenied as denied:
+            cause = denied.__cause__
+            if getattr(cause, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
+                raise  # the file itself cannot be opened or read
+            raise TransactionError(
+                "reads (read() blocks, query()) are read-only: the write would bypass the "
+                "gate; use write()",
+                self.path,
+            ) from denied
 
 
 #: Statements a block may not run: those that end its transaction (``BEGIN`` too, which fails
@@ -97,7 +98,7 @@ class Connection:
             )
         return self._conn
 
-    def _translating(self) -> AbstractContextManager[None]:
+    def _translating(self) -> translating:
         return translating(self._path) if self.writable else translating_reads(self._path)
 
     def _after(self) -> None:

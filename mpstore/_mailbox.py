@@ -47,8 +47,7 @@ import struct
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,15 +272,8 @@ class Mailbox:
             self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
         )
 
-    @contextmanager
-    def _mutex(self, index: int) -> Iterator[None]:
-        # Threads of this process share the descriptor, and so its locks: a thread lock first.
-        with self._local[index]:
-            self._lock(_MUTEXES + index, wait=True)
-            try:
-                yield
-            finally:
-                self._unlock(_MUTEXES + index)
+    def _mutex(self, index: int) -> _SlotMutex:
+        return _SlotMutex(self, index)
 
     def _try_mutex(self, index: int) -> bool:
         if not self._local[index].acquire(blocking=False):
@@ -382,7 +374,7 @@ class Mailbox:
     def publish(self, slot: Slot, payload: bytes) -> None:
         """Leave a write in ``slot`` for the gate holder (``payload`` fits :data:`CAPACITY`)."""
         index = slot.index
-        with self._mutex(index) if not _ORDERED else nullcontext():
+        with self._mutex(index) if not _ORDERED else _UNLOCKED:
             self._put_data(index, payload)
             self._put_head(index, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
             self._set_state(index, PUBLISHED)
@@ -419,7 +411,7 @@ class Mailbox:
     def collect(self, slot: Slot) -> tuple[bool, Any]:
         """The outcome of a done write: ``(True, result)`` or ``(False, exception)``."""
         index = slot.index
-        with self._mutex(index) if not _ORDERED else nullcontext():
+        with self._mutex(index) if not _ORDERED else _UNLOCKED:
             _, _, _, failed, _, result, error_size = self._head(index)
             start = _HEADER + index * _SLOT_SIZE + _SLOT_SIZE - _ERROR_SIZE
             error = self._mm[start : start + error_size] if failed else b""
@@ -604,6 +596,35 @@ class Mailbox:
             self._sender.close()
         self._mm.close()
         os.close(self._fd)  # releases the claims, unless a forked child still shares them
+
+
+class _SlotMutex:
+    """A slot's lock, as a context manager (a class: the gate holder takes one per write)."""
+
+    __slots__ = ("index", "mailbox")
+
+    def __init__(self, mailbox: Mailbox, index: int) -> None:
+        self.mailbox, self.index = mailbox, index
+
+    def __enter__(self) -> None:
+        # Threads of this process share the descriptor, and so its locks: a thread lock first.
+        local = self.mailbox._local[self.index]
+        local.acquire()
+        try:
+            self.mailbox._lock(_MUTEXES + self.index, wait=True)
+        except BaseException:
+            local.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.mailbox._unlock(_MUTEXES + self.index)
+        finally:
+            self.mailbox._local[self.index].release()
+
+
+#: Where stores are seen in program order, publishing and collecting need no slot lock.
+_UNLOCKED = nullcontext()
 
 
 def _check_magic(head: bytes, path: str) -> None:

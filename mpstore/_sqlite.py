@@ -12,7 +12,6 @@ import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 try:
@@ -269,16 +268,26 @@ def translate(exc: sqlite3.Error, path: str) -> Exception:
     return cls(f"{path}: {exc} ({name})", path)
 
 
-@contextmanager
-def translating(path: str) -> Iterator[None]:
-    """Re-raise ``sqlite3`` errors inside the block as mpstore's typed errors where one fits."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        mapped = translate(exc, path)
-        if mapped is exc:
-            raise
-        raise mapped from exc
+class translating:
+    """Re-raise ``sqlite3`` errors inside the block as mpstore's typed errors where one fits.
+
+    A class rather than a generator: it wraps every statement mpstore runs, and a generator
+    costs several times as much to enter and leave.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            mapped = translate(exc, self.path)
+            if mapped is not exc:
+                raise mapped from exc
 
 
 def quote(identifier: str) -> str:
