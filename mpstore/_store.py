@@ -422,7 +422,8 @@ class Store:
             return self._run_write(fn)
         self._check_open()
         self._emit("gate-wait")
-        with self._using_mailbox():
+        tx = self._start_mailbox_use()
+        try:
             mailbox = self._carrier()
             # Another process's write holding the gate is the common case under contention; the
             # mailbox says so without the failed lock attempt (a system call and an exception).
@@ -438,11 +439,13 @@ class Store:
                             return self._follow(mailbox, slot, payload, op)
                         finally:
                             mailbox.give_back(slot)
+        finally:
+            self._end_mailbox_use(tx)
         return self._queue.submit(fn, self.timeout, op)
 
-    @contextmanager
-    def _using_mailbox(self) -> Iterator[None]:
-        """Count the call among those close() lets finish before it closes the mailbox.
+    def _start_mailbox_use(self) -> _TxState:
+        """Count the call among those close() lets finish before it closes the mailbox; pair
+        with :meth:`_end_mailbox_use`.
 
         :raises StoreClosed: close() began before the call was counted.
         """
@@ -452,11 +455,16 @@ class Store:
         tx.mailbox_uses += 1
         try:
             self._check_open()
-            yield
-        finally:
-            tx.mailbox_uses -= 1
-            with self._followers_done:
-                self._following -= 1
+        except BaseException:
+            self._end_mailbox_use(tx)
+            raise
+        return tx
+
+    def _end_mailbox_use(self, tx: _TxState) -> None:
+        tx.mailbox_uses -= 1
+        with self._followers_done:
+            self._following -= 1
+            if self._closed:  # set before close() waits here, under this lock
                 self._followers_done.notify_all()
 
     @staticmethod
@@ -487,20 +495,23 @@ class Store:
         settled = False
         slept = False
         spins = 0
+        # Bound once: the loop runs a few times per write, each time on a CPU just handed
+        # back by other processes.
+        state, monotonic, worth_trying = mailbox.state, time.monotonic, self._worth_trying
         try:
             mailbox.publish(slot, payload)
             while True:
-                if mailbox.state(index) == _mailbox.DONE:
+                if state(index) == _mailbox.DONE:
                     settled = True
                     ok, value = mailbox.collect(slot)
                     if ok:
                         self._stats.count("writes_carried_away")
                         return int(value)
                     raise value
-                now = time.monotonic()
+                now = monotonic()
                 # At the deadline the gate is tried whatever the hint says: a write with a short
                 # timeout may never sleep, and a dead holder's pid would keep it from ever trying.
-                if self._worth_trying(mailbox, slept or now >= deadline):
+                if worth_trying(mailbox, slept or now >= deadline):
                     slept = False
                     if self._gate.try_acquire():
                         try:
