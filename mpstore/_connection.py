@@ -27,17 +27,24 @@ class translating_reads(translating):
     __slots__ = ()
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        try:
-            super().__exit__(kind, exc, tb)
-        except PermissionDenied as denied:
-            cause = denied.__cause__
-            if getattr(cause, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
-                raise  # the file itself cannot be opened or read
-            raise TransactionError(
-                "reads (read() blocks, query()) are read-only: the write would bypass the "
-                "gate; use write()",
-                self.path,
-            ) from denied
+        if isinstance(exc, PermissionDenied):  # translated already, by a block inside this one
+            denied = exc
+        else:
+            try:
+                super().__exit__(kind, exc, tb)
+            except PermissionDenied as mapped:
+                denied = mapped
+            else:
+                return
+        if getattr(denied.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
+            if denied is exc:
+                return  # the file itself cannot be opened or read: as it is
+            raise denied
+        raise TransactionError(
+            "reads (read() blocks, query()) are read-only: the write would bypass the gate; "
+            "use write()",
+            self.path,
+        ) from denied
 
 
 #: Statements a block may not run: those that end its transaction (``BEGIN`` too, which fails

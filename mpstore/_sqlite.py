@@ -436,13 +436,15 @@ def _sql_for(
     elif not isinstance(json_keys, tuple):
         raise MpstoreError(f"a carried write names its JSON keys badly: {json_keys!r}")
     key = (table, indexed, unfilled, json_keys)
+    unhashable: TypeError | None = None
     try:
         sql = _carried_sql.get(key)  # names in a key found here were checked when it was made
-    except TypeError as exc:  # a list where a name belongs: unhashable
-        check_identifier(table, "collection name")
-        raise MpstoreError(f"a carried write into {table!r} is malformed") from exc
+    except TypeError as exc:  # a list where a name belongs
+        sql, unhashable = None, exc
     if sql is None:
         name = check_identifier(table, "collection name")
+        if unhashable is not None:
+            raise MpstoreError(f"a carried write into {table!r} is malformed") from unhashable
         key = (name, indexed, unfilled, json_keys)
         for field in indexed:
             check_identifier(field, "indexed field")

@@ -904,3 +904,22 @@ def test_a_write_holding_the_replaced_mailbox_without_a_slot_still_lands(path: s
         thread.join()
         assert outcome == ["ok"]
         assert notes.get("in-hand") is not None
+
+
+@pytest.mark.parametrize(
+    ("op", "error"),
+    [
+        (("upsert", ["notes"], (), [], ()), mpstore.InvalidName),
+        (("upsert", "bad name", (["x"],), [], ()), mpstore.InvalidName),
+        (("upsert", "notes", (["x"],), [], ()), mpstore.MpstoreError),
+    ],
+)
+def test_a_malformed_carried_write_says_what_is_wrong_and_nothing_else(
+    store: mpstore.Store, op: tuple[Any, ...], error: type[Exception]
+) -> None:
+    # The SQL made for a carried write is cached by its names as sent; one that cannot even
+    # be a cache key must not drag that lookup's TypeError into the name's own error.
+    with store.write() as conn, pytest.raises(error) as raised:
+        _sqlite.run_op(conn, op)
+    assert raised.type is error
+    assert not isinstance(raised.value.__context__, TypeError) or raised.value.__cause__ is not None

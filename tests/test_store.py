@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _mailbox
+from mpstore import _mailbox, _sqlite
 from mpstore._connection import translating_reads
 from tests import workers
 from tests.models import Note
@@ -151,6 +151,19 @@ def test_reads_call_only_a_write_attempt_read_only(
     error.sqlite_errorcode = code  # type: ignore[attr-defined]
     with pytest.raises(expected), translating_reads("x.db"):
         raise error
+
+
+@pytest.mark.parametrize("translated_inside", [False, True], ids=["raw", "translated inside"])
+def test_reads_call_a_write_attempt_read_only_however_deep_it_was_translated(
+    translated_inside: bool,
+) -> None:
+    error = sqlite3.OperationalError("attempt to write a readonly database")
+    error.sqlite_errorcode = sqlite3.SQLITE_READONLY  # type: ignore[attr-defined]
+    with pytest.raises(mpstore.TransactionError, match="read-only"), translating_reads("x.db"):
+        if not translated_inside:
+            raise error
+        with _sqlite.translating("x.db"):
+            raise error
 
 
 def test_reads_inside_write_see_uncommitted_changes(store: mpstore.Store) -> None:
