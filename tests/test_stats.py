@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _checkpoint
+from mpstore import _checkpoint, _fork
 from mpstore._stats import COUNTERS
 from mpstore.conversations import ConversationRepository, sample_conversation
 from tests import workers
@@ -263,3 +264,71 @@ def test_a_lock_of_this_process_on_a_file_is_seen_without_proc_locks(tmp_path: A
     finally:
         conn.close()
         os.close(fd)
+
+
+def _fork_while_a_checkpoint_is_inside_sqlite(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, wait_for_fork: float
+) -> list[str]:
+    """Pause the checkpoint thread inside SQLite (in a progress handler of its checkpoint's
+    statement), fork from another thread, and let the checkpoint go after ``wait_for_fork``
+    seconds or once the fork returned; the order in which both finished."""
+    events: list[str] = []
+    inside, release, forked = threading.Event(), threading.Event(), threading.Event()
+    statuses: list[int] = []
+    with mpstore.Store(db_path) as store:
+        checkpointer = store._checkpointer
+        connect = checkpointer._connect
+
+        def paused_connect() -> sqlite3.Connection:
+            conn = connect()
+
+            def pause() -> int:
+                if not inside.is_set():
+                    inside.set()
+                    release.wait(workers.JOIN_TIMEOUT)
+                    events.append("checkpoint resumed")
+                return 0
+
+            conn.set_progress_handler(pause, 1)
+            return conn
+
+        def fork() -> None:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            events.append("forked")
+            forked.set()
+            statuses.append(os.waitpid(pid, 0)[1])
+
+        monkeypatch.setattr(checkpointer, "_connect", paused_connect)
+        monkeypatch.setattr(checkpointer, "threshold", 0)  # every write wakes the thread
+        store.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+        assert inside.wait(workers.JOIN_TIMEOUT), "the checkpoint never ran"
+        forking = threading.Thread(target=fork)
+        forking.start()
+        forked.wait(wait_for_fork)
+        release.set()
+        forking.join(workers.JOIN_TIMEOUT)
+    assert statuses == [0]
+    return events
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_waits_for_the_checkpoint_thread_to_leave_sqlite(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child forked while another thread is inside SQLite inherits SQLite's mutexes locked
+    # and hangs at its first SQLite call; fork takes the background threads' lock first.
+    events = _fork_while_a_checkpoint_is_inside_sqlite(db_path, monkeypatch, wait_for_fork=1.0)
+    assert events == ["checkpoint resumed", "forked"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_control_without_the_lock_a_fork_lands_inside_the_checkpoint(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fork, "background_sqlite", contextlib.nullcontext())
+    events = _fork_while_a_checkpoint_is_inside_sqlite(
+        db_path, monkeypatch, wait_for_fork=workers.JOIN_TIMEOUT
+    )
+    assert events == ["forked", "checkpoint resumed"]
