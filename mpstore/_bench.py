@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
+from ._checkpoint import Checkpointer
 from .conversations import (
     Conversation,
     ConversationContext,
@@ -429,18 +430,16 @@ class ProcessHandoffStrategy(UngatedStrategy):
     Each process owns a slot in a shared file beside the database (``<db>.handoff``): it puts
     its row there and polls until it is done, yielding its CPU and trying a non-blocking
     ``flock`` of ``<db>.handoff-lock`` in turn; whoever takes it commits every row waiting in
-    any slot in one transaction, marks them done and lets go. As in mpstore, WAL checkpoints
-    run in a background thread of the committing process, outside the lock. No isolation (one
-    failing row fails its batch), no timeouts, no crash recovery, no fairness, no sleeping,
-    x86 store ordering assumed: what remains is the cost of handing each write to another
-    process and back, the floor under any group commit between processes that returns only
-    after the commit.
+    any slot in one transaction, marks them done and lets go. WAL checkpoints run outside the
+    lock, in a background thread of the committing process (mpstore's own checkpointer). No
+    isolation (one failing row fails its batch), no timeouts, no crash recovery, no fairness,
+    no sleeping, x86 store ordering assumed: what remains is the cost of handing each write to
+    another process and back, the floor under any group commit between processes that returns
+    only after the commit.
     """
 
     slots = 64
     slot_size = 1 << 20
-    #: Committed rows between two checkpoints (a 2 KiB row adds one or two WAL frames).
-    checkpoint_rows = 400
 
     def open(self, path: str) -> None:
         import fcntl
@@ -471,12 +470,7 @@ class ProcessHandoffStrategy(UngatedStrategy):
             self._slot = index
             self._map[self._at(index) : self._at(index) + 4096] = bytes(4096)
             break
-        self._checkpoint_due = threading.Event()
-        self._closing = False
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint, args=(path,), name="handoff-checkpoint", daemon=True
-        )
-        self._checkpointer.start()
+        self._checkpointer = Checkpointer(path, partial(plain_connect, path))
 
     def _at(self, index: int) -> int:
         return _HANDOFF_HEADER + index * self.slot_size
@@ -539,28 +533,11 @@ class ProcessHandoffStrategy(UngatedStrategy):
                 self._conn.execute("ROLLBACK")
             for i in taken:
                 mm[self._at(i)] = outcome
-        if outcome == _DONE:
-            before = int.from_bytes(mm[0:8], "little")
-            mm[0:8] = (before + len(taken)).to_bytes(8, "little")
-            if (before + len(taken)) // self.checkpoint_rows != before // self.checkpoint_rows:
-                self._checkpoint_due.set()
-
-    def _checkpoint(self, path: str) -> None:
-        conn = plain_connect(path)
-        try:
-            while True:
-                self._checkpoint_due.wait()
-                self._checkpoint_due.clear()
-                if self._closing:
-                    return
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            conn.close()
+        self._checkpointer.poke()
 
     def close(self) -> None:
-        self._closing = True
-        self._checkpoint_due.set()
-        self._checkpointer.join()
+        self._checkpointer.close()
+        self._checkpointer.release()
         self._pool.put(self._conn)
         self._map.close()
         os.close(self._fd)
@@ -568,7 +545,7 @@ class ProcessHandoffStrategy(UngatedStrategy):
         super().close()
 
 
-#: The hand-off file's header: committed rows so far (8 bytes), then padding to a page.
+#: The hand-off file's header, unused: the slots start a page in.
 _HANDOFF_HEADER = 4096
 _FREE, _PUBLISHED, _DONE, _FAILED = 0, 1, 2, 3
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
