@@ -496,14 +496,16 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
             problems.append(f"collection {reg.name!r}: index {name} is missing")
     t = _sqlite.quote(reg.name)
     key_path = paths[reg.key_field]
-    (bad_json,) = conn.execute(
-        f"SELECT count(*) FROM {t} WHERE NOT json_valid(value) OR json_type(value) != 'object'"
-    ).fetchone()
+    # SQLite's JSON functions fail on text that is not JSON, so the other checks look only at
+    # the rows that hold an object (CASE, unlike AND, evaluates in the order written).
+    an_object = "CASE WHEN json_valid(value) THEN json_type(value) = 'object' ELSE 0 END"
+    (bad_json,) = conn.execute(f"SELECT count(*) FROM {t} WHERE NOT ({an_object})").fetchone()
     if bad_json:
         problems.append(f"collection {reg.name!r}: {bad_json} values are not JSON objects")
-        return problems
     (bad_keys,) = conn.execute(
-        f"SELECT count(*) FROM {t} WHERE json_extract(value, ?) IS NOT key", (key_path,)
+        f"SELECT count(*) FROM {t} "
+        f"WHERE CASE WHEN {an_object} THEN json_extract(value, ?) IS NOT key ELSE 0 END",
+        (key_path,),
     ).fetchone()
     if bad_keys:
         problems.append(
@@ -517,7 +519,8 @@ def _check_collection(conn: sqlite3.Connection, reg: Registration) -> list[str]:
             problems.append(f"collection {reg.name!r}: indexed column {column} is missing")
             continue
         (stale,) = conn.execute(
-            f"SELECT count(*) FROM {t} WHERE {_sqlite.quote(column)} IS NOT json_extract(value, ?)",
+            f"SELECT count(*) FROM {t} WHERE CASE WHEN {an_object} "
+            f"THEN {_sqlite.quote(column)} IS NOT json_extract(value, ?) ELSE 0 END",
             (paths[fld],),
         ).fetchone()
         if stale:
@@ -585,7 +588,8 @@ def load_model(spec: str) -> type[Any]:
 
     The current directory is searched first, as ``python -m`` would.
 
-    :raises InvalidName: ``spec`` is malformed, or the module or class cannot be found.
+    :raises InvalidName: ``spec`` is malformed, the module or class cannot be found, or
+        importing the module raised.
     :raises RecordTypeError: the object found is not a pydantic model.
     """
     from pydantic import BaseModel
@@ -597,6 +601,10 @@ def load_model(spec: str) -> type[Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidName(f"cannot import {module_name!r} for --model: {exc}") from exc
+    except Exception as exc:  # the module itself failed while it was being imported
+        raise InvalidName(
+            f"importing {module_name!r} for --model failed: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise InvalidName(f"{module_name!r} has no {attr!r} (from --model {spec!r})")

@@ -302,6 +302,40 @@ def test_check_finds_records_that_disagree_with_their_collection(
     assert "is damaged" in err
 
 
+def test_check_lists_every_problem_of_a_collection_with_a_value_that_is_not_json(
+    source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite's JSON functions fail on such a value: the other checks must skip that row,
+    # not the rest of the collection.
+    for sql in (
+        "UPDATE conversations SET value = 'not json' WHERE key = 'c3'",
+        "UPDATE conversations SET f_workspace_id = 99 WHERE key = 'c1'",
+        "UPDATE conversations SET key = 'renamed' WHERE key = 'c2'",
+    ):
+        _tamper(source, sql)
+    code, out, err = run(capsys, "check", source)
+    assert code == 1 and "(3 problems)" in err
+    assert "1 values are not JSON objects" in out
+    assert "1 rows whose indexed column f_workspace_id differs" in out
+    assert "1 rows whose key differs" in out
+
+
+def test_a_model_module_that_fails_to_import_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_models.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "in.jsonl").write_text('{"id": "a"}\n')
+    code, out, err = run(
+        capsys, "import", "x.db", "notes", "in.jsonl", "--model", "broken_models:Note"
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        "mpstore import: importing 'broken_models' for --model failed: RuntimeError: boom\n"
+    )
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_check_finds_a_damaged_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "damaged.db")
     make_store(path, conversations=60)
@@ -715,6 +749,16 @@ def undocumented(readme: str, parser: argparse.ArgumentParser) -> list[str]:
                 ):
                     missing.append(f"{name} {option}")
     return missing
+
+
+def test_every_public_name_is_documented_in_the_readme() -> None:
+    readme = README.read_text()
+    missing = [
+        name
+        for name in mpstore.__all__
+        if not re.search(rf"`(mpstore\.)?{re.escape(name)}[`\[(.]", readme)
+    ]
+    assert missing == []
 
 
 def test_every_command_and_option_is_documented_in_the_readme() -> None:
