@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from itertools import islice
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
@@ -199,14 +200,15 @@ def _run_block(
         _hold(sync, top)
 
 
-@contextlib.contextmanager
-def _acting_for(holders: list[tuple[Gate, _Level]]) -> Iterator[None]:
+def _acting_for(holders: list[tuple[Gate, _Level]]) -> AbstractContextManager[object]:
     """Let this thread act for the task's open write blocks of other stores (see
-    :meth:`AsyncStore._write_holders`)."""
-    with contextlib.ExitStack() as stack:
-        for gate, block in holders:
-            stack.enter_context(gate.acting_for(block))
-        yield
+    :meth:`AsyncStore._write_holders`); nothing to do for almost every call."""
+    if not holders:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for gate, block in holders:
+        stack.enter_context(gate.acting_for(block))
+    return stack
 
 
 def _hold(sync: Store, level: _Level) -> None:

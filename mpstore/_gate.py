@@ -571,7 +571,7 @@ class Gate:
 
 _open_locks: weakref.WeakSet[_FlockLock] = weakref.WeakSet()
 
-#: Per thread: the (gate, owner thread) pairs it acts for (see :meth:`Gate.acting_for`).
+#: Per thread: the (gate, block) pairs it acts for (see :meth:`Gate.acting_for`).
 _acting = threading.local()
 
 
@@ -599,13 +599,13 @@ def gate_for(lock_path: str, mode: int, kind: str = "auto") -> Gate:
     :raises ValueError: the gate is open here with another kind of lock: two kinds on one file
         in one process would wait for each other.
     """
-    key = os.path.realpath(lock_path)
+    key, wanted = os.path.realpath(lock_path), Gate.resolve_kind(kind)
     with _registry_lock:
         gate = _registry.get(key)
-        if gate is None or (gate.users == 0 and gate.kind != Gate.resolve_kind(kind)):
+        if gate is None or (gate.users == 0 and gate.kind != wanted):
             gate = Gate(lock_path, mode, kind)
             _registry[key] = gate
-        elif gate.kind != Gate.resolve_kind(kind):
+        elif gate.kind != wanted:
             raise ValueError(
                 f"{lock_path} is open in this process with gate={gate.kind!r}; every Store of "
                 f"one process on one file must use the same gate, not {kind!r}"
