@@ -129,8 +129,9 @@ def _check_immutable_read(path: str, immutable: bool) -> None:
     """:raises PermissionDenied: reading ``path`` as immutable is not asked for, or would miss
     the changes its ``-wal`` holds."""
     directory = os.path.dirname(path)
-    where = "a read-only file system" if _read_only_fs(directory) else "a directory it cannot write"
-    code = errno.EROFS if where.startswith("a read-only") else errno.EACCES
+    read_only = _read_only_fs(directory)
+    where = "a read-only file system" if read_only else "a directory it cannot write"
+    code = errno.EROFS if read_only else errno.EACCES
     if not immutable:
         raise PermissionDenied(
             f"{path}: SQLite reads a WAL database through an index file (-shm) beside it, and "
