@@ -5,7 +5,9 @@ that stalls every waiting writer for the few milliseconds a checkpoint takes. mp
 off on write connections and instead, after a writer has released the gate, looks at how many
 WAL frames are not yet copied back into the database (two integers in the WAL index, the -shm
 file). Past a threshold a background thread runs a PASSIVE checkpoint, which never blocks
-writers or readers.
+writers or readers. A store looks at most once a millisecond: reading the index is a system
+call, as costly as a tenth of a small write, and the WAL outgrows the threshold by at most what
+one process commits in that time.
 
 The WAL index is read through a descriptor of mpstore's own, and closing any descriptor of a
 file drops every POSIX lock the process holds on it, SQLite's included: its lock on the -shm
@@ -21,6 +23,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from . import _fork
@@ -37,6 +40,9 @@ __all__ = ["Checkpointer"]
 _WAL_INDEX_VERSION = 3007000
 _HEADER = struct.Struct("=I12xI")
 _BACKFILL = struct.Struct("=I")
+
+#: How often (seconds) a store's writers look at the WAL index, at most (see the module doc).
+LOOK_EVERY = 0.001
 
 
 _LOCKS_TABLE = "/proc/locks"
@@ -187,7 +193,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.runs = 0
-        self._blind_writes = 0
+        self._unseen = 0  # writes since the WAL index last showed room (or a checkpoint was asked)
+        self._next_look = 0.0
+        self._readable = False  # the last reading of the WAL index succeeded
         self.ran = threading.Event()  # set after each checkpoint that ran
         self.last_error: sqlite3.Error | None = None
         self.errors = 0
@@ -212,23 +220,31 @@ class Checkpointer:
         (backfilled,) = _BACKFILL.unpack_from(raw, 96)
         return max(0, int(frames) - int(backfilled))
 
-    def poke(self) -> None:
+    def poke(self, every: float = 0.0) -> None:
         """Wake the checkpoint thread if the WAL holds ``threshold`` frames or more.
 
-        Where the WAL index cannot be read (an SQLite with another index layout), every
+        With ``every``, the WAL index is read only if the last reading is that many seconds
+        old. Where it cannot be read (an SQLite with another index layout), every
         ``threshold // 4``-th write checkpoints instead (a commit adds a few frames), so the WAL
         stays bounded either way.
         """
         if self._closed:
             return
-        pending = self.pending()
-        if pending is None:
-            self._blind_writes += 1
-            if self._blind_writes < self.threshold // 4:
+        self._unseen += 1
+        if every and self._readable:
+            now = time.monotonic()
+            if now < self._next_look:
                 return
-            self._blind_writes = 0
+            self._next_look = now + every
+        pending = self.pending()
+        self._readable = pending is not None
+        if pending is None:
+            if self._unseen < self.threshold // 4:
+                return
         elif pending < self.threshold:
+            self._unseen = 0
             return
+        self._unseen = 0
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name=f"mpstore-checkpoint:{self._shm_path}", daemon=True

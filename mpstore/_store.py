@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _fork, _mailbox, _sqlite
+from . import _checkpoint, _fork, _mailbox, _sqlite
 from ._checkpoint import Checkpointer
 from ._connection import Connection, translating_reads
 from ._errors import (
@@ -632,7 +632,10 @@ class Store:
             # close() came while this thread was writing and left the rest to it.
             self._close_writer_and_gate()
         else:
-            self._after_outcome(self._checkpointer.poke, "checking the WAL for a checkpoint")
+            self._after_outcome(self._look_at_the_wal, "checking the WAL for a checkpoint")
+
+    def _look_at_the_wal(self) -> None:
+        self._checkpointer.poke(_checkpoint.LOOK_EVERY)
 
     def _after_outcome(self, step: Callable[[], object], what: str) -> None:
         """Run a step whose failure cannot change a write's decided outcome; report it the way

@@ -128,6 +128,36 @@ def test_checkpoints_still_run_when_the_wal_index_cannot_be_read(
         assert store._checkpointer.ran.wait(30), "the WAL would grow without bound"
 
 
+def test_writers_read_the_wal_index_at_most_once_per_interval(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the WAL index is a system call; a writer committing often reads it once per
+    LOOK_EVERY, not after every commit. An explicit poke() still reads it every time."""
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text="x"))
+        checkpointer = store._checkpointer
+        reads = []
+        pending = checkpointer.pending
+
+        def counted() -> int | None:
+            reads.append(1)
+            return pending()
+
+        monkeypatch.setattr(checkpointer, "pending", counted)
+        now = [checkpointer._next_look + 1.0]  # past the interval of the first write's look
+        monkeypatch.setattr(_checkpoint, "time", type("Clock", (), {"monotonic": lambda: now[0]}))
+        for i in range(10):
+            notes.upsert(Note(id=str(i), text="x"))
+        assert len(reads) == 1
+        now[0] += _checkpoint.LOOK_EVERY
+        notes.upsert(Note(id="after", text="x"))
+        assert len(reads) == 2
+        checkpointer.poke()
+        checkpointer.poke()
+        assert len(reads) == 4
+
+
 _reads_proc = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc (Linux)"
 )
