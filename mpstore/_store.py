@@ -567,15 +567,16 @@ class Store:
         with self._holding_gate() as raw:
             yield raw
 
-    @contextmanager
-    def _holding_gate(self) -> Iterator[sqlite3.Connection]:
+    def _holding_gate(self) -> _HoldingGate:
         """The write connection, for a caller that has just taken the gate; releases it after.
 
         It also keeps the mailbox's rules for every holder: settle what a dead holder left
         before writing, and on release wake a write that waits in the mailbox.
         """
-        entered = False
-        mailbox = None
+        return _HoldingGate(self)
+
+    def _enter_gate(self, held: _HoldingGate) -> sqlite3.Connection:
+        """:meth:`_holding_gate`'s start; on failure it gives the gate back itself."""
         try:
             self._emit("gate-acquired")
             self._check_abandoned()
@@ -587,8 +588,8 @@ class Store:
                 raw = self._writer()
                 self._writing += 1
                 self._writer_ident = threading.get_ident()
-                entered = True
-            mailbox = self._gate.mailbox()
+                held.entered = True
+            mailbox = held.mailbox = self._gate.mailbox()
             while mailbox is not None:
                 if mailbox.orphaned():
                     # The last holder died with other processes' writes taken: before anything
@@ -600,25 +601,31 @@ class Store:
                 current = self._gate.current_mailbox()
                 if current is mailbox:
                     break
-                mailbox = current
+                mailbox = held.mailbox = current
             if mailbox is not None:
                 mailbox.gate_taken()
-            yield raw
-        finally:
+        except BaseException:
+            self._leave_gate(held)
+            raise
+        return raw
+
+    def _leave_gate(self, held: _HoldingGate) -> None:
+        """:meth:`_holding_gate`'s end: give the gate back, wake the mailbox, count out."""
+        mailbox = held.mailbox
+        try:
             try:
-                try:
-                    if mailbox is not None:
-                        mailbox.gate_released()
-                finally:
-                    self._gate.release()
                 if mailbox is not None:
-                    # The outcome is decided (committed or not): a failed wake-up must not
-                    # change it. Waiting writes also look for themselves every LIVENESS.
-                    self._after_outcome(mailbox.wake_next, "waking a write in the mailbox")
-                self._emit("gate-released")
+                    mailbox.gate_released()
             finally:
-                if entered:
-                    self._leave_writer()
+                self._gate.release()
+            if mailbox is not None:
+                # The outcome is decided (committed or not): a failed wake-up must not
+                # change it. Waiting writes also look for themselves every LIVENESS.
+                self._after_outcome(mailbox.wake_next, "waking a write in the mailbox")
+            self._emit("gate-released")
+        finally:
+            if held.entered:
+                self._leave_writer()
 
     def _leave_writer(self) -> None:
         """The bookkeeping of a writer leaving the gate; the last one out after close() closes."""
@@ -653,8 +660,13 @@ class Store:
     #: SQLite's write lock up front never waits and never fails on a read-to-write upgrade.
     _begin = "BEGIN IMMEDIATE"
 
-    @contextmanager
-    def _transaction(self, raw: sqlite3.Connection) -> Iterator[Connection]:
+    def _transaction(self, raw: sqlite3.Connection) -> _Transaction:
+        """A write transaction on ``raw`` (the gate is held): committed when the block ends
+        normally, rolled back when it raises."""
+        return _Transaction(self, raw)
+
+    def _begin_transaction(self, raw: sqlite3.Connection) -> Connection:
+        """:meth:`_transaction`'s start; on failure it ends the transaction itself."""
         with translating(self.path):
             raw.execute(self._begin)
         conn = Connection(raw, self.path, writable=True)
@@ -662,41 +674,71 @@ class Store:
         tx.conn, tx.depth, tx.pid = conn, 0, _fork.pid()
         try:
             self._emit("begin")
-            yield conn
-            if not raw.in_transaction:
-                raise TransactionError("the transaction ended inside its write() block", self.path)
-            with translating(self.path):
-                raw.execute("COMMIT")
-            self._emit("commit")
-        except BaseException:
-            # What was rolled back (here, or by SQLite itself) may have been DDL.
-            _sqlite.schema_changed(conn)
-            if raw.in_transaction:
-                raw.execute("ROLLBACK")
-                self._emit("rollback")
+        except BaseException as exc:
+            self._end_transaction(raw, conn, exc)
             raise
+        return conn
+
+    def _end_transaction(
+        self, raw: sqlite3.Connection, conn: Connection, error: BaseException | None
+    ) -> None:
+        """:meth:`_transaction`'s end: COMMIT after a block that ended normally, else ROLLBACK.
+
+        :raises TransactionError: the block's transaction had already ended.
+        """
+        try:
+            if error is None:
+                try:
+                    if not raw.in_transaction:
+                        raise TransactionError(
+                            "the transaction ended inside its write() block", self.path
+                        )
+                    with translating(self.path):
+                        raw.execute("COMMIT")
+                except BaseException:
+                    self._roll_back(raw, conn)
+                    raise
+                self._emit("commit")
+            else:
+                self._roll_back(raw, conn)
         finally:
             conn._end()
+            tx = self._tx
             tx.conn, tx.depth = None, 0
 
-    @contextmanager
-    def _savepoint(self, conn: Connection) -> Iterator[Connection]:
+    def _roll_back(self, raw: sqlite3.Connection, conn: Connection) -> None:
+        # What was rolled back (here, or by SQLite itself) may have been DDL.
+        _sqlite.schema_changed(conn)
+        if raw.in_transaction:
+            raw.execute("ROLLBACK")
+            self._emit("rollback")
+
+    def _savepoint(self, conn: Connection) -> _Savepoint:
+        """A savepoint in ``conn``'s transaction: released when the block ends normally,
+        rolled back to (and released) when it raises."""
+        return _Savepoint(self, conn)
+
+    def _open_savepoint(self, conn: Connection) -> str:
         tx = self._tx
         tx.depth += 1
         name = f"mpstore_sp{tx.depth}"
-        conn._control(f"SAVEPOINT {name}")
         try:
-            yield conn
+            conn._control(f"SAVEPOINT {name}")
         except BaseException:
-            if conn.in_transaction:
+            tx.depth -= 1
+            raise
+        return name
+
+    def _close_savepoint(self, conn: Connection, name: str, error: BaseException | None) -> None:
+        try:
+            if error is None:
+                conn._control(f"RELEASE {name}")
+            elif conn.in_transaction:
                 conn._control(f"ROLLBACK TO {name}")
                 conn._control(f"RELEASE {name}")
                 _sqlite.schema_changed(conn)  # what was rolled back may have been DDL
-            raise
-        else:
-            conn._control(f"RELEASE {name}")
         finally:
-            tx.depth -= 1
+            self._tx.depth -= 1
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -875,6 +917,59 @@ class Store:
 
 
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+class _HoldingGate:
+    """:meth:`Store._holding_gate`: a class, not a generator, as mpstore enters one (and a
+    transaction, and a savepoint per write of a batch) for every write, and a generator costs
+    several times as much to enter and leave."""
+
+    __slots__ = ("_store", "entered", "mailbox")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.entered = False  # counted among the store's writers
+        self.mailbox: _mailbox.Mailbox | None = None  # the mailbox this holder keeps
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._store._enter_gate(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self._store._leave_gate(self)
+
+
+class _Transaction:
+    """:meth:`Store._transaction` (a class for the reason :class:`_HoldingGate` is)."""
+
+    __slots__ = ("_conn", "_raw", "_store")
+
+    def __init__(self, store: Store, raw: sqlite3.Connection) -> None:
+        self._store = store
+        self._raw = raw
+
+    def __enter__(self) -> Connection:
+        self._conn = self._store._begin_transaction(self._raw)
+        return self._conn
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._store._end_transaction(self._raw, self._conn, error)
+
+
+class _Savepoint:
+    """:meth:`Store._savepoint` (a class for the reason :class:`_HoldingGate` is)."""
+
+    __slots__ = ("_conn", "_name", "_store")
+
+    def __init__(self, store: Store, conn: Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def __enter__(self) -> Connection:
+        self._name = self._store._open_savepoint(self._conn)
+        return self._conn
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._store._close_savepoint(self._conn, self._name, error)
 
 
 def _after_fork_in_child() -> None:
