@@ -88,6 +88,24 @@ def _read_holder(fd: int) -> tuple[int, float] | None:
         return None
 
 
+def holder_stopped(pid: int) -> str | None:
+    """Why process ``pid`` cannot give the gate back on its own, if it is stopped (read from
+    /proc; None where it runs, is gone, or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read()
+    except OSError:
+        return None
+    # "pid (command) S ...": the command may hold spaces and parentheses of its own.
+    end = line.rfind(b")")
+    state = line[end + 2 : end + 3] if end >= 0 else b""
+    if state == b"T":
+        return f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {pid}` lets it go on"
+    if state == b"t":
+        return "stopped by a debugger"
+    return None
+
+
 class _Request:
     """One process-level wait for the kernel lock, carried out by the keeper thread."""
 
@@ -533,11 +551,13 @@ class Gate:
 
     def _timeout_error(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
         waited = time.monotonic() - start
-        recorded = (
-            f"last holder recorded in the lock file: pid {holder_pid}"
-            if holder_pid is not None
-            else "no other holder recorded in the lock file"
-        )
+        if holder_pid is None:
+            recorded = "no other holder recorded in the lock file"
+        else:
+            recorded = f"last holder recorded in the lock file: pid {holder_pid}"
+            stopped = holder_stopped(holder_pid)
+            if stopped is not None:
+                recorded += f", which is {stopped}"
         return GateTimeout(
             f"waited {waited:.3f} s for the write gate {self.lock_path}, held by {who} "
             f"({recorded})",

@@ -33,7 +33,7 @@ from ._errors import (
     RecordTypeError,
     TransactionError,
 )
-from ._gate import _read_holder
+from ._gate import _read_holder, holder_stopped
 from ._mailbox import Snapshot, snapshot
 
 try:
@@ -246,7 +246,8 @@ class GateState:
     """The write gate as seen from outside: whether someone holds it now, and who last took it.
 
     ``held`` is None where it cannot be tested (no ``flock``). ``pid`` and ``since`` (epoch
-    seconds) come from the record the last holder wrote into the lock file.
+    seconds) come from the record the last holder wrote into the lock file. ``stopped`` says
+    why a holder that is stopped (``SIGSTOP``, Ctrl-Z, a debugger) keeps the gate.
     """
 
     lock_path: str
@@ -254,6 +255,7 @@ class GateState:
     held: bool | None
     pid: int | None
     since: float | None
+    stopped: str | None = None
 
 
 def gate_state(lock_path: str) -> GateState:
@@ -281,7 +283,8 @@ def gate_state(lock_path: str) -> GateState:
     finally:
         os.close(fd)
     pid, since = record if record is not None else (None, None)
-    return GateState(lock_path, True, held, pid, since)
+    stopped = holder_stopped(pid) if held and pid is not None else None
+    return GateState(lock_path, True, held, pid, since, stopped)
 
 
 @dataclass(frozen=True)
@@ -401,7 +404,8 @@ def format_gate(gate: GateState, now: float) -> str:
         return "free"
     if gate.pid is None or gate.since is None:
         return "held by a process that left no record (a tool using filelock?)"
-    return f"held by pid {gate.pid} for {max(0.0, now - gate.since):.3f} s"
+    line = f"held by pid {gate.pid} for {max(0.0, now - gate.since):.3f} s"
+    return line if gate.stopped is None else f"{line}, {gate.stopped}"
 
 
 def format_mailbox(mailbox: Snapshot) -> str:

@@ -124,6 +124,23 @@ def test_info_names_the_process_holding_the_gate_and_leaves_the_lock_file_alone(
     assert "write gate      free" in run(capsys, "info", source)[1]
 
 
+def test_info_says_when_the_process_holding_the_gate_is_stopped(
+    source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with workers.holding_the_gate(source) as holder:
+        pid = holder.process.pid
+        running = _inspect.gate_state(source + ".lock")
+        with workers.stopped(holder.process):
+            code, out, _ = run(capsys, "info", source)
+            state = _inspect.gate_state(source + ".lock")
+            as_json = json.loads(run(capsys, "info", source, "--json")[1])
+    assert running.held is True and running.stopped is None
+    assert code == 0 and state.pid == pid
+    assert state.stopped == f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {pid}` lets it go on"
+    assert re.search(rf"write gate      held by pid {pid} for \d+\.\d{{3}} s, stopped ", out)
+    assert as_json["gate"]["stopped"] == state.stopped
+
+
 def test_info_counts_the_writes_waiting_in_the_mailbox(
     source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

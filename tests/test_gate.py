@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import filelock
 import pytest
 
 import mpstore
-from mpstore._gate import Gate, drop_gate, gate_for
+from mpstore._gate import Gate, drop_gate, gate_for, holder_stopped
 from tests import workers
 from tests.models import Note
 
@@ -124,6 +126,55 @@ def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
         assert err.waited is not None and err.waited >= 0.3
         assert isinstance(err, TimeoutError)
     assert holder.process.exitcode == 0
+
+
+def test_gate_timeout_says_when_the_holder_is_stopped(tmp_path: Path) -> None:
+    """A holder stopped by Ctrl-Z keeps the gate until it goes on: the error says so, and
+    how to let it go on. Before it was stopped, the same holder was not called stopped."""
+    path = str(tmp_path / "state.db")
+    mpstore.Store(path).close()
+    with workers.holding_the_gate(path) as holder, mpstore.Store(path, timeout=0.2) as store:
+        pid = holder.process.pid
+        with pytest.raises(mpstore.GateTimeout) as running, store.write():
+            pass
+        assert f"pid {pid}" in str(running.value) and "stopped" not in str(running.value)
+        with (
+            workers.stopped(holder.process),
+            pytest.raises(mpstore.GateTimeout) as stopped,
+            store.write(),
+        ):
+            pass
+        assert stopped.value.holder_pid == pid
+        assert f"pid {pid}, which is stopped (SIGSTOP or Ctrl-Z)" in str(stopped.value)
+        assert f"kill -CONT {pid}" in str(stopped.value)
+    assert holder.process.exitcode == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
+def test_a_stopped_process_is_told_from_a_running_one_whatever_its_name() -> None:
+    # A command name may hold ") T (": the state is the field after the last parenthesis.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "open('/proc/self/comm', 'w').write('x) T (y'); print('named', flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"named\n"
+        assert Path(f"/proc/{child.pid}/comm").read_text() == "x) T (y\n"
+        assert holder_stopped(child.pid) is None
+        with workers.stopped(child):
+            assert holder_stopped(child.pid) == (
+                f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {child.pid}` lets it go on"
+            )
+        assert holder_stopped(child.pid) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert holder_stopped(child.pid) is None  # gone
 
 
 def test_a_timeout_behind_a_waiting_thread_names_the_other_process(tmp_path: Path) -> None:

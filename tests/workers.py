@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -279,6 +280,18 @@ def holding_the_gate(path: str) -> Iterator[Holder]:
         if process.is_alive():
             release.set()
         process.join(JOIN_TIMEOUT)
+
+
+@contextlib.contextmanager
+def stopped(process: Any) -> Iterator[None]:
+    """Stop a child process (as Ctrl-Z does) for the length of the block; it goes on after."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once the child is stopped
+        assert os.WIFSTOPPED(status), f"the child did not stop: status {status}"
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager
