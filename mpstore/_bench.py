@@ -732,9 +732,7 @@ def _pool_main(inbox: Any, barriers: dict[tuple[int, int], Any], stop: _Flag, re
             strategy = make_strategy(job.strategy, "processes")
             strategy.open(job.path)
             try:
-                result = run_worker(
-                    job, strategy, start, park, stop, cpu_clock=time.process_time
-                )
+                result = run_worker(job, strategy, start, park, stop, cpu_clock=time.process_time)
             finally:
                 strategy.close()
         except BaseException as exc:

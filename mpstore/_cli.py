@@ -243,9 +243,7 @@ def _unwritable(path: str) -> str | None:
         return f"{path} is a directory"
     if not os.path.isdir(directory):
         return f"cannot write {path}: its directory does not exist"
-    if not os.access(directory, os.W_OK) or (
-        os.path.exists(path) and not os.access(path, os.W_OK)
-    ):
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         return f"cannot write {path}: permission denied"
     return None
 
@@ -321,9 +319,7 @@ def _export_main(args: argparse.Namespace) -> int:
     from . import _inspect
 
     if args.output:
-        count = _inspect.export_to_file(
-            args.path, args.collection, args.output, args.immutable
-        )
+        count = _inspect.export_to_file(args.path, args.collection, args.output, args.immutable)
     else:
         count = _inspect.export(args.path, args.collection, sys.stdout, args.immutable)
         sys.stdout.flush()

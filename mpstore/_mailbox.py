@@ -75,6 +75,7 @@ __all__ = [
 #: permission, a directory in its place, or a symlink (never followed there: O_NOFOLLOW).
 REFUSED_OPENS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP})
 
+
 def open_beside(path: str, mode: int, what: str) -> int:
     """Open (creating it) the file beside the database at ``path``, never through a symlink.
 
@@ -667,9 +668,7 @@ def snapshot(path: str) -> Snapshot:
     _check_magic(head[: len(_MAGIC)], path)
     states = head[_STATES : _STATES + SLOTS]
     holder = _LEADER.unpack_from(head, 8)[0] if len(head) >= 16 else 0
-    return Snapshot(
-        True, states.count(PUBLISHED), states.count(TAKEN), states.count(DONE), holder
-    )
+    return Snapshot(True, states.count(PUBLISHED), states.count(TAKEN), states.count(DONE), holder)
 
 
 _open: weakref.WeakSet[Mailbox] = weakref.WeakSet()

@@ -263,9 +263,7 @@ class Store:
         deadline = time.monotonic() + timeout
         mine = self._tx.mailbox_uses  # a hook of this thread's own write may close the store
         with self._followers_done:
-            while self._following > mine and self._followers_done.wait(
-                deadline - time.monotonic()
-            ):
+            while self._following > mine and self._followers_done.wait(deadline - time.monotonic()):
                 pass
 
     def _close_writer_and_gate(self) -> None:
