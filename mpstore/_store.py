@@ -98,7 +98,9 @@ class _TxState(threading.local):
     """The calling thread's open transaction in this store, if any."""
 
     conn: Connection | None = None
-    depth: int = 0
+    transaction: _Transaction | None = None  # a write transaction's block
+    # Its nested blocks' savepoints, outermost first, by token (see _Savepoint.__del__).
+    savepoints: tuple[object, ...] = ()
     pid: int = 0
     abandon: threading.Event | None = None
     mailbox_uses: int = 0  # of the store's calls counted in _following, those of this thread
@@ -340,7 +342,8 @@ class Store:
     def _current(self) -> Connection | None:
         tx = self._tx
         if tx.conn is not None and tx.pid != _fork.pid():
-            tx.conn, tx.depth = None, 0  # forked inside a block: the child has no transaction
+            # Forked inside a block: the child has no transaction.
+            tx.conn, tx.transaction, tx.savepoints = None, None, ()
         return tx.conn
 
     @contextmanager
@@ -602,6 +605,7 @@ class Store:
                 mailbox = held.mailbox = current
             if mailbox is not None:
                 mailbox.gate_taken()
+            held.open = True
         except BaseException:
             self._leave_gate(held)
             raise
@@ -611,11 +615,19 @@ class Store:
         """:meth:`_holding_gate`'s end: give the gate back, wake the mailbox, count out."""
         mailbox = held.mailbox
         try:
+            held.open = False
             try:
-                if mailbox is not None:
-                    mailbox.gate_released()
+                skipped = self._tx.transaction
+                if skipped is not None:
+                    # A Ctrl-C landed as its block was left, before its end ran: its block
+                    # raised, and no transaction may outlive the gate.
+                    self._end_transaction(skipped, _SKIPPED)
             finally:
-                self._gate.release()
+                try:
+                    if mailbox is not None:
+                        mailbox.gate_released()
+                finally:
+                    self._gate.release()
             if mailbox is not None:
                 # The outcome is decided (committed or not): a failed wake-up must not
                 # change it. Waiting writes also look for themselves every LIVENESS.
@@ -663,30 +675,34 @@ class Store:
         normally, rolled back when it raises."""
         return _Transaction(self, raw)
 
-    def _begin_transaction(self, raw: sqlite3.Connection) -> Connection:
+    def _begin_transaction(self, scope: _Transaction) -> Connection:
         """:meth:`_transaction`'s start; on failure it ends the transaction itself."""
+        raw = scope.raw
         with translating(self.path):
             raw.execute(self._begin)
-        conn = Connection(raw, self.path, writable=True)
+        conn = scope.conn = Connection(raw, self.path, writable=True)
         tx = self._tx
-        tx.conn, tx.depth, tx.pid = conn, 0, _fork.pid()
+        tx.conn, tx.transaction, tx.savepoints, tx.pid = conn, scope, (), _fork.pid()
+        scope.open = True
         try:
             self._emit("begin")
         except BaseException as exc:
-            self._end_transaction(raw, conn, exc)
+            self._end_transaction(scope, exc)
             raise
         return conn
 
-    def _end_transaction(
-        self, raw: sqlite3.Connection, conn: Connection, error: BaseException | None
-    ) -> None:
+    def _end_transaction(self, scope: _Transaction, error: BaseException | None) -> None:
         """:meth:`_transaction`'s end: COMMIT after a block that ended normally, else ROLLBACK.
 
         :raises TransactionError: the block's transaction had already ended.
         """
+        raw, conn = scope.raw, scope.conn
         try:
+            scope.open = False
             if error is None:
                 try:
+                    if self._tx.savepoints:
+                        raise TransactionError(_SKIPPED_INSIDE, self.path)
                     if not raw.in_transaction:
                         raise TransactionError(
                             "the transaction ended inside its write() block", self.path
@@ -702,7 +718,7 @@ class Store:
         finally:
             conn._end()
             tx = self._tx
-            tx.conn, tx.depth = None, 0
+            tx.conn, tx.transaction, tx.savepoints = None, None, ()
 
     def _roll_back(self, raw: sqlite3.Connection, conn: Connection) -> None:
         # What was rolled back (here, or by SQLite itself) may have been DDL.
@@ -716,27 +732,32 @@ class Store:
         rolled back to (and released) when it raises."""
         return _Savepoint(self, conn)
 
-    def _open_savepoint(self, conn: Connection) -> str:
+    def _open_savepoint(self, scope: _Savepoint) -> None:
         tx = self._tx
-        tx.depth += 1
-        name = f"mpstore_sp{tx.depth}"
-        try:
-            conn._control(f"SAVEPOINT {name}")
-        except BaseException:
-            tx.depth -= 1
-            raise
-        return name
+        scope.name = f"mpstore_sp{len(tx.savepoints) + 1}"
+        scope.conn._control(f"SAVEPOINT {scope.name}")
+        tx.savepoints += (scope.token,)
+        scope.open = True
 
-    def _close_savepoint(self, conn: Connection, name: str, error: BaseException | None) -> None:
+    def _close_savepoint(self, scope: _Savepoint, error: BaseException | None) -> None:
+        conn, name, tx = scope.conn, scope.name, self._tx
         try:
-            if error is None:
+            scope.open = False
+            # Savepoints above this one are still open only if their blocks were left before
+            # their ends ran (see _Scope): what they hold is not this block's to keep.
+            skipped = not tx.savepoints or tx.savepoints[-1] is not scope.token
+            if error is None and not skipped:
                 conn._control(f"RELEASE {name}")
             elif conn.in_transaction:
                 conn._control(f"ROLLBACK TO {name}")
                 conn._control(f"RELEASE {name}")
                 _sqlite.schema_changed(conn)  # what was rolled back may have been DDL
+            if error is None and skipped:
+                raise TransactionError(_SKIPPED_INSIDE, self.path)
         finally:
-            self._tx.depth -= 1
+            stack = tx.savepoints
+            if scope.token in stack:
+                tx.savepoints = stack[: stack.index(scope.token)]
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -917,57 +938,107 @@ class Store:
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
-class _HoldingGate:
-    """:meth:`Store._holding_gate`: a class, not a generator, as mpstore enters one (and a
-    transaction, and a savepoint per write of a batch) for every write, and a generator costs
-    several times as much to enter and leave."""
+class _Scope:
+    """A block of the write path (the gate's hold, a transaction, a savepoint) as a class: mpstore
+    enters all three for every write, and a generator costs several times as much to enter and
+    leave. ``open`` is set at the end of the block's start and cleared first thing in its end.
 
-    __slots__ = ("_store", "entered", "mailbox")
+    A signal handler's exception (Ctrl-C's KeyboardInterrupt) can land on the first instruction
+    of ``__exit__``, which then never runs the block's end. As a generator's ``finally`` would,
+    the end of a gate's hold or of a savepoint then runs when its object is dropped (in its own
+    thread, and for a savepoint only while it is the innermost one still open), which is once
+    the exception has been handled. Whatever is still open when the block around it ends is
+    settled there: a transaction is rolled back before the gate is given back, and a block
+    with a savepoint still open inside it rolls back and raises TransactionError rather than
+    commit writes whose block raised.
+    """
+
+    __slots__ = ("_store", "open")
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self.open = False
+
+    def _end(self, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self._end(error)
+
+
+#: The error a block's end is given when it runs for a block left before its end (see _Scope).
+_SKIPPED = KeyboardInterrupt("the block was left before its end ran")
+_SKIPPED_INSIDE = (
+    "a write() block nested in this one was left before its end ran (a KeyboardInterrupt as it "
+    "ended?): nothing of this block is committed"
+)
+
+
+class _HoldingGate(_Scope):
+    """:meth:`Store._holding_gate`."""
+
+    __slots__ = ("entered", "mailbox", "thread")
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
         self.entered = False  # counted among the store's writers
         self.mailbox: _mailbox.Mailbox | None = None  # the mailbox this holder keeps
+        self.thread = threading.get_ident()  # only this thread can give the gate back
 
     def __enter__(self) -> sqlite3.Connection:
         return self._store._enter_gate(self)
 
-    def __exit__(self, *exc: object) -> None:
+    def _end(self, error: BaseException | None) -> None:
         self._store._leave_gate(self)
 
+    def __del__(self) -> None:
+        if self.open and self.thread == threading.get_ident() and not sys.is_finalizing():
+            self._store._leave_gate(self)
 
-class _Transaction:
-    """:meth:`Store._transaction` (a class for the reason :class:`_HoldingGate` is)."""
 
-    __slots__ = ("_conn", "_raw", "_store")
+class _Transaction(_Scope):
+    """:meth:`Store._transaction`."""
+
+    __slots__ = ("conn", "raw")
 
     def __init__(self, store: Store, raw: sqlite3.Connection) -> None:
-        self._store = store
-        self._raw = raw
+        super().__init__(store)
+        self.raw = raw
+        self.conn: Connection
 
     def __enter__(self) -> Connection:
-        self._conn = self._store._begin_transaction(self._raw)
-        return self._conn
+        return self._store._begin_transaction(self)
 
-    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        self._store._end_transaction(self._raw, self._conn, error)
+    def _end(self, error: BaseException | None) -> None:
+        self._store._end_transaction(self, error)
 
 
-class _Savepoint:
-    """:meth:`Store._savepoint` (a class for the reason :class:`_HoldingGate` is)."""
+class _Savepoint(_Scope):
+    """:meth:`Store._savepoint`."""
 
-    __slots__ = ("_conn", "_name", "_store")
+    __slots__ = ("conn", "name", "thread", "token")
 
     def __init__(self, store: Store, conn: Connection) -> None:
-        self._store = store
-        self._conn = conn
+        super().__init__(store)
+        self.conn = conn
+        self.name = ""
+        self.thread = threading.get_ident()
+        # What the transaction's list of open savepoints holds for this one: not the object
+        # itself, which would keep it from being dropped, and names repeat across transactions.
+        self.token = object()
 
     def __enter__(self) -> Connection:
-        self._name = self._store._open_savepoint(self._conn)
-        return self._conn
+        self._store._open_savepoint(self)
+        return self.conn
 
-    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        self._store._close_savepoint(self._conn, self._name, error)
+    def _end(self, error: BaseException | None) -> None:
+        self._store._close_savepoint(self, error)
+
+    def __del__(self) -> None:
+        if self.open and self.thread == threading.get_ident() and not sys.is_finalizing():
+            open_here = self._store._tx.savepoints
+            if open_here and open_here[-1] is self.token and self.conn.in_transaction:
+                self._store._close_savepoint(self, _SKIPPED)
 
 
 def _after_fork_in_child() -> None:

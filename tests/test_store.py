@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import os
 import pickle
@@ -10,14 +12,15 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import mpstore
-from mpstore import _mailbox, _sqlite
-from mpstore._connection import translating_reads
+from mpstore import _mailbox, _sqlite, _store
+from mpstore._connection import Connection, translating_reads
 from tests import workers
 from tests.models import Note
 
@@ -59,6 +62,127 @@ def test_outer_failure_rolls_back_committed_inner_blocks(store: mpstore.Store) -
             inner.execute("INSERT INTO t VALUES (1)")
         raise KeyError("outer")
     assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
+@contextlib.contextmanager
+def _interrupted_at_exit(kind: type[Any]) -> Iterator[list[str]]:
+    """Raise KeyboardInterrupt at the first instruction of the exit of the first ``kind`` block
+    left in this thread, where CPython runs a pending signal handler (Ctrl-C)."""
+    fired: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        at_exit = event == "call" and frame.f_code is _store._Scope.__exit__.__code__
+        if at_exit and not fired and isinstance(frame.f_locals["self"], kind):
+            fired.append(kind.__name__)
+            raise KeyboardInterrupt("Ctrl-C as the block is left")
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield fired
+    finally:
+        sys.settrace(previous)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kept"),
+    [(_store._Transaction, [2]), (_store._Savepoint, [2]), (_store._HoldingGate, [1, 2])],
+)
+def test_a_ctrl_c_as_a_write_block_is_left_leaves_no_transaction_and_no_gate_behind(
+    store: mpstore.Store, kind: type[Any], kept: list[int]
+) -> None:
+    """The block's end runs anyway: the transaction (or savepoint) is rolled back, or the gate
+    given back once the commit is made; the thread's next write is a write of its own."""
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        _interrupted_at_exit(kind) as fired,
+        store.write() as conn,
+    ):
+        if kind is _store._Savepoint:
+            with store.write() as inner:
+                inner.execute("INSERT INTO t VALUES (1)")
+        else:
+            conn.execute("INSERT INTO t VALUES (1)")
+    assert fired == [kind.__name__]
+    gc.collect()  # the interrupt is handled: whatever it kept is dropped
+    assert store._tx.conn is None and store._tx.transaction is None and store._tx.savepoints == ()
+    assert not store._gate.held_here and store._writing == 0
+    assert store._wconn is not None and not store._wconn.in_transaction
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert _rows(store) == kept
+
+
+def test_a_ctrl_c_caught_inside_an_outer_write_block_never_commits_the_inner_block(
+    store: mpstore.Store,
+) -> None:
+    """The nested block raised, its savepoint's end skipped. While the interrupt (and with it
+    the savepoint) is kept, the outer block cannot tell what to keep: it commits nothing and
+    says why. Once the interrupt is dropped, the savepoint is rolled back and the outer block
+    commits the rest."""
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+
+    def outer_block_with_an_interrupted_inner_one(keep: list[object]) -> None:
+        with store.write() as outer:
+            outer.execute("INSERT INTO t VALUES (1)")
+            with (
+                pytest.raises(KeyboardInterrupt) as interrupt,
+                _interrupted_at_exit(_store._Savepoint) as fired,
+                store.write() as inner,
+            ):
+                inner.execute("INSERT INTO t VALUES (2)")
+            assert fired == ["_Savepoint"]
+            keep.append(interrupt.value)
+            if len(keep) > 1:  # the second time, the interrupt is dropped
+                keep.clear()
+                del interrupt
+                gc.collect()
+            with store.write() as inner:
+                inner.execute("INSERT INTO t VALUES (3)")
+
+    kept: list[object] = []
+    with pytest.raises(mpstore.TransactionError, match="left before its end ran"):
+        outer_block_with_an_interrupted_inner_one(kept)
+    assert _rows(store) == []
+    kept.append("drop it next time")
+    outer_block_with_an_interrupted_inner_one(kept)
+    assert _rows(store) == [1, 3]
+    assert store._tx.savepoints == () and store._tx.transaction is None
+
+
+def _rows(store: mpstore.Store) -> list[int]:
+    with contextlib.closing(sqlite3.connect(store.path)) as fresh:
+        return [x for (x,) in fresh.execute("SELECT x FROM t ORDER BY x")]
+
+
+def test_a_savepoint_that_cannot_start_is_not_counted_as_open(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with store.write():
+        with monkeypatch.context() as patched:
+            patched.setattr(Connection, "_control", lambda self, sql: _refuse(sql))
+            with pytest.raises(mpstore.TransactionError), store.write():
+                pass
+        assert store._tx.savepoints == ()
+        control = Connection._control
+        statements: list[str] = []
+
+        def recorded(self: Connection, sql: str) -> None:
+            statements.append(sql)
+            control(self, sql)
+
+        monkeypatch.setattr(Connection, "_control", recorded)
+        with store.write() as inner:  # the next one starts as the first
+            assert len(store._tx.savepoints) == 1
+            inner.execute("SELECT 1")
+        assert statements == ["SAVEPOINT mpstore_sp1", "RELEASE mpstore_sp1"]
+
+
+def _refuse(sql: str) -> None:
+    raise mpstore.TransactionError(f"refused: {sql}")
 
 
 def test_write_uses_begin_immediate(store: mpstore.Store) -> None:
