@@ -7,7 +7,8 @@ WAL frames are not yet copied back into the database (two integers in the WAL in
 file). Past a threshold a background thread runs a PASSIVE checkpoint, which never blocks
 writers or readers. A store looks at most once a millisecond: reading the index is a system
 call, as costly as a tenth of a small write, and the WAL outgrows the threshold by at most what
-one process commits in that time.
+one process commits in that time (and stays so until the next write looks, when a burst of
+writes ends within that millisecond).
 
 The WAL index is read through a descriptor of mpstore's own, and closing any descriptor of a
 file drops every POSIX lock the process holds on it, SQLite's included: its lock on the -shm
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import _fork
+from . import _fork, _proc
 
 try:
     import fcntl
@@ -45,7 +46,6 @@ _BACKFILL = struct.Struct("=I")
 LOOK_EVERY = 0.001
 
 
-_LOCKS_TABLE = "/proc/locks"
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
 
 
@@ -72,27 +72,9 @@ def unlocked(fd: int) -> bool:
 
 def locks_held_here(fd: int) -> bool:
     """Whether this process holds a POSIX lock on the file ``fd`` refers to, as far as
-    /proc/locks tells (False where there is none to read).
-
-    Matched on the inode number alone: /proc/locks names the device the lock lives on, which
-    on overlayfs or btrfs is not the one ``stat`` reports; a false match only keeps a
-    descriptor open.
-    """
-    inode = f":{os.fstat(fd).st_ino}"
-    me = str(os.getpid())
-    try:
-        with open(_LOCKS_TABLE) as table:
-            for line in table:
-                # "<id>: POSIX ADVISORY READ <pid> <maj:min:inode> <start> <end>"; a waiting
-                # request has "->" after the id and is not held.
-                fields = line.split()
-                if "->" in fields or len(fields) < 6 or fields[1] != "POSIX":
-                    continue
-                if fields[4] == me and fields[5].endswith(inode):
-                    return True
-    except OSError:
-        return False
-    return False
+    /proc/locks tells (see :func:`_proc.holds_lock`); a false match only keeps a descriptor
+    open."""
+    return _proc.holds_lock("POSIX", os.getpid(), os.fstat(fd).st_ino)
 
 
 class _WalIndexFiles:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Protocol
 
-from . import _fork, _mailbox
+from . import _fork, _mailbox, _proc
 from ._errors import GateTimeout, PermissionDenied, TransactionError
 from ._mailbox import Mailbox
 
@@ -88,22 +88,16 @@ def _read_holder(fd: int) -> tuple[int, float] | None:
         return None
 
 
-def holder_stopped(pid: int) -> str | None:
-    """Why process ``pid`` cannot give the gate back on its own, if it is stopped (read from
-    /proc; None where it runs, is gone, or there is no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            line = stat.read()
-    except OSError:
+def holder_stopped(pid: int, lock_inode: int) -> str | None:
+    """Why process ``pid`` cannot give the gate back on its own, if it is stopped and holds the
+    lock file (inode ``lock_inode``) now; None otherwise, or where /proc cannot tell. The lock
+    file's record names the last mpstore holder, which a ``filelock`` user since may not be."""
+    how = _proc.stopped(pid)
+    if how is None or not _proc.holds_lock("FLOCK", pid, lock_inode):
         return None
-    # "pid (command) S ...": the command may hold spaces and parentheses of its own.
-    end = line.rfind(b")")
-    state = line[end + 2 : end + 3] if end >= 0 else b""
-    if state == b"T":
-        return f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {pid}` lets it go on"
-    if state == b"t":
+    if how == "traced":
         return "stopped by a debugger"
-    return None
+    return f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {pid}` lets it go on"
 
 
 class _Request:
@@ -555,7 +549,10 @@ class Gate:
             recorded = "no other holder recorded in the lock file"
         else:
             recorded = f"last holder recorded in the lock file: pid {holder_pid}"
-            stopped = holder_stopped(holder_pid)
+            try:
+                stopped = holder_stopped(holder_pid, os.stat(self.lock_path).st_ino)
+            except OSError:  # the lock file is gone: nobody can hold it
+                stopped = None
             if stopped is not None:
                 recorded += f", which is {stopped}"
         return GateTimeout(

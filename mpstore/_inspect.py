@@ -280,10 +280,10 @@ def gate_state(lock_path: str) -> GateState:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 held = False
         record = _read_holder(fd)
+        pid, since = record if record is not None else (None, None)
+        stopped = holder_stopped(pid, os.fstat(fd).st_ino) if held and pid is not None else None
     finally:
         os.close(fd)
-    pid, since = record if record is not None else (None, None)
-    stopped = holder_stopped(pid) if held and pid is not None else None
     return GateState(lock_path, True, held, pid, since, stopped)
 
 

@@ -14,7 +14,8 @@ import filelock
 import pytest
 
 import mpstore
-from mpstore._gate import Gate, drop_gate, gate_for, holder_stopped
+from mpstore import _inspect, _proc
+from mpstore._gate import Gate, drop_gate, gate_for
 from tests import workers
 from tests.models import Note
 
@@ -150,6 +151,41 @@ def test_gate_timeout_says_when_the_holder_is_stopped(tmp_path: Path) -> None:
     assert holder.process.exitcode == 0
 
 
+def test_a_stopped_process_the_lock_file_names_is_not_blamed_when_another_holds_the_gate(
+    tmp_path: Path,
+) -> None:
+    """The record names the last mpstore holder; a plain filelock user holding the gate now
+    writes none. That earlier holder, stopped but idle, is not called the one in the way."""
+    path = str(tmp_path / "state.db")
+    idle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import mpstore, sys\n"
+            "with mpstore.Store(sys.argv[1]) as s, s.write(): pass\n"
+            "print('wrote', flush=True); input()",
+            path,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert idle.stdout is not None and idle.stdout.readline() == b"wrote\n"
+        with (
+            workers.stopped(idle),
+            workers.filelock_held_elsewhere(path + ".lock"),
+            mpstore.Store(path, timeout=0.2) as store,
+        ):
+            with pytest.raises(mpstore.GateTimeout) as timeout, store.write():
+                pass
+            assert f"last holder recorded in the lock file: pid {idle.pid})" in str(timeout.value)
+            state = _inspect.gate_state(store.lock_path)
+            assert state.held and state.pid == idle.pid and state.stopped is None
+    finally:
+        idle.kill()
+        idle.wait()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
 def test_a_stopped_process_is_told_from_a_running_one_whatever_its_name() -> None:
     # A command name may hold ") T (": the state is the field after the last parenthesis.
@@ -165,16 +201,14 @@ def test_a_stopped_process_is_told_from_a_running_one_whatever_its_name() -> Non
     try:
         assert child.stdout is not None and child.stdout.readline() == b"named\n"
         assert Path(f"/proc/{child.pid}/comm").read_text() == "x) T (y\n"
-        assert holder_stopped(child.pid) is None
+        assert _proc.stopped(child.pid) is None
         with workers.stopped(child):
-            assert holder_stopped(child.pid) == (
-                f"stopped (SIGSTOP or Ctrl-Z): `kill -CONT {child.pid}` lets it go on"
-            )
-        assert holder_stopped(child.pid) is None
+            assert _proc.stopped(child.pid) == "stopped"
+        assert _proc.stopped(child.pid) is None
     finally:
         child.kill()
         child.wait()
-    assert holder_stopped(child.pid) is None  # gone
+    assert _proc.stopped(child.pid) is None  # gone
 
 
 def test_a_timeout_behind_a_waiting_thread_names_the_other_process(tmp_path: Path) -> None:

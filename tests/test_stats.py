@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _checkpoint, _fork
+from mpstore import _checkpoint, _fork, _proc
 from mpstore._stats import COUNTERS
 from mpstore.conversations import ConversationRepository, sample_conversation
 from tests import workers
@@ -266,7 +266,7 @@ def test_locks_are_matched_on_the_inode_whatever_device_proc_locks_names(
             f"1: POSIX  ADVISORY  READ {os.getpid()} 00:28:{inode} 128 128\n"
             f"2: -> POSIX  ADVISORY  WRITE {os.getpid() + 1} 00:28:{inode + 1} 0 EOF\n"
         )
-        monkeypatch.setattr(_checkpoint, "_LOCKS_TABLE", str(table))
+        monkeypatch.setattr(_proc, "LOCKS_TABLE", str(table))
         assert _checkpoint.locks_held_here(fd)
         table.write_text(f"1: POSIX  ADVISORY  READ {os.getpid() + 1} 00:28:{inode} 128 128\n")
         assert not _checkpoint.locks_held_here(fd)
