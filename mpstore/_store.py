@@ -99,7 +99,7 @@ class _TxState(threading.local):
 
     conn: Connection | None = None
     transaction: _Transaction | None = None  # a write transaction's block
-    # Its nested blocks' savepoints, outermost first, by token (see _Savepoint.__del__).
+    # Its nested blocks' savepoints, outermost first, by token (see _Savepoint.token).
     savepoints: tuple[object, ...] = ()
     pid: int = 0
     abandon: threading.Event | None = None
@@ -384,8 +384,13 @@ class Store:
                 raise TransactionError(
                     "write() inside a read() block; open the write first", self.path
                 )
-            with self._savepoint(current) as conn:
-                yield conn
+            savepoint = self._savepoint(current)
+            try:
+                with savepoint as conn:
+                    yield conn
+            except BaseException as exc:
+                savepoint.settle(exc)
+                raise
             return
         self._check_open()
         with self._write_turn() as raw, self._transaction(raw) as conn:
@@ -404,9 +409,19 @@ class Store:
         self._check_open()
         self._emit("gate-wait")
         if self._gate.try_acquire():
-            with self._holding_gate() as raw:
-                return self._queue.lead(raw, fn)
+            return self._lead(fn)
         return self._queue.submit(fn, self.timeout)
+
+    def _lead(self, fn: Callable[[Connection], T], op: tuple[Any, ...] | None = None) -> T:
+        """Run ``fn`` (the collection write ``op``, if it is one) under the gate this thread has
+        just taken, with the writes waiting for it (see :meth:`WriteQueue.lead`)."""
+        held = self._holding_gate()
+        try:
+            with held as raw:
+                return self._queue.lead(raw, fn, op)
+        except BaseException as exc:
+            held.settle(exc)
+            raise
 
     def _run_op(self, op: tuple[Any, ...]) -> int:
         """Run a collection write given as data (see :func:`_sqlite.run_op`); rows changed.
@@ -429,8 +444,7 @@ class Store:
             # Another process's write holding the gate is the common case under contention; the
             # mailbox says so without the failed lock attempt (a system call and an exception).
             if (mailbox is None or mailbox.gate_free()) and self._gate.try_acquire():
-                with self._holding_gate() as raw:
-                    return self._queue.lead(raw, fn, op)
+                return self._lead(fn, op)
             if mailbox is not None and not self._gate.busy_here:
                 payload = _mailbox.encode_op(op)
                 if len(payload) <= _mailbox.CAPACITY:
@@ -515,15 +529,20 @@ class Store:
                 if worth_trying(mailbox, slept or now >= deadline):
                     slept = False
                     if self._gate.try_acquire():
+                        held = self._holding_gate()
                         try:
                             # _holding_gate first settles what a dead holder left, this too.
-                            with self._holding_gate() as raw:
+                            with held as raw:
                                 if mailbox.withdraw(slot):
                                     settled = True
                                     return self._queue.lead(raw, _sqlite.op_runner(op), op)
-                        except Exception:
+                        except Exception as exc:
+                            held.settle(exc)
                             if settled or mailbox.state(index) != _mailbox.DONE:
                                 raise
+                        except BaseException as exc:
+                            held.settle(exc)
+                            raise
                             # Another holder committed this write just before: that outcome
                             # is this call's, whatever went wrong with taking the gate after.
                         continue
@@ -565,8 +584,13 @@ class Store:
         except GateTimeout:
             self._stats.count("gate_timeouts")
             raise
-        with self._holding_gate() as raw:
-            yield raw
+        held = self._holding_gate()
+        try:
+            with held as raw:
+                yield raw
+        except BaseException as exc:
+            held.settle(exc)
+            raise
 
     def _holding_gate(self) -> _HoldingGate:
         """The write connection, for a caller that has just taken the gate; releases it after.
@@ -617,11 +641,16 @@ class Store:
         try:
             held.open = False
             try:
+                # A Ctrl-C that landed as a transaction's block was left, before its end ran
+                # (or just after its BEGIN): its block raised, and no transaction may outlive
+                # the gate.
                 skipped = self._tx.transaction
                 if skipped is not None:
-                    # A Ctrl-C landed as its block was left, before its end ran: its block
-                    # raised, and no transaction may outlive the gate.
                     self._end_transaction(skipped, _SKIPPED)
+                raw = self._wconn
+                if raw is not None and raw.in_transaction and held.entered:
+                    raw.execute("ROLLBACK")
+                    self._emit("rollback")
             finally:
                 try:
                     if mailbox is not None:
@@ -944,20 +973,17 @@ class _Scope:
     leave. ``open`` is set at the end of the block's start and cleared first thing in its end.
 
     A signal handler's exception (Ctrl-C's KeyboardInterrupt) can land on the first instruction
-    of ``__exit__``, which then never runs the block's end. As a generator's ``finally`` would,
-    the end of a gate's hold or of a savepoint then runs when its object is dropped (in its own
-    thread, and for a savepoint only while it is the innermost one still open), which is once
-    the exception has been handled. Whatever is still open when the block around it ends is
-    settled there: a transaction is rolled back before the gate is given back, and a block
-    with a savepoint still open inside it rolls back and raises TransactionError rather than
-    commit writes whose block raised.
+    of ``__exit__``, which then never runs the block's end. mpstore's own ``with`` statements
+    catch it on its way out and run the end then (:meth:`settle`). Whatever is still open when
+    the block around it ends is settled there: the gate's hold rolls back a transaction before
+    it gives the gate back, and a transaction or savepoint with a savepoint still open inside it
+    rolls back and raises TransactionError rather than commit writes whose block raised.
     """
 
     __slots__ = ("_store", "open")
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self.open = False
+    _store: Store
+    open: bool
 
     def _end(self, error: BaseException | None) -> None:
         raise NotImplementedError
@@ -965,35 +991,37 @@ class _Scope:
     def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self._end(error)
 
+    def settle(self, error: BaseException) -> None:
+        """Run the block's end if ``error`` left it before its ``__exit__`` ran it."""
+        if self.open:
+            self._end(error)
 
-#: The error a block's end is given when it runs for a block left before its end (see _Scope).
+
+#: The error a block's end is given when the block around it runs that end (see _Scope).
 _SKIPPED = KeyboardInterrupt("the block was left before its end ran")
 _SKIPPED_INSIDE = (
-    "a write() block nested in this one was left before its end ran (a KeyboardInterrupt as it "
-    "ended?): nothing of this block is committed"
+    "a write() block nested in this one is still open: its end never ran (a KeyboardInterrupt "
+    "as it ended, or a block left suspended in a generator), so nothing of this block is "
+    "committed"
 )
 
 
 class _HoldingGate(_Scope):
     """:meth:`Store._holding_gate`."""
 
-    __slots__ = ("entered", "mailbox", "thread")
+    __slots__ = ("entered", "mailbox")
 
     def __init__(self, store: Store) -> None:
-        super().__init__(store)
+        self._store = store
+        self.open = False
         self.entered = False  # counted among the store's writers
         self.mailbox: _mailbox.Mailbox | None = None  # the mailbox this holder keeps
-        self.thread = threading.get_ident()  # only this thread can give the gate back
 
     def __enter__(self) -> sqlite3.Connection:
         return self._store._enter_gate(self)
 
     def _end(self, error: BaseException | None) -> None:
         self._store._leave_gate(self)
-
-    def __del__(self) -> None:
-        if self.open and self.thread == threading.get_ident() and not sys.is_finalizing():
-            self._store._leave_gate(self)
 
 
 class _Transaction(_Scope):
@@ -1002,7 +1030,8 @@ class _Transaction(_Scope):
     __slots__ = ("conn", "raw")
 
     def __init__(self, store: Store, raw: sqlite3.Connection) -> None:
-        super().__init__(store)
+        self._store = store
+        self.open = False
         self.raw = raw
         self.conn: Connection
 
@@ -1016,15 +1045,15 @@ class _Transaction(_Scope):
 class _Savepoint(_Scope):
     """:meth:`Store._savepoint`."""
 
-    __slots__ = ("conn", "name", "thread", "token")
+    __slots__ = ("conn", "name", "token")
 
     def __init__(self, store: Store, conn: Connection) -> None:
-        super().__init__(store)
+        self._store = store
+        self.open = False
         self.conn = conn
         self.name = ""
-        self.thread = threading.get_ident()
-        # What the transaction's list of open savepoints holds for this one: not the object
-        # itself, which would keep it from being dropped, and names repeat across transactions.
+        # What the transaction's list of open savepoints holds for this one: names repeat
+        # across transactions.
         self.token = object()
 
     def __enter__(self) -> Connection:
@@ -1033,12 +1062,6 @@ class _Savepoint(_Scope):
 
     def _end(self, error: BaseException | None) -> None:
         self._store._close_savepoint(self, error)
-
-    def __del__(self) -> None:
-        if self.open and self.thread == threading.get_ident() and not sys.is_finalizing():
-            open_here = self._store._tx.savepoints
-            if open_here and open_here[-1] is self.token and self.conn.in_transaction:
-                self._store._close_savepoint(self, _SKIPPED)
 
 
 def _after_fork_in_child() -> None:

@@ -334,16 +334,18 @@ class WriteQueue:
             job.result = job.run(conn)
             return
         for i, job in enumerate(jobs):
+            savepoint = None
             try:
                 if job.plain:
                     job.result = job.run(conn)
                 else:
-                    with self._store._savepoint(conn):
+                    savepoint = self._store._savepoint(conn)
+                    with savepoint:
                         job.result = job.run(conn)
-            except Exception as exc:
-                job.error = exc
             except BaseException as exc:
-                if job.carried:
+                if savepoint is not None:
+                    savepoint.settle(exc)  # its end never ran if a Ctrl-C landed as it ended
+                if job.carried and not isinstance(exc, Exception):
                     raise  # this process's own interrupt, not the other caller's error
                 job.error = exc
             if not raw.in_transaction:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import os
 import pickle
@@ -106,7 +105,6 @@ def test_a_ctrl_c_as_a_write_block_is_left_leaves_no_transaction_and_no_gate_beh
         else:
             conn.execute("INSERT INTO t VALUES (1)")
     assert fired == [kind.__name__]
-    gc.collect()  # the interrupt is handled: whatever it kept is dropped
     assert store._tx.conn is None and store._tx.transaction is None and store._tx.savepoints == ()
     assert not store._gate.held_here and store._writing == 0
     assert store._wconn is not None and not store._wconn.in_transaction
@@ -115,42 +113,111 @@ def test_a_ctrl_c_as_a_write_block_is_left_leaves_no_transaction_and_no_gate_beh
     assert _rows(store) == kept
 
 
-def test_a_ctrl_c_caught_inside_an_outer_write_block_never_commits_the_inner_block(
+def test_a_ctrl_c_caught_inside_an_outer_write_block_rolls_back_only_the_inner_block(
     store: mpstore.Store,
 ) -> None:
-    """The nested block raised, its savepoint's end skipped. While the interrupt (and with it
-    the savepoint) is kept, the outer block cannot tell what to keep: it commits nothing and
-    says why. Once the interrupt is dropped, the savepoint is rolled back and the outer block
-    commits the rest."""
+    """The nested block raised as it was left: its savepoint is rolled back on the way out,
+    at once, and the outer block goes on and commits its own writes, before and after."""
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    kept = []
+    with store.write() as outer:
+        outer.execute("INSERT INTO t VALUES (1)")
+        with (
+            pytest.raises(KeyboardInterrupt) as interrupt,
+            _interrupted_at_exit(_store._Savepoint) as fired,
+            store.write() as inner,
+        ):
+            inner.execute("INSERT INTO t VALUES (2)")
+        kept.append(interrupt.value)  # kept: nothing waits for it to be dropped
+        assert fired == ["_Savepoint"] and store._tx.savepoints == ()
+        outer.execute("INSERT INTO t VALUES (3)")
+        with store.write() as inner:
+            inner.execute("INSERT INTO t VALUES (4)")
+    assert _rows(store) == [1, 3, 4]
+    assert store._tx.savepoints == () and store._tx.transaction is None
+
+
+def test_a_block_with_a_nested_block_still_open_commits_nothing(store: mpstore.Store) -> None:
+    """A nested block left suspended in a generator is still open when the block around it
+    ends: what it wrote is neither committed nor silently dropped from a commit that goes on."""
     with store.write() as conn:
         conn.execute("CREATE TABLE t (x INTEGER)")
 
-    def outer_block_with_an_interrupted_inner_one(keep: list[object]) -> None:
-        with store.write() as outer:
-            outer.execute("INSERT INTO t VALUES (1)")
-            with (
-                pytest.raises(KeyboardInterrupt) as interrupt,
-                _interrupted_at_exit(_store._Savepoint) as fired,
-                store.write() as inner,
-            ):
-                inner.execute("INSERT INTO t VALUES (2)")
-            assert fired == ["_Savepoint"]
-            keep.append(interrupt.value)
-            if len(keep) > 1:  # the second time, the interrupt is dropped
-                keep.clear()
-                del interrupt
-                gc.collect()
-            with store.write() as inner:
-                inner.execute("INSERT INTO t VALUES (3)")
+    def nested() -> Iterator[None]:
+        with store.write() as inner:
+            inner.execute("INSERT INTO t VALUES (2)")
+            yield
 
-    kept: list[object] = []
-    with pytest.raises(mpstore.TransactionError, match="left before its end ran"):
-        outer_block_with_an_interrupted_inner_one(kept)
+    suspended = nested()
+    with (
+        pytest.raises(mpstore.TransactionError, match="nested in this one is still open"),
+        store.write() as outer,
+    ):
+        outer.execute("INSERT INTO t VALUES (1)")
+        next(suspended)
     assert _rows(store) == []
-    kept.append("drop it next time")
-    outer_block_with_an_interrupted_inner_one(kept)
-    assert _rows(store) == [1, 3]
-    assert store._tx.savepoints == () and store._tx.transaction is None
+    assert store._tx.savepoints == () and not store._gate.held_here
+    suspended.close()  # its savepoint went with the transaction
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+    assert _rows(store) == [3]
+
+
+def test_a_ctrl_c_just_after_begin_leaves_no_transaction_behind(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    fired = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        # The first call after BEGIN IMMEDIATE, before the transaction is recorded.
+        if event == "call" and frame.f_code is Connection.__init__.__code__ and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt), store.write() as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+    finally:
+        sys.settrace(previous)
+    assert fired and store._wconn is not None and not store._wconn.in_transaction
+    assert not store._gate.held_here
+    with mpstore.Store(store.path, timeout=1) as other, other.write() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+    assert _rows(store) == [2, 3]
+
+
+def test_a_ctrl_c_as_a_batched_write_ends_reaches_its_caller_as_itself(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that leads a batch (writes of other processes wait) runs in a savepoint; a
+    Ctrl-C as it ends is its caller's, not turned into another error, and nothing of it stays."""
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    monkeypatch.setattr(store, "_carrier", lambda: _WaitingMailbox())
+
+    def insert(conn: Any) -> None:
+        conn.execute("INSERT INTO t VALUES (1)")
+
+    with pytest.raises(KeyboardInterrupt), _interrupted_at_exit(_store._Savepoint) as fired:
+        store._run_write(insert)
+    assert fired == ["_Savepoint"]
+    monkeypatch.undo()
+    assert _rows(store) == [] and store._tx.savepoints == () and not store._gate.held_here
+
+
+class _WaitingMailbox:
+    """A mailbox that says a write waits, so the writer leads a batch, and hands none over."""
+
+    def waiting(self) -> bool:
+        return True
+
+    def take(self) -> list[Any]:
+        return []
 
 
 def _rows(store: mpstore.Store) -> list[int]:
