@@ -540,11 +540,11 @@ class Store:
                             held.settle(exc)
                             if settled or mailbox.state(index) != _mailbox.DONE:
                                 raise
+                            # Another holder committed this write just before: that outcome
+                            # is this call's, whatever went wrong with taking the gate after.
                         except BaseException as exc:
                             held.settle(exc)
                             raise
-                            # Another holder committed this write just before: that outcome
-                            # is this call's, whatever went wrong with taking the gate after.
                         continue
                 if now >= deadline and mailbox.withdraw(slot):
                     settled = True

@@ -113,6 +113,39 @@ def test_a_ctrl_c_as_a_write_block_is_left_leaves_no_transaction_and_no_gate_beh
     assert _rows(store) == kept
 
 
+@pytest.mark.parametrize("path", ["free gate", "waited in the mailbox"])
+def test_a_ctrl_c_as_a_collection_write_gives_the_gate_back_is_settled(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The lone write takes a free gate at once; a write that found it taken waits in the
+    mailbox and takes it from there. Either way the hold's end runs though its exit was
+    skipped: the gate is given back and the write was committed."""
+    notes = store.collection("notes", Note, key="id")
+    if path == "waited in the mailbox":
+        first = [True]
+        try_acquire = store._gate.try_acquire
+
+        def taken_the_first_time() -> bool:
+            if first:
+                first.clear()
+                return False
+            return try_acquire()
+
+        monkeypatch.setattr(store._gate, "try_acquire", taken_the_first_time)
+    follow = store._follow
+    followed = []
+    monkeypatch.setattr(store, "_follow", lambda *a: followed.append(1) or follow(*a))
+    with pytest.raises(KeyboardInterrupt), _interrupted_at_exit(_store._HoldingGate) as fired:
+        notes.upsert(Note(id="a", text="x"))
+    monkeypatch.undo()
+    assert fired == ["_HoldingGate"] and len(followed) == (path == "waited in the mailbox")
+    assert not store._gate.held_here and store._writing == 0
+    assert store.stats()["writes_carried_away"] == 0  # this process's own hold, both ways
+    with mpstore.Store(store.path, timeout=1) as other:
+        other.collection("notes", Note, key="id").upsert(Note(id="b", text="x"))
+    assert sorted(notes.keys()) == ["a", "b"]
+
+
 def test_a_ctrl_c_caught_inside_an_outer_write_block_rolls_back_only_the_inner_block(
     store: mpstore.Store,
 ) -> None:
