@@ -124,6 +124,7 @@ def test_info_names_the_process_holding_the_gate_and_leaves_the_lock_file_alone(
     assert "write gate      free" in run(capsys, "info", source)[1]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
 def test_info_says_when_the_process_holding_the_gate_is_stopped(
     source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

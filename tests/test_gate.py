@@ -129,6 +129,7 @@ def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
     assert holder.process.exitcode == 0
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
 def test_gate_timeout_says_when_the_holder_is_stopped(tmp_path: Path) -> None:
     """A holder stopped by Ctrl-Z keeps the gate until it goes on: the error says so, and
     how to let it go on. Before it was stopped, the same holder was not called stopped."""
