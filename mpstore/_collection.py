@@ -21,7 +21,7 @@ from typing import (
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, SchemaSerializer
 
 from . import _sqlite
 from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
@@ -110,6 +110,7 @@ class Collection(Generic[M]):
         self._include = set(self.indexed)
         # Fields whose value is their JSON form whenever it is a plain scalar: no serializer.
         self._plain = _plainly_serialised(model, self.indexed)
+        self._serializers = _field_serializers(model, self.indexed)
         self._carried_keys = tuple(sorted(self._json_keys.items()))
         recorded = {f: k for f, k in self._carried_keys if f == key or f in self._include}
         self._recorded_keys = json.dumps(recorded) if recorded else None
@@ -244,21 +245,23 @@ class Collection(Generic[M]):
             )
         key = check_key(getattr(record, self.key))
         try:
-            # A value whose type does not match its field (model_construct(), assignment
-            # without validation) fails here instead of being stored unreadable.
-            value = record.model_dump_json(warnings="error")
+            # model_dump_json() without its wrapper's cost. A value whose type does not match
+            # its field (model_construct(), assignment without validation) fails here instead
+            # of being stored unreadable.
+            data = record.__pydantic_serializer__.to_json(record, warnings="error")
         except PydanticSerializationError as exc:
             raise RecordTypeError(
                 f"record {key!r} holds a value that does not fit its field's type: {exc}",
                 self.store.path,
             ) from exc
         limit = self.store.max_record_bytes
-        if len(value) > limit or (4 * len(value) > limit and len(value.encode()) > limit):
+        if len(data) > limit:
             raise RecordTooLarge(
-                f"record {key!r} is {len(value.encode())} bytes of JSON; the store's limit is "
-                f"{limit} (max_record_bytes)",
+                f"record {key!r} is {len(data)} bytes of JSON; the store's limit is {limit} "
+                "(max_record_bytes)",
                 self.store.path,
             )
+        value = data.decode()
         if self.revalidate:
             self.model.model_validate_json(value)
         if not self.indexed:
@@ -270,9 +273,17 @@ class Collection(Generic[M]):
         finds there when it fills a column itself (see :func:`_sqlite.run_op`)."""
         values = []
         dumped: dict[str, Any] | None = None
+        # A subclass may serialise a field its own way: only the model's own records can use
+        # the model's field serializers.
+        serializers = self._serializers if type(record) is self.model else {}
         for field in self.indexed:
             value = getattr(record, field)
             if type(value) not in _SCALARS or field not in self._plain:
+                serializer = serializers.get(field)
+                if serializer is not None:
+                    value = serializer.to_python(value, mode="json")
+                    values.append(self._column_value(field, value))
+                    continue
                 if dumped is None:
                     dumped = record.model_dump(mode="json", include=self._include, by_alias=False)
                 value = dumped[field]
@@ -564,6 +575,29 @@ def _plainly_serialised(model: type[BaseModel], fields: Sequence[str]) -> frozen
     return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
 
 
+def _field_serializers(
+    model: type[BaseModel], fields: Sequence[str]
+) -> dict[str, SchemaSerializer]:
+    """A serializer for each of ``fields`` built from the field's own schema in the model's,
+    with the model's settings: what the model's JSON does to that field, at a fraction of the
+    cost of asking the model for it. Fields found only through references are left out."""
+    schema: Any = model.__pydantic_core_schema__
+    definitions = {d.get("ref"): d for d in schema.get("definitions", ())}
+    outer = _unwrapped(schema, definitions)
+    if outer.get("type") != "model" or "serialization" in outer:
+        return {}
+    inner = _unwrapped(outer.get("schema", {}), definitions)
+    if inner.get("type") != "model-fields":
+        return {}
+    known = inner.get("fields", {})
+    serializers = {}
+    for field in fields:
+        info = known.get(field)
+        if info is not None and not _anywhere(info.get("schema", {}), _refers):
+            serializers[field] = SchemaSerializer(info["schema"], outer.get("config"))
+    return serializers
+
+
 def _unwrapped(schema: Any, definitions: Mapping[Any, Any]) -> Any:
     """``schema`` past model validators (function-* wrappers, outside or inside the model) and
     references; one with a serializer of its own is where the walk stops."""
@@ -581,16 +615,26 @@ def _unwrapped(schema: Any, definitions: Mapping[Any, Any]) -> Any:
 
 
 def _no_serializer(schema: Any) -> bool:
+    return not _anywhere(schema, lambda node: "serialization" in node or _refers(node))
+
+
+def _refers(node: dict[str, Any]) -> bool:
+    """Whether the schema ``node`` stands for a definition held elsewhere in its model's."""
+    return node.get("type") == "definition-ref"
+
+
+def _anywhere(schema: Any, test: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether ``test`` holds for any schema node in ``schema``, itself included."""
     stack = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if "serialization" in node or node.get("type") == "definition-ref":
-                return False
+            if test(node):
+                return True
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
-    return True
+    return False
 
 
 def _model_name(model: type[BaseModel]) -> str:

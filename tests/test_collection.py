@@ -19,6 +19,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import SchemaSerializer
 
 import mpstore
 from mpstore import _inspect, _sqlite
@@ -403,6 +404,47 @@ def test_control_an_index_filled_from_the_fields_python_value_diverges(
         column["by-python"] == column["by-sqlite"] == column["backfilled"]
         and found == ["backfilled", "by-python", "by-sqlite"]
     )
+
+
+@_DEPRECATED_ENCODERS
+@pytest.mark.parametrize(
+    "case", ["json-encoders", "serializer", "serializer-nested", "span-as-float"]
+)
+def test_control_an_index_filled_without_the_fields_own_schema_diverges(
+    db_path: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The declaring opener serialises an indexed field with the field's own schema from the
+    model's (the cases whose JSON is not the plain value): one inferred from the value
+    instead misses serializers and settings."""
+    model, field, value, _, _ = _STORED_FORMS[case]
+    inferred = SchemaSerializer({"type": "any"})
+    monkeypatch.setattr(
+        "mpstore._collection._field_serializers",
+        lambda model, fields: dict.fromkeys(fields, inferred),
+    )
+    column, _ = _filled_three_ways(db_path, model, field, value)
+    assert column["by-python"] != column["by-sqlite"] == column["backfilled"]
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+class _SerialisedOtherwise(_Serialised):
+    owner: Annotated[str, PlainSerializer(_lower)]
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_subclass_record_is_indexed_as_its_own_json_holds_it(
+    store: mpstore.Store, guarded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    things = store.collection("things", _Serialised, key="id", indexes=[("owner",)])
+    if not guarded:  # control: the model's field serializers used for a subclass's record
+        monkeypatch.setattr(things, "model", _SerialisedOtherwise)
+    things.upsert(_SerialisedOtherwise(id="a", owner="Ann"))
+    [(column, stored)] = store.query("SELECT f_owner, json_extract(value, '$.owner') FROM things")
+    assert stored == "ann"
+    assert (column == stored) is guarded
 
 
 class _Hidden(BaseModel):
