@@ -52,13 +52,15 @@ COLLECTIONS_TABLE = "_mpstore_collections"
 
 
 class SQLiteConnection(sqlite3.Connection):
-    """sqlite3's connection, remembering which indexed fields each collection table has (as
-    of one schema version), so that a write can check them for one cheap statement."""
+    """sqlite3's connection, remembering what writes ask of the schema (as of one version of
+    it): which indexed fields each collection table has, and whether a failed one-row write
+    undoes itself. A write then asks the version instead, a cheaper statement."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.schema_version = -1
+        self.schema_version: tuple[int, int] | None = None
         self.table_fields: dict[str, frozenset[str]] = {}
+        self.undo: bool | None = None
 
 
 class Writer(Protocol):
@@ -462,22 +464,10 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
     """The fields of the indexes the file records for collection ``table`` now (a checked
     identifier); columns added to the table by hand are not mpstore's to fill.
 
-    The schema version is asked once per transaction of mpstore's guarded connection: under
-    the gate only this connection changes the schema, and it says so (:func:`schema_changed`).
+    Remembered as of the schema's version (see :func:`_schema_memo`).
     """
-    raw = getattr(conn, "_conn", conn)  # mpstore's guarded connection wraps sqlite3's
-    memo: dict[str, frozenset[str]] = {}
-    if isinstance(raw, SQLiteConnection):
-        if not getattr(conn, "schema_checked", False):
-            # sqlite3's own connection, without the guarded one's checks (the write that
-            # follows makes them), but with its typed errors.
-            with translating(getattr(conn, "_path", "")):
-                (version,) = raw.execute("PRAGMA schema_version").fetchone()
-            if raw.schema_version != version:
-                raw.schema_version, raw.table_fields = version, {}
-            if hasattr(conn, "schema_checked"):
-                conn.schema_checked = True
-        memo = raw.table_fields
+    raw = _schema_memo(conn)
+    memo = raw.table_fields if raw is not None else {}
     fields = memo.get(table)
     if fields is None:
         cursor = conn.execute(f"SELECT indexes FROM {COLLECTIONS_TABLE} WHERE name = ?", (table,))
@@ -504,15 +494,40 @@ def _registered_fields(indexes: object, table: str) -> Iterator[str]:
         ) from exc
 
 
+def _schema_memo(conn: Writer) -> SQLiteConnection | None:
+    """The connection that remembers what writes ask of the schema, with what it remembers
+    still true; None for a connection that remembers nothing.
+
+    The versions of the file's schema and of the connection's own temporary one (where a
+    block may create a trigger) are asked once per transaction of mpstore's guarded
+    connection: under the gate only this connection changes the schema, and a change made
+    by mpstore inside a transaction says so (:func:`schema_changed`).
+    """
+    raw = getattr(conn, "_conn", conn)  # mpstore's guarded connection wraps sqlite3's
+    if not isinstance(raw, SQLiteConnection):
+        return None
+    if not getattr(conn, "schema_checked", False):
+        # sqlite3's own connection, without the guarded one's checks (the write that follows
+        # makes them), but with its typed errors.
+        with translating(getattr(conn, "_path", "")):
+            (main,) = raw.execute("PRAGMA main.schema_version").fetchone()
+            (temp,) = raw.execute("PRAGMA temp.schema_version").fetchone()
+        if raw.schema_version != (main, temp):
+            raw.schema_version, raw.table_fields, raw.undo = (main, temp), {}, None
+        if hasattr(conn, "schema_checked"):
+            conn.schema_checked = True
+    return raw
+
+
 def schema_changed(conn: Writer) -> None:
     """Note that the transaction of ``conn`` changed the schema, or rolled back what may have
     been a change: then the file's schema version goes back to a number another change can
-    reach again, with other columns, so the memo is dropped too."""
+    reach again, with another schema, so what was remembered is dropped too."""
     if hasattr(conn, "schema_checked"):
         conn.schema_checked = False
     raw = getattr(conn, "_conn", conn)
     if isinstance(raw, SQLiteConnection):
-        raw.schema_version, raw.table_fields = -1, {}
+        raw.schema_version, raw.table_fields, raw.undo = None, {}, None
 
 
 def single_statement(op: object) -> bool:
@@ -525,10 +540,18 @@ def single_statement(op: object) -> bool:
     return op[0] == "upsert" and len(op) == 5 and isinstance(op[3], list) and len(op[3]) == 1
 
 
-def statements_undo_themselves(conn: Writer) -> bool:
+def statements_undo_themselves(conn: Writer, fresh: bool = False) -> bool:
     """Whether a failed one-row write leaves nothing behind in this schema: true unless a
     trigger (which may change other rows first, and RAISE(FAIL) keeps those) or a foreign key
-    action could run."""
+    action could run.
+
+    Remembered as of the schema's version (see :func:`_schema_memo`); ``fresh`` asks the
+    schema itself, for a transaction in which code other than mpstore's has run (it may
+    have created a trigger).
+    """
+    raw = None if fresh else _schema_memo(conn)
+    if raw is not None and raw.undo is not None:
+        return raw.undo
     cursor = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger') "
         "OR EXISTS (SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger') "
@@ -536,6 +559,8 @@ def statements_undo_themselves(conn: Writer) -> bool:
     )
     (unsafe,) = cursor.fetchone()
     cursor.close()
+    if raw is not None:
+        raw.undo = not unsafe
     return not unsafe
 
 

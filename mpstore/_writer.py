@@ -83,13 +83,19 @@ class _Redo(Exception):
         self.jobs = jobs
 
 
-def _mark_plain(conn: Connection, jobs: list[_Job[Any]], undo: bool | None = None) -> bool | None:
+def _mark_plain(
+    conn: Connection,
+    jobs: list[_Job[Any]],
+    undo: bool | None = None,
+    after: list[_Job[Any]] | None = None,
+) -> bool | None:
     """Let the writes that need no SAVEPOINT run without one: one statement on one row, in a
     schema where SQLite undoes such a failed statement by itself. Not when a callback runs
     among them: it may change the schema (create a trigger) before they run.
 
     ``undo`` is that schema's answer if already known in this transaction; returns it (None
-    if it was not needed).
+    if it was not needed). ``after`` are the jobs that ran before these in the transaction:
+    if a callback was among them, the schema is asked afresh.
     """
     for job in jobs:
         job.plain = False  # a rerun asks again: the rolled-back attempt's schema is gone
@@ -99,7 +105,8 @@ def _mark_plain(conn: Connection, jobs: list[_Job[Any]], undo: bool | None = Non
     if not single:
         return undo
     if undo is None:
-        undo = _sqlite.statements_undo_themselves(conn)
+        fresh = after is not None and any(job.op is None for job in after)
+        undo = _sqlite.statements_undo_themselves(conn, fresh)
     if undo:
         for job in single:
             job.plain = True
@@ -308,7 +315,7 @@ class WriteQueue:
                     self._run_jobs(conn, raw, pending, alone=carry is None)
                     if carry is not None and not carry.took:
                         taken = carry.take()
-                        _mark_plain(conn, taken, undo)
+                        _mark_plain(conn, taken, undo, after=pending)
                         try:
                             # Never alone: a carried write's own failure is its owner's.
                             self._run_jobs(conn, raw, taken, alone=False)

@@ -679,14 +679,22 @@ def test_control_without_the_yield_budget_a_waiting_write_never_sleeps(
 def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
     store: mpstore.Store,
 ) -> None:
-    # One batch: a one-row upsert (so the schema is asked, and has no trigger yet), then a
-    # callback that creates a RAISE(FAIL) trigger, then a carried write the trigger refuses.
-    # Asked only once, the carried write would run without its SAVEPOINT and the trigger's
-    # audit row would stay.
+    # An earlier batch asks the schema (no trigger yet), which is remembered for that schema.
+    # Then one batch: a one-row upsert, a callback that creates a RAISE(FAIL) trigger, and a
+    # carried write the trigger refuses. Answered from before the callback, the carried write
+    # would run without its SAVEPOINT and the trigger's audit row would stay.
     notes = _audited_notes(store)
-    mine = _upsert(notes, "mine")
-    first: _writer._Job[int] = _writer._Job(_sqlite.op_runner(mine), None, queued=False)
-    first.op = mine
+
+    def upsert_job(key: str) -> _writer._Job[int]:
+        op = _upsert(notes, key)
+        job: _writer._Job[int] = _writer._Job(_sqlite.op_runner(op), None, queued=False)
+        job.op = op
+        return job
+
+    earlier, first = upsert_job("earlier"), upsert_job("mine")
+    with store._write_turn() as raw:
+        store._queue._commit(raw, [earlier, upsert_job("earlier2")])
+    assert earlier.plain  # asked, and answered "no savepoint needed"
 
     def create_trigger(conn: mpstore.Connection) -> None:
         conn.execute(_refusing("notes", "FAIL"))
@@ -700,7 +708,7 @@ def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
         ok, error = outcome()
         assert not ok and isinstance(error, sqlite3.IntegrityError)
     assert store.query("SELECT key FROM audit") == []
-    assert sorted(notes.keys()) == ["mine"]
+    assert sorted(notes.keys()) == ["earlier", "earlier2", "mine"]
 
 
 class _SlowScheduler:
