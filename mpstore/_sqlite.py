@@ -58,9 +58,9 @@ class SQLiteConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.schema_version: tuple[int, int] | None = None
+        self.schema_version: int | None = None
         self.table_fields: dict[str, frozenset[str]] = {}
-        self.undo: bool | None = None
+        self.undo: tuple[int, bool] | None = None  # with the temporary schema's version
 
 
 class Writer(Protocol):
@@ -498,10 +498,9 @@ def _schema_memo(conn: Writer) -> SQLiteConnection | None:
     """The connection that remembers what writes ask of the schema, with what it remembers
     still true; None for a connection that remembers nothing.
 
-    The versions of the file's schema and of the connection's own temporary one (where a
-    block may create a trigger) are asked once per transaction of mpstore's guarded
-    connection: under the gate only this connection changes the schema, and a change made
-    by mpstore inside a transaction says so (:func:`schema_changed`).
+    The file's schema version is asked once per transaction of mpstore's guarded
+    connection: under the gate only this connection changes the schema, and a change made by
+    mpstore inside a transaction says so (:func:`schema_changed`).
     """
     raw = getattr(conn, "_conn", conn)  # mpstore's guarded connection wraps sqlite3's
     if not isinstance(raw, SQLiteConnection):
@@ -510,10 +509,9 @@ def _schema_memo(conn: Writer) -> SQLiteConnection | None:
         # sqlite3's own connection, without the guarded one's checks (the write that follows
         # makes them), but with its typed errors.
         with translating(getattr(conn, "_path", "")):
-            (main,) = raw.execute("PRAGMA main.schema_version").fetchone()
-            (temp,) = raw.execute("PRAGMA temp.schema_version").fetchone()
-        if raw.schema_version != (main, temp):
-            raw.schema_version, raw.table_fields, raw.undo = (main, temp), {}, None
+            (version,) = raw.execute("PRAGMA schema_version").fetchone()
+        if raw.schema_version != version:
+            raw.schema_version, raw.table_fields, raw.undo = version, {}, None
         if hasattr(conn, "schema_checked"):
             conn.schema_checked = True
     return raw
@@ -545,13 +543,17 @@ def statements_undo_themselves(conn: Writer, fresh: bool = False) -> bool:
     trigger (which may change other rows first, and RAISE(FAIL) keeps those) or a foreign key
     action could run.
 
-    Remembered as of the schema's version (see :func:`_schema_memo`); ``fresh`` asks the
-    schema itself, for a transaction in which code other than mpstore's has run (it may
-    have created a trigger).
+    Remembered as of the versions of the file's schema (see :func:`_schema_memo`) and of
+    the connection's temporary one, where a block may have created a trigger without
+    changing the file's; ``fresh`` asks the schema itself, for a transaction in which code
+    other than mpstore's has run (it may have created a trigger).
     """
     raw = None if fresh else _schema_memo(conn)
-    if raw is not None and raw.undo is not None:
-        return raw.undo
+    temp = -1
+    if raw is not None:
+        (temp,) = conn.execute("PRAGMA temp.schema_version").fetchone()
+        if raw.undo is not None and raw.undo[0] == temp:
+            return raw.undo[1]
     cursor = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger') "
         "OR EXISTS (SELECT 1 FROM sqlite_temp_master WHERE type = 'trigger') "
@@ -560,7 +562,7 @@ def statements_undo_themselves(conn: Writer, fresh: bool = False) -> bool:
     (unsafe,) = cursor.fetchone()
     cursor.close()
     if raw is not None:
-        raw.undo = not unsafe
+        raw.undo = (temp, not unsafe)
     return not unsafe
 
 
