@@ -246,12 +246,13 @@ class Mailbox:
 
     # -- locks --------------------------------------------------------------------------------
 
-    def _lock(self, offset: int, wait: bool) -> bool:
-        """An open-file-description lock on one byte: it conflicts with every other open of
-        the file (in this process too), is kept across fork by the shared description, and is
-        dropped by the kernel when the last descriptor of this open closes (the process died).
+    def _lock(self, offset: int, wait: bool, length: int = 1) -> bool:
+        """An open-file-description lock on ``length`` bytes: it conflicts with every other
+        open of the file (in this process too), is kept across fork by the shared description,
+        and is dropped by the kernel when the last descriptor of this open closes (the process
+        died).
         """
-        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
         except OSError as exc:
@@ -268,9 +269,11 @@ class Mailbox:
         found = _FLOCK.unpack(fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, request))
         return bool(found[0] != fcntl.F_UNLCK)
 
-    def _unlock(self, offset: int) -> None:
+    def _unlock(self, offset: int, length: int = 1) -> None:
         fcntl.fcntl(
-            self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
+            self._fd,
+            fcntl.F_OFD_SETLK,
+            _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, length, 0),
         )
 
     def _mutex(self, index: int) -> _SlotMutex:
@@ -291,6 +294,35 @@ class Mailbox:
     def _unmutex(self, index: int) -> None:
         self._unlock(_MUTEXES + index)
         self._local[index].release()
+
+    def _try_mutexes(self, first: int, last: int) -> bool:
+        """The locks of slots ``first`` to ``last`` all at once, or none (False if any is
+        held): one system call for the gate holder's slots instead of two per slot. Owners of
+        the slots between wait the while, as they would for the holder's slot by slot.
+
+        Every thread lock of the range is taken, not only those of the slots the holder
+        wants: a thread of this process holding a slot's byte shares this descriptor, so the
+        range would take that byte over and its release would free it.
+        """
+        local = self._local
+        taken = first
+        try:
+            while taken <= last and local[taken].acquire(blocking=False):
+                taken += 1
+            if taken > last and self._lock(_MUTEXES + first, False, last - first + 1):
+                taken = first  # all kept
+                return True
+            return False
+        finally:
+            for index in range(first, taken):
+                local[index].release()
+
+    def _unmutexes(self, first: int, last: int) -> None:
+        try:
+            self._unlock(_MUTEXES + first, last - first + 1)
+        finally:
+            for index in range(first, last + 1):
+                self._local[index].release()
 
     # -- slot fields --------------------------------------------------------------------------
 
@@ -430,31 +462,48 @@ class Mailbox:
     def take(self) -> list[Carried]:
         """Take every published write (the caller holds the gate)."""
         states = self._mm[_STATES : _STATES + SLOTS]
+        published = []
         index = states.find(PUBLISHED)
-        if index < 0:
+        while index >= 0:
+            published.append(index)
+            index = states.find(PUBLISHED, index + 1)
+        if not published:
             return []
         _LEADER.pack_into(self._mm, 8, _fork.pid())
         taken: list[Carried] = []
-        while index >= 0:
-            # A slot whose owner is mid-change is left for the next holder (the owner, once
-            # done, finds the gate taken and is woken when it is released).
-            if self._try_mutex(index):
-                try:
-                    if self.state(index) == PUBLISHED and not self._claimed(index):
-                        # Its owner died waiting: it never heard back, so nothing runs for it,
-                        # as nothing would have if it had died waiting for the gate.
-                        self._set_state(index, FREE)
-                    elif self.state(index) == PUBLISHED:
-                        owner, _, _, _, size, _, _ = self._head(index)
-                        op = _decode_op(self._data(index, size))
-                        self._set_state(index, TAKEN)
-                        taken.append(Carried(index, owner, size, op))
-                finally:
-                    self._unmutex(index)
-            index = states.find(PUBLISHED, index + 1)
+        first, last = published[0], published[-1]
+        if self._try_mutexes(first, last):
+            try:
+                for index in published:
+                    self._take_one(index, taken)
+            finally:
+                self._unmutexes(first, last)
+        else:
+            for index in published:
+                # A slot whose owner is mid-change is left for the next holder (the owner,
+                # once done, finds the gate taken and is woken when it is released).
+                if self._try_mutex(index):
+                    try:
+                        self._take_one(index, taken)
+                    finally:
+                        self._unmutex(index)
         if not taken:
             _LEADER.pack_into(self._mm, 8, 0)
         return taken
+
+    def _take_one(self, index: int, taken: list[Carried]) -> None:
+        """Take the write published in slot ``index`` into ``taken`` (under the slot's lock)."""
+        if self.state(index) != PUBLISHED:
+            return
+        if not self._claimed(index):
+            # Its owner died waiting: it never heard back, so nothing runs for it, as nothing
+            # would have if it had died waiting for the gate.
+            self._set_state(index, FREE)
+            return
+        owner, _, _, _, size, _, _ = self._head(index)
+        op = _decode_op(self._data(index, size))
+        self._set_state(index, TAKEN)
+        taken.append(Carried(index, owner, size, op))
 
     def settle(self, carried: list[Carried], results: list[tuple[bool, Any]], batch: int) -> None:
         """Store each taken write's outcome before COMMIT, tagged with the batch id the same
@@ -485,15 +534,27 @@ class Mailbox:
         """Mark taken writes done (after COMMIT, or after :meth:`fail`); their owners are woken
         by :meth:`wake_next`, once the gate is released: a wake-up costs the waker tens of
         microseconds on these machines, too much to pay while every other writer waits."""
-        sleeping = []
-        for item in carried:
-            with self._mutex(item.index):
-                self._set_state(item.index, DONE)
-                if self._mm[_SLEEPING + item.index]:
-                    sleeping.append((item.index, item.owner))
+        sleeping: list[tuple[int, int]] = []
+        # Taken in order of their slots: the first and last span them all.
+        if carried and self._try_mutexes(carried[0].index, carried[-1].index):
+            try:
+                for item in carried:
+                    self._finish_one(item, sleeping)
+            finally:
+                self._unmutexes(carried[0].index, carried[-1].index)
+        else:
+            for item in carried:
+                with self._mutex(item.index):
+                    self._finish_one(item, sleeping)
         _LEADER.pack_into(self._mm, 8, 0)
         with self._claim_lock:
             self._to_wake.extend(sleeping)
+
+    def _finish_one(self, item: Carried, sleeping: list[tuple[int, int]]) -> None:
+        """Mark one taken write done (under its slot's lock); note its owner if it sleeps."""
+        self._set_state(item.index, DONE)
+        if self._mm[_SLEEPING + item.index]:
+            sleeping.append((item.index, item.owner))
 
     def gate_taken(self) -> None:
         """Note that this process holds the gate (the caller has just taken it)."""

@@ -540,6 +540,74 @@ def test_the_holder_hears_its_own_error_not_a_carried_writes(store: mpstore.Stor
         assert not ok and "no such table" in str(error)
 
 
+def test_a_slot_whose_owner_holds_its_lock_is_left_and_those_around_it_are_taken(
+    store: mpstore.Store,
+) -> None:
+    # The holder locks the slots it takes with one lock over their range when it can; an
+    # owner holding its own slot's lock in that range (going to sleep, withdrawing) makes it
+    # go slot by slot, leaving that one for the next holder.
+    notes = store.collection("notes", Note, key="id")
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    with _other_process(store) as leave:
+        outcomes = [leave(_upsert(notes, k)) for k in ("a", "b", "c")]
+        owner = _mailbox.Mailbox(store._gate.mailbox_path, 0o600)
+        try:
+            busy = [i for i in range(_mailbox.SLOTS) if mailbox.state(i) == _mailbox.PUBLISHED]
+            assert len(busy) == 3
+            with owner._mutex(busy[1]):
+                taken = mailbox.take()
+            assert [c.index for c in taken] == [busy[0], busy[2]]
+            assert mailbox.state(busy[1]) == _mailbox.PUBLISHED
+            mailbox.fail(taken, mpstore.MpstoreError("not run: taken by hand"))
+            mailbox.finish(taken)
+            notes.upsert(Note(id="next", text="x"))  # the next holder carries the one left
+        finally:
+            owner.close()
+        assert [o()[0] for o in outcomes] == [False, True, False]
+    assert sorted(notes.keys()) == ["b", "next"]
+
+
+def test_the_holders_range_lock_leaves_a_slot_lock_of_its_own_process_held(
+    store: mpstore.Store,
+) -> None:
+    # A thread of the holder's own process holds its slot's lock between two published
+    # slots. Its lock is on the descriptor the holder's range lock would use: taking the range
+    # would merge with it, and releasing the range would free it under that thread.
+    notes = store.collection("notes", Note, key="id")
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    probe = _mailbox.Mailbox(store._gate.mailbox_path, 0o600)
+    held, release = threading.Event(), threading.Event()
+    with _other_process(store) as leave:
+        first = leave(_upsert(notes, "a"))
+        own = mailbox.claim()
+        last = leave(_upsert(notes, "c"))
+        assert own is not None
+
+        def hold_own_slot() -> None:
+            with mailbox._mutex(own.index):
+                held.set()
+                release.wait(workers.JOIN_TIMEOUT)
+
+        thread = threading.Thread(target=hold_own_slot)
+        thread.start()
+        try:
+            assert held.wait(workers.JOIN_TIMEOUT)
+            taken = mailbox.take()
+            assert len(taken) == 2 and taken[0].index < own.index < taken[1].index
+            mailbox.fail(taken, mpstore.MpstoreError("not run: taken by hand"))
+            mailbox.finish(taken)
+            # Still held: another process cannot take it.
+            assert not probe._lock(_mailbox._MUTEXES + own.index, wait=False)
+        finally:
+            release.set()
+            thread.join(workers.JOIN_TIMEOUT)
+            mailbox.give_back(own)
+            probe.close()
+        assert [first()[0], last()[0]] == [False, False]
+
+
 def test_a_malformed_slot_fails_alone(store: mpstore.Store) -> None:
     notes = store.collection("notes", Note, key="id")
     with _other_process(store) as leave:
