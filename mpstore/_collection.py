@@ -91,6 +91,9 @@ class Collection(Generic[M]):
             )
         self.key = key
         self._json_keys = _json_keys(model)
+        # What model_dump_json() asks of the serializer, whose own default was True before
+        # pydantic 2.11: keys by alias only where the model says so.
+        self._by_alias = bool(model.model_config.get("serialize_by_alias", False))
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
         self.indexes = self._check_indexes(indexes, model)
         # Every index the file already has for this collection is kept up to date by this
@@ -248,7 +251,9 @@ class Collection(Generic[M]):
             # model_dump_json() without its wrapper's cost. A value whose type does not match
             # its field (model_construct(), assignment without validation) fails here instead
             # of being stored unreadable.
-            data = record.__pydantic_serializer__.to_json(record, warnings="error")
+            data = record.__pydantic_serializer__.to_json(
+                record, by_alias=self._by_alias, warnings="error"
+            )
         except PydanticSerializationError as exc:
             raise RecordTypeError(
                 f"record {key!r} holds a value that does not fit its field's type: {exc}",
