@@ -540,15 +540,27 @@ def test_the_holder_hears_its_own_error_not_a_carried_writes(store: mpstore.Stor
         assert not ok and "no such table" in str(error)
 
 
+def _notes_and_mailbox(
+    store: mpstore.Store,
+) -> tuple[mpstore.Collection[Note], _mailbox.Mailbox]:
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    return store.collection("notes", Note, key="id"), mailbox
+
+
+def _settle_unrun(mailbox: _mailbox.Mailbox, taken: list[_mailbox.Carried]) -> None:
+    """Tell the owners of writes taken by hand that nothing ran for them."""
+    mailbox.fail(taken, mpstore.MpstoreError("not run: taken by hand"))
+    mailbox.finish(taken)
+
+
 def test_a_slot_whose_owner_holds_its_lock_is_left_and_those_around_it_are_taken(
     store: mpstore.Store,
 ) -> None:
     # The holder locks the slots it takes with one lock over their range when it can; an
     # owner holding its own slot's lock in that range (going to sleep, withdrawing) makes it
     # go slot by slot, leaving that one for the next holder.
-    notes = store.collection("notes", Note, key="id")
-    mailbox = store._gate.mailbox()
-    assert mailbox is not None
+    notes, mailbox = _notes_and_mailbox(store)
     with _other_process(store) as leave:
         outcomes = [leave(_upsert(notes, k)) for k in ("a", "b", "c")]
         owner = _mailbox.Mailbox(store._gate.mailbox_path, 0o600)
@@ -559,8 +571,7 @@ def test_a_slot_whose_owner_holds_its_lock_is_left_and_those_around_it_are_taken
                 taken = mailbox.take()
             assert [c.index for c in taken] == [busy[0], busy[2]]
             assert mailbox.state(busy[1]) == _mailbox.PUBLISHED
-            mailbox.fail(taken, mpstore.MpstoreError("not run: taken by hand"))
-            mailbox.finish(taken)
+            _settle_unrun(mailbox, taken)
             notes.upsert(Note(id="next", text="x"))  # the next holder carries the one left
         finally:
             owner.close()
@@ -574,9 +585,7 @@ def test_the_holders_range_lock_leaves_a_slot_lock_of_its_own_process_held(
     # A thread of the holder's own process holds its slot's lock between two published
     # slots. Its lock is on the descriptor the holder's range lock would use: taking the range
     # would merge with it, and releasing the range would free it under that thread.
-    notes = store.collection("notes", Note, key="id")
-    mailbox = store._gate.mailbox()
-    assert mailbox is not None
+    notes, mailbox = _notes_and_mailbox(store)
     probe = _mailbox.Mailbox(store._gate.mailbox_path, 0o600)
     held, release = threading.Event(), threading.Event()
     with _other_process(store) as leave:
@@ -596,8 +605,7 @@ def test_the_holders_range_lock_leaves_a_slot_lock_of_its_own_process_held(
             assert held.wait(workers.JOIN_TIMEOUT)
             taken = mailbox.take()
             assert len(taken) == 2 and taken[0].index < own.index < taken[1].index
-            mailbox.fail(taken, mpstore.MpstoreError("not run: taken by hand"))
-            mailbox.finish(taken)
+            _settle_unrun(mailbox, taken)
             # Still held: another process cannot take it.
             assert not probe._lock(_mailbox._MUTEXES + own.index, wait=False)
         finally:
