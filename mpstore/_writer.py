@@ -140,6 +140,10 @@ class _Carry:
         self.jobs: list[_Job[Any]] = []
         self.took = False
 
+    def waiting(self) -> bool:
+        """Whether writes wait in the mailbox, and this batch has not taken them yet."""
+        return not self.took and self.mailbox.waiting()
+
     def take(self) -> list[_Job[Any]]:
         """The mailbox's writes, taken only now: a slot is held for as long as its own SQL and
         the COMMIT take, not while this batch's own callbacks run (unless a write ends the
@@ -264,8 +268,7 @@ class WriteQueue:
     def lead(self, raw: Any, fn: Callable[[Connection], T], op: tuple[Any, ...] | None = None) -> T:
         """Run ``fn`` (the collection write ``op``, if it is one) for a caller that holds the
         gate, with every write left in the mailbox."""
-        mailbox = self._store._carrier()
-        if mailbox is None or not mailbox.waiting():
+        if self._store._carrier() is None:
             with self._store._transaction(raw) as conn:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
@@ -281,9 +284,11 @@ class WriteQueue:
         store = self._store
         runnable = [job for job in batch if not self._abandoned(job)]
         mailbox = store._carrier()
-        carry = _Carry(mailbox) if mailbox is not None and mailbox.waiting() else None
+        # Whether the mailbox holds writes is asked only after this batch's own writes ran,
+        # just before COMMIT: the later it is asked, the more writes wait there.
+        carry = _Carry(mailbox) if mailbox is not None else None
         try:
-            if runnable or carry is not None:
+            if runnable or (carry is not None and carry.waiting()):
                 self._transact(raw, runnable, carry)
         except BaseException as exc:
             if carry is not None and carry.taken:
@@ -310,10 +315,13 @@ class WriteQueue:
         while True:
             try:
                 with self._store._transaction(raw) as conn:
+                    # Until the mailbox's writes are taken, a lone write runs alone: its
+                    # failure rolls back a transaction that holds nothing else.
+                    alone = carry is None or not carry.took
                     # None when a callback is among them: asked again after it ran.
-                    undo = _mark_plain(conn, pending)
-                    self._run_jobs(conn, raw, pending, alone=carry is None)
-                    if carry is not None and not carry.took:
+                    undo = None if alone and len(pending) == 1 else _mark_plain(conn, pending)
+                    self._run_jobs(conn, raw, pending, alone=alone)
+                    if carry is not None and carry.waiting():
                         taken = carry.take()
                         _mark_plain(conn, taken, undo, after=pending)
                         try:
@@ -329,7 +337,7 @@ class WriteQueue:
                 return
             except _Redo as redo:
                 pending = redo.jobs
-                if not pending and (carry is None or carry.took):
+                if not pending and (carry is None or not carry.waiting()):
                     if carry is not None and carry.taken:
                         carry.unwritten()  # every carried write failed: say so in its slot
                     return

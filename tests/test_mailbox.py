@@ -519,29 +519,55 @@ def _upsert(notes: mpstore.Collection[Note], key: str) -> tuple[Any, ...]:
 def test_carried_writes_that_all_end_the_transaction_each_hear_their_own_error(
     store: mpstore.Store,
 ) -> None:
-    # The holder's write and both carried ones end the transaction in turn: nothing commits,
-    # and no owner may read the slot as it was published (that would say "ok, 0 rows").
+    # Both carried writes end the transaction in turn; the holder's write runs again each time
+    # and commits. No owner may read the slot as it was published (that would say "ok, 0 rows").
     notes = store.collection("notes", Note, key="id")
     _refuse(store, "notes", "ROLLBACK")
     with _other_process(store) as leave:
         outcomes = [leave(_upsert(notes, k)) for k in ("bad1", "bad2")]
-        with pytest.raises(sqlite3.IntegrityError, match="refused"):
-            notes.upsert(Note(id="bad0", text="x"))
+        notes.upsert(Note(id="good", text="x"))
+        for outcome in outcomes:
+            ok, error = outcome()
+            assert not ok and isinstance(error, sqlite3.IntegrityError)
+    assert [n.id for n in notes.scan()] == ["good"]
+
+
+def test_carried_writes_that_all_end_a_batch_of_abandoned_writes_each_hear_their_own_error(
+    store: mpstore.Store,
+) -> None:
+    # The batch's own writes were all abandoned: it carries the mailbox's writes alone, and when
+    # each of them ends the transaction nothing is left to commit.
+    notes = store.collection("notes", Note, key="id")
+    _refuse(store, "notes", "ROLLBACK")
+    abandoned = threading.Event()
+    abandoned.set()
+    own: _writer._Job[None] = _writer._Job(lambda conn: None, abandoned)
+    with _other_process(store) as leave:
+        outcomes = [leave(_upsert(notes, k)) for k in ("bad1", "bad2")]
+        with store._write_turn() as raw:
+            store._queue._commit(raw, [own])
+        assert isinstance(own.error, mpstore.Abandoned)
         for outcome in outcomes:
             ok, error = outcome()
             assert not ok and isinstance(error, sqlite3.IntegrityError)
     assert notes.count() == 0
 
 
-def test_the_holder_hears_its_own_error_not_a_carried_writes(store: mpstore.Store) -> None:
+def test_a_holder_whose_own_write_fails_leaves_the_mailbox_to_the_next(
+    store: mpstore.Store,
+) -> None:
+    # The mailbox is taken only once the holder's own write has run: a failed one takes nothing,
+    # and the write waiting there is committed by the next holder.
     notes = store.collection("notes", Note, key="id")
     _refuse(store, "notes", "ROLLBACK")
     with _other_process(store) as leave:
-        outcome = leave(("delete", "nosuchtable", "k"))
+        outcome = leave(_upsert(notes, "waiting"))
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             notes.upsert(Note(id="bad0", text="x"))
-        ok, error = outcome()
-        assert not ok and "no such table" in str(error)
+        assert _published(store) == 1
+        notes.upsert(Note(id="next", text="x"))
+        assert outcome() == (True, 1)
+    assert sorted(n.id for n in notes.scan()) == ["next", "waiting"]
 
 
 def _notes_and_mailbox(
