@@ -54,9 +54,10 @@ class HolderBlock(Protocol):
 class _KernelLock(Protocol):
     """The platform part of the gate: an exclusive lock on one file, shared by nobody in-process."""
 
-    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
+    def acquire(self, deadline: float | None, wait: bool = True, record: bool = True) -> bool:
         """Take the lock before ``deadline`` (a ``time.monotonic()`` value, None: no limit);
-        with ``wait`` False only try once. False when not taken."""
+        with ``wait`` False only try once; with ``record``, note this process as the holder in
+        the lock file where the lock can. False when not taken."""
 
     def release(self) -> None:
         """Give the lock back."""
@@ -86,6 +87,17 @@ def _read_holder(fd: int) -> tuple[int, float] | None:
         return int(parts[0]), float(parts[1])
     except ValueError:
         return None
+
+
+def mailbox_path(lock_path: str) -> str:
+    """The mailbox file beside the gate's lock file ``<db>.lock``: ``<db>.mailbox``."""
+    return lock_path.removesuffix(".lock") + ".mailbox"
+
+
+def latest_holder(*records: tuple[int, float] | None) -> tuple[int, float] | None:
+    """The later of the holder records (the lock file's, the mailbox's), if any."""
+    found = [record for record in records if record is not None]
+    return max(found, key=lambda record: record[1]) if found else None
 
 
 def holder_stopped(pid: int, lock_inode: int) -> str | None:
@@ -131,8 +143,19 @@ class _FlockLock:
         self._keeper: threading.Thread | None = None
         self._closed = False
 
-    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
-        """Take the lock; ``deadline`` None waits forever, ``wait`` False only tries once."""
+    def acquire(self, deadline: float | None, wait: bool = True, record: bool = True) -> bool:
+        """Take the lock; ``deadline`` None waits forever, ``wait`` False only tries once.
+        ``record`` writes this process into the lock file as its holder.
+
+        The lock file must still be the one at the path: one deleted or replaced meanwhile is
+        opened anew. A single try checks before it takes the lock, so that the gate's next
+        holder never waits for the check; after a wait, the check comes once the lock is held.
+        """
+        checked = False
+        if not wait:
+            if not self._is_live():
+                self._reopen()
+            checked = True
         while True:
             step = self._start(deadline, wait)
             if step is _BUSY:
@@ -149,8 +172,9 @@ class _FlockLock:
                 os.close(step.fd)
                 if stale:
                     continue
-            if self._is_live():
-                os.pwrite(self._fd, self._holder_record(), 0)
+            if checked or self._is_live():
+                if record:
+                    os.pwrite(self._fd, self._holder_record(), 0)
                 return True
             # The lock file was deleted or replaced while we waited: the lock we hold is on an
             # inode nobody else will ever open. Drop it and queue on the file that is there now.
@@ -275,7 +299,7 @@ class _PortableLock:
         self._path = path
         self._lock = filelock.FileLock(path, mode=mode, thread_local=False, is_singleton=False)
 
-    def acquire(self, deadline: float | None, wait: bool = True) -> bool:
+    def acquire(self, deadline: float | None, wait: bool = True, record: bool = True) -> bool:
         import filelock
 
         if not wait:
@@ -317,7 +341,7 @@ class Gate:
 
     def __init__(self, lock_path: str, mode: int, kind: str = "auto") -> None:
         self.lock_path = lock_path
-        self.mailbox_path = lock_path.removesuffix(".lock") + ".mailbox"
+        self.mailbox_path = mailbox_path(lock_path)
         self._mode = mode
         self._kind = self.resolve_kind(kind)
         self.users = 0
@@ -350,6 +374,13 @@ class Gate:
             cls = _FlockLock if self._kind == "flock" else _PortableLock
             self._os = cls(self.lock_path, self._mode)
         return self._os
+
+    @property
+    def _records_in_file(self) -> bool:
+        """Whether a holder writes its record into the lock file: not once the mailbox is open,
+        where every holder records itself as it enters (see ``Store._enter_gate``) with a
+        store to shared memory instead of a system call that the next holder waits behind."""
+        return self._mailbox is None
 
     def _check_fork(self) -> None:
         if self._pid != _fork.pid():
@@ -421,7 +452,7 @@ class Gate:
         deadline = None if timeout is None else start + timeout
         self._acquire_local(deadline, start)
         try:
-            if not self._kernel().acquire(deadline):
+            if not self._kernel().acquire(deadline, record=self._records_in_file):
                 raise self.blocked_error(start)
         except BaseException:
             self._release_local()
@@ -443,7 +474,7 @@ class Gate:
                 return False
             self._owner = me
         try:
-            taken = self._kernel().acquire(None, wait=False)
+            taken = self._kernel().acquire(None, wait=False, record=self._records_in_file)
         except BaseException:
             self._release_local()
             raise
@@ -529,13 +560,13 @@ class Gate:
     def holder(self) -> tuple[int, float] | None:
         """The pid and start time (epoch seconds) of the gate's last holder, if known."""
         self._check_fork()
-        return self._kernel().holder()
+        return latest_holder(self._kernel().holder(), _mailbox.recorded_holder(self.mailbox_path))
 
     def blocked_error(self, start: float) -> GateTimeout:
         """The timeout of a wait for the gate that began at ``start``, naming what is in the
         way: a thread of this process that holds the kernel lock or, when none does (its
-        threads may only be waiting too), another process and the last holder the lock file
-        records (a plain ``filelock`` user records none, so that pid may be an earlier one)."""
+        threads may only be waiting too), another process and the last holder on record (a plain
+        ``filelock`` user records none, so that pid may be an earlier one)."""
         if self.held_here:
             return self._timeout_error(start, _fork.pid(), "another thread of this process")
         holder = self.holder()
@@ -546,9 +577,9 @@ class Gate:
     def _timeout_error(self, start: float, holder_pid: int | None, who: str) -> GateTimeout:
         waited = time.monotonic() - start
         if holder_pid is None:
-            recorded = "no other holder recorded in the lock file"
+            recorded = "no other holder on record"
         else:
-            recorded = f"last holder recorded in the lock file: pid {holder_pid}"
+            recorded = f"last holder on record: pid {holder_pid}"
             try:
                 stopped = holder_stopped(holder_pid, os.stat(self.lock_path).st_ino)
             except OSError:  # the lock file is gone: nobody can hold it

@@ -33,8 +33,8 @@ from ._errors import (
     RecordTypeError,
     TransactionError,
 )
-from ._gate import _read_holder, holder_stopped
-from ._mailbox import Snapshot, snapshot
+from ._gate import _read_holder, holder_stopped, latest_holder, mailbox_path
+from ._mailbox import Snapshot, recorded_holder, snapshot
 
 try:
     import fcntl
@@ -246,7 +246,8 @@ class GateState:
     """The write gate as seen from outside: whether someone holds it now, and who last took it.
 
     ``held`` is None where it cannot be tested (no ``flock``). ``pid`` and ``since`` (epoch
-    seconds) come from the record the last holder wrote into the lock file. ``stopped`` says
+    seconds) come from the record the last holder wrote into the lock file or, where the
+    holders use one, into the mailbox (the later of the two). ``stopped`` says
     why a holder that is stopped (``SIGSTOP``, Ctrl-Z, a debugger) keeps the gate.
     """
 
@@ -279,7 +280,7 @@ def gate_state(lock_path: str) -> GateState:
             else:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 held = False
-        record = _read_holder(fd)
+        record = latest_holder(_read_holder(fd), recorded_holder(mailbox_path(lock_path)))
         pid, since = record if record is not None else (None, None)
         stopped = holder_stopped(pid, os.fstat(fd).st_ino) if held and pid is not None else None
     finally:

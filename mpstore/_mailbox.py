@@ -46,6 +46,7 @@ import sqlite3
 import struct
 import sys
 import threading
+import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ CAPACITY = _SLOT_SIZE - _DATA - _ERROR_SIZE
 _SIZE = _HEADER + SLOTS * _SLOT_SIZE
 _LEADER = struct.Struct("<q")
 _GATE = 16  # the pid of the process holding the gate, 0 when free: a hint for its waiters
+#: At _GATE: that hint, then the last holder's pid and the time it took the gate (epoch
+#: seconds), kept after it lets go: the holder record, for messages and ``mpstore info``.
+_HOLDER = struct.Struct("<qqd")
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
 # Record locks live far past the end of the file, one byte each: claims, then slot mutexes.
 _CLAIMS = 1 << 40
@@ -557,8 +561,9 @@ class Mailbox:
             sleeping.append((item.index, item.owner))
 
     def gate_taken(self) -> None:
-        """Note that this process holds the gate (the caller has just taken it)."""
-        _LEADER.pack_into(self._mm, _GATE, _fork.pid())
+        """Note that this process holds the gate (the caller has just taken it), and since when."""
+        pid = _fork.pid()
+        _HOLDER.pack_into(self._mm, _GATE, pid, pid, time.time())
 
     def gate_released(self) -> None:
         """Note that the gate is about to be released (unless another process took it since)."""
@@ -730,6 +735,27 @@ def snapshot(path: str) -> Snapshot:
     states = head[_STATES : _STATES + SLOTS]
     holder = _LEADER.unpack_from(head, 8)[0] if len(head) >= 16 else 0
     return Snapshot(True, states.count(PUBLISHED), states.count(TAKEN), states.count(DONE), holder)
+
+
+def recorded_holder(path: str) -> tuple[int, float] | None:
+    """The pid and start time (epoch seconds) of the last gate holder recorded in the mailbox
+    at ``path``, if any; read without opening the file for writing. A file that cannot be read
+    or is not a mailbox records none."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, _GATE + _HOLDER.size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < _GATE + _HOLDER.size or head[: len(_MAGIC)] != _MAGIC:
+        return None
+    _, pid, since = _HOLDER.unpack_from(head, _GATE)
+    return (pid, since) if pid > 0 else None
 
 
 _open: weakref.WeakSet[Mailbox] = weakref.WeakSet()

@@ -129,6 +129,25 @@ def test_gate_timeout_names_the_holder(tmp_path: Path) -> None:
     assert holder.process.exitcode == 0
 
 
+def test_the_later_of_the_holder_records_names_the_holder(tmp_path: Path) -> None:
+    """A holder whose mailbox is open records itself there and leaves the lock file alone,
+    which may name an earlier holder: the error and ``mpstore info`` report the later record."""
+    path = str(tmp_path / "state.db")
+    mpstore.Store(path).close()
+    with workers.holding_the_gate(path) as holder, mpstore.Store(path, timeout=0.2) as store:
+        fd = os.open(store.lock_path, os.O_WRONLY)
+        try:  # an earlier holder's record, from long ago
+            os.pwrite(fd, b"1 1000.000000".ljust(47) + b"\n", 0)
+        finally:
+            os.close(fd)
+        with pytest.raises(mpstore.GateTimeout) as info, store.write():
+            pass
+        assert info.value.holder_pid == holder.process.pid
+        state = _inspect.gate_state(store.lock_path)
+        assert state.held and state.pid == holder.process.pid
+    assert holder.process.exitcode == 0
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
 def test_gate_timeout_says_when_the_holder_is_stopped(tmp_path: Path) -> None:
     """A holder stopped by Ctrl-Z keeps the gate until it goes on: the error says so, and
@@ -179,7 +198,7 @@ def test_a_stopped_process_the_lock_file_names_is_not_blamed_when_another_holds_
         ):
             with pytest.raises(mpstore.GateTimeout) as timeout, store.write():
                 pass
-            assert f"last holder recorded in the lock file: pid {idle.pid})" in str(timeout.value)
+            assert f"last holder on record: pid {idle.pid})" in str(timeout.value)
             state = _inspect.gate_state(store.lock_path)
             assert state.held and state.pid == idle.pid and state.stopped is None
     finally:
@@ -231,7 +250,7 @@ def test_a_timeout_behind_a_waiting_thread_names_the_other_process(tmp_path: Pat
             pass
     message = str(info.value)
     assert "held by another process" in message
-    assert "no other holder recorded" in message
+    assert "no other holder on record" in message
     assert info.value.holder_pid is None  # this process's own old record is not the holder
 
 
@@ -263,11 +282,16 @@ def test_filelock_users_and_mpstore_exclude_each_other(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change", ["delete", "replace"])
-def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str) -> None:
+@pytest.mark.parametrize("take", ["wait", "try"])
+def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str, take: str) -> None:
+    # A try checks the file before it takes the lock, a wait once it has it: both must end
+    # on the file that is there now.
     lock = str(tmp_path / "db.lock")
     gate = gate_for(lock, 0o600)
     other = Gate(lock, 0o600)  # another "process": its own descriptor and queue
     try:
+        other.acquire(5)  # opens its descriptor on the first file
+        other.release()
         gate.acquire(5)
         first_inode = os.stat(lock).st_ino
         os.unlink(lock)
@@ -275,10 +299,16 @@ def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str) -> Non
             Path(lock).write_text("")
         gate.release()
         # The next holder must lock the file that is there now, not the orphaned inode.
-        other.acquire(5)
+        if take == "try":
+            assert other.try_acquire()
+        else:
+            other.acquire(5)
         assert os.fstat(other._kernel()._fd).st_ino == os.stat(lock).st_ino
-        with pytest.raises(mpstore.GateTimeout):
-            gate.acquire(0.2)  # it queues on the live file, which `other` holds
+        if take == "try":
+            assert not gate.try_acquire()  # it tries the live file, which `other` holds
+        else:
+            with pytest.raises(mpstore.GateTimeout):
+                gate.acquire(0.2)  # it queues on the live file, which `other` holds
         other.release()
         gate.acquire(5)
         assert os.fstat(gate._kernel()._fd).st_ino == os.stat(lock).st_ino
