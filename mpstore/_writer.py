@@ -66,7 +66,7 @@ class _Job(Generic[T]):
         self.error: BaseException | None = None
         self.started = False
         self.abandon = abandon
-        self.queued = time.perf_counter()
+        self.queued = time.perf_counter() if queued else 0.0  # for the gate_wait statistic
 
     def run(self, conn: Connection) -> T:
         return self.fn(conn) if self.context is None else self.context.run(self.fn, conn)
@@ -135,7 +135,7 @@ class _Carry:
 
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
-        self.batch = _new_batch_id()
+        self.batch = 0  # drawn when the batch takes writes: a lone write never needs one
         self.taken: list[Carried] = []
         self.jobs: list[_Job[Any]] = []
         self.took = False
@@ -149,6 +149,7 @@ class _Carry:
         the COMMIT take, not while this batch's own callbacks run (unless a write ends the
         transaction and the batch runs again, callbacks included)."""
         self.took = True
+        self.batch = self.batch or _new_batch_id()
         self.taken = self.mailbox.take()
         self.jobs = []
         for c in self.taken:
@@ -241,7 +242,7 @@ class WriteQueue:
             try:
                 with store._write_turn(timeout=None) as raw:
                     batch = self._take()
-                    self._commit(raw, batch)
+                    self._commit(raw, batch, store._carrier())
             except BaseException as exc:
                 # Failing before the batch was taken (the store closed, the lock file cannot be
                 # opened) fails everything queued: the same error would meet each of them.
@@ -268,22 +269,26 @@ class WriteQueue:
     def lead(self, raw: Any, fn: Callable[[Connection], T], op: tuple[Any, ...] | None = None) -> T:
         """Run ``fn`` (the collection write ``op``, if it is one) for a caller that holds the
         gate, with every write left in the mailbox."""
-        if self._store._carrier() is None:
+        mailbox = self._store._carrier()
+        if mailbox is None:
             with self._store._transaction(raw) as conn:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
         own.op = op
-        self._commit(raw, [own])
+        self._commit(raw, [own], mailbox, lone=True)
         if own.error is not None:
             raise own.error
         return own.result  # type: ignore[return-value]
 
-    def _commit(self, raw: Any, batch: list[_Job[Any]]) -> None:
-        """Run ``batch`` (and the mailbox's writes) in one transaction; each job gets its own
-        outcome. Raises only what failed the whole transaction (BEGIN, COMMIT, the disk)."""
+    def _commit(
+        self, raw: Any, batch: list[_Job[Any]], mailbox: Mailbox | None, lone: bool = False
+    ) -> None:
+        """Run ``batch`` (and the writes of ``mailbox``, if given) in one transaction; each job
+        gets its own outcome. Raises only what failed the whole transaction (BEGIN, COMMIT, the
+        disk). ``lone``: one caller's own write, counted as a batch only if it carried others.
+        """
         store = self._store
         runnable = [job for job in batch if not self._abandoned(job)]
-        mailbox = store._carrier()
         # Whether the mailbox holds writes is asked only after this batch's own writes ran,
         # just before COMMIT: the later it is asked, the more writes wait there.
         carry = _Carry(mailbox) if mailbox is not None else None
@@ -299,7 +304,7 @@ class WriteQueue:
                 carry.mailbox.finish(carry.taken)
         finally:
             jobs = runnable + (carry.jobs if carry is not None else [])
-            if jobs:
+            if len(jobs) > (1 if lone else 0):
                 self._count(jobs)
             if carry is not None and carry.taken:
                 store._stats.count("writes_carried", len(carry.taken))

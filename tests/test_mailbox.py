@@ -545,7 +545,7 @@ def test_carried_writes_that_all_end_a_batch_of_abandoned_writes_each_hear_their
     with _other_process(store) as leave:
         outcomes = [leave(_upsert(notes, k)) for k in ("bad1", "bad2")]
         with store._write_turn() as raw:
-            store._queue._commit(raw, [own])
+            store._queue._commit(raw, [own], store._carrier())
         assert isinstance(own.error, mpstore.Abandoned)
         for outcome in outcomes:
             ok, error = outcome()
@@ -799,7 +799,7 @@ def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
 
     earlier, first = upsert_job("earlier"), upsert_job("mine")
     with store._write_turn() as raw:
-        store._queue._commit(raw, [earlier, upsert_job("earlier2")])
+        store._queue._commit(raw, [earlier, upsert_job("earlier2")], store._carrier())
     assert earlier.plain  # asked, and answered "no savepoint needed"
 
     def create_trigger(conn: mpstore.Connection) -> None:
@@ -809,7 +809,7 @@ def test_a_trigger_created_by_an_earlier_write_of_the_batch_keeps_the_savepoint(
     with _other_process(store) as leave:
         outcome = leave(_upsert(notes, "bad1"))
         with store._write_turn() as raw:
-            store._queue._commit(raw, [first, second])
+            store._queue._commit(raw, [first, second], store._carrier())
         assert (first.error, second.error) == (None, None)
         ok, error = outcome()
         assert not ok and isinstance(error, sqlite3.IntegrityError)
@@ -872,7 +872,7 @@ def test_a_rerun_asks_the_schema_after_the_callbacks_that_recreate_its_triggers(
         bad = leave(_upsert(notes, "bad1"))
         rolled = leave(_upsert(notes, "rb1"))
         with store._write_turn() as raw:
-            store._queue._commit(raw, [own])
+            store._queue._commit(raw, [own], store._carrier())
         assert own.error is None
         for outcome in (bad, rolled):
             ok, error = outcome()

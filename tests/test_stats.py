@@ -30,6 +30,7 @@ def test_counters_and_timings_follow_the_writes(store: mpstore.Store) -> None:
     after = store.stats()
     assert after["commits"] - before["commits"] == 10
     assert after["rollbacks"] - before["rollbacks"] == 1
+    assert after["writes_batched"] == 0  # each ran alone: nothing shared its transaction
     for timing in ("gate_wait", "gate_hold", "transaction", "pool_wait"):
         summary = after[timing]
         assert summary["count"] >= 10 if timing != "pool_wait" else summary["count"] >= 1
