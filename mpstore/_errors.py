@@ -58,7 +58,8 @@ class Timeout(MpstoreError, TimeoutError):
 class GateTimeout(Timeout):
     """The cross-process write gate was not granted in time.
 
-    ``holder_pid`` is the pid that last took the gate, when the lock file records one.
+    ``holder_pid`` is the pid that last took the gate, when the lock file or the mailbox
+    records one (and it is not the waiting process itself).
     """
 
     def __init__(

@@ -148,14 +148,11 @@ class _FlockLock:
         ``record`` writes this process into the lock file as its holder.
 
         The lock file must still be the one at the path: one deleted or replaced meanwhile is
-        opened anew. A single try checks before it takes the lock, so that the gate's next
-        holder never waits for the check; after a wait, the check comes once the lock is held.
+        left for the file there now, but only once its lock is ours (its last holder may still
+        be writing). A single try that finds the file still there before it takes the lock
+        needs no check after, so the gate's next holder never waits for one.
         """
-        checked = False
-        if not wait:
-            if not self._is_live():
-                self._reopen()
-            checked = True
+        checked = not wait and self._is_live()
         while True:
             step = self._start(deadline, wait)
             if step is _BUSY:
@@ -378,8 +375,8 @@ class Gate:
     @property
     def _records_in_file(self) -> bool:
         """Whether a holder writes its record into the lock file: not once the mailbox is open,
-        where every holder records itself as it enters (see ``Store._enter_gate``) with a
-        store to shared memory instead of a system call that the next holder waits behind."""
+        where it records itself (:meth:`_taken`) with a store to shared memory instead of a
+        system call that the gate's next holder would wait behind."""
         return self._mailbox is None
 
     def _check_fork(self) -> None:
@@ -452,12 +449,13 @@ class Gate:
         deadline = None if timeout is None else start + timeout
         self._acquire_local(deadline, start)
         try:
-            if not self._kernel().acquire(deadline, record=self._records_in_file):
+            recorded = self._records_in_file
+            if not self._kernel().acquire(deadline, record=recorded):
                 raise self.blocked_error(start)
         except BaseException:
             self._release_local()
             raise
-        self._os_held = True
+        self._taken(recorded)
         return time.monotonic() - start
 
     def try_acquire(self) -> bool:
@@ -474,15 +472,24 @@ class Gate:
                 return False
             self._owner = me
         try:
-            taken = self._kernel().acquire(None, wait=False, record=self._records_in_file)
+            recorded = self._records_in_file
+            taken = self._kernel().acquire(None, wait=False, record=recorded)
         except BaseException:
             self._release_local()
             raise
         if not taken:
             self._release_local()
             return False
-        self._os_held = True
+        self._taken(recorded)
         return True
+
+    def _taken(self, recorded: bool) -> None:
+        """Note that this thread holds the kernel lock, and record the holder in the mailbox
+        if the lock file did not: at once, before any of the holder's own steps (its hooks,
+        settling what a dead holder left), so that a waiter timing out meanwhile names it."""
+        self._os_held = True
+        if not recorded and self._mailbox is not None:
+            self._mailbox.gate_taken()
 
     def _reentered(self, for_block: bool = False) -> TransactionError:
         holder = "an open write block of this task" if for_block else "this thread"

@@ -148,6 +148,49 @@ def test_the_later_of_the_holder_records_names_the_holder(tmp_path: Path) -> Non
     assert holder.process.exitcode == 0
 
 
+def test_a_holder_is_on_record_before_its_own_steps_run(tmp_path: Path) -> None:
+    """A holder records itself as soon as it has the lock, before its hooks (or the settling of
+    what a dead holder left) run: a waiter that times out meanwhile names it, not the holder
+    before it."""
+    path = str(tmp_path / "state.db")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import mpstore, sys\n"
+            "def hook(event):\n"
+            "    if event == 'gate-acquired':\n"
+            "        print('holding', flush=True); input()\n"
+            "with mpstore.Store(sys.argv[1]) as s:\n"
+            "    with s.write(): pass\n"  # opens its mailbox: it records itself there
+            "    print('wrote', flush=True); input()\n"
+            "    s.on_event = hook\n"
+            "    with s.write(): pass\n",
+            path,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"wrote\n"
+        with mpstore.Store(path, timeout=0.2) as store:
+            with store.write():  # the last holder on record is now this process
+                pass
+            child.stdin.write(b"\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == b"holding\n"
+            with pytest.raises(mpstore.GateTimeout) as info, store.write():
+                pass
+        assert info.value.holder_pid == child.pid
+        child.stdin.write(b"\n")
+        child.stdin.flush()
+        assert child.wait(workers.JOIN_TIMEOUT) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
 def test_gate_timeout_says_when_the_holder_is_stopped(tmp_path: Path) -> None:
     """A holder stopped by Ctrl-Z keeps the gate until it goes on: the error says so, and
@@ -289,6 +332,7 @@ def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str, take: 
     lock = str(tmp_path / "db.lock")
     gate = gate_for(lock, 0o600)
     other = Gate(lock, 0o600)  # another "process": its own descriptor and queue
+    other.users = 1  # a store uses it: its descriptor stays open between turns
     try:
         other.acquire(5)  # opens its descriptor on the first file
         other.release()
@@ -297,9 +341,13 @@ def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str, take: 
         os.unlink(lock)
         if change == "replace":
             Path(lock).write_text("")
+        if take == "try":
+            # The orphaned file's holder may still be writing: not the new file's turn yet.
+            assert not other.try_acquire()
         gate.release()
         # The next holder must lock the file that is there now, not the orphaned inode.
         if take == "try":
+            assert not other.try_acquire()  # takes the old lock, finds it orphaned, moves
             assert other.try_acquire()
         else:
             other.acquire(5)
@@ -315,6 +363,7 @@ def test_gate_moves_to_a_recreated_lock_file(tmp_path: Path, change: str, take: 
         assert os.stat(lock).st_ino != first_inode or change == "delete"
         gate.release()
     finally:
+        other.users = 0
         other.close()
         drop_gate(gate)
 
