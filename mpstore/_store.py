@@ -311,7 +311,8 @@ class Store:
         ``checkpoints`` (background WAL checkpoints run) and ``checkpoint_errors``. Timings, each
         ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
         ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
-        ``batch_size`` gives the same percentiles of writes per group commit.
+        ``batch_size`` gives the same percentiles of writes per group commit (a transaction
+        that more than one write shared).
         """
         result = self._stats.snapshot()
         result["checkpoints"] = self._checkpointer.runs
@@ -515,8 +516,8 @@ class Store:
         settled = False
         slept = False
         spins = 0
-        # Bound once: the loop runs a few times per write, each time on a CPU just handed
-        # back by other processes.
+        # Bound once: the loop may run hundreds of times per write, each time on a CPU just
+        # handed back by other processes.
         state, monotonic, worth_trying = mailbox.state, time.monotonic, self._worth_trying
         try:
             mailbox.publish(slot, payload)
@@ -533,7 +534,14 @@ class Store:
                 # timeout may never sleep, and a dead holder's pid would keep it from ever trying.
                 if worth_trying(mailbox, slept or now >= deadline):
                     slept = False
-                    if self._gate.try_acquire():
+                    try:
+                        won = self._gate.try_acquire()
+                    except Exception:
+                        if mailbox.withdraw(slot):
+                            settled = True
+                            raise
+                        won = False  # a holder has taken the write: its outcome is the call's
+                    if won:
                         held = self._holding_gate()
                         try:
                             # _holding_gate first settles what a dead holder left, this too.
@@ -634,6 +642,8 @@ class Store:
                     break
                 mailbox = held.mailbox = current
             if mailbox is not None:
+                # The gate recorded its holder in the mailbox it had open, if any; this one
+                # may be another (opened just now, or the file now at the path).
                 mailbox.gate_taken()
             held.open = True
         except BaseException:

@@ -38,6 +38,27 @@ def write(
     }
 
 
+def write_failing_tries(path: str, key: str, raised: Any) -> Any:
+    """One upsert whose tries of the gate find it busy while the write waits untaken, and fail
+    with an error once a holder has taken it (then ``raised`` is set); returns its outcome."""
+    with mpstore.Store(path, timeout=60) as store:
+        notes = store.collection("notes", Note, key="id")
+        mailbox = store._gate.mailbox()
+        assert mailbox is not None
+
+        def try_acquire() -> bool:
+            if any(mailbox.state(slot.index) == _mailbox.TAKEN for slot in mailbox._slots):
+                raised.set()
+                raise mpstore.PermissionDenied("the lock file cannot be opened", path)
+            return False
+
+        store._gate.try_acquire = try_acquire  # type: ignore[method-assign]
+        try:
+            return ("ok", notes.upsert(Note(id=key, text="x")))
+        except Exception as exc:  # reported to the test, which checks it
+            return ("error", type(exc).__name__, str(exc))
+
+
 def die_while_carrying(path: str, event: str) -> None:
     """Take the gate for one write, carry whatever waits in the mailbox, and die (kill -9) at
     ``event``: "taken" (writes taken, none run), "settled" (outcomes stored in the slots, not

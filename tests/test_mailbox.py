@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,15 @@ def _published(store: mpstore.Store) -> int:
 
 
 @contextmanager
-def _writers(calls: Sequence[tuple[Any, ...]]) -> Iterator[Any]:
-    """Start one spawned :func:`mailbox_workers.write` per call; yield a function that collects
-    their reports in order. Any writer still running at the end is killed."""
+def _writers(
+    calls: Sequence[tuple[Any, ...]], fn: Callable[..., Any] = mailbox_workers.write
+) -> Iterator[Any]:
+    """Start one spawned ``fn`` (by default :func:`mailbox_workers.write`) per call; yield a
+    function that collects their reports in order. Any writer still running at the end is
+    killed."""
     queue = workers.SPAWN.Queue()
     procs = [
-        workers.SPAWN.Process(target=workers._report, args=(queue, i, mailbox_workers.write, call))
+        workers.SPAWN.Process(target=workers._report, args=(queue, i, fn, call))
         for i, call in enumerate(calls)
     ]
     for p in procs:
@@ -145,6 +148,32 @@ def test_a_carried_write_that_fails_fails_alone(path: str, action: str) -> None:
         keys = set(notes.keys())
         assert {"a", "c"} <= keys and "bad" not in keys
         assert store.query("SELECT count(*) FROM audit") == [(0,)]
+
+
+def test_a_write_whose_try_of_the_gate_fails_once_it_is_taken_hears_its_own_outcome(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The holder has taken the write when its owner tries the gate and fails (the lock file
+    # replaced by something it cannot open, say): the holder commits it, so the owner must
+    # hear that, not the error.
+    raised = workers.SPAWN.Event()
+    settle = _writer._Carry.settle
+
+    def settle_once_it_failed(self: _writer._Carry, conn: Any) -> None:
+        assert raised.wait(workers.JOIN_TIMEOUT)
+        settle(self, conn)
+
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with _writers([(path, "f", raised)], mailbox_workers.write_failing_tries) as collect:
+            with store.write():
+                _wait_published(store, 1)
+            monkeypatch.setattr(_writer._Carry, "settle", settle_once_it_failed)
+            notes.upsert(Note(id="holder", text="x"))
+            monkeypatch.undo()
+            (report,) = collect()
+        assert report == ("ok", None)
+        assert set(notes.keys()) >= {"f", "holder"}
 
 
 def _move_the_mailbox(path: str, how: str) -> None:
