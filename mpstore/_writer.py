@@ -275,18 +275,15 @@ class WriteQueue:
                 return fn(conn)
         own: _Job[T] = _Job(fn, None, queued=False)
         own.op = op
-        self._commit(raw, [own], mailbox, lone=True)
+        self._commit(raw, [own], mailbox)
         if own.error is not None:
             raise own.error
         return own.result  # type: ignore[return-value]
 
-    def _commit(
-        self, raw: Any, batch: list[_Job[Any]], mailbox: Mailbox | None, lone: bool = False
-    ) -> None:
+    def _commit(self, raw: Any, batch: list[_Job[Any]], mailbox: Mailbox | None) -> None:
         """Run ``batch`` (and the writes of ``mailbox``, if given) in one transaction; each job
         gets its own outcome. Raises only what failed the whole transaction (BEGIN, COMMIT, the
-        disk). ``lone``: one caller's own write, counted as a batch only if it carried others.
-        """
+        disk). Counted as a group commit when more than one write shared the transaction."""
         store = self._store
         runnable = [job for job in batch if not self._abandoned(job)]
         # Whether the mailbox holds writes is asked only after this batch's own writes ran,
@@ -304,7 +301,7 @@ class WriteQueue:
                 carry.mailbox.finish(carry.taken)
         finally:
             jobs = runnable + (carry.jobs if carry is not None else [])
-            if len(jobs) > (1 if lone else 0):
+            if len(jobs) > 1:
                 self._count(jobs)
             if carry is not None and carry.taken:
                 store._stats.count("writes_carried", len(carry.taken))

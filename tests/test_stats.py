@@ -92,6 +92,19 @@ def test_queued_writes_are_group_committed_and_counted(store: mpstore.Store) -> 
     assert stats["batch_size"]["max"] == 8
 
 
+def test_a_queued_write_alone_in_its_transaction_is_no_group_commit(store: mpstore.Store) -> None:
+    notes = store.collection("notes", Note, key="id")
+    with store.write():
+        writer = threading.Thread(target=notes.upsert, args=(Note(id="q", text="x"),))
+        writer.start()
+        while workers.pending_writes(store) < 1:
+            os.sched_yield()  # queued behind this block, alone
+    writer.join()
+    stats = store.stats()
+    assert notes.count() == 1 and stats["commits"] >= 2
+    assert stats["writes_batched"] == 0 and stats["batch_size"]["count"] == 0
+
+
 def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
     with mpstore.Store(db_path) as store:
         repo = ConversationRepository(store)
