@@ -364,6 +364,7 @@ class Gate:
         self._os_held = False
         self._mailbox: Mailbox | None = None
         self._retired: list[Mailbox] = []  # files replaced at the path while this gate was open
+        self.recorded_in: Mailbox | None = None  # where this thread's holder record is
         self._mailbox_lock = threading.Lock()
 
     def _kernel(self) -> _FlockLock | _PortableLock:
@@ -490,6 +491,7 @@ class Gate:
         self._os_held = True
         if not recorded and self._mailbox is not None:
             self._mailbox.gate_taken()
+            self.recorded_in = self._mailbox
 
     def _reentered(self, for_block: bool = False) -> TransactionError:
         holder = "an open write block of this task" if for_block else "this thread"
@@ -558,6 +560,10 @@ class Gate:
         """
         if not self.held_by_me:
             raise TransactionError(f"the write gate {self.lock_path} is not held by this thread")
+        if self.recorded_in is not None:
+            # Its "gate taken" hint, left there, would keep other writers from trying the gate.
+            self.recorded_in.gate_released()
+            self.recorded_in = None
         if self._os_held:
             self._os_held = False
             assert self._os is not None

@@ -159,11 +159,12 @@ def available() -> bool:
 class Slot:
     """One claimed slot of this process: its index and the socket its owner sleeps on."""
 
-    __slots__ = ("index", "poller", "sock")
+    __slots__ = ("disowned", "index", "poller", "sock")
 
     def __init__(self, index: int, sock: socket.socket) -> None:
         self.index = index
         self.sock = sock
+        self.disowned = False  # given up with its write taken: its claim goes back
         sock.setblocking(False)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
@@ -395,10 +396,11 @@ class Mailbox:
         return None
 
     def give_back(self, slot: Slot) -> None:
-        """Return a slot to this process's spares; past a few, let other processes claim it."""
+        """Return a slot to this process's spares; past a few, or if :meth:`disown` gave it up,
+        let other processes claim it."""
         with self._claim_lock:
             self._busy -= 1
-            if len(self._spare) < _SPARES:
+            if len(self._spare) < _SPARES and not slot.disowned:
                 self._spare.append(slot)
             else:
                 self._owned.discard(slot.index)
@@ -444,6 +446,13 @@ class Mailbox:
                 return False
             self._set_state(slot.index, FREE)
             return True
+
+    def disown(self, slot: Slot) -> None:
+        """Give up a write a holder has taken and not finished, without waiting for its outcome
+        any longer: its claim goes back with :meth:`give_back`, so if that holder died before
+        COMMIT the next one drops the write (its owner is gone) instead of publishing it again.
+        """
+        slot.disowned = True
 
     def collect(self, slot: Slot) -> tuple[bool, Any]:
         """The outcome of a done write: ``(True, result)`` or ``(False, exception)``."""
@@ -567,8 +576,11 @@ class Mailbox:
 
     def gate_released(self) -> None:
         """Note that the gate is about to be released (unless another process took it since)."""
-        if _LEADER.unpack_from(self._mm, _GATE)[0] == _fork.pid():
-            _LEADER.pack_into(self._mm, _GATE, 0)
+        try:
+            if _LEADER.unpack_from(self._mm, _GATE)[0] == _fork.pid():
+                _LEADER.pack_into(self._mm, _GATE, 0)
+        except ValueError:  # closed since (retired): nobody reads its hint any more
+            return
 
     def gate_free(self) -> bool:
         """Whether the gate looks free of other processes, read from shared memory without a

@@ -305,9 +305,9 @@ class Store:
         """What this process has seen of the store: counters and recent latencies.
 
         Counters: ``commits``, ``rollbacks``, ``writes_batched`` (writes this process ran in a
-        shared transaction), ``writes_carried`` (of them, writes other processes left in the
-        mailbox), ``writes_carried_away`` (this process's writes another process committed),
-        ``gate_timeouts``, ``pool_timeouts``,
+        shared transaction), ``writes_carried`` (writes other processes left in the mailbox
+        that this process ran for them), ``writes_carried_away`` (this process's writes
+        another process committed), ``gate_timeouts``, ``pool_timeouts``,
         ``checkpoints`` (background WAL checkpoints run) and ``checkpoint_errors``. Timings, each
         ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
         ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
@@ -536,11 +536,22 @@ class Store:
                     slept = False
                     try:
                         won = self._gate.try_acquire()
-                    except Exception:
+                    except Exception as exc:
                         if mailbox.withdraw(slot):
                             settled = True
                             raise
-                        won = False  # a holder has taken the write: its outcome is the call's
+                        # A holder has taken the write: its outcome is the call's, if it comes
+                        # before the deadline; the gate cannot be taken to settle it otherwise.
+                        if now >= deadline and state(index) != _mailbox.DONE:
+                            settled = True
+                            mailbox.disown(slot)
+                            raise TransactionError(
+                                "a holder took this write and had not finished it when the "
+                                f"timeout ran out, and the gate could not be tried ({exc}): "
+                                "whether it was committed is not known; read it back",
+                                self.path,
+                            ) from exc
+                        won = False
                     if won:
                         held = self._holding_gate()
                         try:
@@ -641,9 +652,9 @@ class Store:
                 if current is mailbox:
                     break
                 mailbox = held.mailbox = current
-            if mailbox is not None:
+            if mailbox is not None and mailbox is not self._gate.recorded_in:
                 # The gate recorded its holder in the mailbox it had open, if any; this one
-                # may be another (opened just now, or the file now at the path).
+                # is another (opened just now, or the file now at the path).
                 mailbox.gate_taken()
             held.open = True
         except BaseException:

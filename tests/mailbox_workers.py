@@ -8,6 +8,7 @@ from typing import Any
 
 import mpstore
 from mpstore import _mailbox
+from tests import workers
 from tests.models import Note
 
 
@@ -38,10 +39,21 @@ def write(
     }
 
 
-def write_failing_tries(path: str, key: str, raised: Any) -> Any:
+def write_failing_tries(
+    path: str,
+    key: str,
+    raised: Any,
+    timeout: float = 60,
+    early: Any = None,
+    linger: Any = None,
+) -> Any:
     """One upsert whose tries of the gate find it busy while the write waits untaken, and fail
-    with an error once a holder has taken it (then ``raised`` is set); returns its outcome."""
-    with mpstore.Store(path, timeout=60) as store:
+    with an error once a holder has taken it (then ``raised`` is set); returns its outcome.
+
+    With ``early`` (a queue) the outcome is also put there at once, and with ``linger`` (an
+    event) the process stays, its store open, until that is set.
+    """
+    with mpstore.Store(path, timeout=timeout) as store:
         notes = store.collection("notes", Note, key="id")
         mailbox = store._gate.mailbox()
         assert mailbox is not None
@@ -53,10 +65,16 @@ def write_failing_tries(path: str, key: str, raised: Any) -> Any:
             return False
 
         store._gate.try_acquire = try_acquire  # type: ignore[method-assign]
+        outcome: Any
         try:
-            return ("ok", notes.upsert(Note(id=key, text="x")))
+            outcome = ("ok", notes.upsert(Note(id=key, text="x")))
         except Exception as exc:  # reported to the test, which checks it
-            return ("error", type(exc).__name__, str(exc))
+            outcome = ("error", type(exc).__name__, str(exc))
+        if early is not None:
+            early.put(outcome)
+        if linger is not None:
+            linger.wait(workers.JOIN_TIMEOUT)
+        return outcome
 
 
 def die_while_carrying(path: str, event: str) -> None:

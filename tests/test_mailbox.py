@@ -176,6 +176,61 @@ def test_a_write_whose_try_of_the_gate_fails_once_it_is_taken_hears_its_own_outc
         assert set(notes.keys()) >= {"f", "holder"}
 
 
+def test_a_write_taken_by_a_holder_it_cannot_outwait_times_out_as_unknown_and_lets_go(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The holder has not finished the write when the owner's timeout runs out, and the owner's
+    # tries of the gate fail: it may not wait for ever (a dead holder, a lock file nobody can
+    # open). It says the outcome is unknown and gives its slot's claim back, so a holder that
+    # died before COMMIT would be settled by dropping the write, never by running it later.
+    raised, linger = workers.SPAWN.Event(), workers.SPAWN.Event()
+    early = workers.SPAWN.Queue()
+    settle = _writer._Carry.settle
+    seen: dict[str, Any] = {}
+
+    def settle_once_the_owner_gave_up(self: _writer._Carry, conn: Any) -> None:
+        seen["outcome"] = early.get(timeout=workers.JOIN_TIMEOUT)
+        seen["claimed"] = self.mailbox._claimed(self.taken[0].index)
+        settle(self, conn)
+
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        call = (path, "f", raised, 0.5, early, linger)
+        with _writers([call], mailbox_workers.write_failing_tries) as collect:
+            with store.write():
+                _wait_published(store, 1)
+            monkeypatch.setattr(_writer._Carry, "settle", settle_once_the_owner_gave_up)
+            notes.upsert(Note(id="holder", text="x"))
+            monkeypatch.undo()
+            linger.set()
+            collect()
+    assert seen["outcome"][:2] == ("error", "TransactionError")
+    assert "not known" in seen["outcome"][2]
+    assert not seen["claimed"]
+
+
+def test_a_holder_that_fails_before_its_first_step_leaves_no_gate_taken_hint(
+    store: mpstore.Store,
+) -> None:
+    # The gate notes its holder in the mailbox as soon as it has the lock; a holder that fails
+    # right after (here its gate-acquired hook) must not leave the note, which would keep other
+    # processes' writes from trying the free gate until they sleep and wake.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))  # the mailbox is open: the gate notes holders there
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+
+    def refuse(event: str) -> None:
+        if event == "gate-acquired":
+            raise RuntimeError("refused")
+
+    store.on_event = refuse
+    with pytest.raises(RuntimeError, match="refused"):
+        notes.upsert(Note(id="b", text="x"))
+    store.on_event = None
+    assert _mailbox._LEADER.unpack_from(mailbox._mm, _mailbox._GATE)[0] == 0
+
+
 def _move_the_mailbox(path: str, how: str) -> None:
     """Delete the mailbox file, or put something else in its place ("replaced": a new empty
     file, as a cleanup might; "directory"; "symlink" to another file)."""
