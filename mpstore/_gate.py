@@ -294,7 +294,9 @@ class _PortableLock:
         import filelock
 
         self._path = path
-        self._lock = filelock.FileLock(path, mode=mode, thread_local=False, is_singleton=False)
+        # Not a singleton (filelock's default, and the only kind before filelock 3.13, which
+        # has no is_singleton argument): the gate is this process's one lock on the file.
+        self._lock = filelock.FileLock(path, mode=mode, thread_local=False)
 
     def acquire(self, deadline: float | None, wait: bool = True, record: bool = True) -> bool:
         import filelock
