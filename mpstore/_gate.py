@@ -418,6 +418,10 @@ class Gate:
         with self._mailbox_lock:
             if self._mailbox is current:
                 self._mailbox = Mailbox(self.mailbox_path, self._mode)
+                if self.recorded_in is current:
+                    # Cleared while it can be: writers still on the old file read its hint.
+                    current.gate_released()
+                    self.recorded_in = None
                 current.retire()
                 # Kept until closed: a forked child must close its copy too.
                 self._retired = [m for m in self._retired if not m.closed]

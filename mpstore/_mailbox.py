@@ -370,11 +370,17 @@ class Mailbox:
                     return slot
             pid = _fork.pid()
             for index in range(SLOTS):
-                if index in self._owned or not self._lock(_CLAIMS + index, wait=False):
+                if index in self._owned:
                     continue
-                # Ours while this mailbox is open; a dead claimant may have left anything, but a
-                # write a holder has taken stays its until that holder (or the next) settles it.
+                # The slot's lock before its claim: a holder asks whether a taken or published
+                # slot's owner lives under that lock, and must never see the claim of a slot
+                # that stays taken, held only for the moment it takes to look.
                 with self._mutex(index):
+                    if not self._lock(_CLAIMS + index, wait=False):
+                        continue
+                    # Ours while this mailbox is open; a dead claimant may have left anything,
+                    # but a write a holder has taken stays its until that holder (or the next)
+                    # settles it.
                     if self.state(index) == TAKEN:
                         self._unlock(_CLAIMS + index)
                         continue
@@ -579,7 +585,7 @@ class Mailbox:
         try:
             if _LEADER.unpack_from(self._mm, _GATE)[0] == _fork.pid():
                 _LEADER.pack_into(self._mm, _GATE, 0)
-        except ValueError:  # closed since (retired): nobody reads its hint any more
+        except ValueError:  # closed since (retired): the gate cleared its own hint before
             return
 
     def gate_free(self) -> bool:
@@ -612,7 +618,8 @@ class Mailbox:
                 if ready and batch != 0 and batch == committed_batch:
                     self._set_state(index, DONE)
                 elif not self._claimed(index):
-                    self._set_state(index, FREE)  # not written, and its owner is gone
+                    # Not written, and its owner is gone or gave it up (see disown).
+                    self._set_state(index, FREE)
                     continue
                 else:
                     # Nothing of its batch was committed: it waits for the next holder again.

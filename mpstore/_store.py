@@ -509,6 +509,8 @@ class Store:
         """Leave the write ``op`` in the mailbox and wait for its outcome, or for the gate.
 
         :raises GateTimeout: no holder took the write within ``timeout`` (it never will).
+        :raises TransactionError: a holder took it and had not finished it at the deadline, and
+            the gate could not be tried: the outcome is not known.
         """
         start = time.monotonic()
         deadline = start + self.timeout
@@ -548,7 +550,9 @@ class Store:
                             raise TransactionError(
                                 "a holder took this write and had not finished it when the "
                                 f"timeout ran out, and the gate could not be tried ({exc}): "
-                                "whether it was committed is not known; read it back",
+                                "whether it is committed is not known (a holder still alive "
+                                "may yet commit it; one that died before COMMIT left nothing "
+                                "of it, and it will not run later)",
                                 self.path,
                             ) from exc
                         won = False

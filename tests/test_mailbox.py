@@ -209,6 +209,54 @@ def test_a_write_taken_by_a_holder_it_cannot_outwait_times_out_as_unknown_and_le
     assert not seen["claimed"]
 
 
+def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: Path) -> None:
+    # A write whose owner gave it up (its claim given back) while a holder that then died had
+    # it taken. Another process's claim() looks at that slot: it must hold the slot's lock all
+    # the while it holds the claim, or the next holder's recovery would see a live owner and
+    # publish the write again, to run after its caller was told its outcome is unknown.
+    path = str(tmp_path / "db.mailbox")
+    owner, holder, claimer, next_holder = (_mailbox.Mailbox(path, 0o600) for _ in range(4))
+    try:
+        slot = owner.claim()
+        assert slot is not None
+        owner.publish(slot, _mailbox.encode_op(("upsert", "notes", "f")))
+        assert [c.index for c in holder.take()] == [slot.index]  # then the holder dies
+        owner.disown(slot)
+        owner.give_back(slot)
+        claim_byte = _mailbox._CLAIMS + slot.index
+        holding, go = threading.Event(), threading.Event()
+        lock = claimer._lock
+
+        def lock_then_pause(offset: int, wait: bool, length: int = 1) -> bool:
+            got = lock(offset, wait, length)
+            if offset == claim_byte and got and not go.is_set():
+                holding.set()
+                go.wait(workers.JOIN_TIMEOUT)
+            return got
+
+        claimer._lock = lock_then_pause  # type: ignore[method-assign]
+        claimed: list[Any] = []
+        thread = threading.Thread(target=lambda: claimed.append(claimer.claim()))
+        thread.start()
+        try:
+            assert holding.wait(workers.JOIN_TIMEOUT)
+            # The claim is held this moment: so must the slot's lock be.
+            locked = next_holder._try_mutex(slot.index)
+            if locked:
+                next_holder._unmutex(slot.index)
+            assert not locked
+        finally:
+            go.set()
+            thread.join(workers.JOIN_TIMEOUT)
+        assert claimed[0] is not None and claimed[0].index != slot.index
+        next_holder.recover(None)  # the dead holder's batch did not commit
+        assert next_holder.state(slot.index) == _mailbox.FREE
+        assert next_holder.take() == []
+    finally:
+        for mailbox in (owner, holder, claimer, next_holder):
+            mailbox.close()
+
+
 def test_a_holder_that_fails_before_its_first_step_leaves_no_gate_taken_hint(
     store: mpstore.Store,
 ) -> None:
@@ -999,6 +1047,47 @@ def test_a_holder_carries_writes_left_in_the_mailbox_file_that_replaced_its_own(
         assert current is not old and current is not None and current.is_live()
         assert old is not None and old.claim() is None and old.closed  # nothing left in it
         assert notes.get("later") is not None
+
+
+def test_a_holder_moving_to_a_new_mailbox_file_clears_its_hint_in_the_old_one(
+    path: str,
+) -> None:
+    # Writers still on the old file read its "gate taken" hint: left there, it would keep them
+    # from trying the free gate until they sleep and wake.
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="first", text=""))  # the mailbox is open: the gate notes there
+        still_on_old = _mailbox.Mailbox(path + ".mailbox", 0o600)  # another process's view
+        try:
+            _move_the_mailbox(path, "replaced")
+            notes.upsert(Note(id="moves", text=""))  # takes the gate, then moves
+            assert store._gate.mailbox() is not None and store._gate.mailbox().is_live()
+            assert _mailbox._LEADER.unpack_from(still_on_old._mm, _mailbox._GATE)[0] == 0
+            assert still_on_old.gate_free()
+        finally:
+            still_on_old.close()
+
+
+def test_the_holder_record_says_when_the_lock_was_taken(store: mpstore.Store) -> None:
+    # Recorded as soon as the gate has the lock, and not again once the holder has entered.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))  # the mailbox is open: the gate records there
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    seen: list[Any] = []
+
+    def note_the_record(event: str) -> None:
+        if event == "gate-acquired":
+            seen.append(_mailbox.recorded_holder(mailbox.path))
+            now = time.time()
+            while time.time() == now:
+                pass  # a later entry would record a later time
+
+    store.on_event = note_the_record
+    notes.upsert(Note(id="b", text="x"))
+    store.on_event = None
+    assert seen[0] is not None and seen[0][0] == os.getpid()
+    assert _mailbox.recorded_holder(mailbox.path) == seen[0]
 
 
 def test_replaced_mailboxes_do_not_pile_up_in_a_long_lived_process(path: str) -> None:
