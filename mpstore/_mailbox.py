@@ -370,12 +370,13 @@ class Mailbox:
                     return slot
             pid = _fork.pid()
             for index in range(SLOTS):
-                if index in self._owned:
-                    continue
                 # The slot's lock before its claim: a holder asks whether a taken or published
                 # slot's owner lives under that lock, and must never see the claim of a slot
-                # that stays taken, held only for the moment it takes to look.
-                with self._mutex(index):
+                # that stays taken, held only for the moment it takes to look. Never waited
+                # for: a slot whose lock is held now (by a stopped process, say) is passed.
+                if index in self._owned or not self._try_mutex(index):
+                    continue
+                try:
                     if not self._lock(_CLAIMS + index, wait=False):
                         continue
                     # Ours while this mailbox is open; a dead claimant may have left anything,
@@ -386,6 +387,8 @@ class Mailbox:
                         continue
                     self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
                     self._set_state(index, FREE)
+                finally:
+                    self._unmutex(index)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 try:
                     sock.bind(self._address(index, pid))

@@ -257,6 +257,25 @@ def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: P
             mailbox.close()
 
 
+def test_a_claim_passes_a_slot_whose_lock_is_held_instead_of_waiting(tmp_path: Path) -> None:
+    # A process stopped (Ctrl-Z) while it holds a slot's lock must not stop other processes
+    # from claiming another slot for their first write.
+    path = str(tmp_path / "db.mailbox")
+    stopped, claimer = (_mailbox.Mailbox(path, 0o600) for _ in range(2))
+    try:
+        assert stopped._try_mutex(0)
+        claimed: list[Any] = []
+        thread = threading.Thread(target=lambda: claimed.append(claimer.claim()))
+        thread.start()
+        thread.join(workers.JOIN_TIMEOUT)
+        assert not thread.is_alive()
+        assert claimed[0] is not None and claimed[0].index != 0
+        stopped._unmutex(0)
+    finally:
+        for mailbox in (stopped, claimer):
+            mailbox.close()
+
+
 def test_a_holder_that_fails_before_its_first_step_leaves_no_gate_taken_hint(
     store: mpstore.Store,
 ) -> None:
