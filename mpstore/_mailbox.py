@@ -291,7 +291,12 @@ class Mailbox:
             if self._lock(_MUTEXES + index, wait=False):
                 return True
         except BaseException:
-            self._local[index].release()
+            # A Ctrl-C may land once the byte is locked: let it go too (unlocking a byte that
+            # is not held changes nothing), or every other process would wait for it.
+            try:
+                self._unlock(_MUTEXES + index)
+            finally:
+                self._local[index].release()
             raise
         self._local[index].release()
         return False
@@ -370,23 +375,29 @@ class Mailbox:
                     return slot
             pid = _fork.pid()
             for index in range(SLOTS):
-                # The slot's lock before its claim: a holder asks whether a taken or published
-                # slot's owner lives under that lock, and must never see the claim of a slot
-                # that stays taken, held only for the moment it takes to look. Never waited
-                # for: a slot whose lock is held now (by a stopped process, say) is passed.
-                if index in self._owned or not self._try_mutex(index):
+                # A slot another process owns is passed on the kernel's word, without its
+                # lock, which belongs to its owner and to the gate's holder. For one that looks
+                # free: its lock before its claim, as a holder asks whether a taken or published
+                # slot's owner lives under that lock and must never see the claim of a slot that
+                # stays taken, held only for the moment it takes to look. Never waited for: a
+                # slot whose lock is held now (by a stopped process, say) is passed.
+                if self._claimed(index) or not self._try_mutex(index):
                     continue
                 try:
                     if not self._lock(_CLAIMS + index, wait=False):
                         continue
-                    # Ours while this mailbox is open; a dead claimant may have left anything,
-                    # but a write a holder has taken stays its until that holder (or the next)
-                    # settles it.
-                    if self.state(index) == TAKEN:
-                        self._unlock(_CLAIMS + index)
-                        continue
-                    self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
-                    self._set_state(index, FREE)
+                    try:
+                        # Ours while this mailbox is open; a dead claimant may have left
+                        # anything, but a write a holder has taken stays its until that holder
+                        # (or the next) settles it.
+                        if self.state(index) == TAKEN:
+                            self._unlock(_CLAIMS + index)
+                            continue
+                        self._put_head(index, pid, 0, 0, 0, 0, 0, 0)
+                        self._set_state(index, FREE)
+                    except BaseException:
+                        self._unlock(_CLAIMS + index)  # a Ctrl-C: a held claim would outlive it
+                        raise
                 finally:
                     self._unmutex(index)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -276,6 +276,92 @@ def test_a_claim_passes_a_slot_whose_lock_is_held_instead_of_waiting(tmp_path: P
             mailbox.close()
 
 
+def test_a_claim_leaves_the_locks_of_other_processes_slots_alone(tmp_path: Path) -> None:
+    # A holder takes the slots it finds published under their locks; a claim scanning past a
+    # slot that a live process owns must not hold that slot's lock even for a moment, or the
+    # holder would leave the write for the next one.
+    path = str(tmp_path / "db.mailbox")
+    owner, holder, claimer = (_mailbox.Mailbox(path, 0o600) for _ in range(3))
+    try:
+        slot = owner.claim()
+        assert slot is not None
+        owner.publish(slot, _mailbox.encode_op(("upsert", "notes", "f")))
+        paused_or_done, go = threading.Event(), threading.Event()
+        lock = claimer._lock
+
+        def lock_then_pause(offset: int, wait: bool, length: int = 1) -> bool:
+            got = lock(offset, wait, length)
+            if offset == _mailbox._MUTEXES + slot.index and got:
+                paused_or_done.set()
+                go.wait(workers.JOIN_TIMEOUT)
+            return got
+
+        claimer._lock = lock_then_pause  # type: ignore[method-assign]
+        claimed: list[Any] = []
+
+        def claim() -> None:
+            claimed.append(claimer.claim())
+            paused_or_done.set()
+
+        thread = threading.Thread(target=claim)
+        thread.start()
+        try:
+            assert paused_or_done.wait(workers.JOIN_TIMEOUT)
+            taken = holder.take()
+        finally:
+            go.set()
+            thread.join(workers.JOIN_TIMEOUT)
+        assert [c.index for c in taken] == [slot.index]
+        assert claimed[0] is not None and claimed[0].index != slot.index
+        _settle_unrun(holder, taken)
+    finally:
+        for mailbox in (owner, holder, claimer):
+            mailbox.close()
+
+
+def test_a_ctrl_c_in_a_slot_lock_or_claim_leaves_neither_held(tmp_path: Path) -> None:
+    # Taken by one mailbox and interrupted just after: another process must find both free.
+    path = str(tmp_path / "db.mailbox")
+    first, other = (_mailbox.Mailbox(path, 0o600) for _ in range(2))
+    try:
+        lock = first._lock
+
+        def lock_then_interrupt(offset: int, wait: bool, length: int = 1) -> bool:
+            lock(offset, wait, length)
+            raise KeyboardInterrupt
+
+        first._lock = lock_then_interrupt  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            first._try_mutex(5)
+        first._lock = lock  # type: ignore[method-assign]
+        assert other._try_mutex(5)
+        other._unmutex(5)
+        # A claim that finds a taken slot and is interrupted while it looks at it.
+        slot = other.claim()
+        assert slot is not None
+        other.publish(slot, _mailbox.encode_op(("upsert", "notes", "f")))
+        taken = other.take()
+        assert [c.index for c in taken] == [slot.index]
+        other.disown(slot)
+        other.give_back(slot)  # its claim goes back; the write stays taken
+        state = first.state
+
+        def interrupted_at(index: int) -> int:
+            if index == slot.index:
+                raise KeyboardInterrupt
+            return state(index)
+
+        first.state = interrupted_at  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            first.claim()
+        first.state = state  # type: ignore[method-assign]
+        assert not other._claimed(slot.index)
+        _settle_unrun(other, taken)
+    finally:
+        for mailbox in (first, other):
+            mailbox.close()
+
+
 def test_a_holder_that_fails_before_its_first_step_leaves_no_gate_taken_hint(
     store: mpstore.Store,
 ) -> None:
