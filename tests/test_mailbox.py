@@ -209,17 +209,34 @@ def test_a_write_taken_by_a_holder_it_cannot_outwait_times_out_as_unknown_and_le
     assert not seen["claimed"]
 
 
+@contextmanager
+def _opens(tmp_path: Path, count: int) -> Iterator[list[_mailbox.Mailbox]]:
+    """``count`` opens of one mailbox file, closed after the block: each open's locks act as
+    another process's."""
+    path = str(tmp_path / "db.mailbox")
+    opens = [_mailbox.Mailbox(path, 0o600) for _ in range(count)]
+    try:
+        yield opens
+    finally:
+        for mailbox in opens:
+            mailbox.close()
+
+
+def _publish(owner: _mailbox.Mailbox, op: tuple[Any, ...]) -> _mailbox.Slot:
+    """Claim a slot of ``owner`` and leave ``op`` in it."""
+    slot = owner.claim()
+    assert slot is not None
+    owner.publish(slot, _mailbox.encode_op(op))
+    return slot
+
+
 def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: Path) -> None:
     # A write whose owner gave it up (its claim given back) while a holder that then died had
     # it taken. Another process's claim() looks at that slot: it must hold the slot's lock all
     # the while it holds the claim, or the next holder's recovery would see a live owner and
     # publish the write again, to run after its caller was told its outcome is unknown.
-    path = str(tmp_path / "db.mailbox")
-    owner, holder, claimer, next_holder = (_mailbox.Mailbox(path, 0o600) for _ in range(4))
-    try:
-        slot = owner.claim()
-        assert slot is not None
-        owner.publish(slot, _mailbox.encode_op(("upsert", "notes", "f")))
+    with _opens(tmp_path, 4) as (owner, holder, claimer, next_holder):
+        slot = _publish(owner, ("upsert", "notes", "f"))
         assert [c.index for c in holder.take()] == [slot.index]  # then the holder dies
         owner.disown(slot)
         owner.give_back(slot)
@@ -252,17 +269,12 @@ def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: P
         next_holder.recover(None)  # the dead holder's batch did not commit
         assert next_holder.state(slot.index) == _mailbox.FREE
         assert next_holder.take() == []
-    finally:
-        for mailbox in (owner, holder, claimer, next_holder):
-            mailbox.close()
 
 
 def test_a_claim_passes_a_slot_whose_lock_is_held_instead_of_waiting(tmp_path: Path) -> None:
     # A process stopped (Ctrl-Z) while it holds a slot's lock must not stop other processes
     # from claiming another slot for their first write.
-    path = str(tmp_path / "db.mailbox")
-    stopped, claimer = (_mailbox.Mailbox(path, 0o600) for _ in range(2))
-    try:
+    with _opens(tmp_path, 2) as (stopped, claimer):
         assert stopped._try_mutex(0)
         claimed: list[Any] = []
         thread = threading.Thread(target=lambda: claimed.append(claimer.claim()))
@@ -271,21 +283,14 @@ def test_a_claim_passes_a_slot_whose_lock_is_held_instead_of_waiting(tmp_path: P
         assert not thread.is_alive()
         assert claimed[0] is not None and claimed[0].index != 0
         stopped._unmutex(0)
-    finally:
-        for mailbox in (stopped, claimer):
-            mailbox.close()
 
 
 def test_a_claim_leaves_the_locks_of_other_processes_slots_alone(tmp_path: Path) -> None:
     # A holder takes the slots it finds published under their locks; a claim scanning past a
     # slot that a live process owns must not hold that slot's lock even for a moment, or the
     # holder would leave the write for the next one.
-    path = str(tmp_path / "db.mailbox")
-    owner, holder, claimer = (_mailbox.Mailbox(path, 0o600) for _ in range(3))
-    try:
-        slot = owner.claim()
-        assert slot is not None
-        owner.publish(slot, _mailbox.encode_op(("upsert", "notes", "f")))
+    with _opens(tmp_path, 3) as (owner, holder, claimer):
+        slot = _publish(owner, ("upsert", "notes", "f"))
         paused_or_done, go = threading.Event(), threading.Event()
         lock = claimer._lock
 
@@ -314,16 +319,11 @@ def test_a_claim_leaves_the_locks_of_other_processes_slots_alone(tmp_path: Path)
         assert [c.index for c in taken] == [slot.index]
         assert claimed[0] is not None and claimed[0].index != slot.index
         _settle_unrun(holder, taken)
-    finally:
-        for mailbox in (owner, holder, claimer):
-            mailbox.close()
 
 
 def test_a_ctrl_c_in_a_slot_lock_or_claim_leaves_neither_held(tmp_path: Path) -> None:
     # Taken by one mailbox and interrupted just after: another process must find both free.
-    path = str(tmp_path / "db.mailbox")
-    first, other = (_mailbox.Mailbox(path, 0o600) for _ in range(2))
-    try:
+    with _opens(tmp_path, 2) as (first, other):
         lock = first._lock
 
         def lock_then_interrupt(offset: int, wait: bool, length: int = 1) -> bool:
@@ -357,9 +357,6 @@ def test_a_ctrl_c_in_a_slot_lock_or_claim_leaves_neither_held(tmp_path: Path) ->
         first.state = state  # type: ignore[method-assign]
         assert not other._claimed(slot.index)
         _settle_unrun(other, taken)
-    finally:
-        for mailbox in (first, other):
-            mailbox.close()
 
 
 def test_a_holder_that_fails_before_its_first_step_leaves_no_gate_taken_hint(
@@ -573,9 +570,7 @@ def test_a_taken_slot_is_not_claimed_again_when_its_owner_goes(tmp_path: Path) -
     where = str(tmp_path / "x.mailbox")
     owner, holder, newcomer = (_mailbox.Mailbox(where, 0o600) for _ in range(3))
     try:
-        slot = owner.claim()
-        assert slot is not None
-        owner.publish(slot, _mailbox.encode_op(("delete", "notes", "k")))
+        slot = _publish(owner, ("delete", "notes", "k"))
         assert [c.index for c in holder.take()] == [slot.index]
         owner.give_back(slot)
         owner.close()  # the owner is gone; its write is still being carried
