@@ -684,8 +684,8 @@ class Store:
                     self._emit("rollback")
             finally:
                 try:
-                    if mailbox is not None:
-                        mailbox.gate_released()
+                    if mailbox is not None and mailbox is not self._gate.recorded_in:
+                        mailbox.gate_released()  # the gate clears the hint it wrote itself
                 finally:
                     self._gate.release()
             if mailbox is not None:
