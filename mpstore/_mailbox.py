@@ -750,20 +750,31 @@ class Snapshot:
     holder: int
 
 
-def snapshot(path: str) -> Snapshot:
-    """Read the mailbox at ``path`` without opening it for writing or changing it.
+def _read_head(path: str) -> bytes | None:
+    """The mailbox file's header and slot states, read without opening it for writing; None
+    if there is no file at ``path``.
 
-    :raises MpstoreError: the file is not a mailbox.
+    :raises OSError: the file cannot be opened or read.
     """
     flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        return Snapshot(False, 0, 0, 0, 0)
+        return None
     try:
-        head = os.pread(fd, _STATES + SLOTS, 0)
+        return os.pread(fd, _STATES + SLOTS, 0)
     finally:
         os.close(fd)
+
+
+def snapshot(path: str) -> Snapshot:
+    """Read the mailbox at ``path`` without opening it for writing or changing it.
+
+    :raises MpstoreError: the file is not a mailbox.
+    """
+    head = _read_head(path)
+    if head is None:
+        return Snapshot(False, 0, 0, 0, 0)
     _check_magic(head[: len(_MAGIC)], path)
     states = head[_STATES : _STATES + SLOTS]
     holder = _LEADER.unpack_from(head, 8)[0] if len(head) >= 16 else 0
@@ -774,18 +785,11 @@ def recorded_holder(path: str) -> tuple[int, float] | None:
     """The pid and start time (epoch seconds) of the last gate holder recorded in the mailbox
     at ``path``, if any; read without opening the file for writing. A file that cannot be read
     or is not a mailbox records none."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        head = _read_head(path)
     except OSError:
         return None
-    try:
-        head = os.pread(fd, _GATE + _HOLDER.size, 0)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(head) < _GATE + _HOLDER.size or head[: len(_MAGIC)] != _MAGIC:
+    if head is None or len(head) < _GATE + _HOLDER.size or head[: len(_MAGIC)] != _MAGIC:
         return None
     _, pid, since = _HOLDER.unpack_from(head, _GATE)
     return (pid, since) if pid > 0 else None
