@@ -94,8 +94,12 @@ def mailbox_path(lock_path: str) -> str:
     return lock_path.removesuffix(".lock") + ".mailbox"
 
 
-def latest_holder(*records: tuple[int, float] | None) -> tuple[int, float] | None:
-    """The later of the holder records (the lock file's, the mailbox's), if any."""
+def holder_on_record(
+    lock_record: tuple[int, float] | None, lock_path: str
+) -> tuple[int, float] | None:
+    """The later of the gate's two holder records: ``lock_record`` (the lock file's, if read)
+    and the mailbox's beside ``lock_path``; None if neither has one."""
+    records = (lock_record, _mailbox.recorded_holder(mailbox_path(lock_path)))
     found = [record for record in records if record is not None]
     return max(found, key=lambda record: record[1]) if found else None
 
@@ -579,7 +583,7 @@ class Gate:
     def holder(self) -> tuple[int, float] | None:
         """The pid and start time (epoch seconds) of the gate's last holder, if known."""
         self._check_fork()
-        return latest_holder(self._kernel().holder(), _mailbox.recorded_holder(self.mailbox_path))
+        return holder_on_record(self._kernel().holder(), self.lock_path)
 
     def blocked_error(self, start: float) -> GateTimeout:
         """The timeout of a wait for the gate that began at ``start``, naming what is in the

@@ -33,8 +33,8 @@ from ._errors import (
     RecordTypeError,
     TransactionError,
 )
-from ._gate import _read_holder, holder_stopped, latest_holder, mailbox_path
-from ._mailbox import Snapshot, recorded_holder, snapshot
+from ._gate import _read_holder, holder_on_record, holder_stopped
+from ._mailbox import Snapshot, snapshot
 
 try:
     import fcntl
@@ -280,7 +280,7 @@ def gate_state(lock_path: str) -> GateState:
             else:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 held = False
-        record = latest_holder(_read_holder(fd), recorded_holder(mailbox_path(lock_path)))
+        record = holder_on_record(_read_holder(fd), lock_path)
         pid, since = record if record is not None else (None, None)
         stopped = holder_stopped(pid, os.fstat(fd).st_ino) if held and pid is not None else None
     finally:
