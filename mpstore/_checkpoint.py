@@ -49,25 +49,44 @@ LOOK_EVERY = 0.001
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
 
 
+def _lock_found(fd: int, start: int, length: int) -> bool | None:
+    """Whether any process (this one included) holds a POSIX or open-file-description lock on
+    bytes ``start`` to ``start + length`` (0: to the end) of the file ``fd`` refers to, other
+    than ``fd``'s own; None where it cannot tell. An open-file-description test conflicts with
+    every lock but those of its own open file description."""
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None or struct.calcsize("P") != 8:
+        return None
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    try:
+        found = _FLOCK.unpack(fcntl.fcntl(fd, getlk, request))
+    except OSError:
+        return None
+    return bool(found[0] != fcntl.F_UNLCK)
+
+
 def unlocked(fd: int) -> bool:
     """Whether no lock at all is held on the file ``fd`` refers to, by any process, this one
-    included: an open-file-description lock test on ``fd`` conflicts with every POSIX lock but
-    those of ``fd``'s own open file description (which holds none). False where it cannot tell
-    (no such test here; a lock found, of this process or another).
+    included (``fd``, a descriptor of mpstore's own, holds none). False where it cannot tell.
 
     Asked before :func:`locks_held_here`, which reads /proc/locks: the kernel lets a reader of
     that file in only once every lock operation on the machine has stopped, which stalls every
     ``fcntl`` and ``flock`` caller (the gate, the mailbox, SQLite) for milliseconds.
     """
-    getlk = getattr(fcntl, "F_OFD_GETLK", None)
-    if getlk is None or struct.calcsize("P") != 8:
-        return False
-    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    try:
-        found = _FLOCK.unpack(fcntl.fcntl(fd, getlk, request))
-    except OSError:
-        return False
-    return bool(found[0] == fcntl.F_UNLCK)
+    return _lock_found(fd, 0, 0) is False
+
+
+#: The byte of the WAL index that SQLite holds a write lock on while a checkpoint runs: its
+#: locks are bytes 120-127 of the -shm file (SQLite's "wal-index format"), the checkpoint's
+#: the second.
+_CHECKPOINT_LOCK = 121
+
+
+def checkpoint_running(fd: int) -> bool:
+    """Whether a checkpoint of the database whose WAL index ``fd`` reads runs now, in any process
+    (this one included); False where it cannot tell. Another checkpoint started meanwhile would
+    only find SQLite's checkpoint lock taken and return at once, having copied nothing."""
+    return bool(_lock_found(fd, _CHECKPOINT_LOCK, 1))
 
 
 def locks_held_here(fd: int) -> bool:
@@ -202,8 +221,14 @@ class Checkpointer:
         (backfilled,) = _BACKFILL.unpack_from(raw, 96)
         return max(0, int(frames) - int(backfilled))
 
+    def _running(self) -> bool:
+        """Whether a checkpoint of this database runs now, in any process."""
+        with self._shm_lock:
+            return self._shm is not None and not self._closed and checkpoint_running(self._shm)
+
     def poke(self, every: float = 0.0) -> None:
-        """Wake the checkpoint thread if the WAL holds ``threshold`` frames or more.
+        """Wake the checkpoint thread if the WAL holds ``threshold`` frames or more and no
+        checkpoint runs already.
 
         With ``every``, the WAL index is read only if the last reading is that many seconds
         old. Where it cannot be read (an SQLite with another index layout), every
@@ -223,7 +248,9 @@ class Checkpointer:
         if pending is None:
             if self._unseen < self.threshold // 4:
                 return
-        elif pending < self.threshold:
+        elif pending < self.threshold or self._running():
+            # A checkpoint running now (in any process) is left to finish; the next look
+            # after it sees what it left.
             self._unseen = 0
             return
         self._unseen = 0

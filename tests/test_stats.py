@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import sqlite3
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -129,6 +131,52 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         assert store.stats()["checkpoints"] >= 1
         assert store.stats()["checkpoint_errors"] == 0
         assert pending is not None and pending < checkpointer.threshold
+
+
+@contextlib.contextmanager
+def _checkpoint_waiting(db_path: str) -> Any:
+    """A FULL checkpoint by another connection, holding SQLite's checkpoint lock while it waits
+    for a write transaction to end; yields a descriptor of mpstore's kind on the WAL index."""
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    checkpointing = sqlite3.connect(db_path, timeout=60, check_same_thread=False)
+    fd = os.open(db_path + "-shm", os.O_RDONLY)
+    thread = threading.Thread(
+        target=lambda: checkpointing.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+    )
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not _checkpoint.checkpoint_running(fd):
+            assert time.monotonic() < deadline, "the checkpoint never took its lock"
+            os.sched_yield()
+        yield fd
+    finally:
+        if writer.in_transaction:
+            writer.execute("ROLLBACK")
+        if thread.ident is not None:
+            thread.join()
+        os.close(fd)
+        checkpointing.close()
+        writer.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_GETLK"), reason="open-file-description locks")
+def test_a_checkpoint_running_elsewhere_is_left_to_finish(db_path: str) -> None:
+    """Writers look at the WAL every millisecond: while one checkpoint runs, waking a thread in
+    each process to start another only finds SQLite's checkpoint lock taken."""
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="1", text="x"))
+        checkpointer = store._checkpointer
+        checkpointer.threshold = 1  # the WAL holds that write's frames
+        with _checkpoint_waiting(db_path) as fd:
+            checkpointer.poke()
+            assert checkpointer._thread is None and not checkpointer._wake.is_set()
+            assert _checkpoint.checkpoint_running(fd)
+        notes.upsert(Note(id="2", text="y"))
+        checkpointer.poke()
+        assert checkpointer.ran.wait(30), "no checkpoint ran once the other one had finished"
 
 
 def test_checkpoints_still_run_when_the_wal_index_cannot_be_read(
