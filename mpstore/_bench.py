@@ -89,6 +89,14 @@ def worker_records(worker: int, writes: int, context_bytes: int) -> list[Convers
     ]
 
 
+def warmup_record(worker: int, context_bytes: int) -> Conversation:
+    """The conversation a writer writes once before the start barrier, in every strategy: its
+    first write (connections, files, code paths run for the first time) is set-up, not timed.
+    Seeded beforehand and written unchanged, outside every workspace that readers list, so it
+    counts neither as a new record nor as an appended message."""
+    return sample_conversation(f"warmup-{worker:03d}", workspace_id=0, context_bytes=context_bytes)
+
+
 def worker_messages(worker: int, writes: int) -> list[tuple[str, Message]]:
     """The (conversation id, message) pairs one ``modify`` worker appends."""
     return [
@@ -661,15 +669,16 @@ def run_worker(
     start: _Waitable,
     park: _Waitable,
     stop: _Flag,
-    prepare: Callable[[], None] | None = None,
     cpu_clock: Callable[[], float] | None = None,
 ) -> WorkerResult:
-    """Set up, wait for the start barrier, write (or read until ``stop``), park, return.
+    """Set up (one warm-up call), wait for the start barrier, write (or read until ``stop``),
+    park, return.
 
     ``cpu_clock`` (a process's CPU time) measures the CPU used while working, parking excluded.
     """
     result = WorkerResult(worker=job.worker, role=job.role, started=0.0, finished=0.0)
     if job.role == "reader":
+        strategy.read(1 + job.worker % WORKSPACES)
         start.wait(_BARRIER_TIMEOUT)
         errors: Counter[str] = Counter()
         cpu = cpu_clock() if cpu_clock is not None else 0.0
@@ -690,8 +699,7 @@ def run_worker(
         result.errors = dict(errors)
         return result
     writer = _PreparedWriter(job, strategy)
-    if prepare is not None:
-        prepare()
+    strategy.write(warmup_record(job.worker, job.context_bytes))
     start.wait(_BARRIER_TIMEOUT)
     cpu = cpu_clock() if cpu_clock is not None else 0.0
     writer.run(result)
@@ -891,6 +899,7 @@ def run_ceiling(job: Job, workers: int, batched: bool) -> list[WorkerResult]:
         for call in _PreparedWriter(Job(**{**asdict(job), "worker": w}), strategy).calls
     ]
     try:
+        strategy.write(warmup_record(0, job.context_bytes))
         cpu = time.process_time()
         _timed(calls, result.samples, Counter(), result, time.perf_counter)
         t = time.perf_counter()
@@ -942,12 +951,12 @@ class RunResult:
     cpu_us_per_write: float | None = None
 
 
-def _seed(scenario: str, context_bytes: int) -> list[Conversation]:
-    """What the database holds before a run: the conversations ``modify`` appends to; for
-    ``mixed``, a full page of them per workspace, so that every read lists ``READ_LIMIT``
-    conversations from the start (with writers and alone alike)."""
+def _seed(scenario: str, context_bytes: int, workers: int) -> list[Conversation]:
+    """What the database holds before a run: each writer's warm-up record; the conversations
+    ``modify`` appends to; for ``mixed``, a full page of them per workspace, so that every read
+    lists ``READ_LIMIT`` conversations from the start (with writers and alone alike)."""
     count = {"modify": SHARED_CONVERSATIONS, "mixed": WORKSPACES * READ_LIMIT}.get(scenario, 0)
-    return [
+    return [warmup_record(w, context_bytes) for w in range(workers)] + [
         sample_conversation(
             shared_id(i), workspace_id=1 + i % WORKSPACES, context_bytes=context_bytes
         )
@@ -971,7 +980,7 @@ def run_one(
     name = f"{scenario}-{strategy}-{mode}-{workers}x{writes}-{repetition}.db"
     path = os.path.join(directory, name)
     cls = _CLASSES[strategy]
-    seed = _seed(scenario, context_bytes)
+    seed = _seed(scenario, context_bytes, workers)
     cls.create(path, seed)
     before = cls.stored(path)
     jobs = _jobs(strategy, path, scenario, workers, writes, context_bytes, readers)

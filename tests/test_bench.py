@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import sys
@@ -157,6 +158,55 @@ def _measure(
         before=before,
         after=after,
     )
+
+
+class _Recording:
+    """A strategy and barriers that note, in order, what a worker did."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def write(self, conversation: Any) -> None:
+        self.events.append(f"write {conversation.conversation_id}")
+
+    def read(self, workspace_id: int) -> int:
+        self.events.append("read")
+        return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.events.append("barrier")
+        return 1
+
+
+@pytest.mark.parametrize("scenario", ["upsert", "mixed"])
+def test_a_worker_warms_up_before_the_start_barrier(scenario: str) -> None:
+    """Its first call (connections opened, code run for the first time) is set-up: made before
+    the clock starts, on a record seeded beforehand, and not among the timed samples."""
+    rec = _Recording()
+    job = _bench.Job("mpstore", "unused.db", scenario, worker=3, writes=2, context_bytes=100)
+    result = _bench.run_worker(job, rec, rec, rec, stop=_NeverStop())  # type: ignore[arg-type]
+    assert rec.events[:2] == ["write warmup-003", "barrier"]
+    assert rec.events[2:] == ["write w003-00000", "write w003-00001", "barrier"]
+    assert len(result.samples) == 2
+    seeded = [c.conversation_id for c in _bench._seed(scenario, 100, workers=4)]
+    assert "warmup-003" in seeded
+
+
+def test_a_reader_reads_once_before_the_start_barrier() -> None:
+    rec = _Recording()
+    job = _bench.Job("mpstore", "unused.db", "mixed", worker=1, writes=0, context_bytes=100)
+    job = dataclasses.replace(job, role="reader", duration=1e-9)
+    result = _bench.run_worker(job, rec, rec, rec, stop=_NeverStop())  # type: ignore[arg-type]
+    assert rec.events[:2] == ["read", "barrier"]
+    assert result.reads == len(rec.events) - 2
+
+
+class _NeverStop:
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
 
 
 def test_measure_times_from_first_start_to_last_finish() -> None:
