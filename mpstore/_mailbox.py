@@ -400,7 +400,15 @@ class Mailbox:
                         raise
                 finally:
                     self._unmutex(index)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                except BaseException as exc:
+                    self._unlock(_CLAIMS + index)
+                    if isinstance(exc, OSError):
+                        # Out of descriptors, or sockets refused here (a sandbox): the write
+                        # waits for the gate itself, which needs neither.
+                        return None
+                    raise
                 try:
                     sock.bind(self._address(index, pid))
                 except OSError:

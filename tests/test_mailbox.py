@@ -7,6 +7,7 @@ import marshal
 import os
 import random
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -269,6 +270,46 @@ def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: P
         next_holder.recover(None)  # the dead holder's batch did not commit
         assert next_holder.state(slot.index) == _mailbox.FREE
         assert next_holder.take() == []
+
+
+def test_a_claim_without_a_socket_gives_its_slot_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors, or in a sandbox that refuses sockets: the write waits for the gate
+    # itself, and the slot stays free for whoever can use it.
+    with _opens(tmp_path, 2) as (first, other):
+
+        def refused(*args: object) -> socket.socket:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(_mailbox.socket, "socket", refused)
+        assert first.claim() is None
+        monkeypatch.undo()
+        slot = other.claim()
+        assert slot is not None and slot.index == 0
+        other.give_back(slot)
+
+
+def test_a_write_without_a_socket_waits_for_the_gate(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = threading.Event()
+
+    def refused(*args: object) -> socket.socket:
+        asked.set()
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        with workers.holding_the_gate(db_path) as holder:
+            monkeypatch.setattr(_mailbox.socket, "socket", refused)
+            writer = threading.Thread(target=notes.upsert, args=(Note(id="n", text="x"),))
+            writer.start()
+            assert asked.wait(workers.JOIN_TIMEOUT)
+            holder.release.set()
+            writer.join(workers.JOIN_TIMEOUT)
+        assert not writer.is_alive()
+        assert notes.get("n") == Note(id="n", text="x")
 
 
 def test_a_claim_passes_a_slot_whose_lock_is_held_instead_of_waiting(tmp_path: Path) -> None:
