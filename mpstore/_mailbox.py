@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import weakref
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,10 +352,6 @@ class Mailbox:
         start = _HEADER + index * _SLOT_SIZE + _DATA
         return self._mm[start : start + size]
 
-    def _put_data(self, index: int, data: bytes) -> None:
-        start = _HEADER + index * _SLOT_SIZE + _DATA
-        self._mm[start : start + len(data)] = data
-
     def _address(self, index: int, owner: int) -> bytes:
         return self._name + b"-%d-%d" % (index, owner)
 
@@ -440,11 +436,17 @@ class Mailbox:
 
     def publish(self, slot: Slot, payload: bytes) -> None:
         """Leave a write in ``slot`` for the gate holder (``payload`` fits :data:`CAPACITY`)."""
-        index = slot.index
-        with self._mutex(index) if not _ORDERED else _UNLOCKED:
-            self._put_data(index, payload)
-            self._put_head(index, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
-            self._set_state(index, PUBLISHED)
+        if _ORDERED:
+            self._publish(slot.index, payload)
+        else:
+            with self._mutex(slot.index):
+                self._publish(slot.index, payload)
+
+    def _publish(self, index: int, payload: bytes) -> None:
+        mm, at = self._mm, _HEADER + index * _SLOT_SIZE
+        mm[at + _DATA : at + _DATA + len(payload)] = payload
+        _SLOT_HEAD.pack_into(mm, at, _fork.pid(), 0, 0, 0, len(payload), 0, 0)
+        mm[_STATES + index] = PUBLISHED  # last: what the holder looks at first
 
     def sleep(self, slot: Slot, timeout: float) -> bool:
         """Wait until a holder wakes this slot's owner, or ``timeout`` seconds; False if
@@ -467,6 +469,28 @@ class Mailbox:
         finally:
             self._mm[_SLEEPING + index] = 0
 
+    def spin(self, slot: Slot, yields: int, deadline: float, now: Callable[[], float]) -> int:
+        """Yield the CPU up to ``yields`` times (once at least) while ``slot``'s write is not
+        done, the gate looks taken by another process (see :meth:`gate_free`) and the clock
+        ``now`` has not reached ``deadline``; returns how many times it yielded. One call for
+        what a waiting write does many times over, each time on a CPU just handed back by
+        other processes."""
+        mm, state, pid = self._mm, _STATES + slot.index, _fork.pid()
+        holder_of, yield_cpu = _LEADER.unpack_from, os.sched_yield
+        spun = 0
+        while spun < yields:
+            yield_cpu()
+            spun += 1
+            if mm[state] == DONE:
+                break
+            try:
+                holder = holder_of(mm, _GATE)[0]
+            except ValueError:  # closed since (retired): only the gate itself can answer now
+                break
+            if holder == 0 or holder == pid or now() >= deadline:
+                break
+        return spun
+
     def withdraw(self, slot: Slot) -> bool:
         """Take back a write no holder has taken yet; False if one has (or has finished it)."""
         with self._mutex(slot.index):
@@ -484,15 +508,22 @@ class Mailbox:
 
     def collect(self, slot: Slot) -> tuple[bool, Any]:
         """The outcome of a done write: ``(True, result)`` or ``(False, exception)``."""
-        index = slot.index
-        with self._mutex(index) if not _ORDERED else _UNLOCKED:
-            _, _, _, failed, _, result, error_size = self._head(index)
-            start = _HEADER + index * _SLOT_SIZE + _SLOT_SIZE - _ERROR_SIZE
-            error = self._mm[start : start + error_size] if failed else b""
-            self._set_state(index, FREE)
+        if _ORDERED:
+            failed, result, error = self._collect(slot.index)
+        else:
+            with self._mutex(slot.index):
+                failed, result, error = self._collect(slot.index)
         if failed:
             return False, _decode_error(error, self.path)
         return True, result
+
+    def _collect(self, index: int) -> tuple[int, int, bytes]:
+        mm, at = self._mm, _HEADER + index * _SLOT_SIZE
+        _, _, _, failed, _, result, error_size = _SLOT_HEAD.unpack_from(mm, at)
+        start = at + _SLOT_SIZE - _ERROR_SIZE
+        error = mm[start : start + error_size] if failed else b""
+        mm[_STATES + index] = FREE
+        return failed, result, error
 
     # -- the gate holder's side ---------------------------------------------------------------
 
@@ -729,10 +760,6 @@ class _SlotMutex:
             self.mailbox._unlock(_MUTEXES + self.index)
         finally:
             self.mailbox._local[self.index].release()
-
-
-#: Where stores are seen in program order, publishing and collecting need no slot lock.
-_UNLOCKED = nullcontext()
 
 
 def _check_magic(head: bytes, path: str) -> None:

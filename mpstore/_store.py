@@ -192,7 +192,7 @@ class Store:
         self._wconn: sqlite3.Connection | None = None
         self._wpid = 0
         self._following = 0  # calls of this store using the mailbox (close() waits)
-        self._followers_done = threading.Condition(threading.Lock())
+        self._new_followers_lock()
         _sqlite.create_file(self.path, file_mode)
         self._gate = gate_for(self.lock_path, file_mode, gate)
         self._pool: Pool[sqlite3.Connection] = Pool(
@@ -464,6 +464,10 @@ class Store:
             self._end_mailbox_use(tx)
         return self._queue.submit(fn, self.timeout, op)
 
+    def _new_followers_lock(self) -> None:
+        self._followers_lock = threading.Lock()
+        self._followers_done = threading.Condition(self._followers_lock)
+
     def _start_mailbox_use(self) -> _TxState:
         """Count the call among those close() lets finish before it closes the mailbox; pair
         with :meth:`_end_mailbox_use`.
@@ -471,7 +475,7 @@ class Store:
         :raises StoreClosed: close() began before the call was counted.
         """
         tx = self._tx
-        with self._followers_done:
+        with self._followers_lock:  # the condition's lock: entered without a Python frame
             self._following += 1
         tx.mailbox_uses += 1
         try:
@@ -483,7 +487,7 @@ class Store:
 
     def _end_mailbox_use(self, tx: _TxState) -> None:
         tx.mailbox_uses -= 1
-        with self._followers_done:
+        with self._followers_lock:
             self._following -= 1
             if self._closed:  # set before close() waits here, under this lock
                 self._followers_done.notify_all()
@@ -579,8 +583,7 @@ class Store:
                     settled = True
                     raise self._gate_timeout(start)
                 if spins < _SPIN:
-                    spins += 1
-                    os.sched_yield()
+                    spins += mailbox.spin(slot, _SPIN - spins, deadline, monotonic)
                     continue
                 # A holder wakes this slot when it finishes the write, or when it releases the
                 # gate with the write still waiting; the timeout only looks for a dead holder.
@@ -1108,7 +1111,7 @@ def _after_fork_in_child() -> None:
         store._writer_ident = None
         # The parent's writes waiting in the mailbox are not the child's to wait for.
         store._following = 0
-        store._followers_done = threading.Condition(threading.Lock())
+        store._new_followers_lock()
 
 
 if hasattr(os, "register_at_fork"):

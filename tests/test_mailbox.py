@@ -272,6 +272,34 @@ def test_a_claim_passing_over_a_taken_slot_is_never_seen_by_a_holder(tmp_path: P
         assert next_holder.take() == []
 
 
+def test_a_waiting_write_yields_until_done_gate_free_or_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    with _opens(tmp_path, 1) as (mailbox,):
+        slot = _publish(mailbox, ("upsert", "notes", "f"))
+        state = _mailbox._STATES + slot.index
+        other = os.getppid()  # the gate's holder on record: another process
+
+        def spun(deadline: float = float("inf"), now: float = 0.0) -> int:
+            yields.clear()
+            count = mailbox.spin(slot, 5, deadline, lambda: now)
+            assert count == len(yields)
+            return count
+
+        _mailbox._HOLDER.pack_into(mailbox._mm, _mailbox._GATE, other, other, time.time())
+        assert spun() == 5  # the whole budget: nothing changed
+        assert spun(deadline=1.0, now=1.0) == 1  # time is up: back to the caller at once
+        mailbox._mm[state] = _mailbox.DONE
+        assert spun() == 1
+        mailbox._mm[state] = _mailbox.PUBLISHED
+        _mailbox._HOLDER.pack_into(mailbox._mm, _mailbox._GATE, 0, 0, 0.0)
+        assert spun() == 1  # the gate looks free: the caller tries it
+        assert mailbox.withdraw(slot)
+        mailbox.give_back(slot)
+
+
 def test_a_claim_without_a_socket_gives_its_slot_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -654,7 +654,7 @@ def test_a_hook_may_close_the_store_after_its_own_write(db_path: str) -> None:
             waits.append(timeout)
             return super().wait(timeout)
 
-    store._followers_done = RecordingCondition(threading.Lock())
+    store._followers_done = RecordingCondition(store._followers_lock)
     store.on_event = lambda event: store.close() if event == "gate-released" else None
     notes.upsert(Note(id="a", text="x"))
     assert store.closed and waits == []
@@ -744,7 +744,7 @@ def test_a_collection_write_racing_close_ends_typed(db_path: str) -> None:
             go.set()  # close() waits for the writes using the mailbox
             return super().wait(timeout)
 
-    store._followers_done = SignallingCondition(threading.Lock())
+    store._followers_done = SignallingCondition(store._followers_lock)
     mailbox = store._carrier()
     assert mailbox is not None
     gate_free = mailbox.gate_free
