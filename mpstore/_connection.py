@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import _fork
 from ._errors import PermissionDenied, TransactionError
-from ._sqlite import translating
+from ._sqlite import raise_translated, translating
 
 __all__ = ["Connection", "translating_reads"]
 
@@ -105,8 +105,15 @@ class Connection:
             )
         return self._conn
 
-    def _translating(self) -> translating:
-        return translating(self._path) if self.writable else translating_reads(self._path)
+    def _call(self, run: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:
+        """``run(*args)``, with SQLite's errors translated as :class:`translating` does."""
+        if not self.writable:
+            with translating_reads(self._path):
+                return run(*args)
+        try:
+            return run(*args)
+        except sqlite3.Error as exc:
+            raise_translated(exc, self._path)
 
     def _after(self) -> None:
         if not self._conn.in_transaction:
@@ -121,17 +128,13 @@ class Connection:
         :raises TransactionError: misuse (see the class).
         :raises MpstoreError: typed SQLite failures (corruption, full disk, ...).
         """
-        conn = self._check(sql)
-        with self._translating():
-            cursor = conn.execute(sql, parameters)
+        cursor = self._call(self._check(sql).execute, sql, parameters)
         self._after()
         return cursor
 
     def _control(self, sql: str) -> None:
         """Run one of mpstore's own savepoint statements (which :meth:`execute` refuses)."""
-        conn = self._check()
-        with self._translating():
-            conn.execute(sql)
+        self._call(self._check().execute, sql)
         self._after()
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Params]) -> sqlite3.Cursor:
@@ -139,9 +142,7 @@ class Connection:
 
         :raises TransactionError: misuse (see the class).
         """
-        conn = self._check(sql)
-        with self._translating():
-            cursor = conn.executemany(sql, seq_of_parameters)
+        cursor = self._call(self._check(sql).executemany, sql, seq_of_parameters)
         self._after()
         return cursor
 

@@ -348,10 +348,6 @@ class Mailbox:
     def _put_head(self, index: int, *fields: int) -> None:
         _SLOT_HEAD.pack_into(self._mm, _HEADER + index * _SLOT_SIZE, *fields)
 
-    def _data(self, index: int, size: int) -> bytes:
-        start = _HEADER + index * _SLOT_SIZE + _DATA
-        return self._mm[start : start + size]
-
     def _address(self, index: int, owner: int) -> bytes:
         return self._name + b"-%d-%d" % (index, owner)
 
@@ -565,16 +561,18 @@ class Mailbox:
 
     def _take_one(self, index: int, taken: list[Carried]) -> None:
         """Take the write published in slot ``index`` into ``taken`` (under the slot's lock)."""
-        if self.state(index) != PUBLISHED:
+        mm, state = self._mm, _STATES + index
+        if mm[state] != PUBLISHED:
             return
         if not self._claimed(index):
             # Its owner died waiting: it never heard back, so nothing runs for it, as nothing
             # would have if it had died waiting for the gate.
-            self._set_state(index, FREE)
+            mm[state] = FREE
             return
-        owner, _, _, _, size, _, _ = self._head(index)
-        op = _decode_op(self._data(index, size))
-        self._set_state(index, TAKEN)
+        at = _HEADER + index * _SLOT_SIZE
+        owner, _, _, _, size, _, _ = _SLOT_HEAD.unpack_from(mm, at)
+        op = _decode_op(mm[at + _DATA : at + _DATA + size])
+        mm[state] = TAKEN
         taken.append(Carried(index, owner, size, op))
 
     def settle(self, carried: list[Carried], results: list[tuple[bool, Any]], batch: int) -> None:

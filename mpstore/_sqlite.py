@@ -12,7 +12,8 @@ import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, NoReturn, Protocol
 
 try:
     import resource
@@ -244,6 +245,15 @@ def file_size_limit_reached(path: str) -> int | None:
     return None
 
 
+def raise_translated(exc: sqlite3.Error, path: str) -> NoReturn:
+    """Raise what :class:`translating` would for ``exc``: for the statements of every write,
+    where a ``try`` costs nothing until it fails and a block costs three calls each time."""
+    mapped = translate(exc, path)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
+
+
 def translate(exc: sqlite3.Error, path: str) -> Exception:
     """Map an ``sqlite3`` error to mpstore's typed error; others are returned unchanged.
 
@@ -425,7 +435,7 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
 
 def op_runner(op: tuple[Any, ...]) -> Callable[[Writer], int]:
     """``op`` as a write function: what the gate holder runs for it (see :func:`run_op`)."""
-    return lambda conn: run_op(conn, op)
+    return partial(run_op, op=op)  # called without a Python frame of its own
 
 
 def _sql_for(
@@ -508,8 +518,10 @@ def _schema_memo(conn: Writer) -> SQLiteConnection | None:
     if not getattr(conn, "schema_checked", False):
         # sqlite3's own connection, without the guarded one's checks (the write that follows
         # makes them), but with its typed errors.
-        with translating(getattr(conn, "_path", "")):
+        try:
             (version,) = raw.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            raise_translated(exc, getattr(conn, "_path", ""))
         if raw.schema_version != version:
             raw.schema_version, raw.table_fields, raw.undo = version, {}, None
         if hasattr(conn, "schema_checked"):

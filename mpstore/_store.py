@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._gate import drop_gate, gate_for
 from ._pool import Pool
-from ._sqlite import translating
+from ._sqlite import raise_translated, translating
 from ._stats import Stats
 from ._writer import WriteQueue
 
@@ -741,8 +741,10 @@ class Store:
     def _begin_transaction(self, scope: _Transaction) -> Connection:
         """:meth:`_transaction`'s start; on failure it ends the transaction itself."""
         raw = scope.raw
-        with translating(self.path):
+        try:
             raw.execute(self._begin)
+        except sqlite3.Error as exc:
+            raise_translated(exc, self.path)
         conn = scope.conn = Connection(raw, self.path, writable=True)
         tx = self._tx
         tx.conn, tx.transaction, tx.savepoints, tx.pid = conn, scope, (), _fork.pid()
@@ -770,8 +772,10 @@ class Store:
                         raise TransactionError(
                             "the transaction ended inside its write() block", self.path
                         )
-                    with translating(self.path):
+                    try:
                         raw.execute("COMMIT")
+                    except sqlite3.Error as exc:
+                        raise_translated(exc, self.path)
                 except BaseException:
                     self._roll_back(raw, conn)
                     raise
