@@ -583,9 +583,11 @@ class Mailbox:
         No slot lock is needed: nobody else touches a taken slot, and :meth:`finish` publishes
         these stores under the slot's lock, which the owner takes before it reads them.
         """
+        mm, pack = self._mm, _SLOT_HEAD.pack_into
         for item, (ok, value) in zip(carried, results, strict=True):
             if ok:
-                self._put_head(item.index, item.owner, 1, batch, 0, item.size, int(value), 0)
+                at = _HEADER + item.index * _SLOT_SIZE
+                pack(mm, at, item.owner, 1, batch, 0, item.size, int(value), 0)
             else:
                 self._put_error(item, value, batch)
 
@@ -622,8 +624,9 @@ class Mailbox:
 
     def _finish_one(self, item: Carried, sleeping: list[tuple[int, int]]) -> None:
         """Mark one taken write done (under its slot's lock); note its owner if it sleeps."""
-        self._set_state(item.index, DONE)
-        if self._mm[_SLEEPING + item.index]:
+        mm = self._mm
+        mm[_STATES + item.index] = DONE
+        if mm[_SLEEPING + item.index]:
             sleeping.append((item.index, item.owner))
 
     def gate_taken(self) -> None:

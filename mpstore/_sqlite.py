@@ -414,15 +414,18 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
     if kind == "upsert" and len(op) == 5:
         _, table, indexed, rows, json_keys = op
         sql = _sql_for(table, indexed)
-        if not isinstance(rows, list) or not all(
-            isinstance(r, tuple) and len(r) == 2 + len(indexed) for r in rows
-        ):
+        if not isinstance(rows, list):
             raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
-        unfilled = _table_fields(conn, sql.table) - sql.indexed_set
-        if unfilled:
+        width = 2 + len(indexed)
+        for row in rows:
+            if not isinstance(row, tuple) or len(row) != width:
+                raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
+        fields = _table_fields(conn, sql.table)
+        if not fields <= sql.indexed_set:
             # An index added since the writer's collection was opened (by another process,
             # or another opener here): its column must not go stale.
-            sql = _sql_for(table, indexed, tuple(sorted(unfilled)), json_keys)
+            unfilled = tuple(sorted(fields - sql.indexed_set))
+            sql = _sql_for(table, indexed, unfilled, json_keys)
         conn.executemany(sql.upsert, rows).close()
         return len(rows)
     if kind == "delete" and len(op) == 3 and isinstance(op[2], str):
