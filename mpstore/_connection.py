@@ -59,9 +59,11 @@ _ENDS_TRANSACTION = re.compile(
 )
 
 #: Statements already found not to end a transaction: most are run again and again (mpstore's
-#: own on every write), and a set lookup costs a fraction of the pattern's match.
+#: own on every write), and a set lookup costs a fraction of the pattern's match. Short texts
+#: only, and a bounded number of them, so that texts with values in them cannot pile up.
 _ALLOWED: set[str] = set()
-_ALLOWED_MAX = 4096
+_ALLOWED_MAX = 1024
+_ALLOWED_TEXT = 2048
 
 
 class Connection:
@@ -109,7 +111,9 @@ class Connection:
                     "savepoint); leave the block to commit, raise to roll back",
                     self._path,
                 )
-            if len(_ALLOWED) < _ALLOWED_MAX:
+            if len(sql) <= _ALLOWED_TEXT:
+                if len(_ALLOWED) >= _ALLOWED_MAX:
+                    _ALLOWED.clear()  # texts made on the fly: the ones run again come back
                 _ALLOWED.add(sql)
         return self._conn
 

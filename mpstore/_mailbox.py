@@ -479,10 +479,7 @@ class Mailbox:
             spun += 1
             if mm[state] == DONE:
                 break
-            try:
-                holder = holder_of(mm, _GATE)[0]
-            except ValueError:  # closed since (retired): only the gate itself can answer now
-                break
+            holder = holder_of(mm, _GATE)[0]
             if holder == 0 or holder == pid or now() >= deadline:
                 break
         return spun

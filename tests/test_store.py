@@ -324,6 +324,25 @@ def test_statements_that_end_the_transaction_are_refused(store: mpstore.Store) -
     assert (2,) in store.query("SELECT x FROM t")
 
 
+def test_statements_checked_before_are_remembered_within_bounds(store: mpstore.Store) -> None:
+    """A statement that passed the check is looked up, not matched, when it runs again; texts
+    with values in them must not pile up in memory."""
+    from mpstore import _connection
+
+    long_text = "SELECT '" + "x" * _connection._ALLOWED_TEXT + "'"
+    with store.read() as conn:
+        for i in range(_connection._ALLOWED_MAX + 10):
+            conn.execute(f"SELECT {i}").fetchall()
+        assert len(_connection._ALLOWED) <= _connection._ALLOWED_MAX
+        assert conn.execute("SELECT 7").fetchall() == [(7,)]
+        conn.execute(long_text).fetchall()
+    assert long_text not in _connection._ALLOWED
+    assert "SELECT 7" in _connection._ALLOWED
+    with pytest.raises(mpstore.TransactionError), store.write() as conn:
+        conn.execute("COMMIT")
+    assert "COMMIT" not in _connection._ALLOWED
+
+
 def test_connection_is_dead_after_its_block(store: mpstore.Store) -> None:
     with store.write() as conn:
         pass
