@@ -152,6 +152,11 @@ class MpstoreStrategy:
 
         self._store = Store(path)
         self._repo = ConversationRepository(self._store)
+        # The write connection opens on a process's first turn at the gate, which the warm-up
+        # write may not take (another process may carry it): opened here, as the other
+        # strategies open their connections here.
+        with self._store.write():
+            pass
 
     def _repository(self) -> ConversationRepository:
         assert self._repo is not None

@@ -192,6 +192,19 @@ def test_a_worker_warms_up_before_the_start_barrier(scenario: str) -> None:
     assert "warmup-003" in seeded
 
 
+def test_mpstore_opens_its_write_connection_with_the_strategy(tmp_path: Path) -> None:
+    # As the other strategies open theirs: the warm-up write may be carried by another
+    # process, and the connection would then open inside the timed window.
+    path = str(tmp_path / "open.db")
+    _bench.MpstoreStrategy.create(path, [])
+    strategy = _bench.MpstoreStrategy()
+    strategy.open(path)
+    try:
+        assert strategy._store._wconn is not None
+    finally:
+        strategy.close()
+
+
 def test_a_reader_reads_once_before_the_start_barrier() -> None:
     rec = _Recording()
     job = _bench.Job("mpstore", "unused.db", "mixed", worker=1, writes=0, context_bytes=100)
