@@ -297,9 +297,7 @@ class translating:
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, sqlite3.Error):
-            mapped = translate(exc, self.path)
-            if mapped is not exc:
-                raise mapped from exc
+            raise_translated(exc, self.path)
 
 
 def quote(identifier: str) -> str:
