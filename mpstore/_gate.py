@@ -438,6 +438,17 @@ class Gate:
         """A thread of this process holds the kernel lock (not merely waits for it)."""
         return self._pid == _fork.pid() and self._os_held
 
+    def held_by_another_thread(self) -> bool:
+        """Another thread of this process holds the gate or waits for it, and this thread does
+        not act for it (see :meth:`acting_for`): :meth:`try_acquire` would say no at once."""
+        owner = self._owner
+        return (
+            owner is not None
+            and self._pid == _fork.pid()
+            and owner != threading.get_ident()
+            and not self._acts_for(owner)
+        )
+
     @property
     def busy_here(self) -> bool:
         """Another thread of this process holds the gate or waits for it."""

@@ -444,6 +444,10 @@ class Store:
             return self._run_write(fn)
         self._check_open()
         self._emit("gate-wait")
+        if self._gate.held_by_another_thread():
+            # Its writer thread carries this one in its next batch: no try of the gate, no
+            # mailbox (for threads of one process, the queue is the mailbox).
+            return self._queue.submit(fn, self.timeout, op)
         tx = self._start_mailbox_use()
         try:
             mailbox = self._carrier()

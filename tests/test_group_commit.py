@@ -216,3 +216,25 @@ def test_a_queued_write_whose_trigger_fails_midway_leaves_nothing(store: mpstore
     assert [o[0] for o in outcomes] == ["ok", "error", "ok"]
     assert sorted(notes.keys()) == ["a", "c"]
     assert store.query("SELECT count(*) FROM audit") == [(0,)]
+
+
+def test_a_write_behind_another_thread_of_its_process_queues_at_once(
+    store: mpstore.Store,
+) -> None:
+    # That thread's turn carries it: trying the gate first, and the mailbox, only cost the
+    # process's other threads the GIL.
+    notes = store.collection("notes", Note, key="id")
+    tries: list[int] = []
+    try_acquire = store._gate.try_acquire
+
+    def counted() -> bool:
+        tries.append(threading.get_ident())
+        return try_acquire()
+
+    store._gate.try_acquire = counted  # type: ignore[method-assign]
+    outcomes = _queue_behind_a_write_block(
+        store, [lambda i=i: notes.upsert(Note(id=str(i), text="x")) for i in range(3)]
+    )
+    assert outcomes == [("ok", None)] * 3
+    assert tries == []
+    assert notes.count() == 3
