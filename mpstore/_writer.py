@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork, _sqlite
 from ._connection import Connection
-from ._errors import Abandoned, TransactionError
+from ._errors import Abandoned, StoreClosed, TransactionError
 from ._mailbox import Carried, Mailbox
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ class WriteQueue:
         """Queue ``fn`` and wait until its transaction has committed (or failed).
 
         :raises GateTimeout: the write had not started when ``timeout`` ran out; it never will.
+        :raises StoreClosed: the store's close() had begun.
         """
         if self._pid != _fork.pid():
             self._reset()
@@ -211,6 +212,9 @@ class WriteQueue:
         job: _Job[T] = _Job(fn, self._store._tx.abandon)
         job.op = op
         with self._cond:
+            if self._closed:
+                # close() has begun: it runs what was queued before it, and nothing after.
+                raise StoreClosed(f"the store {self._store.path} is closed", self._store.path)
             self._jobs.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(
