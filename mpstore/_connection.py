@@ -10,7 +10,7 @@ from typing import Any
 
 from . import _fork
 from ._errors import PermissionDenied, TransactionError
-from ._sqlite import raise_translated, translating
+from ._sqlite import translate, translating
 
 __all__ = ["Connection", "translating_reads"]
 
@@ -125,7 +125,13 @@ class Connection:
         try:
             return run(*args)
         except sqlite3.Error as exc:
-            raise_translated(exc, self._path)
+            # A try costs nothing until it fails; a translating block costs three calls each
+            # time, on every statement of every write. Raised as translating raises it.
+            mapped = translate(exc, self._path)
+            if mapped is exc:
+                del mapped  # the traceback keeps this frame: no cycle
+                raise
+            raise mapped from exc
 
     def _after(self) -> None:
         if not self._conn.in_transaction:

@@ -13,7 +13,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 try:
     import resource
@@ -245,15 +245,6 @@ def file_size_limit_reached(path: str) -> int | None:
     return None
 
 
-def raise_translated(exc: sqlite3.Error, path: str) -> NoReturn:
-    """Raise what :class:`translating` would for ``exc``: for the statements of every write,
-    where a ``try`` costs nothing until it fails and a block costs three calls each time."""
-    mapped = translate(exc, path)
-    if mapped is exc:
-        raise exc
-    raise mapped from exc
-
-
 def translate(exc: sqlite3.Error, path: str) -> Exception:
     """Map an ``sqlite3`` error to mpstore's typed error; others are returned unchanged.
 
@@ -297,7 +288,9 @@ class translating:
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, sqlite3.Error):
-            raise_translated(exc, self.path)
+            mapped = translate(exc, self.path)
+            if mapped is not exc:
+                raise mapped from exc
 
 
 def quote(identifier: str) -> str:
@@ -522,7 +515,11 @@ def _schema_memo(conn: Writer) -> SQLiteConnection | None:
         try:
             (version,) = raw.execute("PRAGMA schema_version").fetchone()
         except sqlite3.Error as exc:
-            raise_translated(exc, getattr(conn, "_path", ""))
+            mapped = translate(exc, getattr(conn, "_path", ""))
+            if mapped is exc:
+                del mapped  # the traceback keeps this frame: no cycle
+                raise
+            raise mapped from exc
         if raw.schema_version != version:
             raw.schema_version, raw.table_fields, raw.undo = version, {}, None
         if hasattr(conn, "schema_checked"):

@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._gate import drop_gate, gate_for
 from ._pool import Pool
-from ._sqlite import raise_translated, translating
+from ._sqlite import translating
 from ._stats import Stats
 from ._writer import WriteQueue
 
@@ -748,7 +748,11 @@ class Store:
         try:
             raw.execute(self._begin)
         except sqlite3.Error as exc:
-            raise_translated(exc, self.path)
+            mapped = _sqlite.translate(exc, self.path)
+            if mapped is exc:
+                del mapped  # the traceback keeps this frame: no cycle
+                raise
+            raise mapped from exc
         conn = scope.conn = Connection(raw, self.path, writable=True)
         tx = self._tx
         tx.conn, tx.transaction, tx.savepoints, tx.pid = conn, scope, (), _fork.pid()
@@ -779,7 +783,13 @@ class Store:
                     try:
                         raw.execute("COMMIT")
                     except sqlite3.Error as exc:
-                        raise_translated(exc, self.path)
+                        mapped = _sqlite.translate(exc, self.path)
+                        if mapped is exc:
+                            del (
+                                mapped
+                            )  # else this frame, kept by the traceback, would keep the error
+                            raise
+                        raise mapped from exc
                 except BaseException:
                     self._roll_back(raw, conn)
                     raise

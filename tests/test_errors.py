@@ -4,8 +4,11 @@ through a real spawned process with its message and attributes intact."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import pickle
+import sqlite3
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -152,3 +155,30 @@ def test_each_error_raised_in_a_spawn_child_is_raised_again_here() -> None:
             assert type(err) is cls
             expected = _attributes(cls(*_args(cls)))
             assert _attributes(err) == expected
+
+
+@pytest.mark.parametrize("through", ["write", "read"])
+def test_an_untranslated_sqlite_error_leaves_no_reference_cycle(
+    store: mpstore.Store, through: str
+) -> None:
+    """SQLite's own errors that mpstore does not type are re-raised as they are: no frame of
+    mpstore's own keeps the error, and with it the caller's locals, alive until the garbage
+    collector runs."""
+
+    class Local:
+        pass
+
+    def failing() -> weakref.ref[Local]:
+        local = Local()
+        with pytest.raises(sqlite3.OperationalError):
+            block = store.write() if through == "write" else store.read()
+            with block as conn:
+                conn.execute("SELECT * FROM no_such_table")
+        return weakref.ref(local)
+
+    gc.disable()
+    try:
+        ref = failing()
+        assert ref() is None
+    finally:
+        gc.enable()
