@@ -52,7 +52,9 @@ class translating_reads(translating):
 #: they run: a COMMIT inside a group commit would make the writes before it durable, and
 #: nothing could then undo them if the batch failed.
 _ENDS_TRANSACTION = re.compile(
-    r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
+    # The leading blanks and comments are matched once and never given back (possessive):
+    # backtracking into them took time exponential in their number.
+    r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*+"
     r"(?:begin\b|commit\b|end\b|rollback\b(?!\s+(?:transaction\s+)?to\b)"
     r"|(?:release|rollback\s+(?:transaction\s+)?to)\s+(?:savepoint\s+)?[\"`\[]?mpstore_sp)",
     re.IGNORECASE | re.DOTALL,

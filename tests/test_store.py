@@ -1005,3 +1005,14 @@ def test_a_forked_child_opens_and_closes_stores_whatever_the_parents_threads_hel
         for t in holders:
             t.join()
         store.close()
+
+
+def test_comments_before_a_statement_are_skipped_once(store: mpstore.Store) -> None:
+    """Blanks and comments before the keyword are looked past, each once: a statement after
+    many of them is checked at once (before, the check took time exponential in their
+    number), and one that ends the transaction is still refused behind them."""
+    comments = "/**/ -- note\n " * 40
+    with store.write() as conn:
+        assert conn.execute(comments + "SELECT 1").fetchall() == [(1,)]
+    with pytest.raises(mpstore.TransactionError), store.write() as conn:
+        conn.execute(comments + "COMMIT")
