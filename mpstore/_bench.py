@@ -151,12 +151,16 @@ class MpstoreStrategy:
         from ._store import Store
 
         self._store = Store(path)
-        self._repo = ConversationRepository(self._store)
-        # The write connection opens on a process's first turn at the gate, which the warm-up
-        # write may not take (another process may carry it): opened here, as the other
-        # strategies open their connections here.
-        with self._store.write():
-            pass
+        try:
+            self._repo = ConversationRepository(self._store)
+            # The write connection opens on a process's first turn at the gate, which the
+            # warm-up write may not take (another process may carry it): opened here, as the
+            # other strategies open their connections here.
+            with self._store.write():
+                pass
+        except BaseException:
+            self._store.close()  # the callers close only what opened
+            raise
 
     def _repository(self) -> ConversationRepository:
         assert self._repo is not None

@@ -205,6 +205,25 @@ def test_mpstore_opens_its_write_connection_with_the_strategy(tmp_path: Path) ->
         strategy.close()
 
 
+def test_mpstore_closes_its_store_when_opening_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker closes a strategy only once open() has returned.
+    from mpstore import _store
+
+    path = str(tmp_path / "open.db")
+    _bench.MpstoreStrategy.create(path, [])
+
+    def refused(self: Any) -> Any:
+        raise RuntimeError("the gate was not granted")
+
+    monkeypatch.setattr(_store.Store, "write", refused)
+    strategy = _bench.MpstoreStrategy()
+    with pytest.raises(RuntimeError):
+        strategy.open(path)
+    assert strategy._store.closed
+
+
 def test_a_reader_reads_once_before_the_start_barrier() -> None:
     rec = _Recording()
     job = _bench.Job("mpstore", "unused.db", "mixed", worker=1, writes=0, context_bytes=100)
