@@ -247,22 +247,9 @@ def test_a_write_queued_as_its_store_closes_is_refused_at_once(db_path: str) -> 
     closing = mpstore.Store(db_path, timeout=5)
     notes = closing.collection("notes", Note, key="id")
     closing.on_event = lambda event: closing.close() if event == "gate-wait" else None
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with mpstore.Store(db_path) as other, other.write():
-            holding.set()
-            release.wait(workers.JOIN_TIMEOUT)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(workers.JOIN_TIMEOUT)
-        with pytest.raises(mpstore.StoreClosed):
-            notes.upsert(Note(id="late", text="x"))
-        assert closing._queue._thread is None  # no writer thread left waiting for the gate
-    finally:
-        release.set()
-        holder.join(workers.JOIN_TIMEOUT)
-    with mpstore.Store(db_path) as after:
-        assert after.collection("notes", Note, key="id").get("late") is None
+    with mpstore.Store(db_path) as other:
+        with workers.held_by_another_thread(other.write):
+            with pytest.raises(mpstore.StoreClosed):
+                notes.upsert(Note(id="late", text="x"))
+            assert closing._queue._thread is None  # no writer thread left waiting for the gate
+        assert other.collection("notes", Note, key="id").get("late") is None
