@@ -269,13 +269,20 @@ def test_changes_of_another_instance_are_heard_once(ex_path: str) -> None:
 
 
 class EchoesOwnChanges(SQLiteExampleDatabase):
-    """Broken on purpose: what the calling thread delivers, the polling thread delivers again."""
+    """Broken on purpose: the polling thread and the calling threads each keep their own
+    count of what they delivered, so whichever delivers a change second delivers it again."""
+
+    def _start_listening(self) -> None:
+        with self._delivery:  # held by add_listener too: the poller waits for the counts
+            super()._start_listening()
+            self._counts = {True: self._delivered, False: self._delivered}
 
     def _deliver(self, read: Callable[[int, int], list[tuple[Any, ...]]], upto: int) -> None:
-        before = self._delivered
-        super()._deliver(read, upto)
-        if not threading.current_thread().name.startswith("mpstore-hypothesis-listener"):
-            self._delivered = before
+        polling = threading.current_thread().name.startswith("mpstore-hypothesis-listener")
+        with self._delivery:
+            self._delivered = self._counts[polling]
+            super()._deliver(read, upto)
+            self._counts[polling] = self._delivered
 
 
 def test_own_changes_echoed_by_the_poller_would_be_noticed(ex_path: str) -> None:
