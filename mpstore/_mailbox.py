@@ -465,19 +465,22 @@ class Mailbox:
         finally:
             self._mm[_SLEEPING + index] = 0
 
-    def spin(self, slot: Slot, yields: int, deadline: float, now: Callable[[], float]) -> int:
-        """Yield the CPU up to ``yields`` times (once at least) while ``slot``'s write is not
-        done, the gate looks taken by another process (see :meth:`gate_free`) and the clock
-        ``now`` has not reached ``deadline``; returns how many times it yielded. One call for
-        what a waiting write does many times over, each time on a CPU just handed back by
+    def spin(
+        self, slot: Slot | None, yields: int, deadline: float, now: Callable[[], float]
+    ) -> int:
+        """Yield the CPU up to ``yields`` times (once at least) while ``slot``'s write (if any)
+        is not done, the gate looks taken by another process (see :meth:`gate_free`) and the
+        clock ``now`` has not reached ``deadline``; returns how many times it yielded. One call
+        for what a waiting writer does many times over, each time on a CPU just handed back by
         other processes."""
-        mm, state, pid = self._mm, _STATES + slot.index, _fork.pid()
+        mm, pid = self._mm, _fork.pid()
+        state = -1 if slot is None else _STATES + slot.index
         holder_of, yield_cpu = _LEADER.unpack_from, os.sched_yield
         spun = 0
         while spun < yields:
             yield_cpu()
             spun += 1
-            if mm[state] == DONE:
+            if state >= 0 and mm[state] == DONE:
                 break
             holder = holder_of(mm, _GATE)[0]
             if holder == 0 or holder == pid or now() >= deadline:

@@ -26,7 +26,7 @@ from ._errors import (
     Timeout,
     TransactionError,
 )
-from ._gate import drop_gate, gate_for
+from ._gate import TRY_COST, YIELDS, drop_gate, gate_for
 from ._pool import Pool
 from ._sqlite import translating
 from ._stats import Stats
@@ -60,17 +60,6 @@ Hook = Callable[[str], None]
 
 #: Events after which the call's outcome is settled (see Store._emit).
 _SETTLED = frozenset({"commit", "rollback", "gate-released", "pool-released"})
-
-#: How many times a caller whose write waits in the mailbox yields its CPU, looking for the
-#: outcome, before it sleeps: the holder usually finishes meanwhile, and waking a sleeper
-#: costs its waker more than the whole write. 500 yields take about as long as a hold of a
-#: few writes when a CPU is free for the waiter (measured against 50: +25-30% writes/s with
-#: 2 and 4 processes on 2 cores, the same with 8 and 16, where the CPUs are busy anyway).
-_SPIN = 500
-
-#: How many of those yields a failed try of the gate uses up: a try that the hint said would
-#: succeed (a plain ``filelock`` user leaves none) costs system calls and an exception.
-_TRIED = 10
 
 
 class _Unraisable:
@@ -403,7 +392,9 @@ class Store:
             yield conn
 
     def _run_write(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in a write transaction: at once if the gate is free, else group-committed.
+        """Run ``fn`` in a write transaction: in this thread if the gate is free, or is given up
+        by another process while this thread yields its CPU (see :meth:`Gate.acquire_soon`);
+        else group-committed by the writer thread.
 
         Inside a ``write()`` block of this thread it runs in that transaction, in a savepoint.
 
@@ -416,7 +407,11 @@ class Store:
         self._emit("gate-wait")
         if self._gate.try_acquire():
             return self._lead(fn)
-        return self._queue.submit(fn, self.timeout)
+        start = time.monotonic()
+        if self._gate.acquire_soon(self.timeout):
+            return self._lead(fn)
+        left = max(0.0, start + self.timeout - time.monotonic())
+        return self._queue.submit(fn, left, start=start)
 
     def _lead(self, fn: Callable[[Connection], T], op: tuple[Any, ...] | None = None) -> T:
         """Run ``fn`` (the collection write ``op``, if it is one) under the gate this thread has
@@ -582,12 +577,12 @@ class Store:
                             held.settle(exc)
                             raise
                         continue
-                    spins += _TRIED
+                    spins += TRY_COST
                 if now >= deadline and mailbox.withdraw(slot):
                     settled = True
                     raise self._gate_timeout(start)
-                if spins < _SPIN:
-                    spins += mailbox.spin(slot, _SPIN - spins, deadline, monotonic)
+                if spins < YIELDS:
+                    spins += mailbox.spin(slot, YIELDS - spins, deadline, monotonic)
                     continue
                 # A holder wakes this slot when it finishes the write, or when it releases the
                 # gate with the write still waiting; the timeout only looks for a dead holder.

@@ -199,16 +199,22 @@ class WriteQueue:
         self.batched_writes = 0
 
     def submit(
-        self, fn: Callable[[Connection], T], timeout: float, op: tuple[Any, ...] | None = None
+        self,
+        fn: Callable[[Connection], T],
+        timeout: float,
+        op: tuple[Any, ...] | None = None,
+        start: float | None = None,
     ) -> T:
-        """Queue ``fn`` and wait until its transaction has committed (or failed).
+        """Queue ``fn`` and wait until its transaction has committed (or failed). ``start``:
+        when the caller began to wait for the gate (``time.monotonic()``), if before this call.
 
         :raises GateTimeout: the write had not started when ``timeout`` ran out; it never will.
         :raises StoreClosed: the store's close() had begun.
         """
         if self._pid != _fork.pid():
             self._reset()
-        start = time.monotonic()
+        if start is None:
+            start = time.monotonic()
         job: _Job[T] = _Job(fn, self._store._tx.abandon)
         job.op = op
         with self._cond:

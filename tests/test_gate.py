@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import filelock
 import pytest
 
 import mpstore
-from mpstore import _inspect, _proc
+from mpstore import _gate, _inspect, _mailbox, _proc, _writer
 from mpstore._gate import Gate, drop_gate, gate_for
 from tests import workers
 from tests.models import Note
@@ -430,9 +432,93 @@ def test_a_waiter_sleeps_in_the_kernel_instead_of_polling(
         attempts = len(calls)
         monkeypatch.undo()
     if kind == "flock":
-        assert attempts <= 2  # one try, then one blocking wait in the kernel
+        # One try; yields while the mailbox names another holder, with no try; one more try
+        # and one blocking wait in the kernel.
+        assert attempts <= 3
     else:
         assert attempts >= 10
+
+
+def _wait_for_a_process_hand_off(
+    path: str, monkeypatch: pytest.MonkeyPatch, call: Callable[[mpstore.Store], None]
+) -> tuple[mpstore.Store, threading.Thread]:
+    """Run ``call`` in a thread while another process holds the gate, and let that process go
+    once the call waits for it (yielding, in the kernel, or handed to the writer thread);
+    returns the closed store and the thread."""
+    waiting = threading.Event()
+
+    def signalling(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            waiting.set()
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    for owner, name in (
+        (_mailbox.Mailbox, "spin"),
+        (_gate._FlockLock, "_await"),
+        (_writer.WriteQueue, "submit"),
+    ):
+        monkeypatch.setattr(owner, name, signalling(getattr(owner, name)))
+    with mpstore.Store(path, timeout=workers.JOIN_TIMEOUT) as store:
+        with store.write():
+            pass  # the mailbox and the write connection open before the race
+        with workers.holding_the_gate(path) as holder:
+            thread = threading.Thread(target=call, args=(store,))
+            thread.start()
+            assert waiting.wait(workers.JOIN_TIMEOUT)
+            holder.release.set()
+            thread.join(workers.JOIN_TIMEOUT)
+        assert not thread.is_alive()
+    return store, thread
+
+
+@pytest.mark.parametrize("yielding", [True, False], ids=["yielding", "control"])
+def test_a_read_modify_write_waiting_for_another_process_runs_in_its_own_thread(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, yielding: bool
+) -> None:
+    # A caller yielding its CPU takes the gate as soon as the other process lets go, without
+    # handing its call to the store's writer thread and waiting to be woken. The control
+    # waits the old way, through the writer thread.
+    monkeypatch.setattr(_gate, "YIELDS", 10**9 if yielding else 0)
+    ran_in: list[int] = []
+
+    def bump(note: Note) -> Note:
+        ran_in.append(threading.get_ident())
+        return note.model_copy(update={"text": note.text + "!"})
+
+    def update(store: mpstore.Store) -> None:
+        store.collection("notes", Note, key="id").update("a", bump)
+
+    with mpstore.Store(db_path) as setup:
+        setup.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+    _, thread = _wait_for_a_process_hand_off(db_path, monkeypatch, update)
+    assert len(ran_in) == 1
+    assert (ran_in[0] == thread.ident) is yielding
+    with mpstore.Store(db_path) as store:
+        assert store.collection("notes", Note, key="id").get("a") == Note(id="a", text="x!")
+
+
+@pytest.mark.parametrize("yielding", [True, False], ids=["yielding", "control"])
+def test_a_write_block_waiting_for_another_process_need_not_sleep_in_the_kernel(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, yielding: bool
+) -> None:
+    # Taken between yields, the gate needs no keeper thread to wait in the kernel's queue and
+    # wake the caller; the control, which does not yield, starts one.
+    monkeypatch.setattr(_gate, "YIELDS", 10**9 if yielding else 0)
+    keepers: list[bool] = []
+
+    def block(store: mpstore.Store) -> None:
+        with store.write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            conn.execute("INSERT INTO t VALUES (1)")
+        kernel = store._gate._os
+        keepers.append(isinstance(kernel, _gate._FlockLock) and kernel._keeper is not None)
+
+    _wait_for_a_process_hand_off(db_path, monkeypatch, block)
+    assert keepers == [not yielding]
+    with mpstore.Store(db_path) as store:
+        assert store.query("SELECT count(*) FROM t") == [(1,)]
 
 
 def test_a_killed_holders_forked_child_does_not_keep_the_gate(tmp_path: Path) -> None:

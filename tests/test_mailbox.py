@@ -23,7 +23,7 @@ from mpstore import _mailbox, _sqlite, _store, _writer
 from tests import mailbox_workers, workers
 from tests.models import Note
 
-_TRIES = _store._SPIN // _store._TRIED  # tries of the gate between two sleeps, unpatched
+_TRIES = _store.YIELDS // _store.TRY_COST  # tries of the gate between two sleeps, unpatched
 
 pytestmark = [
     pytest.mark.processes,
@@ -1078,7 +1078,7 @@ def test_a_gate_that_looks_free_but_is_taken_is_tried_a_bounded_number_of_times_
 def test_control_without_the_yield_budget_a_waiting_write_never_sleeps(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_store, "_SPIN", 10**9)
+    monkeypatch.setattr(_store, "YIELDS", 10**9)
     runs = _tries_between_sleeps(path, monkeypatch)
     assert len(runs) == 1 and runs[0] > _TRIES + 2
 
