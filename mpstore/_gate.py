@@ -510,14 +510,19 @@ class Gate:
 
     def acquire_soon(self, timeout: float) -> bool:
         """Take the gate if another process gives it up while this thread yields its CPU
-        (see :data:`YIELDS`), within ``timeout`` seconds: a caller that can wait no other way
-        than by holding the gate (a read-modify-write, a ``write()`` block) takes it without
-        handing its call to another thread. False if it is still taken, if the platform has no
-        mailbox to watch, or once a thread of this process holds it or waits for it.
+        (see :data:`YIELDS`), within ``timeout`` seconds: a read-modify-write, which cannot
+        travel through the mailbox, then runs in its caller's thread instead of waiting for
+        the writer thread to take the gate and wake it. False if it is still taken, if the
+        platform has no mailbox to watch, or if a thread of this process holds it or waits
+        for it (including this one: the caller then queues behind that thread).
 
-        :raises TransactionError: this thread already holds the gate.
+        The caller keeps the gate's users (its store) open meanwhile: the mailbox it watches
+        is this gate's.
+
         :raises PermissionDenied: the mailbox or lock file cannot be opened.
         """
+        if self.busy_here:
+            return False
 
         def take() -> bool | None:
             return None if self.busy_here else self.try_acquire()
@@ -529,16 +534,18 @@ class Gate:
         mailbox: Mailbox | None, deadline: float, take: Callable[[], bool | None]
     ) -> bool:
         """Yield the CPU until ``take()`` succeeds, trying it whenever ``mailbox`` says no other
-        process holds the gate, up to :data:`YIELDS` times or ``deadline``. ``take()`` returns
-        None to give up."""
+        process holds the gate, up to :data:`YIELDS` times, and once more at ``deadline``
+        whatever the mailbox says (a holder that died leaves it naming that holder).
+        ``take()`` returns None to give up. False if ``mailbox`` is None or closes meanwhile
+        (retired: the file at its path was replaced)."""
         if mailbox is None:
             return False
         monotonic = time.monotonic
         spins = 0
-        while spins < YIELDS:
+        while spins < YIELDS and not mailbox.closed:
             spins += mailbox.spin(None, YIELDS - spins, deadline, monotonic)
             if monotonic() >= deadline:
-                return False
+                return bool(take())
             if mailbox.gate_free():
                 taken = take()
                 if taken is None:

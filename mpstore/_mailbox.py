@@ -477,14 +477,19 @@ class Mailbox:
         state = -1 if slot is None else _STATES + slot.index
         holder_of, yield_cpu = _LEADER.unpack_from, os.sched_yield
         spun = 0
-        while spun < yields:
-            yield_cpu()
-            spun += 1
-            if state >= 0 and mm[state] == DONE:
-                break
-            holder = holder_of(mm, _GATE)[0]
-            if holder == 0 or holder == pid or now() >= deadline:
-                break
+        try:
+            while spun < yields:
+                yield_cpu()
+                spun += 1
+                if state >= 0 and mm[state] == DONE:
+                    break
+                holder = holder_of(mm, _GATE)[0]
+                if holder == 0 or holder == pid or now() >= deadline:
+                    break
+        except ValueError:
+            # Closed meanwhile (a caller without a slot does not keep it open): only the gate
+            # itself can answer now, as in gate_free().
+            pass
         return spun
 
     def withdraw(self, slot: Slot) -> bool:

@@ -408,8 +408,15 @@ class Store:
         if self._gate.try_acquire():
             return self._lead(fn)
         start = time.monotonic()
-        if self._gate.acquire_soon(self.timeout):
-            return self._lead(fn)
+        if not self._gate.busy_here:
+            # Counted as a mailbox use: close() waits for it, so the mailbox it watches and
+            # the gate stay open.
+            tx = self._start_mailbox_use()
+            try:
+                if self._gate.acquire_soon(self.timeout):
+                    return self._lead(fn)
+            finally:
+                self._end_mailbox_use(tx)
         left = max(0.0, start + self.timeout - time.monotonic())
         return self._queue.submit(fn, left, start=start)
 

@@ -1,9 +1,10 @@
 """Group commit within one process: queued writes share one transaction, each in a SAVEPOINT.
 
 When a write finds the gate free it runs at once in the caller's thread. Otherwise it joins
-this process's queue, and one writer thread per store waits for the gate *in the kernel*; when
-it wins, it runs every queued write in one transaction, each inside its own SAVEPOINT, commits
-once, releases the gate and only then hands each caller its own result or its own exception.
+this process's queue, and one writer thread per store waits for the gate (see
+:meth:`Gate.acquire`); when it wins, it runs every queued write in one transaction, each
+inside its own SAVEPOINT, commits once, releases the gate and only then hands each caller its
+own result or its own exception.
 One write's failure rolls back only its savepoint; no caller hears "done" before COMMIT.
 """
 
@@ -213,10 +214,12 @@ class WriteQueue:
         """
         if self._pid != _fork.pid():
             self._reset()
-        if start is None:
-            start = time.monotonic()
         job: _Job[T] = _Job(fn, self._store._tx.abandon)
         job.op = op
+        if start is None:
+            start = time.monotonic()
+        else:
+            job.queued -= time.monotonic() - start  # the gate_wait statistic counts it all
         with self._cond:
             if self._closed:
                 # close() has begun: it runs what was queued before it, and nothing after.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -441,11 +443,20 @@ def test_a_waiter_sleeps_in_the_kernel_instead_of_polling(
 
 def _wait_for_a_process_hand_off(
     path: str, monkeypatch: pytest.MonkeyPatch, call: Callable[[mpstore.Store], None]
-) -> tuple[mpstore.Store, threading.Thread]:
+) -> tuple[threading.Thread, list[bool]]:
     """Run ``call`` in a thread while another process holds the gate, and let that process go
     once the call waits for it (yielding, in the kernel, or handed to the writer thread);
-    returns the closed store and the thread."""
+    returns the thread, and whether each of its runs of yields took the gate."""
     waiting = threading.Event()
+    yielded: list[bool] = []
+    yield_for = Gate._yield_for
+
+    def recorded(*args: Any) -> bool:
+        taken = yield_for(*args)
+        yielded.append(taken)
+        return taken
+
+    monkeypatch.setattr(Gate, "_yield_for", staticmethod(recorded))
 
     def signalling(method: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -470,7 +481,7 @@ def _wait_for_a_process_hand_off(
             holder.release.set()
             thread.join(workers.JOIN_TIMEOUT)
         assert not thread.is_alive()
-    return store, thread
+    return thread, yielded
 
 
 @pytest.mark.parametrize("yielding", [True, False], ids=["yielding", "control"])
@@ -492,9 +503,10 @@ def test_a_read_modify_write_waiting_for_another_process_runs_in_its_own_thread(
 
     with mpstore.Store(db_path) as setup:
         setup.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
-    _, thread = _wait_for_a_process_hand_off(db_path, monkeypatch, update)
+    thread, yielded = _wait_for_a_process_hand_off(db_path, monkeypatch, update)
     assert len(ran_in) == 1
     assert (ran_in[0] == thread.ident) is yielding
+    assert yielded[0] is yielding
     with mpstore.Store(db_path) as store:
         assert store.collection("notes", Note, key="id").get("a") == Note(id="a", text="x!")
 
@@ -515,10 +527,141 @@ def test_a_write_block_waiting_for_another_process_need_not_sleep_in_the_kernel(
         kernel = store._gate._os
         keepers.append(isinstance(kernel, _gate._FlockLock) and kernel._keeper is not None)
 
-    _wait_for_a_process_hand_off(db_path, monkeypatch, block)
+    _, yielded = _wait_for_a_process_hand_off(db_path, monkeypatch, block)
     assert keepers == [not yielding]
+    assert yielded == [yielding]  # not the try at the start of the kernel's wait, either
     with mpstore.Store(db_path) as store:
         assert store.query("SELECT count(*) FROM t") == [(1,)]
+
+
+def _other_process_on_record(mailbox: _mailbox.Mailbox) -> None:
+    other = os.getppid()
+    _mailbox._HOLDER.pack_into(mailbox._mm, _mailbox._GATE, other, other, 0.0)
+
+
+def test_yielding_stops_without_an_error_when_the_mailbox_closes_meanwhile(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller yielding for the gate holds no slot, so nothing keeps the mailbox open for it:
+    # a thread of this process may retire it (its file was replaced) in the meantime.
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    _other_process_on_record(mailbox)
+    monkeypatch.setattr(os, "sched_yield", mailbox.close)
+    tries: list[int] = []
+
+    def take() -> bool:
+        tries.append(1)
+        return False
+
+    assert Gate._yield_for(mailbox, math.inf, take) is False
+    assert len(tries) <= 1  # a closed mailbox says "free": the gate itself is asked once
+
+
+def test_yielding_tries_the_gate_at_the_deadline_whatever_the_mailbox_says(
+    store: mpstore.Store,
+) -> None:
+    # A holder that died leaves its pid on record: a caller whose timeout is shorter than its
+    # yields would otherwise time out with the gate free.
+    mailbox = store._gate.mailbox()
+    assert mailbox is not None
+    _other_process_on_record(mailbox)
+    tries: list[int] = []
+
+    def take() -> bool:
+        tries.append(1)
+        return True
+
+    assert Gate._yield_for(mailbox, time.monotonic(), take) is True
+    assert tries == [1]
+
+
+def test_a_read_modify_write_queues_at_once_behind_a_thread_here_that_waits(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread that waits (here a write block, yielding while another process holds the
+    # gate) will carry the queued call in its batch: yielding beside it is wasted.
+    monkeypatch.setattr(_gate, "YIELDS", 10**9)
+    spinners: set[int] = set()
+    yielding = threading.Event()
+    spin = _mailbox.Mailbox.spin
+
+    def noted(self: _mailbox.Mailbox, *args: Any) -> int:
+        spinners.add(threading.get_ident())
+        yielding.set()
+        return spin(self, *args)
+
+    monkeypatch.setattr(_mailbox.Mailbox, "spin", noted)
+    with mpstore.Store(db_path, timeout=workers.JOIN_TIMEOUT) as store:
+        with store.write():
+            pass
+        with workers.holding_the_gate(db_path) as holder:
+
+            def block() -> None:
+                with store.write():
+                    pass
+
+            blocked = threading.Thread(target=block)
+            blocked.start()
+            assert yielding.wait(workers.JOIN_TIMEOUT)
+            assert store._gate.busy_here
+            assert store._gate.acquire_soon(workers.JOIN_TIMEOUT) is False
+            assert spinners == {blocked.ident}
+            holder.release.set()
+            blocked.join(workers.JOIN_TIMEOUT)
+        assert not blocked.is_alive()
+
+
+def test_close_waits_for_a_read_modify_write_that_yields_for_the_gate(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_gate, "YIELDS", 10**9)
+    yielding, closing = threading.Event(), threading.Event()
+    spin, wait_for_followers = _mailbox.Mailbox.spin, mpstore.Store._wait_for_followers
+
+    def noted_spin(self: _mailbox.Mailbox, *args: Any) -> int:
+        yielding.set()
+        return spin(self, *args)
+
+    def noted_wait(self: mpstore.Store, timeout: float) -> None:
+        closing.set()
+        wait_for_followers(self, timeout)
+
+    monkeypatch.setattr(_mailbox.Mailbox, "spin", noted_spin)
+    monkeypatch.setattr(mpstore.Store, "_wait_for_followers", noted_wait)
+    with mpstore.Store(db_path) as setup:
+        setup.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+    store = mpstore.Store(db_path, timeout=workers.JOIN_TIMEOUT)
+    notes = store.collection("notes", Note, key="id")
+    with store.write():
+        pass
+    outcome: list[object] = []
+
+    def update() -> None:
+        try:
+            outcome.append(notes.update("a", lambda n: n.model_copy(update={"text": "y"})))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with workers.holding_the_gate(db_path) as holder:
+        updater = threading.Thread(target=update)
+        updater.start()
+        assert yielding.wait(workers.JOIN_TIMEOUT)
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        assert closing.wait(workers.JOIN_TIMEOUT)
+        holder.release.set()
+        updater.join(workers.JOIN_TIMEOUT)
+        closer.join(workers.JOIN_TIMEOUT)
+    assert outcome == [Note(id="a", text="y")]
+    with mpstore.Store(db_path) as store:
+        assert store.collection("notes", Note, key="id").get("a") == Note(id="a", text="y")
+
+
+def test_the_gate_wait_statistic_counts_the_wait_before_the_queue(store: mpstore.Store) -> None:
+    # A read-modify-write that yields for the gate and then queues waited all that time.
+    store._queue.submit(lambda conn: None, 5.0, start=time.monotonic() - 100.0)
+    assert store.stats()["gate_wait"]["max"] >= 100_000.0
 
 
 def test_a_killed_holders_forked_child_does_not_keep_the_gate(tmp_path: Path) -> None:
