@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Gate", "drop_gate", "gate_for"]
+__all__ = ["Gate", "check_kind", "drop_gate", "gate_for"]
 
 _HOLDER_RECORD_SIZE = 48
 _HELD, _BUSY, _BLOCK = object(), object(), object()
@@ -746,6 +746,16 @@ if hasattr(os, "register_at_fork"):
 
 _registry: weakref.WeakValueDictionary[str, Gate] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
+
+
+def check_kind(kind: object) -> str:
+    """``kind`` if it names a gate kind (see :class:`mpstore.Store`'s ``gate``).
+
+    :raises ValueError: it does not.
+    """
+    if kind not in ("auto", "flock", "filelock"):
+        raise ValueError(f"gate must be 'auto', 'flock' or 'filelock', got {kind!r}")
+    return str(kind)
 
 
 def gate_for(lock_path: str, mode: int, kind: str = "auto") -> Gate:

@@ -26,7 +26,7 @@ from ._errors import (
     Timeout,
     TransactionError,
 )
-from ._gate import TRY_COST, YIELDS, drop_gate, gate_for
+from ._gate import TRY_COST, YIELDS, check_kind, drop_gate, gate_for
 from ._pool import Pool
 from ._sqlite import translating
 from ._stats import Stats
@@ -164,9 +164,7 @@ class Store:
         if not isinstance(file_mode, int) or not 0 <= file_mode <= 0o777:
             raise ValueError(f"file_mode must be permission bits like 0o600, got {file_mode!r}")
         self.file_mode = file_mode
-        if gate not in ("auto", "flock", "filelock"):
-            raise ValueError(f"gate must be 'auto', 'flock' or 'filelock', got {gate!r}")
-        self._gate_kind = gate
+        self._gate_kind = check_kind(gate)
         self.mailbox = bool(mailbox)
         self.on_event = on_event
         self.lock_path = self.path + ".lock"

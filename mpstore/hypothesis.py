@@ -16,6 +16,7 @@ examples in one SQLite file behind mpstore's write gate instead: every ``save``,
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -38,6 +39,7 @@ from ._errors import (
     StoreClosed,
     TransactionError,
 )
+from ._gate import check_kind
 from ._sqlite import translating
 from ._store import Store
 
@@ -117,18 +119,24 @@ class SQLiteExampleDatabase(ExampleDatabase):
     background thread (it checks SQLite's ``PRAGMA data_version``, then reads the change log).
     A move is a ``delete`` event followed by a ``save`` event. A listener's error is reported
     through ``threading.excepthook`` and the others still hear. Changes are logged for
-    ``retention`` seconds; a listener held up for longer misses the older ones.
+    ``retention`` seconds; a listener held up for longer misses the older ones. The log is
+    the file's: every instance prunes what is older than its own ``retention``, so the
+    shortest among the writers holds.
 
     A save, delete or move that the file or the gate refuses (a timeout, a full disk, a
     damaged file, an example over ``max_record_bytes``) is dropped with an
     :class:`ExampleDatabaseWarning`, and a fetch that fails finds nothing, as Hypothesis's own
-    databases do: a test's own failure is never replaced by the database's.
+    databases do: a test's own failure is never replaced by the database's. (Where warnings
+    are errors, the report goes to the ``mpstore.hypothesis`` logger instead.)
 
     :param path: the database file; created with mode ``0o600`` if missing.
     :param poll_interval: seconds between checks for other processes' changes while listening.
     :param retention: seconds the change log keeps a change for listeners to read.
     :param timeout: seconds a write waits for the gate before raising ``GateTimeout``.
-    :raises ValueError: a setting is not a positive number.
+    :param gate: the write gate's kind, as :class:`mpstore.Store`'s; in a process whose
+        application stores share the file, theirs (every store of one process on one file
+        uses one gate).
+    :raises ValueError: a setting is not a positive number, or ``gate`` is not a kind.
     :raises RecordTypeError: (from every method) a key or value is not bytes.
     """
 
@@ -139,12 +147,14 @@ class SQLiteExampleDatabase(ExampleDatabase):
         poll_interval: float = 0.05,
         retention: float = 600.0,
         timeout: float = 30.0,
+        gate: str = "auto",
     ) -> None:
         super().__init__()
         self.path = os.path.realpath(os.fspath(path))
         self.poll_interval = _positive(poll_interval, "poll_interval")
         self.retention = _positive(retention, "retention")
         self.timeout = _positive(timeout, "timeout")
+        self.gate = check_kind(gate)
         self._open_lock = threading.Lock()
         self._store: Store | None = None
         self._origin = ""
@@ -168,10 +178,11 @@ class SQLiteExampleDatabase(ExampleDatabase):
         return hash((SQLiteExampleDatabase, self.path))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        settings = {
+        settings: dict[str, Any] = {
             "poll_interval": self.poll_interval,
             "retention": self.retention,
             "timeout": self.timeout,
+            "gate": self.gate,
         }
         return (_rebuild, (self.__class__, self.path, settings))
 
@@ -190,7 +201,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
         with self._open_lock:
             if self._store is None:
                 self._make_directory()
-                store = Store(self.path, timeout=self.timeout, pool_size=2)
+                store = Store(self.path, timeout=self.timeout, pool_size=2, gate=self.gate)
                 try:
                     # Only the first opener of a file waits for the gate to create the tables.
                     if not self._has_tables(store):
@@ -345,12 +356,14 @@ class SQLiteExampleDatabase(ExampleDatabase):
 
     def _carry_on(self, what: str, exc: BaseException, stacklevel: int = 4) -> None:
         """Warn that ``exc`` cut ``what`` short (``stacklevel`` names the caller of the public
-        method)."""
-        warnings.warn(
-            f"{self!r}: {what}: {type(exc).__name__}: {exc}",
-            ExampleDatabaseWarning,
-            stacklevel=stacklevel,
-        )
+        method). Where warnings are errors (``-W error``, ``filterwarnings = error``) the
+        warning, raised into Hypothesis's engine, would replace the test's own outcome: it
+        goes to the ``mpstore.hypothesis`` logger instead."""
+        message = f"{self!r}: {what}: {type(exc).__name__}: {exc}"
+        try:
+            warnings.warn(message, ExampleDatabaseWarning, stacklevel=stacklevel)
+        except ExampleDatabaseWarning:
+            logging.getLogger(__name__).warning("%s", message)
 
     def _log(self, conn: Connection, event: str, key: bytes, value: bytes, origin: str) -> int:
         """Log one change; its seq."""
@@ -384,6 +397,9 @@ class SQLiteExampleDatabase(ExampleDatabase):
                     rows = read(self._delivered, self._wanted)
                     if not rows:
                         break
+                    # Those listening when these changes were read: one added by a listener
+                    # meanwhile hears only what is read after it was added.
+                    audience = list(self._listeners)
                     for seq, event, key, value in rows:
                         if self._poller is None or seq <= self._delivered:
                             break  # stopped, or listening started again further on
@@ -391,7 +407,8 @@ class SQLiteExampleDatabase(ExampleDatabase):
                         self._broadcast_change(
                             ("save", (bytes(key), bytes(value)))
                             if event == "save"
-                            else ("delete", (bytes(key), bytes(value)))
+                            else ("delete", (bytes(key), bytes(value))),
+                            audience,
                         )
                 self._wanted = self._delivered
             finally:
@@ -401,10 +418,16 @@ class SQLiteExampleDatabase(ExampleDatabase):
         """Whether a delivery stopped short (a listener raised KeyboardInterrupt)."""
         return self._wanted > self._delivered
 
-    def _broadcast_change(self, event: ListenerEventT) -> None:
-        # A copy: a listener may add or remove listeners.
+    def _broadcast_change(
+        self, event: ListenerEventT, audience: list[ListenerT] | None = None
+    ) -> None:
+        """Call each listener of ``audience`` (all of them by default) that is still listening:
+        one that a listener removed meanwhile hears nothing more."""
         stop: BaseException | None = None
-        for listener in list(self._listeners):
+        listeners = self._listeners
+        for listener in list(listeners) if audience is None else audience:
+            if listener not in listeners:
+                continue
             try:
                 listener(event)
             except Exception:
@@ -503,34 +526,49 @@ class _Poller:
 
     def _run(self) -> None:
         db = self._db
-        with _fork.background_sqlite, translating(db.path):
-            # A connection of its own: data_version changes when *another* connection commits.
-            conn = sqlite3.connect(db.path, isolation_level=None, timeout=db.timeout)
+        conn: sqlite3.Connection | None = None
         try:
-            with _fork.background_sqlite:
-                conn.execute("PRAGMA query_only=1")
             version = None
             reported = ""
             while not self._stopping.is_set() and self._pid == os.getpid():
                 try:
+                    if conn is None:
+                        conn = self._connect()
                     with _fork.background_sqlite:
                         (now,) = conn.execute("PRAGMA data_version").fetchone()
                     if now != version or db._behind():
                         version = now
                         self._deliver(conn)
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, MpstoreError) as exc:
                     # Reported once (it may last), and tried again at the next poll: listening
-                    # must not stop for good because the file was busy or unreadable a while.
+                    # must not stop for good because the file was busy or unreadable a while
+                    # (its connection too: out of descriptors, say).
                     if str(exc) != reported:
                         reported = str(exc)
                         threading.excepthook(_hook_args())
                 self._stopping.wait(min(db.poll_interval, threading.TIMEOUT_MAX))
         finally:
-            if self._pid == os.getpid():
-                with _fork.background_sqlite:
-                    conn.close()
-            else:  # forked from a listener of this thread: the parent's connection, not ours
-                _fork.keep_forever(conn)
+            if conn is not None:
+                if self._pid == os.getpid():
+                    with _fork.background_sqlite:
+                        conn.close()
+                else:  # forked from a listener of this thread: the parent's connection
+                    _fork.keep_forever(conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        """The thread's read-only connection of its own: ``data_version`` changes when
+        *another* connection commits.
+
+        :raises MpstoreError: the file cannot be opened.
+        """
+        with _fork.background_sqlite, translating(self._db.path):
+            conn = sqlite3.connect(self._db.path, isolation_level=None, timeout=self._db.timeout)
+            try:
+                conn.execute("PRAGMA query_only=1")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
     def _deliver(self, conn: sqlite3.Connection) -> None:
         """Deliver what the log holds, once the lock is free; give up waiting if stopped (a
@@ -570,7 +608,7 @@ def _hook_args() -> Any:
 
 
 def _rebuild(
-    cls: type[SQLiteExampleDatabase], path: str, settings: dict[str, float]
+    cls: type[SQLiteExampleDatabase], path: str, settings: dict[str, Any]
 ) -> SQLiteExampleDatabase:
     return cls(path, **settings)
 

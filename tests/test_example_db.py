@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -503,6 +504,79 @@ def test_a_listener_that_cannot_start_is_not_kept(
     other.close()
 
 
+def test_a_removed_listener_hears_nothing_more(ex_path: str) -> None:
+    # Removed by another listener during a delivery: once remove_listener() has returned, it
+    # hears nothing, as with Hypothesis's in-memory database.
+    database = SQLiteExampleDatabase(ex_path, poll_interval=3600)
+    removed = threading.Event()
+    after_removal: list[ListenerEventT] = []
+
+    def second(event: ListenerEventT) -> None:
+        if removed.is_set():
+            after_removal.append(event)
+
+    def first(event: ListenerEventT) -> None:
+        if not removed.is_set():
+            database.remove_listener(second)
+            removed.set()
+
+    database.add_listener(first)
+    database.add_listener(second)
+    database.save(b"k", b"1")
+    database.save(b"k", b"2")
+    database.close()
+    assert removed.is_set()
+    assert after_removal == []
+
+
+def test_a_listener_added_during_a_delivery_hears_only_later_changes(
+    ex_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another instance commits three changes; this instance's next save delivers them with
+    # its own, in one read of the log. A listener added while the first is heard was added
+    # after all four were committed: it hears only what comes after.
+    monkeypatch.setattr(mpstore.hypothesis._Poller, "_run", lambda self: None)  # no polling
+    late = Recorder()
+    with _two_instances(ex_path) as (a, b):
+
+        def first(event: ListenerEventT) -> None:
+            if event == ("save", (b"k", b"1")):
+                a.add_listener(late)
+
+        a.add_listener(first)
+        for value in (b"1", b"2", b"3"):
+            b.save(b"k", value)
+        a.save(b"k", b"4")
+        a.save(b"k", b"5")
+    assert late.events == [("save", (b"k", b"5"))]
+
+
+def test_the_polling_thread_goes_on_after_failing_to_connect(
+    ex_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors, say: listening must not stop for good, with add_listener() having
+    # returned as if all was well.
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    connect = sqlite3.connect
+    failures = iter([sqlite3.OperationalError("unable to open database file")] * 3)
+
+    def flaky(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if threading.current_thread().name.startswith("mpstore-hypothesis-listener"):
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", flaky)
+    heard = Recorder()
+    with _two_instances(ex_path) as (a, b):
+        a.add_listener(heard)
+        b.save(b"k", b"1")
+        assert heard.wait_count(1) == [("save", (b"k", b"1"))]
+    assert len(reported) == 1 and "unable to open" in str(reported[0])
+
+
 def test_changes_before_listening_are_not_replayed(ex_path: str) -> None:
     a, b = SQLiteExampleDatabase(ex_path, poll_interval=0.005), SQLiteExampleDatabase(ex_path)
     heard = Recorder()
@@ -754,9 +828,13 @@ def test_with_the_gate_held_elsewhere_writes_are_dropped_and_reads_go_on(ex_path
 
 
 @pytest.mark.processes
-def test_a_failing_test_is_reported_even_when_its_example_cannot_be_saved(ex_path: str) -> None:
+@pytest.mark.parametrize("warnings_are_errors", [False, True])
+def test_a_failing_test_is_reported_even_when_its_example_cannot_be_saved(
+    ex_path: str, warnings_are_errors: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     # Hypothesis calls its database without a safety net: an error there would replace the
-    # test's own failure, and the falsifying example would be lost with it.
+    # test's own failure, and the falsifying example would be lost with it. Where warnings
+    # are errors (-W error, filterwarnings = error), the report goes to the log.
     from hypothesis import given
 
     database = SQLiteExampleDatabase(ex_path, timeout=0.2)
@@ -770,12 +848,23 @@ def test_a_failing_test_is_reported_even_when_its_example_cannot_be_saved(ex_pat
     try:
         with (
             workers.holding_the_gate(ex_path),
-            pytest.warns(ExampleDatabaseWarning),
+            (
+                warnings.catch_warnings()
+                if warnings_are_errors
+                else pytest.warns(ExampleDatabaseWarning)
+            ),
             pytest.raises(AssertionError, match="assert"),
         ):
+            if warnings_are_errors:
+                warnings.simplefilter("error")
             fails()
     finally:
         database.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpstore.hypothesis"]
+    if warnings_are_errors:
+        assert logged and all("skipped" in m and "GateTimeout" in m for m in logged)
+    else:
+        assert logged == []
 
 
 def test_a_misuse_is_not_forgiven_as_a_failing_file(ex_path: str) -> None:
@@ -802,6 +891,38 @@ def test_a_directory_that_cannot_be_made_leaves_the_database_empty(tmp_path: Pat
         database.add_listener(Recorder())  # asked for explicitly: the error is the caller's
     assert database._listeners == []
     assert (tmp_path / "blocked").read_text() == "a file where the directory should be"
+
+
+def test_where_warnings_are_errors_a_failing_file_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "blocked").write_text("a file where the directory should be")
+    database = SQLiteExampleDatabase(tmp_path / "blocked" / "examples.db")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(database.fetch(b"k")) == []
+        database.save(b"k", b"v")
+    logged = [r.getMessage() for r in caplog.records if r.name == "mpstore.hypothesis"]
+    assert len(logged) == 2
+    assert "fetch skipped" in logged[0] and "save skipped" in logged[1]
+    assert all("DirectoryNotFound" in m for m in logged)
+
+
+def test_the_examples_table_may_share_a_store_with_a_filelock_gate(tmp_path: Path) -> None:
+    # Every Store of one process on one file uses one gate: the database takes the
+    # application's.
+    path = tmp_path / "app.db"
+    with mpstore.Store(path, gate="filelock"):
+        database = SQLiteExampleDatabase(path, gate="filelock")
+        database.save(b"k", b"v")
+        assert list(database.fetch(b"k")) == [b"v"]
+        copy = pickle.loads(pickle.dumps(database))
+        assert copy.gate == "filelock"
+        assert list(copy.fetch(b"k")) == [b"v"]
+        copy.close()
+        database.close()
+    with pytest.raises(ValueError, match="gate"):
+        SQLiteExampleDatabase(path, gate="fcntl")
 
 
 @pytest.mark.parametrize("name", ["poll_interval", "retention", "timeout"])
