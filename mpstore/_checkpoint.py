@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from . import _fork, _proc
+from ._errors import MpstoreError
 
 try:
     import fcntl
@@ -192,13 +193,14 @@ class Checkpointer:
         self._shm_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # the thread's, while it runs
         self._closed = False
         self.runs = 0
         self._unseen = 0  # writes since the WAL index last showed room (or a checkpoint was asked)
         self._next_look = 0.0
         self._readable = False  # the last reading of the WAL index succeeded
         self.ran = threading.Event()  # set after each checkpoint that ran
-        self.last_error: sqlite3.Error | None = None
+        self.last_error: Exception | None = None
         self.errors = 0
 
     def pending(self) -> int | None:
@@ -262,8 +264,6 @@ class Checkpointer:
         self._wake.set()
 
     def _run(self) -> None:
-        with _fork.background_sqlite:
-            conn = self._connect()
         try:
             while True:
                 self._wake.wait()
@@ -271,11 +271,16 @@ class Checkpointer:
                 if self._closed:
                     return
                 try:
+                    # Under the lock fork takes first, so a child never inherits this
+                    # connection mid-call, and finds it in _conn to close (after_fork_in_child).
                     with _fork.background_sqlite:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    # Nothing is lost when a checkpoint fails: the frames stay in the WAL and
-                    # the next poke retries. Counted, and kept, for stats().
+                        if self._conn is None:
+                            self._conn = self._connect()
+                        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except (sqlite3.Error, MpstoreError) as exc:
+                    # Nothing is lost when a checkpoint fails, or its connection cannot be
+                    # opened (out of descriptors): the frames stay in the WAL and the next poke
+                    # retries. Counted, and kept, for stats().
                     self.last_error = exc
                     self.errors += 1
                 else:
@@ -283,7 +288,20 @@ class Checkpointer:
                     self.ran.set()
         finally:
             with _fork.background_sqlite:
-                conn.close()
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+
+    def after_fork_in_child(self) -> None:
+        """Close the connection of the parent's checkpoint thread, which the child does not
+        have: SQLite keeps one record per file and process of the locks it holds, shared by
+        every connection to the file, and an inherited connection left open would make the
+        child's own connections believe the parent's locks are theirs, and never take them.
+        Fork waited for that thread to leave SQLite (``background_sqlite``)."""
+        conn = self._conn
+        self._reset()
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
         """Stop the thread, after a checkpoint in progress. The WAL index stays open for

@@ -41,17 +41,27 @@ class Pool(Generic[T]):
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(self.size)
         self._idle: list[T] = []
+        self._out: set[int] = set()  # ids of the connections handed out by this process
         self.in_use = 0
 
     def _check_fork(self) -> None:
         if self._pid != _fork.pid():
-            # SQLite keeps per-process lock bookkeeping shared by every connection to a file;
-            # inherited connections carry the parent's, which would make the child's own
-            # connections believe locks are held. Closing them in the child clears it (it
-            # rolls back in memory; the parent's kernel locks are per process and unaffected).
-            for conn in self._idle:
-                self._closer(conn)
-            self._reset()
+            self.after_fork_in_child()
+
+    def after_fork_in_child(self) -> None:
+        """Close the idle connections inherited from the parent and start empty.
+
+        SQLite keeps per-process lock bookkeeping shared by every connection to a file;
+        inherited connections carry the parent's, which would make the child's own connections
+        believe locks are held, and never take them. Closing them in the child clears it (it
+        rolls back in memory; the parent's kernel locks are per process and unaffected). A
+        connection that was checked out at the fork is closed when it comes back, if the
+        thread that has it lives on here.
+        """
+        idle = self._idle
+        self._reset()
+        for conn in idle:
+            self._closer(conn)
 
     def acquire(self, timeout: float) -> T:
         """Check out a connection, waiting up to ``timeout`` seconds for a free slot."""
@@ -70,12 +80,16 @@ class Pool(Generic[T]):
         with self._lock:
             self.in_use += 1
             conn = self._idle.pop() if self._idle else None
+            if conn is not None:
+                self._out.add(id(conn))
         if conn is None:
             try:
                 conn = self._factory()
             except BaseException:
                 self._give_back_slot()
                 raise
+            with self._lock:
+                self._out.add(id(conn))
         return conn
 
     def _give_back_slot(self) -> None:
@@ -85,17 +99,21 @@ class Pool(Generic[T]):
 
     def release(self, conn: T, discard: bool = False) -> None:
         """Return a checked-out connection; ``discard`` closes it instead (e.g. it is broken)."""
-        if self._pid != _fork.pid():
-            self._closer(conn)
-            return
+        self._check_fork()
         with self._lock:
-            self.in_use -= 1
-            keep = not (discard or self._closed)
-            if keep:
-                self._idle.append(conn)
-        if not keep:
+            if id(conn) not in self._out:
+                foreign = True  # checked out before a fork, by the parent: never pooled here
+            else:
+                foreign = False
+                self._out.discard(id(conn))
+                self.in_use -= 1
+                keep = not (discard or self._closed)
+                if keep:
+                    self._idle.append(conn)
+        if foreign or not keep:
             self._closer(conn)
-        self._slots.release()
+        if not foreign:
+            self._slots.release()
 
     @property
     def idle(self) -> int:

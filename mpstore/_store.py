@@ -324,7 +324,8 @@ class Store:
                     # could wait forever. Kept, never used and never finalised.
                     _fork.keep_forever(self._wconn)
                 else:
-                    # Inherited across fork: close it here, as the pool does (Pool._check_fork).
+                    # Inherited across a fork that ran no fork hook (see
+                    # _after_fork_in_child): closed here.
                     self._wconn.close()
             self._wconn = self._connect(readonly=False)
             # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
@@ -1130,6 +1131,17 @@ def _after_fork_in_child() -> None:
         # The parent's writes waiting in the mailbox are not the child's to wait for.
         store._following = 0
         store._new_followers_lock()
+        # Every inherited connection this process can close is closed before the child opens
+        # one of its own: SQLite shares one record per file and process of the locks held
+        # among all connections to the file, and a child's connection opened beside an
+        # inherited one believes the parent's locks are its own and never takes them. Then the
+        # parent, closing last, removes the WAL under the child (see Pool.after_fork_in_child).
+        # Not those another thread was using at the fork: it may have held their mutexes.
+        store._pool.after_fork_in_child()
+        store._checkpointer.after_fork_in_child()
+        if store._wconn is not None and not store._wconn_busy_at_fork:
+            wconn, store._wconn = store._wconn, None
+            wconn.close()
 
 
 if hasattr(os, "register_at_fork"):

@@ -491,7 +491,9 @@ class SQLiteExampleDatabase(ExampleDatabase):
         """In a forked child: the polling thread did not survive the fork, so neither do the
         listeners; the child adds its own. Locks a lost thread may have held are new."""
         self._listeners.clear()
-        self._poller = None
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.after_fork_in_child()
         self._open_lock = threading.Lock()
         self._delivery = threading.RLock()
         self._delivering = False
@@ -511,6 +513,7 @@ class _Poller:
     def __init__(self, db: SQLiteExampleDatabase) -> None:
         self._db = db
         self._stopping = threading.Event()
+        self._conn: sqlite3.Connection | None = None  # the thread's own, while it runs
         self._pid = os.getpid()
         self._thread = threading.Thread(
             target=self._run, name=f"mpstore-hypothesis-listener:{db.path}", daemon=True
@@ -526,15 +529,16 @@ class _Poller:
 
     def _run(self) -> None:
         db = self._db
-        conn: sqlite3.Connection | None = None
         try:
             version = None
             reported = ""
             while not self._stopping.is_set() and self._pid == os.getpid():
                 try:
-                    if conn is None:
-                        conn = self._connect()
                     with _fork.background_sqlite:
+                        # Under the lock fork takes first: a child finds it in _conn to close.
+                        if self._conn is None:
+                            self._conn = self._connect()
+                        conn = self._conn
                         (now,) = conn.execute("PRAGMA data_version").fetchone()
                     if now != version or db._behind():
                         version = now
@@ -548,27 +552,40 @@ class _Poller:
                         threading.excepthook(_hook_args())
                 self._stopping.wait(min(db.poll_interval, threading.TIMEOUT_MAX))
         finally:
-            if conn is not None:
-                if self._pid == os.getpid():
-                    with _fork.background_sqlite:
-                        conn.close()
-                else:  # forked from a listener of this thread: the parent's connection
-                    _fork.keep_forever(conn)
+            if self._pid == os.getpid():
+                with _fork.background_sqlite:
+                    last, self._conn = self._conn, None
+                    if last is not None:
+                        last.close()
+            # else forked from a listener of this thread: after_fork_in_child closed it.
 
     def _connect(self) -> sqlite3.Connection:
-        """The thread's read-only connection of its own: ``data_version`` changes when
-        *another* connection commits.
+        """The thread's read-only connection of its own (the caller holds
+        ``background_sqlite``): ``data_version`` changes when *another* connection commits.
 
         :raises MpstoreError: the file cannot be opened.
         """
-        with _fork.background_sqlite, translating(self._db.path):
-            conn = sqlite3.connect(self._db.path, isolation_level=None, timeout=self._db.timeout)
+        with translating(self._db.path):
+            conn = sqlite3.connect(
+                self._db.path,
+                isolation_level=None,
+                timeout=self._db.timeout,
+                check_same_thread=False,  # a forked child closes it from its own thread
+            )
             try:
                 conn.execute("PRAGMA query_only=1")
             except BaseException:
                 conn.close()
                 raise
         return conn
+
+    def after_fork_in_child(self) -> None:
+        """Close the parent's connection of this thread, which is outside SQLite now (fork
+        takes ``background_sqlite`` first): left open, it would keep the child's own
+        connections to the file from taking SQLite's locks (see ``Store``'s fork hook)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _deliver(self, conn: sqlite3.Connection) -> None:
         """Deliver what the log holds, once the lock is free; give up waiting if stopped (a

@@ -763,6 +763,28 @@ def test_control_a_child_forked_inside_the_listeners_sqlite_call_hangs(
     assert "hung" in _forks_while_listening(100, timeout=2.0)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads /proc/locks")
+def test_a_child_forked_while_listening_holds_sqlites_locks(ex_path: str) -> None:
+    # The polling thread's connection, inherited open, would make the child's own
+    # connections to the file believe the parent's locks are theirs (see test_processes).
+    heard = Recorder()
+    with _two_instances(ex_path) as (a, b):
+        a.add_listener(heard)
+        b.save(b"k", b"1")
+        heard.wait_count(1)  # the polling thread's connection is open and has read
+
+        def child() -> tuple[bool, bool]:
+            a.save(b"c", b"v")
+            assert list(a.fetch(b"c")) == [b"v"]
+            me = os.getpid()
+            return bool(workers.locks_held(me, ex_path)), bool(
+                workers.locks_held(me, ex_path + "-shm")
+            )
+
+        assert _in_a_forked_child(child) == (True, True)
+
+
 def test_usable_without_pytest(tmp_path: Path) -> None:
     script = (
         "import sys\n"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,118 @@ def test_store_pickled_into_spawn_children(tmp_path: Path) -> None:
         workers.run_processes(workers.write_rows_with_store, [(store, w, 20) for w in range(3)])
         notes.upsert(Note(id="parent-after", text="x"))
         assert notes.count() == 3 * 20 + 2
+
+
+def _in_a_forked_child(body: Callable[[], str]) -> str:
+    """Run ``body`` in a forked child; what it returned, or the error it raised."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            out = body()
+        except BaseException as exc:
+            out = f"child raised {type(exc).__name__}: {exc}"
+        os.write(write_end, out.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def _with_every_connection_open(store: mpstore.Store) -> mpstore.Collection[Note]:
+    """A store whose pooled read connection, write connection and checkpoint thread's
+    connection are all open, as they are in a process that has been writing a while."""
+    notes = store.collection("notes", Note, key="id")
+    checkpointer = store._checkpointer
+    checkpointer.threshold = 1
+    notes.upsert(Note(id="p", text="x"))
+    checkpointer.poke()
+    assert checkpointer.ran.wait(workers.JOIN_TIMEOUT), "no checkpoint ran"
+    assert notes.get("p") is not None
+    checkpointer.threshold = 10**9
+    return notes
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="reads /proc/locks")
+def test_a_forked_child_holds_sqlites_locks_on_the_file(tmp_path: Path) -> None:
+    # SQLite keeps one record per file and process of the locks held, shared by every
+    # connection to the file: a child's connection opened beside one inherited from the parent
+    # believes the parent's locks are its own, and never takes them.
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path) as store:
+        notes = _with_every_connection_open(store)
+
+        def child() -> str:
+            notes.upsert(Note(id="c", text="y"))
+            assert notes.get("c") is not None
+            me = os.getpid()
+            held = (workers.locks_held(me, path), workers.locks_held(me, path + "-shm"))
+            return repr(tuple(bool(h) for h in held))
+
+        assert _in_a_forked_child(child) == "(True, True)"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_forked_childs_writes_survive_the_parent_closing_its_store(tmp_path: Path) -> None:
+    # Without locks of its own, the child is invisible to the parent's last close, which
+    # checkpoints and removes the WAL under the child: its later commits were lost.
+    path = str(tmp_path / "state.db")
+    store = mpstore.Store(path)
+    notes = _with_every_connection_open(store)
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.close(ready_r)
+        code = 1
+        try:
+            notes.upsert(Note(id="c1", text="y"))
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)  # the parent has closed its store
+            for i in range(2, 6):
+                notes.upsert(Note(id=f"c{i}", text="y"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    store.close()
+    os.write(go_w, b"1")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        keys = [key for (key,) in conn.execute("SELECT key FROM notes ORDER BY key")]
+    assert keys == ["c1", "c2", "c3", "c4", "c5", "p"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_child_forked_inside_a_read_block_never_pools_the_parents_connection(
+    tmp_path: Path,
+) -> None:
+    with mpstore.Store(str(tmp_path / "state.db"), pool_size=2) as store:
+        store.collection("notes", Note, key="id").upsert(Note(id="p", text="x"))
+        read_end, write_end = os.pipe()
+        with store.read() as conn:
+            parents = conn._conn
+            child_pid = os.fork()
+        if child_pid == 0:
+            # Out of the block: its connection went back to a pool that is not its own.
+            pool = store._pool
+            state = (any(c is parents for c in pool._idle), pool.in_use, pool._slots._value)
+            store.query("SELECT 1")
+            os.write(write_end, repr(state).encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            outcome = pipe.read().decode()
+        os.waitpid(child_pid, 0)
+    assert outcome == "(False, 0, 2)"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")

@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import os
 import re
+import select
+import signal
 import sqlite3
 import threading
 import time
@@ -162,6 +164,32 @@ def _checkpoint_waiting(db_path: str) -> Any:
 
 
 @pytest.mark.skipif(not hasattr(fcntl, "F_OFD_GETLK"), reason="open-file-description locks")
+def test_the_checkpoint_thread_outlives_a_connection_it_could_not_open(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors, say: the next wake-up tries again, or the WAL would grow for good
+    # (write connections leave checkpoints to this thread).
+    with mpstore.Store(db_path) as store:
+        checkpointer = store._checkpointer
+        connect = checkpointer._connect
+        failed = threading.Event()
+
+        def flaky() -> sqlite3.Connection:
+            if not failed.is_set():
+                failed.set()
+                raise mpstore.PermissionDenied("unable to open database file", db_path)
+            return connect()
+
+        monkeypatch.setattr(checkpointer, "_connect", flaky)
+        monkeypatch.setattr(checkpointer, "threshold", 1)
+        store.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+        checkpointer.poke()
+        assert failed.wait(workers.JOIN_TIMEOUT)
+        checkpointer.poke()
+        assert checkpointer.ran.wait(workers.JOIN_TIMEOUT), "no checkpoint ran again"
+        assert store.stats()["checkpoint_errors"] == 1
+
+
 def test_a_checkpoint_running_elsewhere_is_left_to_finish(db_path: str) -> None:
     """Writers look at the WAL every millisecond: while one checkpoint runs, waking a thread in
     each process to start another only finds SQLite's checkpoint lock taken."""
@@ -359,14 +387,17 @@ def test_a_lock_of_this_process_on_a_file_is_seen_without_proc_locks(tmp_path: A
 
 
 def _fork_while_a_checkpoint_is_inside_sqlite(
-    db_path: str, monkeypatch: pytest.MonkeyPatch, wait_for_fork: float
-) -> list[str]:
+    db_path: str, monkeypatch: pytest.MonkeyPatch, wait_for_fork: float, wait_for_child: float
+) -> tuple[list[str], str]:
     """Pause the checkpoint thread inside SQLite (in a progress handler of its checkpoint's
     statement), fork from another thread, and let the checkpoint go after ``wait_for_fork``
-    seconds or once the fork returned; the order in which both finished."""
+    seconds or once the fork returned; the order in which both finished, and what became of
+    the child, which only runs the fork hooks and exits: ``"exited"``, or ``"hung"`` (in the
+    hook that closes the checkpoint thread's connection, whose mutex that thread held at the
+    fork), found after ``wait_for_child`` seconds and killed."""
     events: list[str] = []
     inside, release, forked = threading.Event(), threading.Event(), threading.Event()
-    statuses: list[int] = []
+    outcomes: list[str] = []
     with mpstore.Store(db_path) as store:
         checkpointer = store._checkpointer
         connect = checkpointer._connect
@@ -385,12 +416,20 @@ def _fork_while_a_checkpoint_is_inside_sqlite(
             return conn
 
         def fork() -> None:
+            done_r, done_w = os.pipe()
             pid = os.fork()
             if pid == 0:
+                os.write(done_w, b"1")
                 os._exit(0)
             events.append("forked")
             forked.set()
-            statuses.append(os.waitpid(pid, 0)[1])
+            os.close(done_w)
+            ready, _, _ = select.select([done_r], [], [], wait_for_child)
+            os.close(done_r)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+            status = os.waitpid(pid, 0)[1]
+            outcomes.append("exited" if ready and status == 0 else "hung")
 
         monkeypatch.setattr(checkpointer, "_connect", paused_connect)
         monkeypatch.setattr(checkpointer, "threshold", 0)  # every write wakes the thread
@@ -400,9 +439,9 @@ def _fork_while_a_checkpoint_is_inside_sqlite(
         forking.start()
         forked.wait(wait_for_fork)
         release.set()
-        forking.join(workers.JOIN_TIMEOUT)
-    assert statuses == [0]
-    return events
+        forking.join(workers.JOIN_TIMEOUT + wait_for_child)
+    assert len(outcomes) == 1
+    return events, outcomes[0]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -411,8 +450,11 @@ def test_a_fork_waits_for_the_checkpoint_thread_to_leave_sqlite(
 ) -> None:
     # A child forked while another thread is inside SQLite inherits SQLite's mutexes locked
     # and hangs at its first SQLite call; fork takes the background threads' lock first.
-    events = _fork_while_a_checkpoint_is_inside_sqlite(db_path, monkeypatch, wait_for_fork=1.0)
+    events, child = _fork_while_a_checkpoint_is_inside_sqlite(
+        db_path, monkeypatch, wait_for_fork=1.0, wait_for_child=workers.JOIN_TIMEOUT
+    )
     assert events == ["checkpoint resumed", "forked"]
+    assert child == "exited"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -420,7 +462,9 @@ def test_control_without_the_lock_a_fork_lands_inside_the_checkpoint(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_fork, "background_sqlite", contextlib.nullcontext())
-    events = _fork_while_a_checkpoint_is_inside_sqlite(
-        db_path, monkeypatch, wait_for_fork=workers.JOIN_TIMEOUT
+    # A healthy child is done in milliseconds: 5 s without a word from it is a hang.
+    events, child = _fork_while_a_checkpoint_is_inside_sqlite(
+        db_path, monkeypatch, wait_for_fork=workers.JOIN_TIMEOUT, wait_for_child=5.0
     )
     assert events == ["forked", "checkpoint resumed"]
+    assert child == "hung"

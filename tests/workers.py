@@ -409,3 +409,16 @@ def report_from_forked_child(report: Callable[[], bytes]) -> bytes:
         os.close(read)
         if write >= 0:
             os.close(write)
+
+
+def locks_held(pid: int, path: str) -> list[str]:
+    """The kernel's POSIX locks of process ``pid`` on the file at ``path`` (/proc/locks)."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as table:
+        return [
+            line
+            for line in table
+            if "->" not in line
+            and line.split()[4] == str(pid)
+            and line.split()[5].endswith(f":{inode}")
+        ]
