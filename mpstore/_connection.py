@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from . import _fork
 from ._errors import PermissionDenied, TransactionError
 from ._sqlite import translate, translating
 
-__all__ = ["Connection", "translating_reads"]
+__all__ = ["Connection", "check_statement", "translating_reads"]
 
 Params = Sequence[Any] | dict[str, Any]
 
@@ -51,21 +52,58 @@ class translating_reads(translating):
 #: inside one anyway), and releasing or rolling back to mpstore's own savepoints. Refused before
 #: they run: a COMMIT inside a group commit would make the writes before it durable, and
 #: nothing could then undo them if the batch failed.
+#: What SQLite skips before a statement: blanks, comments and empty statements (``;``). Matched
+#: once and never given back (possessive): backtracking into it took time exponential in the
+#: number of comments.
+_LEAD = r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?\*/)*+"
 _ENDS_TRANSACTION = re.compile(
-    # The leading blanks and comments are matched once and never given back (possessive):
-    # backtracking into them took time exponential in their number.
-    r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*+"
-    r"(?:begin\b|commit\b|end\b|rollback\b(?!\s+(?:transaction\s+)?to\b)"
+    _LEAD + r"(?:begin\b|commit\b|end\b|rollback\b(?!\s+(?:transaction\s+)?to\b)"
     r"|(?:release|rollback\s+(?:transaction\s+)?to)\s+(?:savepoint\s+)?[\"`\[]?mpstore_sp)",
     re.IGNORECASE | re.DOTALL,
 )
 
-#: Statements already found not to end a transaction: most are run again and again (mpstore's
-#: own on every write), and a set lookup costs a fraction of the pattern's match. Short texts
-#: only, and a bounded number of them, so that texts with values in them cannot pile up.
+#: In a read, statements that would let a later one write: switching off ``query_only``, which
+#: every read connection is opened with (it is per connection, and pooled connections are
+#: reused).
+_LEAVES_READ_ONLY = re.compile(
+    _LEAD + r"pragma\s+(?:[^\s.]+\s*\.\s*)?[\"'`\[]?query_only[\"'`\]]?\s*[=(]",
+    re.IGNORECASE | re.DOTALL,
+)
+
+#: Statements already found not to end a transaction (and, for reads, not to leave read-only):
+#: most are run again and again (mpstore's own on every write), and a set lookup costs a
+#: fraction of the patterns' match. Short texts only, and a bounded number of them, so that
+#: texts with values in them cannot pile up.
 _ALLOWED: set[str] = set()
+_ALLOWED_READS: set[str] = set()
 _ALLOWED_MAX = 1024
 _ALLOWED_TEXT = 2048
+
+
+def check_statement(sql: str, writable: bool, path: str) -> None:
+    """Refuse ``sql`` if it would end its block's transaction (or mpstore's own savepoint), or,
+    in a read (``writable`` False), leave its connection able to write.
+
+    :raises TransactionError: it would.
+    """
+    allowed = _ALLOWED if writable else _ALLOWED_READS
+    if sql in allowed:
+        return
+    if _ENDS_TRANSACTION.match(sql):
+        raise TransactionError(
+            f"{sql.strip()[:40]!r} would end the block's transaction (or mpstore's own "
+            "savepoint); leave the block to commit, raise to roll back",
+            path,
+        )
+    if not writable and _LEAVES_READ_ONLY.match(sql):
+        raise TransactionError(
+            f"{sql.strip()[:40]!r} would let later reads write, bypassing the gate; use write()",
+            path,
+        )
+    if len(sql) <= _ALLOWED_TEXT:
+        if len(allowed) >= _ALLOWED_MAX:
+            allowed.clear()  # texts made on the fly: the ones run again come back
+        allowed.add(sql)
 
 
 class Connection:
@@ -80,7 +118,16 @@ class Connection:
     :raises TransactionError: on any of the misuses above.
     """
 
-    __slots__ = ("_active", "_conn", "_path", "_pid", "_thread", "schema_checked", "writable")
+    __slots__ = (
+        "_active",
+        "_conn",
+        "_cursors",
+        "_path",
+        "_pid",
+        "_thread",
+        "schema_checked",
+        "writable",
+    )
 
     def __init__(self, conn: sqlite3.Connection, path: str, writable: bool) -> None:
         self._conn = conn
@@ -90,6 +137,10 @@ class Connection:
         self._active = True
         self.writable = writable
         self.schema_checked = False  # see _sqlite.schema_changed
+        # Cursors with rows, closed when the block ends: one kept unfinished past it would
+        # hold its connection's read snapshot (a pooled connection's, or the write
+        # connection's, whose next transaction would then fail on a stale snapshot).
+        self._cursors: weakref.WeakSet[sqlite3.Cursor] | None = None
 
     def _check(self, sql: str | None = None) -> sqlite3.Connection:
         if not self._active:
@@ -106,17 +157,8 @@ class Connection:
                 "this block's transaction was ended by an earlier statement; leave the block",
                 self._path,
             )
-        if sql is not None and sql not in _ALLOWED:
-            if _ENDS_TRANSACTION.match(sql):
-                raise TransactionError(
-                    f"{sql.strip()[:40]!r} would end the block's transaction (or mpstore's own "
-                    "savepoint); leave the block to commit, raise to roll back",
-                    self._path,
-                )
-            if len(sql) <= _ALLOWED_TEXT:
-                if len(_ALLOWED) >= _ALLOWED_MAX:
-                    _ALLOWED.clear()  # texts made on the fly: the ones run again come back
-                _ALLOWED.add(sql)
+        if sql is not None and (not self.writable or sql not in _ALLOWED):
+            check_statement(sql, self.writable, self._path)
         return self._conn
 
     def _call(self, run: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:
@@ -143,13 +185,18 @@ class Connection:
             )
 
     def execute(self, sql: str, parameters: Params = ()) -> sqlite3.Cursor:
-        """Run one statement with bound parameters; returns the cursor with its rows.
+        """Run one statement with bound parameters; returns the cursor with its rows, which is
+        closed when the block ends.
 
         :raises TransactionError: misuse (see the class).
         :raises MpstoreError: typed SQLite failures (corruption, full disk, ...).
         """
         cursor = self._call(self._check(sql).execute, sql, parameters)
         self._after()
+        if cursor.description is not None:  # it has rows, maybe unread
+            if self._cursors is None:
+                self._cursors = weakref.WeakSet()
+            self._cursors.add(cursor)
         return cursor
 
     def _control(self, sql: str) -> None:
@@ -172,3 +219,7 @@ class Connection:
 
     def _end(self) -> None:
         self._active = False
+        cursors, self._cursors = self._cursors, None
+        if cursors:
+            for cursor in list(cursors):
+                cursor.close()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _checkpoint, _fork, _mailbox, _sqlite
 from ._checkpoint import Checkpointer
-from ._connection import Connection, translating_reads
+from ._connection import Connection, check_statement, translating_reads
 from ._errors import (
     Abandoned,
     GateTimeout,
@@ -897,13 +897,25 @@ class Store:
         """Run one read statement and return all its rows (through the open transaction, if any).
 
         :raises PoolTimeout: no read connection became free within ``timeout``.
-        :raises TransactionError: outside a ``write()`` block, the statement tried to write.
+        :raises TransactionError: outside a ``write()`` block, the statement tried to write,
+            would end or open a transaction, or would switch its connection out of read-only.
         """
         current = self._current()
         if current is not None:
             return current.execute(sql, parameters).fetchall()
+        check_statement(sql, False, self.path)
         with self._pooled() as raw, translating_reads(self.path):
-            return raw.execute(sql, parameters).fetchall()
+            rows = raw.execute(sql, parameters).fetchall()
+            if raw.in_transaction:
+                # SAVEPOINT, outside a transaction, opens one: the pooled connection would
+                # keep it, and its snapshot, for whoever takes it next.
+                raw.execute("ROLLBACK")
+                raise TransactionError(
+                    f"{sql.strip()[:40]!r} opened a transaction; query() runs one statement "
+                    "on its own: use read() for a snapshot over several",
+                    self.path,
+                )
+            return rows
 
     # -- schema and collections -------------------------------------------------------------
 

@@ -330,14 +330,18 @@ def test_statements_checked_before_are_remembered_within_bounds(store: mpstore.S
     from mpstore import _connection
 
     long_text = "SELECT '" + "x" * _connection._ALLOWED_TEXT + "'"
-    with store.read() as conn:
-        for i in range(_connection._ALLOWED_MAX + 10):
-            conn.execute(f"SELECT {i}").fetchall()
-        assert len(_connection._ALLOWED) <= _connection._ALLOWED_MAX
-        assert conn.execute("SELECT 7").fetchall() == [(7,)]
-        conn.execute(long_text).fetchall()
-    assert long_text not in _connection._ALLOWED
-    assert "SELECT 7" in _connection._ALLOWED
+    for block, remembered in (
+        (store.read, _connection._ALLOWED_READS),
+        (store.write, _connection._ALLOWED),
+    ):
+        with block() as conn:
+            for i in range(_connection._ALLOWED_MAX + 10):
+                conn.execute(f"SELECT {i}").fetchall()
+            assert len(remembered) <= _connection._ALLOWED_MAX
+            assert conn.execute("SELECT 7").fetchall() == [(7,)]
+            conn.execute(long_text).fetchall()
+        assert long_text not in remembered
+        assert "SELECT 7" in remembered
     with pytest.raises(mpstore.TransactionError), store.write() as conn:
         conn.execute("COMMIT")
     assert "COMMIT" not in _connection._ALLOWED
@@ -387,6 +391,58 @@ def test_query_refuses_a_write(store: mpstore.Store) -> None:
 
 
 @pytest.mark.parametrize(
+    "statement",
+    [
+        "PRAGMA query_only=0",
+        "pragma main.query_only = false",
+        "PRAGMA query_only(0)",
+        '/* x */ ; PRAGMA "query_only"=0',
+    ],
+)
+def test_reads_cannot_switch_off_read_only(store: mpstore.Store, statement: str) -> None:
+    # Read connections are pooled: one switched to writable would let a later read write
+    # without the gate. Run in a write block first, the statement is not thereby allowed
+    # in reads.
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute(statement)
+    with pytest.raises(mpstore.TransactionError, match="bypassing the gate"), store.read() as c:
+        c.execute(statement)
+    with pytest.raises(mpstore.TransactionError, match="bypassing the gate"):
+        store.query(statement)
+    for _ in range(store.pool_size + 1):
+        with pytest.raises(mpstore.TransactionError, match="read-only"):
+            store.query("INSERT INTO t VALUES (1)")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+    assert store.query("PRAGMA query_only") == [(1,)]
+
+
+@pytest.mark.parametrize("statement", ["BEGIN", "SAVEPOINT a", "COMMIT"])
+def test_query_leaves_no_transaction_open_on_its_pooled_connection(
+    store: mpstore.Store, statement: str
+) -> None:
+    # A pooled connection kept in a transaction would serve later reads an old snapshot.
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(mpstore.TransactionError):
+        store.query(statement)
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+    for _ in range(store.pool_size + 1):
+        assert store.query("SELECT count(*) FROM t") == [(1,)]
+
+
+def test_a_commit_after_empty_statements_is_refused_before_it_runs(store: mpstore.Store) -> None:
+    # SQLite skips empty statements: ";COMMIT" commits.
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(mpstore.TransactionError, match="would end"), store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute(" ; ;COMMIT")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
+@pytest.mark.parametrize(
     ("code", "expected"),
     [
         (sqlite3.SQLITE_READONLY, mpstore.TransactionError),
@@ -424,6 +480,46 @@ def test_reads_inside_write_see_uncommitted_changes(store: mpstore.Store) -> Non
         with store.read() as r:
             assert r.execute("SELECT count(*) FROM t").fetchone() == (1,)
         assert store.query("SELECT count(*) FROM t") == [(1,)]
+
+
+def _ten_rows(store: mpstore.Store) -> None:
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (a)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(10)])
+
+
+def test_a_cursor_kept_after_a_read_block_does_not_pin_its_connection(
+    store: mpstore.Store,
+) -> None:
+    # An unfinished cursor holds its connection's read snapshot: kept past the block, it left
+    # the pooled connection on an old snapshot, and this thread did not see its own commit.
+    _ten_rows(store)
+    with store.read() as conn:
+        cursor = conn.execute("SELECT a FROM t ORDER BY a")
+        assert cursor.fetchone() == (0,)
+    with store.write() as conn:
+        conn.execute("INSERT INTO t VALUES (100)")
+    assert store.query("SELECT count(*) FROM t") == [(11,)]
+    with pytest.raises(sqlite3.ProgrammingError):
+        cursor.fetchone()  # closed with its block
+
+
+def test_a_cursor_kept_after_a_write_block_does_not_pin_the_write_connection(
+    db_path: str,
+) -> None:
+    # Kept past the block, it held the write connection's snapshot: once anyone else
+    # committed, every later write of the store failed on a stale snapshot (SQLITE_BUSY).
+    with mpstore.Store(db_path) as store, mpstore.Store(db_path) as other:
+        _ten_rows(store)
+        with store.write() as conn:
+            cursor = conn.execute("SELECT a FROM t")
+            assert cursor.fetchone() is not None
+        with other.write() as conn:
+            conn.execute("INSERT INTO t VALUES (100)")
+        with store.write() as conn:
+            conn.execute("INSERT INTO t VALUES (200)")
+        assert store.query("SELECT count(*) FROM t") == [(12,)]
+        del cursor
 
 
 def test_readers_are_not_blocked_by_an_open_writer(store: mpstore.Store) -> None:
