@@ -28,6 +28,7 @@ from ._errors import (
     InvalidName,
     MpstoreError,
     PermissionDenied,
+    TransactionError,
 )
 
 __all__ = [
@@ -210,7 +211,9 @@ _CODE_TO_ERROR: dict[int, type[MpstoreError]] = {
     sqlite3.SQLITE_CANTOPEN: PermissionDenied,
     sqlite3.SQLITE_AUTH: PermissionDenied,
     sqlite3.SQLITE_BUSY: BusyTimeout,
-    sqlite3.SQLITE_LOCKED: BusyTimeout,
+    # A conflict inside one connection (dropping a table a running statement reads): no wait
+    # would end it, and no other program is to blame.
+    sqlite3.SQLITE_LOCKED: TransactionError,
 }
 
 

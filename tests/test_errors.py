@@ -182,3 +182,18 @@ def test_an_untranslated_sqlite_error_leaves_no_reference_cycle(
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_conflict_inside_one_connection_is_no_timeout(store: mpstore.Store) -> None:
+    # SQLITE_LOCKED: dropping a table a running statement reads. No wait would end it, and no
+    # other program is to blame, as BusyTimeout says; a caller retrying on Timeout would
+    # retry for ever.
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (a)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(5)])
+    with pytest.raises(mpstore.TransactionError) as raised, store.write() as conn:
+        cursor = conn.execute("SELECT a FROM t")
+        assert cursor.fetchone() == (0,)
+        conn.execute("DROP TABLE t")
+    assert not isinstance(raised.value, mpstore.Timeout)
+    assert store.query("SELECT count(*) FROM t") == [(5,)]
