@@ -191,6 +191,7 @@ class Checkpointer:
         self._pid = _fork.pid()
         self._shm: int | None = None
         self._shm_lock = threading.Lock()
+        self._start_lock = threading.Lock()  # one thread, and none once closed
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None  # the thread's, while it runs
@@ -257,10 +258,14 @@ class Checkpointer:
             return
         self._unseen = 0
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"mpstore-checkpoint:{self._shm_path}", daemon=True
-            )
-            self._thread.start()
+            # Writers of several threads look at the WAL outside the gate, at once.
+            with self._start_lock:
+                if self._thread is None and not self._closed:
+                    thread = threading.Thread(
+                        target=self._run, name=f"mpstore-checkpoint:{self._shm_path}", daemon=True
+                    )
+                    thread.start()
+                    self._thread = thread
         self._wake.set()
 
     def _run(self) -> None:
@@ -308,9 +313,10 @@ class Checkpointer:
         :meth:`release`, once the store's connections are closed."""
         if self._pid != _fork.pid():
             self._reset()  # the parent's thread and locks are not this process's
-        self._closed = True
+        with self._start_lock:
+            self._closed = True
+            thread = self._thread
         self._wake.set()
-        thread = self._thread
         if thread is not None:
             thread.join()
 

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import threading
 import time
+import types
 from typing import Any
 
 import pytest
@@ -188,6 +189,37 @@ def test_the_checkpoint_thread_outlives_a_connection_it_could_not_open(
         checkpointer.poke()
         assert checkpointer.ran.wait(workers.JOIN_TIMEOUT), "no checkpoint ran again"
         assert store.stats()["checkpoint_errors"] == 1
+
+
+def test_writers_looking_at_the_wal_at_once_start_one_checkpoint_thread(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writers of several threads look at the WAL outside the gate. Two making the thread at
+    # once made two, and close() joined only one. Each thread made here waits (1 s at most)
+    # for a second one to be made beside it.
+    made: list[threading.Thread] = []
+    beside = threading.Barrier(2)
+
+    class Thread(threading.Thread):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(self)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                beside.wait(1.0)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(
+        _checkpoint, "threading", types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
+    )
+    with mpstore.Store(db_path) as store:
+        checkpointer = store._checkpointer
+        monkeypatch.setattr(checkpointer, "threshold", 0)
+        pokers = [threading.Thread(target=checkpointer.poke) for _ in range(2)]
+        for poker in pokers:
+            poker.start()
+        for poker in pokers:
+            poker.join(workers.JOIN_TIMEOUT)
+        assert len(made) == 1
+    assert not made[0].is_alive()
 
 
 def test_a_checkpoint_running_elsewhere_is_left_to_finish(db_path: str) -> None:
