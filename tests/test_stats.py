@@ -116,6 +116,15 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         with store.write() as conn:
             # The write connection leaves checkpoints to the background thread.
             assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        # ... which writers wake only once they have let the gate go.
+        poke, gate = store._checkpointer.poke, store._gate
+        holding: list[bool] = []
+
+        def noted_poke(*args: Any) -> None:
+            holding.append(gate.held_by_me)
+            poke(*args)
+
+        store._checkpointer.poke = noted_poke  # type: ignore[method-assign]
         for i in range(2000):
             repo.upsert_conversation(sample_conversation(f"c{i}", context_bytes=8192))
             if store._checkpointer.ran.is_set():
@@ -134,6 +143,7 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         assert store.stats()["checkpoints"] >= 1
         assert store.stats()["checkpoint_errors"] == 0
         assert pending is not None and pending < checkpointer.threshold
+        assert holding and not any(holding)
 
 
 @contextlib.contextmanager
