@@ -298,15 +298,13 @@ class Checkpointer:
                     conn.close()
 
     def after_fork_in_child(self) -> None:
-        """Close the connection of the parent's checkpoint thread, which the child does not
-        have: SQLite keeps one record per file and process of the locks it holds, shared by
-        every connection to the file, and an inherited connection left open would make the
-        child's own connections believe the parent's locks are theirs, and never take them.
-        Fork waited for that thread to leave SQLite (``background_sqlite``)."""
-        conn = self._conn
+        """Have the connection of the parent's checkpoint thread, which the child does not
+        have, closed before the child opens one of its own (see
+        :func:`_fork.close_before_connecting`). Fork waited for that thread to leave SQLite
+        (``background_sqlite``), so nothing of the connection itself is held."""
+        if self._conn is not None:
+            _fork.close_before_connecting(self._conn)
         self._reset()
-        if conn is not None:
-            conn.close()
 
     def close(self) -> None:
         """Stop the thread, after a checkpoint in progress. The WAL index stays open for

@@ -18,6 +18,9 @@ __all__ = ["Connection", "check_statement", "translating_reads"]
 Params = Sequence[Any] | dict[str, Any]
 
 
+_LEFT_READ_ONLY = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_AUTH)
+
+
 class translating_reads(translating):
     """:class:`translating` for a read-only connection, where SQLite's "readonly database"
     means a write that would have bypassed the gate, not a file the process may not write.
@@ -37,7 +40,8 @@ class translating_reads(translating):
                 denied = mapped
             else:
                 return
-        if getattr(denied.__cause__, "sqlite_errorcode", None) != sqlite3.SQLITE_READONLY:
+        # SQLITE_AUTH: a read connection's authorizer refused to let it leave read-only.
+        if getattr(denied.__cause__, "sqlite_errorcode", None) not in _LEFT_READ_ONLY:
             if denied is exc:
                 return  # the file itself cannot be opened or read: as it is
             raise denied

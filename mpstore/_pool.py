@@ -49,19 +49,15 @@ class Pool(Generic[T]):
             self.after_fork_in_child()
 
     def after_fork_in_child(self) -> None:
-        """Close the idle connections inherited from the parent and start empty.
-
-        SQLite keeps per-process lock bookkeeping shared by every connection to a file;
-        inherited connections carry the parent's, which would make the child's own connections
-        believe locks are held, and never take them. Closing them in the child clears it (it
-        rolls back in memory; the parent's kernel locks are per process and unaffected). A
-        connection that was checked out at the fork is closed when it comes back, if the
-        thread that has it lives on here.
+        """Start empty: the idle connections inherited from the parent are closed before the
+        child opens one of its own (see :func:`_fork.close_before_connecting`); closing one
+        rolls back in memory, and the parent's kernel locks are per process and unaffected.
+        One that was checked out at the fork is closed when it comes back, if the thread that
+        has it lives on here.
         """
-        idle = self._idle
+        for conn in self._idle:
+            _fork.close_before_connecting(conn)  # type: ignore[arg-type]
         self._reset()
-        for conn in idle:
-            self._closer(conn)
 
     def acquire(self, timeout: float) -> T:
         """Check out a connection, waiting up to ``timeout`` seconds for a free slot."""

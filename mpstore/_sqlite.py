@@ -20,6 +20,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     resource = None  # type: ignore[assignment]
 
+from . import _fork
 from ._errors import (
     BusyTimeout,
     CorruptDatabase,
@@ -174,6 +175,21 @@ def create_file(path: str, mode: int) -> bool:
     return True
 
 
+def _keeps_read_only(
+    action: int, arg1: str | None, arg2: str | None, database: str | None, trigger: str | None
+) -> int:
+    """A read connection's authorizer: SQLite asks it as it prepares each statement, so it
+    refuses a change of ``query_only`` however the statement spells it (comments, quotes),
+    which the statement check's patterns (see :mod:`mpstore._connection`) cannot promise."""
+    if (
+        action == sqlite3.SQLITE_PRAGMA
+        and arg2 is not None
+        and (arg1 or "").lower() == "query_only"
+    ):
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
 def connect(
     path: str, *, busy_timeout: float, synchronous: str, readonly: bool
 ) -> sqlite3.Connection:
@@ -184,6 +200,7 @@ def connect(
 
     :raises CorruptDatabase, PermissionDenied, DiskFull: translated from SQLite.
     """
+    _fork.close_inherited()
     with translating(path):
         conn = sqlite3.connect(
             path,
@@ -196,6 +213,7 @@ def connect(
             conn.execute(f"PRAGMA synchronous={synchronous}")
             if readonly:
                 conn.execute("PRAGMA query_only=1")
+                conn.set_authorizer(_keeps_read_only)
         except BaseException:
             conn.close()
             raise

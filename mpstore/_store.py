@@ -647,10 +647,12 @@ class Store:
                 # queue); only once the write connection is gone is it too late.
                 if self._shut:
                     raise StoreClosed(f"the store {self.path} is closed", self.path)
-                raw = self._writer()
+                # Counted before the connection opens: a fork meanwhile must not have the
+                # child close a connection this thread is inside.
                 self._writing += 1
                 self._writer_ident = threading.get_ident()
                 held.entered = True
+                raw = self._writer()
             mailbox = held.mailbox = self._gate.mailbox()
             while mailbox is not None:
                 if mailbox.orphaned():
@@ -1144,16 +1146,14 @@ def _after_fork_in_child() -> None:
         store._following = 0
         store._new_followers_lock()
         # Every inherited connection this process can close is closed before the child opens
-        # one of its own: SQLite shares one record per file and process of the locks held
-        # among all connections to the file, and a child's connection opened beside an
-        # inherited one believes the parent's locks are its own and never takes them. Then the
-        # parent, closing last, removes the WAL under the child (see Pool.after_fork_in_child).
-        # Not those another thread was using at the fork: it may have held their mutexes.
+        # one of its own (see _fork.close_before_connecting): else the parent, closing last,
+        # would remove the WAL under the child's commits. Not those another thread was using
+        # at the fork: it may have held their mutexes.
         store._pool.after_fork_in_child()
         store._checkpointer.after_fork_in_child()
         if store._wconn is not None and not store._wconn_busy_at_fork:
-            wconn, store._wconn = store._wconn, None
-            wconn.close()
+            _fork.close_before_connecting(store._wconn)
+            store._wconn = None
 
 
 if hasattr(os, "register_at_fork"):

@@ -565,6 +565,7 @@ class _Poller:
 
         :raises MpstoreError: the file cannot be opened.
         """
+        _fork.close_inherited()
         with translating(self._db.path):
             conn = sqlite3.connect(
                 self._db.path,
@@ -580,12 +581,12 @@ class _Poller:
         return conn
 
     def after_fork_in_child(self) -> None:
-        """Close the parent's connection of this thread, which is outside SQLite now (fork
-        takes ``background_sqlite`` first): left open, it would keep the child's own
-        connections to the file from taking SQLite's locks (see ``Store``'s fork hook)."""
+        """Have the parent's connection of this thread, which is outside SQLite now (fork
+        takes ``background_sqlite`` first), closed before the child opens one of its own
+        (see :func:`mpstore._fork.close_before_connecting`)."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
+            _fork.close_before_connecting(conn)
 
     def _deliver(self, conn: sqlite3.Connection) -> None:
         """Deliver what the log holds, once the lock is free; give up waiting if stopped (a

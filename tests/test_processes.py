@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import select
+import signal
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +177,47 @@ def test_a_forked_childs_writes_survive_the_parent_closing_its_store(tmp_path: P
     with contextlib.closing(sqlite3.connect(path)) as conn:
         keys = [key for (key,) in conn.execute("SELECT key FROM notes ORDER BY key")]
     assert keys == ["c1", "c2", "c3", "c4", "c5", "p"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_child_forked_while_another_thread_is_in_sqlite_does_not_hang(tmp_path: Path) -> None:
+    # Closing a connection takes SQLite's process-wide mutexes, which a thread of the parent
+    # may hold at the fork: the fork hooks must not, or a child that never touches the store
+    # hangs in them.
+    with mpstore.Store(str(tmp_path / "state.db"), pool_size=2) as store:
+        _with_every_connection_open(store)
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                store.query(
+                    "WITH RECURSIVE r(i, b) AS (SELECT 1, randomblob(64) UNION ALL "
+                    "SELECT i + 1, randomblob(64) FROM r WHERE i < 2000) "
+                    "SELECT length(group_concat(hex(b))) FROM r"
+                )
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        outcomes = []
+        try:
+            for _ in range(60):
+                read_end, write_end = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.write(write_end, b"1")  # past the fork hooks
+                    os._exit(0)
+                os.close(write_end)
+                # A healthy child is done in milliseconds: 10 s without a word is a hang.
+                ready, _, _ = select.select([read_end], [], [], 10.0)
+                os.close(read_end)
+                if not ready:
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                outcomes.append(bool(ready))
+        finally:
+            stop.set()
+            reader.join()
+    assert all(outcomes) and len(outcomes) == 60
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")

@@ -434,9 +434,9 @@ def _fork_while_a_checkpoint_is_inside_sqlite(
     """Pause the checkpoint thread inside SQLite (in a progress handler of its checkpoint's
     statement), fork from another thread, and let the checkpoint go after ``wait_for_fork``
     seconds or once the fork returned; the order in which both finished, and what became of
-    the child, which only runs the fork hooks and exits: ``"exited"``, or ``"hung"`` (in the
-    hook that closes the checkpoint thread's connection, whose mutex that thread held at the
-    fork), found after ``wait_for_child`` seconds and killed."""
+    the child, which reads through the store and exits: ``"exited"``, or ``"hung"`` (closing
+    the inherited connection of the checkpoint thread, whose mutex that thread held at the
+    fork, before it opens its own), found after ``wait_for_child`` seconds and killed."""
     events: list[str] = []
     inside, release, forked = threading.Event(), threading.Event(), threading.Event()
     outcomes: list[str] = []
@@ -461,6 +461,7 @@ def _fork_while_a_checkpoint_is_inside_sqlite(
             done_r, done_w = os.pipe()
             pid = os.fork()
             if pid == 0:
+                store.query("SELECT 1")
                 os.write(done_w, b"1")
                 os._exit(0)
             events.append("forked")

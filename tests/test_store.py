@@ -397,6 +397,9 @@ def test_query_refuses_a_write(store: mpstore.Store) -> None:
         "pragma main.query_only = false",
         "PRAGMA query_only(0)",
         '/* x */ ; PRAGMA "query_only"=0',
+        # Past the statement check's patterns: the connection's authorizer refuses these.
+        "PRAGMA/**/query_only=0",
+        "PRAGMA query_only/**/=0",
     ],
 )
 def test_reads_cannot_switch_off_read_only(store: mpstore.Store, statement: str) -> None:
@@ -406,9 +409,9 @@ def test_reads_cannot_switch_off_read_only(store: mpstore.Store, statement: str)
     with store.write() as conn:
         conn.execute("CREATE TABLE t (x INTEGER)")
         conn.execute(statement)
-    with pytest.raises(mpstore.TransactionError, match="bypassing the gate"), store.read() as c:
+    with pytest.raises(mpstore.TransactionError, match="gate"), store.read() as c:
         c.execute(statement)
-    with pytest.raises(mpstore.TransactionError, match="bypassing the gate"):
+    with pytest.raises(mpstore.TransactionError, match="gate"):
         store.query(statement)
     for _ in range(store.pool_size + 1):
         with pytest.raises(mpstore.TransactionError, match="read-only"):
