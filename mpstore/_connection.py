@@ -52,17 +52,21 @@ class translating_reads(translating):
         ) from denied
 
 
-#: Statements a block may not run: those that end its transaction (``BEGIN`` too, which fails
-#: inside one anyway), and releasing or rolling back to mpstore's own savepoints. Refused before
-#: they run: a COMMIT inside a group commit would make the writes before it durable, and
-#: nothing could then undo them if the batch failed.
 #: What SQLite skips before a statement: blanks, comments and empty statements (``;``). Matched
 #: once and never given back (possessive): backtracking into it took time exponential in the
 #: number of comments.
 _LEAD = r"(?:\s|;|--[^\n]*(?:\n|$)|/\*.*?\*/)*+"
+#: What separates two words for SQLite: blanks and comments (possessive, as above).
+_GAP = r"(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)++"
+
+#: Statements a block may not run: those that end its transaction (``BEGIN`` too, which fails
+#: inside one anyway), and releasing or rolling back to mpstore's own savepoints. Refused before
+#: they run: a COMMIT inside a group commit would make the writes before it durable, and
+#: nothing could then undo them if the batch failed.
 _ENDS_TRANSACTION = re.compile(
-    _LEAD + r"(?:begin\b|commit\b|end\b|rollback\b(?!\s+(?:transaction\s+)?to\b)"
-    r"|(?:release|rollback\s+(?:transaction\s+)?to)\s+(?:savepoint\s+)?[\"`\[]?mpstore_sp)",
+    _LEAD + rf"(?:begin\b|commit\b|end\b|rollback\b(?!{_GAP}(?:transaction{_GAP})?to\b)"
+    rf"|(?:release|rollback{_GAP}(?:transaction{_GAP})?to)(?:{_GAP}savepoint)?{_GAP}"
+    r"[\"`\[]?mpstore_sp)",
     re.IGNORECASE | re.DOTALL,
 )
 
@@ -70,7 +74,7 @@ _ENDS_TRANSACTION = re.compile(
 #: every read connection is opened with (it is per connection, and pooled connections are
 #: reused).
 _LEAVES_READ_ONLY = re.compile(
-    _LEAD + r"pragma\s+(?:[^\s.]+\s*\.\s*)?[\"'`\[]?query_only[\"'`\]]?\s*[=(]",
+    _LEAD + rf"pragma{_GAP}(?:[^\s.]+\s*\.\s*)?[\"'`\[]?query_only[\"'`\]]?\s*[=(]",
     re.IGNORECASE | re.DOTALL,
 )
 

@@ -435,6 +435,32 @@ def test_query_leaves_no_transaction_open_on_its_pooled_connection(
         assert store.query("SELECT count(*) FROM t") == [(1,)]
 
 
+@pytest.mark.parametrize(
+    "statement",
+    ["RELEASE/**/mpstore_sp1", "ROLLBACK/**/TO/**/mpstore_sp1", "RELEASE SAVEPOINT/**/mpstore_sp1"],
+)
+def test_mpstores_own_savepoint_cannot_be_released_behind_a_comment(
+    store: mpstore.Store, statement: str
+) -> None:
+    # SQLite reads a comment as a space: the check must too.
+    with store.write() as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    with (
+        pytest.raises(mpstore.TransactionError, match="would end"),
+        store.write(),
+        store.write() as inner,  # mpstore_sp1
+    ):
+        inner.execute("INSERT INTO t VALUES (1)")
+        inner.execute(statement)
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+    with store.write() as conn:  # a savepoint of the caller's own stays the caller's
+        conn.execute("SAVEPOINT mine")
+        conn.execute("INSERT INTO t VALUES (2)")
+        conn.execute("ROLLBACK /**/ TO mine")
+        conn.execute("RELEASE/**/mine")
+    assert store.query("SELECT count(*) FROM t") == [(0,)]
+
+
 def test_a_commit_after_empty_statements_is_refused_before_it_runs(store: mpstore.Store) -> None:
     # SQLite skips empty statements: ";COMMIT" commits.
     with store.write() as conn:
