@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from hypothesis.database import ExampleDatabase, ListenerEventT, ListenerT
 
-from . import _fork
+from . import _fork, _sqlite
 from ._errors import (
     DirectoryNotFound,
     MpstoreError,
@@ -40,7 +40,6 @@ from ._errors import (
     TransactionError,
 )
 from ._gate import check_kind
-from ._sqlite import translating
 from ._store import Store
 
 if TYPE_CHECKING:
@@ -565,20 +564,9 @@ class _Poller:
 
         :raises MpstoreError: the file cannot be opened.
         """
-        _fork.close_inherited()
-        with translating(self._db.path):
-            conn = sqlite3.connect(
-                self._db.path,
-                isolation_level=None,
-                timeout=self._db.timeout,
-                check_same_thread=False,  # a forked child closes it from its own thread
-            )
-            try:
-                conn.execute("PRAGMA query_only=1")
-            except BaseException:
-                conn.close()
-                raise
-        return conn
+        return _sqlite.connect(
+            self._db.path, busy_timeout=self._db.timeout, synchronous="NORMAL", readonly=True
+        )
 
     def after_fork_in_child(self) -> None:
         """Have the parent's connection of this thread, which is outside SQLite now (fork
