@@ -163,6 +163,9 @@ class SQLiteExampleDatabase(ExampleDatabase):
         self._delivered = 0  # the last change log seq handed to the listeners
         self._wanted = 0  # the last seq a delivery was asked for
         self._delivering = False
+        # One entry per add_listener() call, told apart by identity: a listener removed and
+        # added back during a delivery is a new entry, which does not hear the batch under way.
+        self._entries: list[_Entry] = []
         _instances[id(self)] = self
 
     # -- identity, pickling, lifetime ------------------------------------------------------
@@ -398,7 +401,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
                         break
                     # Those listening when these changes were read: one added by a listener
                     # meanwhile hears only what is read after it was added.
-                    audience = list(self._listeners)
+                    audience = list(self._entries)
                     for seq, event, key, value in rows:
                         if self._poller is None or seq <= self._delivered:
                             break  # stopped, or listening started again further on
@@ -418,17 +421,17 @@ class SQLiteExampleDatabase(ExampleDatabase):
         return self._wanted > self._delivered
 
     def _broadcast_change(
-        self, event: ListenerEventT, audience: list[ListenerT] | None = None
+        self, event: ListenerEventT, audience: list[_Entry] | None = None
     ) -> None:
         """Call each listener of ``audience`` (all of them by default) that is still listening:
         one that a listener removed meanwhile hears nothing more."""
         stop: BaseException | None = None
-        listeners = self._listeners
-        for listener in list(listeners) if audience is None else audience:
-            if listener not in listeners:
+        entries = self._entries
+        for entry in list(entries) if audience is None else audience:
+            if entry not in entries:
                 continue
             try:
-                listener(event)
+                entry.listener(event)
             except Exception:
                 # Reported as an uncaught error of this thread; one failing listener must not
                 # silence the others or later changes.
@@ -444,11 +447,14 @@ class SQLiteExampleDatabase(ExampleDatabase):
         :raises MpstoreError: the file cannot be opened; ``f`` is not added.
         """
         with self._delivery:
+            entry = _Entry(f)
+            self._entries.append(entry)
             self._listeners.append(f)
             if self._poller is None:
                 try:
                     self._start_listening()
                 except BaseException:
+                    self._entries.remove(entry)
                     self._listeners.remove(f)
                     raise
 
@@ -458,6 +464,8 @@ class SQLiteExampleDatabase(ExampleDatabase):
             if f not in self._listeners:
                 return
             self._listeners.remove(f)
+            # The entry list.remove() would take: the first whose listener equals f.
+            self._entries.remove(next(e for e in self._entries if e.listener == f))
             if not self._listeners:
                 self._stop_listening()
 
@@ -465,6 +473,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
         """Remove every listener and stop the polling thread."""
         with self._delivery:
             self._listeners.clear()
+            self._entries.clear()
             self._stop_listening()
 
     def _start_listening(self) -> None:
@@ -490,6 +499,7 @@ class SQLiteExampleDatabase(ExampleDatabase):
         """In a forked child: the polling thread did not survive the fork, so neither do the
         listeners; the child adds its own. Locks a lost thread may have held are new."""
         self._listeners.clear()
+        self._entries.clear()
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.after_fork_in_child()
@@ -504,6 +514,15 @@ _END = 1 << 62
 
 class _Stopped(Exception):
     """The polling thread was stopped in the middle of a delivery."""
+
+
+class _Entry:
+    """One add_listener() call's listener; entries compare by identity."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: ListenerT) -> None:
+        self.listener = listener
 
 
 class _Poller:
