@@ -19,7 +19,15 @@ from typing import (
     get_origin,
 )
 
-from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    PydanticUserError,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, SchemaSerializer
 
@@ -42,7 +50,7 @@ _INT64 = range(-(2**63), 2**63)
 def check_key(key: object) -> str:
     """Return ``key`` if it is a usable record key.
 
-    :raises InvalidKey: not a string, empty, or containing NUL.
+    :raises InvalidKey: not a string, empty, or containing NUL or a lone surrogate.
     """
     if not isinstance(key, str):
         raise InvalidKey(f"record keys must be strings, got {type(key).__name__}: {key!r}")
@@ -50,7 +58,18 @@ def check_key(key: object) -> str:
         raise InvalidKey("record keys must not be empty")
     if "\x00" in key:
         raise InvalidKey(f"record keys must not contain NUL characters: {key!r}")
+    if not key.isascii() and not _encodable(key):
+        raise InvalidKey(f"record keys must be text UTF-8 can hold (no lone surrogates): {key!r}")
     return key
+
+
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 holds ``text``: not so a lone surrogate (a file name's undecodable byte)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Collection(Generic[M]):
@@ -60,9 +79,12 @@ class Collection(Generic[M]):
     serialised *before* the gate is taken, so bad input never touches the database.
 
     :raises InvalidName: a bad collection, key or index name; the table belongs to something
-        else, or the collection is already keyed by another field.
-    :raises InvalidKey: the key field is not a ``str`` field.
-    :raises RecordTypeError: ``model`` is not a pydantic model.
+        else, or the collection is already keyed by another field; a name the collection's
+        table or indexes need is taken; indexed fields differ only in case.
+    :raises InvalidKey: the key field is not a ``str`` field, or the JSON does not hold it as
+        it is (a serializer, ``exclude``).
+    :raises RecordTypeError: ``model`` is not a pydantic model, or cannot read back the JSON
+        it writes (aliases one way only, computed fields read as extra ones).
     """
 
     def __init__(
@@ -90,10 +112,22 @@ class Collection(Generic[M]):
                 f"text), not {annotation!r}"
             )
         self.key = key
+        _check_key_stored(model, key, fields[key])
         self._json_keys = _json_keys(model)
         # What model_dump_json() asks of the serializer, whose own default was True before
         # pydantic 2.11: keys by alias only where the model says so.
         self._by_alias = bool(model.model_config.get("serialize_by_alias", False))
+        problem = _round_trip_problem(model, self._by_alias)
+        if problem is not None:
+            raise RecordTypeError(
+                f"{model.__name__} cannot read back the JSON it writes, so its records would be "
+                f"stored unreadable: {problem}"
+            )
+        # A NaN or infinity in a float field is written as null, which that field refuses
+        # when read back: records whose JSON holds a null are read back before they are kept.
+        self._null_floats = model.model_config.get("ser_json_inf_nan", "null") == "null" and (
+            _anywhere(model.__pydantic_core_schema__, lambda node: node.get("type") == "float")
+        )
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
         self.indexes = self._check_indexes(indexes, model)
         # Every index the file already has for this collection is kept up to date by this
@@ -110,6 +144,14 @@ class Collection(Generic[M]):
         self.indexed = tuple(
             dict.fromkeys(f.lstrip("-") for idx in (*self.indexes, *maintained) for f in idx)
         )
+        folded: dict[str, str] = {}
+        for field in self.indexed:
+            first = folded.setdefault(field.casefold(), field)
+            if first != field:
+                raise InvalidName(
+                    f"indexed fields {first!r} and {field!r} differ only in case, and SQLite's "
+                    "column names do not tell them apart"
+                )
         self._include = set(self.indexed)
         # Fields whose value is their JSON form whenever it is a plain scalar: no serializer.
         self._plain = _plainly_serialised(model, self.indexed)
@@ -185,6 +227,7 @@ class Collection(Generic[M]):
                 raise InvalidName(
                     f"collection {self.name!r} is keyed by {reg[0]!r}, not {self.key!r}"
                 )
+            self._check_names_free(conn)
             conn.execute(sql.create_table)
             columns = {r[0] for r in conn.execute(sql.columns)}
             for field in self.indexed:
@@ -209,6 +252,41 @@ class Collection(Generic[M]):
                 (self.name, _model_name(self.model), self.key, json.dumps(merged)),
             )
 
+    def _check_names_free(self, conn: Connection) -> None:
+        """Check that the names this collection's table and indexes take in the file (one
+        namespace, whatever the case) are free, or already the same table and indexes.
+
+        :raises InvalidName: another table, index or view has one of them; or an index of the
+            collection has one, on other columns (("a_b",) and ("a", "b") share a name).
+        """
+        wanted: dict[str, tuple[str, ...] | None] = {self.name.casefold(): None}
+        for fields in self.indexes:
+            columns = tuple(_sqlite.column_for(f.lstrip("-")) for f in fields)
+            wanted[self._sql.index_name(fields).casefold()] = columns
+        for kind, name, table in conn.execute(
+            "SELECT type, name, tbl_name FROM sqlite_master WHERE name IS NOT NULL"
+        ).fetchall():
+            if name.casefold() not in wanted:
+                continue
+            indexed = wanted[name.casefold()]
+            if indexed is None:
+                if kind == "table":
+                    continue  # the collection's own, or a table checked by the caller
+                raise InvalidName(f"{self.name!r} is already the name of {kind} {name!r}")
+            if kind != "index" or table != self.name:
+                raise InvalidName(
+                    f"an index of collection {self.name!r} would be named {name!r}, which "
+                    f"{kind} {name!r} already is"
+                )
+            have = tuple(
+                r[0] for r in conn.execute("SELECT name FROM pragma_index_info(?)", (name,))
+            )
+            if have != indexed:
+                raise InvalidName(
+                    f"collection {self.name!r} already has an index named {name!r}, on "
+                    f"{have!r}, not {indexed!r}"
+                )
+
     def _table_ready(self) -> bool:
         names = {
             r[0]
@@ -222,6 +300,13 @@ class Collection(Generic[M]):
         )
         wanted = {self.name, *(name for name, _ in self._sql.indexes)}
         if not (wanted <= names and registered == [(self.key,)]):
+            return False
+        # A name found does not say the index is this one (("a_b",) and ("a", "b") share it):
+        # its columns and its record must be there too.
+        columns = {r[0] for r in self.store.query(self._sql.columns)}
+        if not {_sqlite.column_for(f) for f in self.indexed} <= columns:
+            return False
+        if not {tuple(i) for i in self.indexes} <= {tuple(i) for i in self._registered_indexes()}:
             return False
         if self._recorded_keys is None:
             # Nothing to record; a model without aliases (a reader's, say) leaves those of
@@ -269,9 +354,37 @@ class Collection(Generic[M]):
         value = data.decode()
         if self.revalidate:
             self.model.model_validate_json(value)
+        if type(record) is not self.model or (
+            self._null_floats and not self.revalidate and b"null" in data
+        ):
+            self._check_reads_back(record, key, value)
         if not self.indexed:
             return (key, value)
         return (key, value, *self._index_values(record))
+
+    def _check_reads_back(self, record: BaseModel, key: str, value: str) -> None:
+        """Refuse a record that the collection's model would not read back as it is written:
+        a subclass's record with fields the model drops or refuses, a float written as null.
+
+        :raises RecordTypeError: it would not read back, or not the same.
+        """
+        try:
+            back = self.model.model_validate_json(value)
+        except ValidationError as exc:
+            raise RecordTypeError(
+                f"record {key!r} would be stored as JSON that {self.model.__name__} cannot read "
+                f"back (a NaN or infinity written as null, a subclass's own fields?): {exc}",
+                self.store.path,
+            ) from exc
+        if type(record) is not self.model:
+            again = back.__pydantic_serializer__.to_json(back, by_alias=self._by_alias)
+            if again.decode() != value:
+                raise RecordTypeError(
+                    f"record {key!r} is a {type(record).__name__}, whose JSON "
+                    f"{self.model.__name__} does not read back as written (the subclass adds "
+                    "fields, or writes them its own way)",
+                    self.store.path,
+                )
 
     def _index_values(self, record: BaseModel) -> list[Any]:
         """The indexed fields' values as the record's JSON holds them, which is what SQLite
@@ -314,6 +427,12 @@ class Collection(Generic[M]):
             )
         if not isinstance(value, _SCALARS):
             raise RecordTypeError(f"indexed field {field!r} must hold a scalar, got {value!r}")
+        if isinstance(value, str) and not value.isascii() and not _encodable(value):
+            raise RecordTypeError(
+                f"indexed field {field!r} holds text UTF-8 cannot hold (a lone surrogate): "
+                f"{value!r}",
+                self.store.path,
+            )
         if isinstance(value, str) and "\x00" in value:
             # SQLite's JSON functions end a string at NUL: a column filled from the JSON
             # would hold less than this one.
@@ -548,6 +667,79 @@ def _check_stored(model: type[BaseModel], field: str, info: FieldInfo) -> None:
             f"indexed field {field!r} is written under the JSON key {key!r}, as {shared[0]!r} "
             "is: the record's JSON holds that key twice"
         )
+
+
+def _check_key_stored(model: type[BaseModel], key: str, info: FieldInfo) -> None:
+    """Check that the record's JSON holds its key as it is: the file keys each row by that
+    value, and tools find records by it.
+
+    :raises InvalidKey: the JSON leaves the key out, or writes it through a serializer.
+    """
+    decorators = model.__pydantic_decorators__
+    problem = None
+    if info.exclude is True or getattr(info, "exclude_if", None) is not None:
+        problem = "it is left out of the JSON (exclude)"
+    elif key not in _plainly_serialised(model, (key,)) or any(
+        key in d.info.fields or "*" in d.info.fields for d in decorators.field_serializers.values()
+    ):
+        problem = "it has a serializer"
+    if problem is not None:
+        raise InvalidKey(
+            f"key field {key!r} of {model.__name__} must be written into the record's JSON as "
+            f"it is, but {problem}"
+        )
+
+
+def _round_trip_problem(model: type[BaseModel], by_alias: bool) -> str | None:
+    """Why the JSON ``model`` writes (under aliases if ``by_alias``) would not validate as
+    ``model`` again, or None; the models of its fields are asked too."""
+    seen: set[type[BaseModel]] = set()
+    todo = [model]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        config = current.model_config
+        extra = config.get("extra")
+        if current.model_computed_fields and extra in ("forbid", "allow"):
+            # Read back, a computed field is an extra one: refused, or kept and written twice.
+            return (
+                f"{current.__name__} writes its computed fields, and reads them as extra={extra!r}"
+            )
+        for name, info in current.model_fields.items():
+            written = (info.serialization_alias or name) if by_alias else name
+            accepted = _names_read(name, info, config)
+            if written not in accepted:
+                return (
+                    f"field {name!r} of {current.__name__} is written as {written!r} but read "
+                    f"from {' or '.join(map(repr, sorted(accepted))) or 'no plain key'}"
+                )
+            todo.extend(_models_in(info.annotation))
+    return None
+
+
+def _names_read(name: str, info: FieldInfo, config: ConfigDict) -> set[str]:
+    """The top-level JSON keys under which a model reads field ``name``."""
+    alias = info.validation_alias
+    by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+    if alias is None or not config.get("validate_by_alias", True):
+        return {name}
+    names = {name} if by_name else set()
+    for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
+        if isinstance(choice, str):
+            names.add(choice)
+        elif isinstance(choice, AliasPath) and len(choice.path) == 1:
+            names.add(str(choice.path[0]))
+    return names
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation names, however deep (``list[M] | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)
 
 
 def _serialisation_settings(model: type[BaseModel]) -> ConfigDict | None:

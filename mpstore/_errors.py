@@ -145,7 +145,8 @@ class InvalidName(MpstoreError, ValueError):
 
 
 class InvalidKey(MpstoreError, ValueError):
-    """A record key is not a non-empty string without NUL characters, or an update changed it."""
+    """A record key is not a non-empty string without NUL characters or lone surrogates, or an
+    update changed it."""
 
 
 class KeyNotFound(MpstoreError, KeyError):
@@ -160,4 +161,5 @@ class RecordTooLarge(MpstoreError, ValueError):
 
 
 class RecordTypeError(MpstoreError, TypeError):
-    """A value is not an instance of the collection's model."""
+    """A value is not an instance of the collection's model, or would not read back as one
+    (a NaN written as null, a subclass's own fields); or a model cannot read back its JSON."""

@@ -12,10 +12,17 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    computed_field,
+)
 
 import mpstore
 from tests.models import Note
@@ -44,6 +51,55 @@ class Loose(BaseModel):
 class Short(BaseModel):
     id: str
     code: str = Field(max_length=3)
+
+
+class Measure(BaseModel):
+    id: str
+    x: float = 0.0
+
+
+class Aliased(BaseModel):
+    id: str
+    name: str = Field(default="", alias="fullName")
+
+
+class Computed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def upper(self) -> str:
+        return self.id.upper()
+
+
+class ItemWithMore(Item):
+    colour: str = "red"
+
+
+class ShoutedKey(BaseModel):
+    id: Annotated[str, PlainSerializer(str.upper)]
+
+
+class HiddenKey(BaseModel):
+    id: str = Field(exclude=True)
+
+
+class Pair(BaseModel):
+    id: str
+    a: str = ""
+    b: str = ""
+    a_b: str = ""
+
+
+class Cased(BaseModel):
+    id: str
+    A: int = 0
+    a: int = 0
+
+
+#: A key as a file name with an undecodable byte arrives (os.fsdecode): UTF-8 cannot hold it.
+_SURROGATE = os.fsdecode(b"report-\xff")
 
 
 def _any(value: object) -> Any:
@@ -85,6 +141,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("checked", Short, key="id", revalidate=True)
         notes.upsert_many(Note(id=f"n{i}", text="x" * i) for i in range(20))
         items.upsert_many(Item(id=f"i{i}", group=i % 3) for i in range(10))
+        store.collection("measures", Measure, key="id").upsert(Measure(id="m", x=1.5))
+        store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
         loose.upsert_many(Loose(id=f"l{i}", extra=i) for i in range(3))
         yield Env(path, tmp_path, store, notes, items, loose)
@@ -209,6 +267,12 @@ def _constraint_broken_after_validation(e: Env) -> None:
     checked.upsert(record)
 
 
+def _index_named_as_another(e: Env) -> None:
+    # ("a", "b") would be named pairs__by_a_b, the name the file's ("a_b",) index has.
+    with mpstore.Store(e.path) as other:
+        other.collection("pairs", Pair, key="id", indexes=[("a", "b")])
+
+
 def _open_int_keyed(e: Env) -> None:
     e.store.collection("numbers", IntKeyed, key="n")
 
@@ -251,6 +315,82 @@ CASES = [
         _invalid_constructed,
         mpstore.RecordTypeError,
         "does not fit its field's type",
+    ),
+    Case(
+        "NaN in a float field, which the JSON writes as null",
+        lambda e: e.store.collection("measures", Measure, key="id").upsert(
+            Measure(id="m", x=float("nan"))
+        ),
+        mpstore.RecordTypeError,
+        "cannot read back",
+    ),
+    Case(
+        "a subclass's record with a field of its own",
+        lambda e: e.items.upsert(ItemWithMore(id="i1")),
+        mpstore.RecordTypeError,
+        "does not read back as written",
+    ),
+    Case(
+        "a model that writes a field under a key it does not read",
+        lambda e: e.store.collection("aliased", Aliased, key="id"),
+        mpstore.RecordTypeError,
+        "written as 'name' but read from 'fullName'",
+    ),
+    Case(
+        "a model that writes computed fields and forbids extra ones",
+        lambda e: e.store.collection("computed", Computed, key="id"),
+        mpstore.RecordTypeError,
+        "computed fields",
+    ),
+    Case(
+        "a key field written through a serializer",
+        lambda e: e.store.collection("shouted", ShoutedKey, key="id"),
+        mpstore.InvalidKey,
+        "has a serializer",
+    ),
+    Case(
+        "a key field left out of the JSON",
+        lambda e: e.store.collection("hidden", HiddenKey, key="id"),
+        mpstore.InvalidKey,
+        "left out of the JSON",
+    ),
+    Case(
+        "upsert of a key UTF-8 cannot hold",
+        lambda e: e.notes.upsert(Note(id=_SURROGATE, text="x")),
+        mpstore.InvalidKey,
+        "lone surrogates",
+    ),
+    Case(
+        "delete of a key UTF-8 cannot hold",
+        lambda e: e.notes.delete(_SURROGATE),
+        mpstore.InvalidKey,
+        "lone surrogates",
+    ),
+    Case(
+        "find by a value UTF-8 cannot hold",
+        lambda e: e.store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).find(
+            where={"a_b": _SURROGATE}
+        ),
+        mpstore.RecordTypeError,
+        "lone surrogate",
+    ),
+    Case(
+        "an index whose name another index of the collection has",
+        _index_named_as_another,
+        mpstore.InvalidName,
+        "already has an index named 'pairs__by_a_b'",
+    ),
+    Case(
+        "a collection named as another's index",
+        lambda e: e.store.collection("items__by_group", Note, key="id"),
+        mpstore.InvalidName,
+        "already the name of index",
+    ),
+    Case(
+        "indexed fields that differ only in case",
+        lambda e: e.store.collection("cased", Cased, key="id", indexes=[("A",), ("a",)]),
+        mpstore.InvalidName,
+        "differ only in case",
     ),
     Case(
         "constraint broken after validation, revalidate=True",
