@@ -321,10 +321,19 @@ def _export_main(args: argparse.Namespace) -> int:
     if args.output:
         count = _inspect.export_to_file(args.path, args.collection, args.output, args.immutable)
     else:
+        _as_utf8(sys.stdout)
         count = _inspect.export(args.path, args.collection, sys.stdout, args.immutable)
         sys.stdout.flush()
     print(f"exported {count} records from {args.collection}", file=sys.stderr)
     return 0
+
+
+def _as_utf8(stream: Any) -> None:
+    """Read or write the standard stream ``stream`` as strict UTF-8, as JSON Lines files are,
+    whatever the locale says (cp1252 on Windows, Latin-1, ASCII)."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(encoding="utf-8", errors="strict")
 
 
 def _progress_line(done: int, total: int | None, records: int) -> None:
@@ -352,6 +361,7 @@ def _import_main(args: argparse.Namespace) -> int:
     if args.file == "-":
         total = None
         source = sys.stdin
+        _as_utf8(source)
     else:
         total = os.path.getsize(args.file)
         source = open(args.file, encoding="utf-8")  # noqa: SIM115 - closed below

@@ -191,11 +191,17 @@ class Collection(Generic[M]):
         return tuple(checked)
 
     def _registered_indexes(self) -> list[list[str]]:
-        """The indexes the file records for this collection (none for a new collection)."""
+        """The indexes the file records for this collection (none for a new collection).
+
+        :raises MpstoreError: the record is damaged.
+        """
         rows = self.store.query(
             f"SELECT indexes FROM {_sqlite.COLLECTIONS_TABLE} WHERE name = ?", (self.name,)
         )
-        return [list(i) for i in json.loads(rows[0][0])] if rows else []
+        if not rows:
+            return []
+        list(_sqlite.registered_fields(rows[0][0], self.name))  # a damaged record: typed error
+        return [list(i) for i in json.loads(rows[0][0])]
 
     def _check_same(
         self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]], revalidate: bool
@@ -568,13 +574,7 @@ class Collection(Generic[M]):
         :raises ValueError: a negative limit.
         """
         where = dict(where or {})
-        if isinstance(order_by, str):
-            order_by = (order_by,)
-        for field in [*where, *(f.lstrip("-") for f in order_by)]:
-            if field not in self.indexed:
-                raise InvalidName(
-                    f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
-                )
+        order_by = self._check_query(where, order_by)
         params: list[Any] = [
             self._column_value(f, self._json_value(f, v)) for f, v in where.items()
         ]
@@ -582,8 +582,22 @@ class Collection(Generic[M]):
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
             params.append(limit)
-        sql = self._sql.find(list(where), list(order_by), limit is not None)
+        sql = self._sql.find(list(where), order_by, limit is not None)
         return [self._load(r[0]) for r in self.store.query(sql, params)]
+
+    def _check_query(self, where: Iterable[str], order_by: Sequence[str] | str) -> list[str]:
+        """``order_by`` as a list, once every field named is known to be indexed.
+
+        :raises InvalidName: a field that is not indexed, or not a field name at all.
+        """
+        order = [order_by] if isinstance(order_by, str) else list(order_by)
+        for field in [*where, *order]:
+            bare = field.lstrip("-") if isinstance(field, str) else field
+            if bare not in self.indexed:
+                raise InvalidName(
+                    f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
+                )
+        return order
 
     def _json_value(self, field: str, value: Any) -> Any:
         adapter = self._adapters.get(field)
@@ -605,8 +619,12 @@ class Collection(Generic[M]):
             ) from exc
 
     def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
-        """SQLite's query plan for :meth:`find` with these fields (to check an index serves it)."""
-        sql = self._sql.find(list(where), list(order_by), True)
+        """SQLite's query plan for :meth:`find` with these fields (to check an index serves it).
+
+        :raises InvalidName: a field that is not indexed.
+        """
+        where = [where] if isinstance(where, str) else list(where)
+        sql = self._sql.find(where, self._check_query(where, order_by), True)
         rows = self.store.query("EXPLAIN QUERY PLAN " + sql, [None] * len(where) + [1])
         return [r[3] for r in rows]
 

@@ -213,21 +213,33 @@ def _registrations(conn: Any, json_keys: bool = False) -> dict[str, Registration
     """The registered collections, read through a raw or an mpstore connection; with the JSON
     keys they recorded if ``json_keys``.
 
-    :raises MpstoreError: ``json_keys`` and a collection's record of them is damaged.
+    :raises MpstoreError: the registry cannot be read, or a record in it is damaged.
     """
-    rows = conn.execute(
-        f"SELECT name, model, key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name"
-    ).fetchall()
-    return {
-        name: Registration(
+    try:
+        rows = conn.execute(
+            f"SELECT name, model, key_field, indexes FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name"
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        raise MpstoreError(f"the collection registry cannot be read: {exc}") from exc
+    found = {}
+    for name, model, key, indexes in rows:
+        try:
+            _sqlite.check_identifier(name, "collection name")
+            _sqlite.check_identifier(key, "key field")
+            list(_sqlite.registered_fields(indexes, name))
+            parsed = tuple(tuple(i) for i in json.loads(indexes))
+        except MpstoreError as exc:
+            raise MpstoreError(
+                f"the registry's record of collection {name!r} is damaged: {exc.message}"
+            ) from exc
+        found[name] = Registration(
             name,
             model,
             key,
-            tuple(tuple(i) for i in json.loads(indexes)),
+            parsed,
             tuple(sorted(_sqlite.recorded_json_keys(conn, name).items())) if json_keys else (),
         )
-        for name, model, key, indexes in rows
-    }
+    return found
 
 
 def _registration(conn: sqlite3.Connection, path: str, name: str) -> Registration:
@@ -291,7 +303,7 @@ def gate_state(lock_path: str) -> GateState:
 @dataclass(frozen=True)
 class CollectionInfo:
     name: str
-    rows: int
+    rows: int | None
     key_field: str
     model: str
     indexes: list[list[str]]
@@ -310,7 +322,7 @@ class Info:
     pages: int
     free_pages: int
     collections: list[CollectionInfo]
-    tables: dict[str, int]
+    tables: dict[str, int | None]
     gate: GateState
     mailbox: Snapshot
     checked_at: float = field(default_factory=time.time)
@@ -377,8 +389,18 @@ def info(path: str, immutable: bool = False) -> Info:
     )
 
 
-def _count(conn: sqlite3.Connection, table: str) -> int:
-    return int(conn.execute(f"SELECT count(*) FROM {_sqlite.quote(table)}").fetchone()[0])
+def _count(conn: sqlite3.Connection, table: str) -> int | None:
+    """The rows of ``table``, any name SQLite allows; None if SQLite cannot count them (a
+    registered table that is missing, a virtual table whose module is not loaded here)."""
+    quoted = '"' + table.replace('"', '""') + '"'
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0])
+    except sqlite3.OperationalError:
+        return None
+
+
+def _rows_or_why(rows: int | None) -> str:
+    return f"{rows} rows" if rows is not None else "rows not countable (table missing?)"
 
 
 def format_bytes(n: int | None) -> str:
@@ -442,11 +464,12 @@ def format_info(report: Info) -> str:
     for c in report.collections:
         indexes = ", ".join("(" + ", ".join(i) + ")" for i in c.indexes) or "none"
         lines.append(
-            f"  {c.name}: {c.rows} rows, key {c.key_field!r}, model {c.model}, indexes {indexes}"
+            f"  {c.name}: {_rows_or_why(c.rows)}, key {c.key_field!r}, model {c.model}, "
+            f"indexes {indexes}"
         )
     if report.tables:
         lines.append(f"other tables    {len(report.tables)}")
-        lines.extend(f"  {name}: {rows} rows" for name, rows in report.tables.items())
+        lines.extend(f"  {name}: {_rows_or_why(rows)}" for name, rows in report.tables.items())
     return "\n".join(lines)
 
 
@@ -476,7 +499,11 @@ def check(path: str, immutable: bool = False) -> list[str]:
                 problems = []
             if not _has_table(conn, _sqlite.META_TABLE):
                 return [*problems, f"not an mpstore store (no {_sqlite.META_TABLE} table)"]
-            for reg in _registrations(conn).values():
+            try:
+                registered = _registrations(conn)
+            except MpstoreError as exc:
+                return [*problems, exc.message]
+            for reg in registered.values():
                 problems += _check_collection(conn, reg)
     except CorruptDatabase as exc:
         problems = [exc.message]
@@ -544,7 +571,8 @@ def export(path: str, name: str, out: IO[str], immutable: bool = False) -> int:
     """Write every record of collection ``name`` to ``out`` as JSON Lines, in key order, from one
     snapshot; return how many.
 
-    :raises MpstoreError: no file, or not an mpstore store.
+    :raises MpstoreError: no file, not an mpstore store, a damaged registry, or the
+        collection's table is missing.
     :raises InvalidName: no such collection.
     :raises PermissionDenied: see :func:`_connect_readonly` (``immutable`` too).
     """
@@ -552,6 +580,8 @@ def export(path: str, name: str, out: IO[str], immutable: bool = False) -> int:
     count = 0
     with _readonly(path, immutable) as conn, _sqlite.translating(path):
         _registration(conn, path, name)
+        if not _has_table(conn, name):
+            raise MpstoreError(f"collection {name!r} is registered, but its table is missing", path)
         for (value,) in conn.execute(f"SELECT value FROM {_sqlite.quote(name)} ORDER BY key"):
             out.write(value)
             out.write("\n")
@@ -560,7 +590,15 @@ def export(path: str, name: str, out: IO[str], immutable: bool = False) -> int:
 
 
 def export_to_file(path: str, name: str, target: str, immutable: bool = False) -> int:
-    """:func:`export` into ``target``, which appears complete or not at all."""
+    """:func:`export` into ``target``, which appears complete or not at all.
+
+    :raises MpstoreError: ``target`` is the database or one of the files beside it, which the
+        export would replace; and as :func:`export`.
+    """
+    database = resolve(path)
+    beside = ("", "-wal", "-shm", "-journal", ".lock", ".mailbox")
+    if os.path.realpath(target) in {database + suffix for suffix in beside}:
+        raise MpstoreError(f"will not export onto {target}: it is part of the store", database)
     directory = os.path.dirname(os.path.abspath(target))
     fd, tmp = tempfile.mkstemp(prefix=".mpstore-export-", dir=directory)
     try:
@@ -743,24 +781,49 @@ def _import_with_model(
     from ._store import Store
 
     counter = _Counter(total, progress)
-    records = []
+    records: list[tuple[int, Any]] = []
     for number, line in _lines(source, label):
         try:
-            records.append(model.model_validate_json(line))
+            records.append((number, model.model_validate_json(line)))
         except ValidationError as exc:
             raise RecordTypeError(
                 f"{label}:{number}: not a valid {model.__name__}: {_one_line(exc)}"
             ) from exc
         counter.add(line)
     counter.finish()
-    with Store(path) as store:
+    if not os.path.exists(path):
+        # Checked on a scratch store first: a refused import must not leave a new file behind.
+        with tempfile.TemporaryDirectory() as scratch, Store(os.path.join(scratch, "x")) as probe:
+            _rows(
+                probe.collection(name, model, key=key_field, indexes=indexes), records, label, path
+            )
+    with Store(path) as store, store.write():
+        # Creating the collection or its indexes is part of the import's transaction: a record
+        # refused below leaves the file as it was.
         coll = store.collection(name, model, key=key_field, indexes=indexes)
+        rows = _rows(coll, records, label, path)
+        return store._run_op(coll._upsert_op(rows)) if rows else 0
+
+
+def _rows(
+    coll: Any, records: list[tuple[int, Any]], label: str, path: str
+) -> list[tuple[Any, ...]]:
+    """The rows of the numbered ``records`` for collection ``coll``, bound for ``path``.
+
+    :raises InvalidKey, RecordTooLarge, RecordTypeError: a record cannot be stored; the
+        message names its line.
+    """
+    from pydantic import ValidationError
+
+    rows = []
+    for number, record in records:
         try:
-            return coll.upsert_many(records)
+            rows.append(coll._row(record))
         except (InvalidKey, RecordTooLarge, RecordTypeError) as exc:
-            raise type(exc)(f"{label}: {exc.message}", path) from exc
+            raise type(exc)(f"{label}:{number}: {exc.message}", path) from exc
         except ValidationError as exc:
-            raise RecordTypeError(f"{label}: {_one_line(exc)}", path) from exc
+            raise RecordTypeError(f"{label}:{number}: {_one_line(exc)}", path) from exc
+    return rows
 
 
 def _import_raw(

@@ -498,12 +498,12 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
         cursor = conn.execute(f"SELECT indexes FROM {COLLECTIONS_TABLE} WHERE name = ?", (table,))
         row = cursor.fetchone()
         cursor.close()
-        fields = frozenset(_registered_fields(row[0] if row else "[]", table))
+        fields = frozenset(registered_fields(row[0] if row else "[]", table))
         memo[table] = fields
     return fields
 
 
-def _registered_fields(indexes: object, table: str) -> Iterator[str]:
+def registered_fields(indexes: object, table: str) -> Iterator[str]:
     """The fields of a collection's registered indexes (JSON: lists of ``[-]field``).
 
     :raises MpstoreError: the record is not such a list, or names a field unsafe for SQL.

@@ -387,6 +387,18 @@ CASES = [
         "already the name of index",
     ),
     Case(
+        "find ordered by something that is not a field name",
+        lambda e: e.items.find(order_by=[_any(None)]),
+        mpstore.InvalidName,
+        "None is not an indexed field",
+    ),
+    Case(
+        "a query plan asked for a field that is not indexed",
+        lambda e: e.items.explain(where=["tags"]),
+        mpstore.InvalidName,
+        "'tags' is not an indexed field",
+    ),
+    Case(
         "indexed fields that differ only in case",
         lambda e: e.store.collection("cased", Cased, key="id", indexes=[("A",), ("a",)]),
         mpstore.InvalidName,

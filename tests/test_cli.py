@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -596,6 +597,12 @@ BAD_LINES = [
         ["--model", CONVERSATION],
         "in.jsonl:4: not a valid Conversation: workspace_id: Input should be a valid integer",
     ),
+    (
+        # Refused after the collection's new index was made: in the import's transaction.
+        '{"conversation_id": "", "workspace_id": 1}',
+        ["--model", CONVERSATION, "--index", "title"],
+        "in.jsonl:4: record keys must not be empty",
+    ),
     ('{"conversation_id": "z"}', ["--key", "title"], "keyed by 'conversation_id', not 'title'"),
     ('{"conversation_id": "z"}', ["--model", "nowhere.models:X"], "cannot import 'nowhere.models'"),
     ('{"conversation_id": "z"}', ["--model", "mpstore:Store"], "is not a pydantic BaseModel"),
@@ -621,6 +628,25 @@ def test_one_bad_line_imports_nothing_and_says_why_on_one_line(
     assert err.startswith("mpstore import: ") and err.count("\n") == 1
     assert message in err
     assert everything(source) == before
+
+
+@pytest.mark.parametrize(
+    ("bad", "options", "message"),
+    [
+        ('{"conversation_id": "", "workspace_id": 1}', [], "in.jsonl:2: record keys must not"),
+        ('{"conversation_id": "z", "workspace_id": 1}', ["--index", "nope"], "'nope' is not a"),
+    ],
+)
+def test_a_refused_import_into_a_new_database_leaves_no_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str, options: list[str], message: str
+) -> None:
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(_good_lines(1)[0] + "\n" + bad + "\n")
+    target = str(tmp_path / "new.db")
+    model = ["--model", CONVERSATION, "--key", "conversation_id"]
+    code, _, err = run(capsys, "import", target, "conversations", str(lines), *model, *options)
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_import_refuses_an_unknown_collection_and_bytes_that_are_not_utf8(
@@ -779,6 +805,38 @@ def test_every_public_name_is_documented_in_the_readme() -> None:
     assert missing == []
 
 
+DAMAGE = {
+    "registry record not JSON": "UPDATE _mpstore_collections SET indexes = 'xx'",
+    "registry table dropped": "DROP TABLE _mpstore_collections",
+    "collection table dropped": "DROP TABLE conversations",
+    "another program's table named with a quote": 'CREATE TABLE "we""ird" (x)',
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_info_check_and_export_answer_in_one_line_on_a_damaged_or_unusual_file(
+    source: str, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    conn = sqlite3.connect(source)
+    conn.executescript(DAMAGE[damage])
+    conn.close()
+    damaged = damage != "another program's table named with a quote"
+    code, out, err = run(capsys, "info", source)
+    if damage == "collection table dropped":
+        assert code == 0 and "conversations: rows not countable" in out
+    elif damaged:
+        assert code == 1 and err.startswith("mpstore info: ") and err.count("\n") == 1
+    else:
+        assert code == 0 and 'we"ird: 0 rows' in out
+    code, out, err = run(capsys, "check", source)
+    assert code == (1 if damaged else 0), (out, err)
+    code, out, err = run(capsys, "export", source, "conversations")
+    if damaged:
+        assert code == 1 and err.startswith("mpstore export: ") and err.count("\n") == 1
+    else:
+        assert code == 0 and out.count("\n") == 6
+
+
 def test_every_command_and_option_is_documented_in_the_readme() -> None:
     assert undocumented(README.read_text(), build_parser()) == []
 
@@ -815,6 +873,33 @@ def test_import_reads_standard_input(
         "imported 2 records into conversations\n",
     )
     assert len(rows(source)) == 8
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", ".lock"])
+def test_export_will_not_replace_the_store_it_reads(
+    source: str, capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    before = everything(source)
+    code, _, err = run(capsys, "export", source, "conversations", "-o", source + suffix)
+    assert code == 1 and "part of the store" in err
+    assert everything(source) == before
+
+
+def test_standard_input_and_output_carry_utf8_whatever_the_locale(
+    source: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Latin-1 or ASCII locale (or a Windows pipe) must not garble or refuse JSON Lines.
+    line = sample_conversation("u").model_copy(update={"title": "café"}).model_dump_json() + "\n"
+    stdin = io.TextIOWrapper(io.BytesIO(line.encode()), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert run(capsys, "import", source, "conversations", "-")[0] == 0
+    with mpstore.Store(source) as store:
+        got = ConversationRepository(store).get_conversation("u")
+    assert got is not None and got.title == "café"
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
+    assert main(["export", source, "conversations"]) == 0
+    assert '"title":"café"' in out.getvalue().decode()
 
 
 def test_import_finds_a_model_in_the_current_directory(tmp_path: Path) -> None:
