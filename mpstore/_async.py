@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from . import _sqlite
+from . import _fork, _sqlite
 from ._collection import Collection
 from ._connection import Connection, Params
 from ._errors import InvalidName, RecordTypeError, StoreClosed, TransactionError
@@ -167,6 +167,7 @@ class _Level:
         self.task: asyncio.Task[Any] | None = None  # the task that opened the outermost level
         self.closed = False  # written on the loop once the block's exit has been sent
         self.poisoned = False  # a call was cancelled: the block can only roll back
+        self.pid = _fork.pid()  # a forked child inherits the task's context, not the thread
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in this block's thread, inside its transaction.
@@ -182,7 +183,11 @@ class _Level:
         except asyncio.CancelledError:
             # The call may be running: the block must not commit a part of it.
             op.cancelled = True
-            self.poisoned = True
+            level: _Level | None = self
+            while level is not None:
+                level.poisoned = True
+                # A read() nested in a write() has no savepoint: the write must roll back.
+                level = level.parent if level.kind == "read" else None
             raise
 
     def leave(self, commit: bool) -> None:
@@ -410,12 +415,16 @@ class _Block:
     ) -> None:
         level, token = self._level, self._token
         assert level is not None and token is not None, "__aexit__ without __aenter__"
-        _BLOCKS.reset(token)
-        level.leave(commit=exc is None and not level.poisoned)
+        # Decided once: a call cancelled after the exit is sent no longer changes the outcome.
+        poisoned = level.poisoned
+        # Sent first: whatever happens next, the block's thread must be told to end.
+        level.leave(commit=exc is None and not poisoned)
+        with contextlib.suppress(ValueError):  # left in another context: closed levels are
+            _BLOCKS.reset(token)  # skipped by _open_level anyway
         if isinstance(exc, asyncio.CancelledError):
             return  # re-raise at once; the block's thread rolls back and lets go on its own
         await level.done.future
-        if exc is None and level.poisoned:
+        if exc is None and poisoned:
             raise TransactionError(
                 "a call in this block was cancelled, so the block was rolled back",
                 self._store.path,
@@ -468,6 +477,7 @@ class AsyncStore:
         }
         self._max_threads = max_threads
         self._sync: Store | None = None
+        self._handed_out = False  # a caller other than the openers was given the sync store
         self._closing: Future[None] | None = None
         self._reset()
         _stores.add(self)
@@ -477,6 +487,11 @@ class AsyncStore:
         the parent's threads). Futures here are concurrent ones: any event loop may await
         them, and several may use one store."""
         self._executor = ThreadPoolExecutor(self._max_threads, thread_name_prefix="mpstore-async")
+        # Reads have threads of their own: writes waiting for a gate another process holds
+        # may fill the others for as long as the store's timeout.
+        self._readers = ThreadPoolExecutor(
+            self._max_threads, thread_name_prefix="mpstore-async-read"
+        )
         self._opening: Future[Store] | None = None
         self._open_waiters = 0  # open() calls awaiting _opening
         self._open_abandoned = False  # every one of them was cancelled: close what opens
@@ -509,6 +524,7 @@ class AsyncStore:
             if self._closing is not None or self._shut:
                 raise StoreClosed(f"the store {self.path} is closed", self.path)
             if self._sync is not None:
+                self._handed_out = True
                 return self
             opening = self._opening
             if opening is None or opening.done():
@@ -537,6 +553,8 @@ class AsyncStore:
             if not opening.done():
                 self._open_abandoned = True  # _open_sync closes it
                 return
+            if self._handed_out or self._closing is not None:
+                return  # another caller was told it is open / aclose() closes it
             store = self._sync if self._opening is opening else None
             if store is None:
                 return
@@ -584,6 +602,7 @@ class AsyncStore:
                 "or 'await store.open()'",
                 self.path,
             )
+        self._handed_out = True
         return self._sync
 
     async def aclose(self) -> None:
@@ -621,6 +640,7 @@ class AsyncStore:
 
     def _shut_down(self) -> None:
         self._executor.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         with self._threads_lock:
             threads, self._block_threads = self._block_threads, set()
             self._shut = True
@@ -639,7 +659,10 @@ class AsyncStore:
     # -- dispatch -------------------------------------------------------------------------------
 
     def _current_level(self) -> _Level | None:
-        return _open_level(_BLOCKS.get().get(self))
+        level = _open_level(_BLOCKS.get().get(self))
+        if level is not None and level.root.pid != _fork.pid():
+            return None  # opened in the parent: its thread is not in this process
+        return level
 
     def _write_holders(self) -> list[tuple[Gate, _Level]]:
         """The gate and outermost level of each write block this very task opened through
@@ -662,8 +685,9 @@ class AsyncStore:
                 holders.append((sync._gate, root))
         return holders
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in a worker thread (in the task's open block, if any) and await it.
+    async def _run(self, fn: Callable[[], T], read: bool = False) -> T:
+        """Run ``fn`` in a worker thread (in the task's open block, if any) and await it;
+        ``read`` says it only reads, so it runs in a thread no write can be holding.
 
         If the awaiting task is cancelled, re-raise at once; the thread gives back the gate or
         connection it wins afterwards, or finishes the transaction it has begun.
@@ -685,7 +709,8 @@ class AsyncStore:
                 raise _for_a_future(exc) from exc
 
         try:
-            future: Future[T] = self._executor.submit(contextvars.copy_context().run, abandonable)
+            executor = self._readers if read else self._executor
+            future: Future[T] = executor.submit(contextvars.copy_context().run, abandonable)
         except RuntimeError as exc:  # the executor shut down: aclose() is under way
             raise StoreClosed(f"the store {self.path} is closed", self.path) from exc
         try:
@@ -724,21 +749,21 @@ class AsyncStore:
         :raises PoolTimeout: no read connection became free within ``timeout``.
         :raises StoreClosed: the store is not open.
         """
-        return await self._run(lambda: self._require_sync().query(sql, parameters))
+        return await self._run(lambda: self._require_sync().query(sql, parameters), read=True)
 
     async def collections(self) -> dict[str, int]:
         """Every collection in the file and its row count, as :meth:`Store.collections`.
 
         :raises PoolTimeout: no read connection became free within ``timeout``.
         """
-        return await self._run(lambda: self._require_sync().collections())
+        return await self._run(lambda: self._require_sync().collections(), read=True)
 
     async def integrity_check(self) -> list[str]:
         """SQLite's ``PRAGMA integrity_check``: ``["ok"]`` for a healthy file.
 
         :raises PoolTimeout: no read connection became free within ``timeout``.
         """
-        return await self._run(lambda: self._require_sync().integrity_check())
+        return await self._run(lambda: self._require_sync().integrity_check(), read=True)
 
     def _require_sync(self) -> Store:
         sync = self._sync
@@ -810,12 +835,17 @@ class AsyncCollection(Generic[M]):
     def _collection(self) -> Collection[M]:
         # Two threads may open it at once; the sync core makes that idempotent.
         coll = self._sync
-        if coll is None:
-            coll = self._sync = self._opener()
-        return coll
+        if coll is not None:
+            return coll
+        opened = self._opener()
+        # Not kept if opened inside a block: its table may yet be rolled back (the sync store
+        # does not keep it either).
+        if opened.store._collections.get(opened.name) is opened:
+            self._sync = opened
+        return opened
 
-    async def _call(self, fn: Callable[[Collection[M]], T]) -> T:
-        return await self.store._run(lambda: fn(self._collection()))
+    async def _call(self, fn: Callable[[Collection[M]], T], read: bool = False) -> T:
+        return await self.store._run(lambda: fn(self._collection()), read)
 
     async def open(self) -> AsyncCollection[M]:
         """Open (and if need be create) the collection's table now; return this collection.
@@ -871,14 +901,14 @@ class AsyncCollection(Generic[M]):
         :raises InvalidKey: bad key.
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda coll: coll.get(key))
+        return await self._call(lambda coll: coll.get(key), read=True)
 
     async def count(self) -> int:
         """How many records the collection holds.
 
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda coll: coll.count())
+        return await self._call(lambda coll: coll.count(), read=True)
 
     async def find(
         self,
@@ -892,14 +922,14 @@ class AsyncCollection(Generic[M]):
         :raises ValueError: a negative limit.
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda coll: coll.find(where, order_by, limit))
+        return await self._call(lambda coll: coll.find(where, order_by, limit), read=True)
 
     async def explain(self, where: Sequence[str] = (), order_by: Sequence[str] = ()) -> list[str]:
         """SQLite's query plan for :meth:`find` with these fields.
 
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda coll: coll.explain(where, order_by))
+        return await self._call(lambda coll: coll.explain(where, order_by), read=True)
 
     def keys(self) -> AsyncIterator[str]:
         """All keys in order, fetched page by page in worker threads."""
@@ -919,7 +949,7 @@ class AsyncCollection(Generic[M]):
             return list(islice(rows, _BATCH))
 
         while True:
-            items = await self.store._run(batch)
+            items = await self.store._run(batch, read=True)
             for item in items:
                 yield item
             if len(items) < _BATCH:
@@ -950,11 +980,14 @@ class AsyncConversationRepository:
     def _repository(self) -> ConversationRepository:
         repo = self._sync
         if repo is None:
-            repo = self._sync = ConversationRepository(self.store._require_sync(), self._collection)
+            repo = ConversationRepository(self.store._require_sync(), self._collection)
+            coll = repo.conversations
+            if coll.store._collections.get(coll.name) is coll:  # as AsyncCollection._collection
+                self._sync = repo
         return repo
 
-    async def _call(self, fn: Callable[[ConversationRepository], T]) -> T:
-        return await self.store._run(lambda: fn(self._repository()))
+    async def _call(self, fn: Callable[[ConversationRepository], T], read: bool = False) -> T:
+        return await self.store._run(lambda: fn(self._repository()), read)
 
     async def upsert_conversation(self, conversation: Conversation) -> None:
         """Insert or replace a whole conversation.
@@ -968,7 +1001,7 @@ class AsyncConversationRepository:
 
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda repo: repo.get_conversation(conversation_id))
+        return await self._call(lambda repo: repo.get_conversation(conversation_id), read=True)
 
     async def get_all_conversations(
         self, workspace_id: int, limit: int | None = None
@@ -977,14 +1010,16 @@ class AsyncConversationRepository:
 
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda repo: repo.get_all_conversations(workspace_id, limit))
+        return await self._call(
+            lambda repo: repo.get_all_conversations(workspace_id, limit), read=True
+        )
 
     async def get_last_conversation(self, workspace_id: int) -> Conversation | None:
         """The workspace's most recently updated conversation, or None.
 
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
-        return await self._call(lambda repo: repo.get_last_conversation(workspace_id))
+        return await self._call(lambda repo: repo.get_last_conversation(workspace_id), read=True)
 
     async def delete_conversation(self, workspace_id: int, conversation_id: str) -> bool:
         """Delete a conversation if it belongs to ``workspace_id``; True if one was deleted.

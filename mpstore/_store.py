@@ -323,10 +323,21 @@ class Store:
                     # not exist here and may have held the connection's mutex, so closing it
                     # could wait forever. Kept, never used and never finalised.
                     _fork.keep_forever(self._wconn)
+                    _written_at_fork.add(self.path)
                 else:
                     # Inherited across a fork that ran no fork hook (see
                     # _after_fork_in_child): closed here.
                     self._wconn.close()
+                self._wconn = None
+            if self.path in _written_at_fork:
+                raise TransactionError(
+                    f"this process was forked while another thread of its parent was writing "
+                    f"to {self.path}: SQLite keeps that write's locks in this process's memory, "
+                    "so no connection of this process can ever write to the file (reading "
+                    "works). Fork while no thread writes, or start processes with 'spawn' or "
+                    "'forkserver'",
+                    self.path,
+                )
             self._wconn = self._connect(readonly=False)
             # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
@@ -1131,6 +1142,11 @@ class _Savepoint(_Scope):
         self._store._close_savepoint(self, error)
 
 
+#: In a forked child: files another thread of the parent was writing to at the fork, through
+#: a connection the child cannot close (see Store._writer); no connection here can write them.
+_written_at_fork: set[str] = set()
+
+
 def _after_fork_in_child() -> None:
     # Only the forking thread survives a fork; locks the others held stay held forever, so
     # every store starts the child with fresh ones, and remembers whether another thread was
@@ -1140,6 +1156,9 @@ def _after_fork_in_child() -> None:
         store._writers_lock = threading.Lock()
         store._stats.after_fork()
         store._wconn_busy_at_fork = store._writing > 0 and store._writer_ident != me
+        if store._wconn is not None and store._wconn_busy_at_fork:
+            # Its locks live on in this process's SQLite, for every connection to the file.
+            _written_at_fork.add(store.path)
         store._writing = 0
         store._writer_ident = None
         # The parent's writes waiting in the mailbox are not the child's to wait for.

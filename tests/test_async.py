@@ -1420,3 +1420,191 @@ def test_a_write_through_another_store_inside_a_write_block_fails_at_once(
             assert await ids(theirs) == {"a", "c", "d"}
 
     run(main)
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+def test_a_block_left_from_another_task_still_ends_and_lets_the_gate_go(db_path: str) -> None:
+    # An async-generator fixture or an AsyncExitStack may enter a block in one task and leave
+    # it in another, whose context cannot reset the block's variable.
+    async def main() -> None:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT) as store:
+            notes = await notes_of(store)
+            block = store.write()
+
+            async def set_up() -> None:
+                await block.__aenter__()
+                await notes.upsert(note("in the block"))
+
+            await asyncio.create_task(set_up())
+            await asyncio.create_task(block.__aexit__(None, None, None))
+            await notes.upsert(note("after"))
+            assert await ids(notes) == {"in the block", "after"}
+
+    run(main)
+
+
+def test_an_open_cancelled_after_another_caller_got_the_store_leaves_it_open(
+    db_path: str,
+) -> None:
+    async def main() -> None:
+        store = mpstore.AsyncStore(db_path)
+        first = asyncio.create_task(store.open())
+        while store._sync is None:
+            await asyncio.sleep(0)  # a turn of the loop, until the open is done
+        await store.open()  # told at once that it is open
+        first.cancel()  # before the first opener resumed
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        assert await store.query("SELECT 1") == [(1,)]
+        await store.aclose()
+
+    for _ in range(20):
+        run(main)
+
+
+def test_a_block_whose_commit_was_sent_before_a_call_was_cancelled_says_it_committed(
+    db_path: str,
+) -> None:
+    # The child task's update joins the block; it is cancelled (its own timeout, say) while
+    # the block's task waits for the commit it has already sent.
+    async def main() -> tuple[str, str]:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT) as store:
+            notes = await notes_of(store)
+            await notes.upsert(note("a", "0"))
+            inside, go = threading.Event(), threading.Event()
+            leaving = asyncio.Event()
+
+            def slow(n: Note) -> Note:
+                inside.set()
+                assert go.wait(WAIT)
+                return n.model_copy(update={"text": "1"})
+
+            async def cancel_once_leaving(child: asyncio.Task[Note]) -> None:
+                await leaving.wait()
+                child.cancel()
+                go.set()
+
+            outcome = "committed"
+            try:
+                async with store.write():
+                    await notes.upsert(note("b"))
+                    child = asyncio.create_task(notes.update("a", slow))
+                    helper = asyncio.create_task(cancel_once_leaving(child))
+                    await wait_off_loop(inside, "the child's update to start")
+                    leaving.set()
+            except mpstore.TransactionError:
+                outcome = "said rolled back"
+            await helper
+            with contextlib.suppress(asyncio.CancelledError):
+                await child
+            kept = "b kept" if await notes.get("b") is not None else "b rolled back"
+            return outcome, kept
+
+    assert run(main) == ("committed", "b kept")
+
+
+def test_a_collection_first_used_in_a_rolled_back_block_works_after(db_path: str) -> None:
+    async def main() -> None:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT) as store:
+            notes = store.collection("notes", Note, key="id")
+            with pytest.raises(ValueError, match="request failed"):
+                async with store.write():
+                    await notes.upsert(note("a"))  # its first use makes the table, here
+                    raise ValueError("request failed")
+            await notes.upsert(note("b"))
+            assert await ids(notes) == {"b"}
+
+    run(main)
+
+
+def test_a_cancelled_call_in_a_read_block_inside_a_write_block_rolls_the_write_back(
+    db_path: str,
+) -> None:
+    # The read block shares the write block's transaction and has no savepoint of its own:
+    # the cancelled update may have run, so the write block must not commit.
+    async def main() -> str:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT) as store:
+            notes = await notes_of(store)
+            await notes.upsert(note("a", "0"))
+            inside, go = threading.Event(), threading.Event()
+
+            def slow(n: Note) -> Note:
+                inside.set()
+                assert go.wait(WAIT)
+                return n.model_copy(update={"text": "1"})
+
+            with pytest.raises(mpstore.TransactionError, match="rolled back"):
+                async with store.write():
+                    with pytest.raises(mpstore.TransactionError, match="rolled back"):
+                        async with store.read():
+                            update = asyncio.create_task(notes.update("a", slow))
+                            await wait_off_loop(inside, "the update to start")
+                            update.cancel()
+                            go.set()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await update
+            found = await notes.get("a")
+            assert found is not None
+            return found.text
+
+    assert run(main) == "0"
+
+
+def test_a_child_forked_inside_a_block_does_not_use_the_parents_block(db_path: str) -> None:
+    def child(store: mpstore.AsyncStore, send: Any) -> None:
+        async def child_side() -> str:
+            got = await asyncio.wait_for(store.collection("notes", Note, key="id").get("a"), WAIT)
+            return got.text if got is not None else "none"
+
+        try:
+            send.send(run(child_side))
+        except BaseException as exc:  # sent to the parent, which fails the test with it
+            send.send(f"{type(exc).__name__}: {exc}")
+
+    async def main() -> str:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT) as store:
+            await (await notes_of(store)).upsert(note("a", "parent's"))
+            fork = multiprocessing.get_context("fork")
+            receive, send = fork.Pipe(duplex=False)
+            async with store.read():
+                process = fork.Process(target=child, args=(store, send), daemon=True)
+                process.start()
+            send.close()
+            try:
+                assert await asyncio.to_thread(receive.poll, WAIT), "the child never answered"
+                return str(receive.recv())
+            finally:
+                process.kill()
+                process.join()
+
+    assert run(main) == "parent's"
+
+
+def test_reads_go_on_while_every_worker_thread_waits_for_the_gate(db_path: str) -> None:
+    async def main() -> None:
+        async with mpstore.AsyncStore(db_path, timeout=WAIT, max_threads=2) as store:
+            notes = await notes_of(store)
+            await notes.upsert(note("a"))
+            holding, release = threading.Event(), threading.Event()
+
+            def hold_the_gate() -> None:
+                with store.sync.write():
+                    holding.set()
+                    assert release.wait(WAIT)
+
+            holder = threading.Thread(target=hold_the_gate)
+            holder.start()
+            await wait_off_loop(holding, "the gate to be taken")
+            writes = [asyncio.create_task(notes.upsert(note(f"w{i}"))) for i in range(2)]
+            try:
+                assert await asyncio.wait_for(notes.get("a"), WAIT) == note("a")
+                assert await asyncio.wait_for(notes.count(), WAIT) == 1
+                assert not any(w.done() for w in writes)
+            finally:
+                release.set()
+                await asyncio.gather(*writes)
+                await asyncio.to_thread(holder.join)
+
+    run(main)

@@ -245,6 +245,51 @@ def test_a_child_forked_inside_a_read_block_never_pools_the_parents_connection(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_child_forked_while_another_thread_writes_is_told_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    # SQLite keeps the parent's write locks in the child's memory, for every connection to
+    # the file: the child's writes could only time out as "busy". It is told why, at once.
+    path = str(tmp_path / "state.db")
+    with mpstore.Store(path, timeout=2.0) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="p", text="x"))
+        inside, leave = threading.Event(), threading.Event()
+
+        def write_until_told() -> None:
+            with store.write() as conn:
+                conn.execute("DELETE FROM notes WHERE key = 'nobody'")
+                inside.set()
+                assert leave.wait(60)
+
+        writer = threading.Thread(target=write_until_told)
+        writer.start()
+        assert inside.wait(60)
+        read_end, write_end = os.pipe()
+        child_pid = os.fork()
+        if child_pid == 0:
+            outcomes = []
+            for store_of_child in (store, mpstore.Store(path, timeout=2.0)):
+                try:
+                    store_of_child.collection("notes", Note, key="id").upsert(Note(id="c", text=""))
+                    outcomes.append("wrote")
+                except mpstore.TransactionError as exc:
+                    outcomes.append("told" if "forked while another thread" in str(exc) else "?")
+                except mpstore.MpstoreError as exc:
+                    outcomes.append(type(exc).__name__)
+            outcomes.append("read" if notes.get("p") is not None else "no read")
+            os.write(write_end, repr(outcomes).encode())
+            os._exit(0)
+        os.close(write_end)
+        leave.set()
+        writer.join()
+        with os.fdopen(read_end, "rb") as pipe:
+            outcome = pipe.read().decode()
+        os.waitpid(child_pid, 0)
+    assert outcome == "['told', 'told', 'read']"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 def test_fork_after_open_parent_and_child_write_at_once(tmp_path: Path) -> None:
     with mpstore.Store(str(tmp_path / "state.db")) as store:
         notes = store.collection("notes", Note, key="id")
