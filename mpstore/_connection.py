@@ -177,6 +177,13 @@ class Connection:
         try:
             return run(*args)
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_AUTH:
+                # The write connection's authorizer (see _sqlite._keeps_write_settings).
+                raise TransactionError(
+                    "a write block must not change the write connection's query_only or "
+                    "locking_mode: the change would outlive the block, for every later write",
+                    self._path,
+                ) from exc
             # A try costs nothing until it fails; a translating block costs three calls each
             # time, on every statement of every write. Raised as translating raises it.
             mapped = translate(exc, self._path)

@@ -190,6 +190,27 @@ def _keeps_read_only(
     return sqlite3.SQLITE_OK
 
 
+#: Settings of the write connection a write block must not change, with the values it may
+#: set: a change would outlive the block, for every later write of the store (query_only=1
+#: fails each BEGIN; locking_mode=EXCLUSIVE keeps SQLite's lock from every other process).
+_WRITE_CONNECTION_SETTINGS = {
+    "query_only": frozenset({"0", "false", "no", "off"}),
+    "locking_mode": frozenset({"normal"}),
+}
+
+
+def _keeps_write_settings(
+    action: int, arg1: str | None, arg2: str | None, database: str | None, trigger: str | None
+) -> int:
+    """The write connection's authorizer: refuses a change of the settings above, however the
+    statement spells it."""
+    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
+        allowed = _WRITE_CONNECTION_SETTINGS.get((arg1 or "").lower())
+        if allowed is not None and arg2.strip("'\"").lower() not in allowed:
+            return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
 def connect(
     path: str, *, busy_timeout: float, synchronous: str, readonly: bool
 ) -> sqlite3.Connection:
@@ -214,6 +235,8 @@ def connect(
             if readonly:
                 conn.execute("PRAGMA query_only=1")
                 conn.set_authorizer(_keeps_read_only)
+            else:
+                conn.set_authorizer(_keeps_write_settings)
         except BaseException:
             conn.close()
             raise

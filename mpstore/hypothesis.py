@@ -11,7 +11,8 @@ examples in one SQLite file behind mpstore's write gate instead: every ``save``,
     from hypothesis import settings
     from mpstore.hypothesis import SQLiteExampleDatabase
 
-    settings.register_profile("xdist", database=SQLiteExampleDatabase(".hypothesis/examples.db"))
+    settings.register_profile("shared", database=SQLiteExampleDatabase(".hypothesis/examples.db"))
+    settings.load_profile("shared")  # or run pytest --hypothesis-profile=shared
 """
 
 from __future__ import annotations

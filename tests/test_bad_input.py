@@ -206,6 +206,15 @@ def _write_block_inside_read_block(e: Env) -> None:
         conn.execute("DELETE FROM notes")
 
 
+def _write_setting_changed(statement: str) -> Callable[[Env], None]:
+    def change(e: Env) -> None:
+        with e.store.write() as conn:
+            conn.execute("DELETE FROM notes")
+            conn.execute(statement)
+
+    return change
+
+
 def _commit_inside_the_block(e: Env) -> None:
     with e.store.write() as conn:
         conn.execute("DELETE FROM notes")
@@ -711,6 +720,18 @@ CASES = [
         _write_block_inside_read_block,
         mpstore.TransactionError,
         "inside a read() block",
+    ),
+    Case(
+        "query_only switched on inside a write block",
+        _write_setting_changed("PRAGMA query_only=1"),
+        mpstore.TransactionError,
+        "must not change the write connection's query_only",
+    ),
+    Case(
+        "locking_mode set to exclusive inside a write block, behind a comment",
+        _write_setting_changed("PRAGMA/**/locking_mode = 'EXCLUSIVE'"),
+        mpstore.TransactionError,
+        "must not change the write connection's query_only or locking_mode",
     ),
     Case(
         "COMMIT inside a write block",
