@@ -20,8 +20,6 @@ from typing import (
 )
 
 from pydantic import (
-    AliasChoices,
-    AliasPath,
     BaseModel,
     ConfigDict,
     PydanticUserError,
@@ -117,17 +115,18 @@ class Collection(Generic[M]):
         # What model_dump_json() asks of the serializer, whose own default was True before
         # pydantic 2.11: keys by alias only where the model says so.
         self._by_alias = bool(model.model_config.get("serialize_by_alias", False))
-        problem = _round_trip_problem(model, self._by_alias)
-        if problem is not None:
+        shape = _JSONShape(model, self._by_alias)
+        if shape.problem is not None:
             raise RecordTypeError(
                 f"{model.__name__} cannot read back the JSON it writes, so its records would be "
-                f"stored unreadable: {problem}"
+                f"stored unreadable: {shape.problem}"
             )
-        # A NaN or infinity in a float field is written as null, which that field refuses
-        # when read back: records whose JSON holds a null are read back before they are kept.
-        self._null_floats = model.model_config.get("ser_json_inf_nan", "null") == "null" and (
-            _anywhere(model.__pydantic_core_schema__, lambda node: node.get("type") == "float")
-        )
+        # Read back before it is kept: every record, when code decides what is written; else
+        # one whose JSON holds a null, if a float deeper in is written as null when not finite.
+        self._read_back = shape.read_back
+        self._null_floats = shape.null_floats
+        self._finite = tuple(shape.finite)
+        self._finite_items = tuple(shape.finite_items)
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
         self.indexes = self._check_indexes(indexes, model)
         # Every index the file already has for this collection is kept up to date by this
@@ -163,6 +162,16 @@ class Collection(Generic[M]):
         self._sql = _sqlite.CollectionSQL(
             self.name, self.indexed, self.indexes, json_keys=self._json_keys
         )
+        self._index_columns: dict[str, tuple[str, ...]] = {}
+        for index in self.indexes:
+            name = self._sql.index_name(index)
+            on = tuple(_sqlite.column_for(f.lstrip("-")) for f in index)
+            same = self._index_columns.setdefault(name.casefold(), on)
+            if same != on:
+                raise InvalidName(
+                    f"two indexes of collection {self.name!r} would both be named {name!r}: "
+                    f"one on {same!r}, one on {on!r}"
+                )
         self._ensure_table()
 
     @staticmethod
@@ -266,16 +275,15 @@ class Collection(Generic[M]):
             collection has one, on other columns (("a_b",) and ("a", "b") share a name).
         """
         wanted: dict[str, tuple[str, ...] | None] = {self.name.casefold(): None}
-        for fields in self.indexes:
-            columns = tuple(_sqlite.column_for(f.lstrip("-")) for f in fields)
-            wanted[self._sql.index_name(fields).casefold()] = columns
+        wanted.update(self._index_columns)
         for kind, name, table in conn.execute(
-            "SELECT type, name, tbl_name FROM sqlite_master WHERE name IS NOT NULL"
+            # Triggers have names of their own, apart from tables, indexes and views.
+            "SELECT type, name, tbl_name FROM sqlite_master "
+            "WHERE name IS NOT NULL AND type != 'trigger'"
         ).fetchall():
             if name.casefold() not in wanted:
                 continue
-            indexed = wanted[name.casefold()]
-            if indexed is None:
+            if wanted[name.casefold()] is None:
                 if kind == "table":
                     continue  # the collection's own, or a table checked by the caller
                 raise InvalidName(f"{self.name!r} is already the name of {kind} {name!r}")
@@ -284,14 +292,27 @@ class Collection(Generic[M]):
                     f"an index of collection {self.name!r} would be named {name!r}, which "
                     f"{kind} {name!r} already is"
                 )
-            have = tuple(
-                r[0] for r in conn.execute("SELECT name FROM pragma_index_info(?)", (name,))
-            )
-            if have != indexed:
+            found = self._index_found(conn.execute, name)
+            if found is not None:
                 raise InvalidName(
-                    f"collection {self.name!r} already has an index named {name!r}, on "
-                    f"{have!r}, not {indexed!r}"
+                    f"collection {self.name!r} already has an index named {name!r}, {found}"
                 )
+
+    def _index_found(self, run: Callable[..., Any], name: str) -> str | None:
+        """What the file's index ``name`` on this collection's table is, if not the one
+        mpstore would make under that name (its columns, neither unique nor partial), else
+        None; ``run(sql, params)`` reads the file."""
+        columns = tuple(r[0] for r in run("SELECT name FROM pragma_index_info(?)", (name,)))
+        wanted = self._index_columns.get(name.casefold())
+        if columns != wanted:
+            return f"on {columns!r}, not {wanted!r}"
+        flags = run(
+            'SELECT "unique", partial FROM pragma_index_list(?) WHERE name = ?',
+            (self.name, name),
+        )
+        if list(flags) != [(0, 0)]:
+            return "which is unique or partial (made by hand?)"
+        return None
 
     def _table_ready(self) -> bool:
         names = {
@@ -314,6 +335,8 @@ class Collection(Generic[M]):
             return False
         if not {tuple(i) for i in self.indexes} <= {tuple(i) for i in self._registered_indexes()}:
             return False
+        if any(self._index_found(self.store.query, name) for name, _ in self._sql.indexes):
+            return False  # the check under the gate says what is wrong
         if self._recorded_keys is None:
             # Nothing to record; a model without aliases (a reader's, say) leaves those of
             # another in place rather than take the gate on every open to erase them.
@@ -360,13 +383,33 @@ class Collection(Generic[M]):
         value = data.decode()
         if self.revalidate:
             self.model.model_validate_json(value)
-        if type(record) is not self.model or (
-            self._null_floats and not self.revalidate and b"null" in data
+        for field in self._finite:
+            number = getattr(record, field)
+            if number is not None and not math.isfinite(number):
+                self._refuse_non_finite(key, field, number)
+        for field in self._finite_items:
+            numbers = getattr(record, field)
+            if numbers is not None and not all(map(math.isfinite, numbers)):
+                self._refuse_non_finite(
+                    key, field, next(n for n in numbers if not math.isfinite(n))
+                )
+        if (
+            type(record) is not self.model
+            or self._read_back
+            or (self._null_floats and not self.revalidate and b"null" in data)
         ):
             self._check_reads_back(record, key, value)
         if not self.indexed:
             return (key, value)
         return (key, value, *self._index_values(record))
+
+    def _refuse_non_finite(self, key: str, field: str, number: float) -> None:
+        """:raises RecordTypeError: ``number``, in ``field``, would be written as null."""
+        raise RecordTypeError(
+            f"record {key!r} holds {number} in field {field!r}, which {self.model.__name__}'s "
+            "JSON writes as null (ser_json_inf_nan='null'): it would not read back",
+            self.store.path,
+        )
 
     def _check_reads_back(self, record: BaseModel, key: str, value: str) -> None:
         """Refuse a record that the collection's model would not read back as it is written:
@@ -591,8 +634,10 @@ class Collection(Generic[M]):
         :raises InvalidName: a field that is not indexed, or not a field name at all.
         """
         order = [order_by] if isinstance(order_by, str) else list(order_by)
-        for field in [*where, *order]:
-            bare = field.lstrip("-") if isinstance(field, str) else field
+        named = [(f, f) for f in where] + [
+            (f, f.lstrip("-") if isinstance(f, str) else f) for f in order
+        ]
+        for field, bare in named:
             if bare not in self.indexed:
                 raise InvalidName(
                     f"{field!r} is not an indexed field of {self.name!r}; declare it in indexes="
@@ -708,56 +753,127 @@ def _check_key_stored(model: type[BaseModel], key: str, info: FieldInfo) -> None
         )
 
 
-def _round_trip_problem(model: type[BaseModel], by_alias: bool) -> str | None:
-    """Why the JSON ``model`` writes (under aliases if ``by_alias``) would not validate as
-    ``model`` again, or None; the models of its fields are asked too."""
-    seen: set[type[BaseModel]] = set()
-    todo = [model]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        config = current.model_config
-        extra = config.get("extra")
-        if current.model_computed_fields and extra in ("forbid", "allow"):
-            # Read back, a computed field is an extra one: refused, or kept and written twice.
-            return (
-                f"{current.__name__} writes its computed fields, and reads them as extra={extra!r}"
+class _JSONShape:
+    """What a model's core schema says about reading back the JSON it writes.
+
+    ``problem``: why it never could, or None. ``read_back``: code decides what is written (a
+    model_serializer, ``SerializeAsAny``, a computed field's ``exclude_if``), so only reading
+    each record back can tell. ``finite``: the model's own float fields, which its JSON writes
+    as null when not finite. ``null_floats``: floats deeper in, written so too.
+    """
+
+    def __init__(self, model: type[BaseModel], by_alias: bool) -> None:
+        self.problem: str | None = None
+        self.read_back = False
+        self.finite: list[str] = []
+        self.finite_items: list[str] = []
+        self.null_floats = False
+        self._by_alias = by_alias
+        self._definitions: dict[Any, Any] = {}
+        self._seen: set[str] = set()
+        self._walk(model.__pydantic_core_schema__, {}, top=True)
+
+    def _walk(self, node: Any, config: Mapping[str, Any], top: bool = False) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._walk(item, config)
+            return
+        if not isinstance(node, dict) or self.problem is not None:
+            return
+        kind = node.get("type")
+        if kind in ("model", "dataclass", "typed-dict"):
+            config = node.get("config") or {}
+            if "serialization" in node and kind != "typed-dict":
+                self.read_back = True  # a model_serializer: its fields say nothing
+                return
+        if kind == "definition-ref":
+            if "serialization" in node:
+                self.read_back = True  # SerializeAsAny: a subclass's own fields are written
+            ref = node.get("schema_ref")
+            if isinstance(ref, str) and ref not in self._seen:
+                self._seen.add(ref)
+                self._walk(self._definitions.get(ref), config, top)
+            return
+        if kind == "definitions":
+            self._definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
+        if kind == "float" and config.get("ser_json_inf_nan", "null") == "null":
+            self.null_floats = True
+        if kind in ("model-fields", "typed-dict", "dataclass-args"):
+            fields = node.get("fields", {})
+            named = fields.items() if isinstance(fields, dict) else [(f["name"], f) for f in fields]
+            owner = node.get("model_name") or node.get("dataclass_name") or "a TypedDict"
+            for name, field in named:
+                if field.get("serialization_exclude") is True:
+                    continue  # never written
+                self._check_field(name, field, config, owner)
+                schema = field.get("schema")
+                if top and _nulls(config) and _bare_float(schema):
+                    self.finite.append(name)
+                elif top and _nulls(config) and _bare_float(_items(schema)):
+                    self.finite_items.append(name)
+                else:
+                    self._walk(field.get("schema"), config)
+            self._check_computed(node.get("computed_fields") or [], config, owner)
+            return
+        for key, value in node.items():
+            if key not in ("metadata", "cls", "definitions"):
+                self._walk(value, config, top and key == "schema")
+
+    def _check_field(self, name: str, field: Mapping[str, Any], config: Any, owner: str) -> None:
+        alias = field.get("serialization_alias")
+        written = alias if self._by_alias and alias else name
+        read = _names_read(name, field.get("validation_alias"), config)
+        if written not in read:
+            self.problem = (
+                f"field {name!r} of {owner} is written as {written!r} but read from "
+                f"{' or '.join(map(repr, sorted(read))) or 'no plain key'}"
             )
-        for name, info in current.model_fields.items():
-            written = (info.serialization_alias or name) if by_alias else name
-            accepted = _names_read(name, info, config)
-            if written not in accepted:
-                return (
-                    f"field {name!r} of {current.__name__} is written as {written!r} but read "
-                    f"from {' or '.join(map(repr, sorted(accepted))) or 'no plain key'}"
-                )
-            todo.extend(_models_in(info.annotation))
-    return None
+
+    def _check_computed(self, computed: list[Any], config: Any, owner: str) -> None:
+        if any("serialization_exclude_if" in field for field in computed):
+            self.read_back = True
+        elif computed and config.get("extra_fields_behavior") in ("forbid", "allow"):
+            # Read back, a computed field is an extra one: refused, or kept and written twice.
+            extra = config["extra_fields_behavior"]
+            self.problem = f"{owner} writes its computed fields, and reads them as extra={extra!r}"
 
 
-def _names_read(name: str, info: FieldInfo, config: ConfigDict) -> set[str]:
-    """The top-level JSON keys under which a model reads field ``name``."""
-    alias = info.validation_alias
-    by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+def _names_read(name: str, alias: Any, config: Any) -> set[str]:
+    """The top-level JSON keys under which a field ``name`` with the core schema's
+    ``validation_alias`` is read, under its model's ``config``."""
     if alias is None or not config.get("validate_by_alias", True):
         return {name}
-    names = {name} if by_name else set()
-    for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
-        if isinstance(choice, str):
-            names.add(choice)
-        elif isinstance(choice, AliasPath) and len(choice.path) == 1:
-            names.add(str(choice.path[0]))
+    names = {name} if config.get("validate_by_name") else set()
+    paths = [alias] if isinstance(alias, str) or not isinstance(alias[0], list) else alias
+    for path in paths:
+        if isinstance(path, str):
+            names.add(path)
+        elif len(path) == 1 and isinstance(path[0], str):
+            names.add(path[0])
     return names
 
 
-def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
-    """The pydantic models an annotation names, however deep (``list[M] | None``)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    for arg in get_args(annotation):
-        yield from _models_in(arg)
+def _bare_float(schema: Any) -> bool:
+    """Whether a field's schema is a float, maybe optional or with a default."""
+    while isinstance(schema, dict) and schema.get("type") in ("default", "nullable"):
+        schema = schema.get("schema")
+    return isinstance(schema, dict) and schema.get("type") == "float"
+
+
+def _items(schema: Any) -> Any:
+    """The items' schema of a list, tuple or set field's schema (maybe optional), else None."""
+    while isinstance(schema, dict) and schema.get("type") in ("default", "nullable"):
+        schema = schema.get("schema")
+    if isinstance(schema, dict) and schema.get("type") in ("list", "set", "frozenset", "tuple"):
+        items = schema.get("items_schema")
+        if isinstance(items, list):  # tuple[float, ...] is one variadic item
+            items = items[0] if len(items) == 1 and schema.get("variadic_item_index") == 0 else None
+        return items
+    return None
+
+
+def _nulls(config: Any) -> bool:
+    return bool(config.get("ser_json_inf_nan", "null") == "null")
 
 
 def _serialisation_settings(model: type[BaseModel]) -> ConfigDict | None:

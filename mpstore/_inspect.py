@@ -791,17 +791,19 @@ def _import_with_model(
             ) from exc
         counter.add(line)
     counter.finish()
-    if not os.path.exists(path):
-        # Checked on a scratch store first: a refused import must not leave a new file behind.
-        with tempfile.TemporaryDirectory() as scratch, Store(os.path.join(scratch, "x")) as probe:
-            _rows(
-                probe.collection(name, model, key=key_field, indexes=indexes), records, label, path
-            )
+    # The rows are made on a scratch store, before the gate is taken (a refused import then
+    # leaves no new file behind either), and made again under it only if the file's
+    # collection fills other columns.
+    with tempfile.TemporaryDirectory() as scratch, Store(os.path.join(scratch, "x")) as probe:
+        made = probe.collection(name, model, key=key_field, indexes=indexes)
+        rows = _rows(made, records, label, path)
+        shape = (made.indexed, made._carried_keys)
     with Store(path) as store, store.write():
         # Creating the collection or its indexes is part of the import's transaction: a record
         # refused below leaves the file as it was.
         coll = store.collection(name, model, key=key_field, indexes=indexes)
-        rows = _rows(coll, records, label, path)
+        if (coll.indexed, coll._carried_keys) != shape:
+            rows = _rows(coll, records, label, path)
         return store._run_op(coll._upsert_op(rows)) if rows else 0
 
 

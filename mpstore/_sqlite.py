@@ -533,6 +533,8 @@ def registered_fields(indexes: object, table: str) -> Iterator[str]:
     """
     try:
         parsed = json.loads(indexes if isinstance(indexes, str) else "")
+        if not isinstance(parsed, list) or not all(isinstance(i, list) and i for i in parsed):
+            raise TypeError("not a list of non-empty lists")
         for index in parsed:
             for field in index:
                 yield check_identifier(field.lstrip("-"), "indexed field")

@@ -20,9 +20,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializeAsAny,
     ValidationError,
     computed_field,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from typing_extensions import TypedDict
 
 import mpstore
 from tests.models import Note
@@ -56,6 +59,8 @@ class Short(BaseModel):
 class Measure(BaseModel):
     id: str
     x: float = 0.0
+    y: float | None = None
+    series: list[float] = []
 
 
 class Aliased(BaseModel):
@@ -102,6 +107,56 @@ class Cased(BaseModel):
 _SURROGATE = os.fsdecode(b"report-\xff")
 
 
+@pydantic_dataclass
+class Point:
+    x: int = Field(alias="X")
+
+
+class WithPoint(BaseModel):
+    id: str
+    p: Point
+
+
+class Options(TypedDict):
+    level: Annotated[int, Field(alias="Level")]
+
+
+class WithOptions(BaseModel):
+    id: str
+    o: Options
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int
+
+
+class BigPart(Part):
+    more: int
+
+
+class WithAnyPart(BaseModel):
+    id: str
+    part: SerializeAsAny[Part]
+
+
+class Inner(BaseModel):
+    f: float
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # Inner's own setting applies
+    id: str
+    inner: Inner
+
+
+class TwoNames(BaseModel):
+    id: str
+    a: str = ""
+    b: str = ""
+    a_b: str = ""
+
+
 def _any(value: object) -> Any:
     """``value``, hidden from the type checker: careless callers pass what the hints forbid."""
     return value
@@ -142,6 +197,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         notes.upsert_many(Note(id=f"n{i}", text="x" * i) for i in range(20))
         items.upsert_many(Item(id=f"i{i}", group=i % 3) for i in range(10))
         store.collection("measures", Measure, key="id").upsert(Measure(id="m", x=1.5))
+        store.collection("outer", Outer, key="id")
+        store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
         loose.upsert_many(Loose(id=f"l{i}", extra=i) for i in range(3))
@@ -331,7 +388,65 @@ CASES = [
             Measure(id="m", x=float("nan"))
         ),
         mpstore.RecordTypeError,
+        "holds nan in field 'x'",
+    ),
+    Case(
+        "infinity in an optional float field, which the JSON writes as null (None)",
+        lambda e: e.store.collection("measures", Measure, key="id").upsert(
+            Measure(id="m", x=1.0, y=float("inf"))
+        ),
+        mpstore.RecordTypeError,
+        "holds inf in field 'y'",
+    ),
+    Case(
+        "NaN in a list of floats, which the JSON writes as null",
+        lambda e: e.store.collection("measures", Measure, key="id").upsert(
+            Measure(id="m", x=1.0, series=[1.0, float("nan")])
+        ),
+        mpstore.RecordTypeError,
+        "holds nan in field 'series'",
+    ),
+    Case(
+        "NaN in a nested model's float field, written as null by that model's setting",
+        lambda e: e.store.collection("outer", Outer, key="id").upsert(
+            Outer(id="o", inner=Inner(f=float("nan")))
+        ),
+        mpstore.RecordTypeError,
         "cannot read back",
+    ),
+    Case(
+        "a subclass's record one level down, written whole (SerializeAsAny)",
+        lambda e: e.store.collection("anyparts", WithAnyPart, key="id").upsert(
+            WithAnyPart(id="w", part=BigPart(n=1, more=2))
+        ),
+        mpstore.RecordTypeError,
+        "cannot read back",
+    ),
+    Case(
+        "a pydantic dataclass field that writes a key it does not read",
+        lambda e: e.store.collection("points", WithPoint, key="id"),
+        mpstore.RecordTypeError,
+        "field 'x' of Point is written as 'x' but read from 'X'",
+    ),
+    Case(
+        "a TypedDict field that writes a key it does not read",
+        lambda e: e.store.collection("options", WithOptions, key="id"),
+        mpstore.RecordTypeError,
+        "written as 'level' but read from 'Level'",
+    ),
+    Case(
+        "two indexes of one declaration that would share a name",
+        lambda e: e.store.collection(
+            "twonames", TwoNames, key="id", indexes=[("a_b",), ("a", "b")]
+        ),
+        mpstore.InvalidName,
+        "would both be named 'twonames__by_a_b'",
+    ),
+    Case(
+        "find by a field spelled as a descending sort",
+        lambda e: e.items.find(where={"-group": 1}),
+        mpstore.InvalidName,
+        "'-group' is not an indexed field",
     ),
     Case(
         "a subclass's record with a field of its own",

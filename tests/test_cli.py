@@ -807,6 +807,9 @@ def test_every_public_name_is_documented_in_the_readme() -> None:
 
 DAMAGE = {
     "registry record not JSON": "UPDATE _mpstore_collections SET indexes = 'xx'",
+    "registry record with a string for an index": (
+        """UPDATE _mpstore_collections SET indexes = '["ab"]'"""
+    ),
     "registry table dropped": "DROP TABLE _mpstore_collections",
     "collection table dropped": "DROP TABLE conversations",
     "another program's table named with a quote": 'CREATE TABLE "we""ird" (x)',
@@ -883,6 +886,29 @@ def test_export_will_not_replace_the_store_it_reads(
     code, _, err = run(capsys, "export", source, "conversations", "-o", source + suffix)
     assert code == 1 and "part of the store" in err
     assert everything(source) == before
+
+
+def test_import_makes_its_rows_before_it_takes_the_gate(
+    source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Serialising every record under the gate would hold up every other process's writes.
+    from mpstore import _collection
+
+    under_gate: list[bool] = []
+    make_row = _collection.Collection._row
+
+    def watched(self: Any, record: Any) -> Any:
+        under_gate.append(self.store._gate.held_by_me)
+        return make_row(self, record)
+
+    monkeypatch.setattr(_collection.Collection, "_row", watched)
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("\n".join(_good_lines(5)) + "\n")
+    code, _, err = run(
+        capsys, "import", source, "conversations", str(lines), "--model", CONVERSATION
+    )
+    assert code == 0, err
+    assert under_gate == [False] * 5
 
 
 def test_standard_input_and_output_carry_utf8_whatever_the_locale(
