@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -682,25 +684,42 @@ class _Profile(BaseModel):
         return data
 
 
-class _Strict(BaseModel):
-    """A computed field that is never written, with extra="forbid"."""
+#: computed_field(exclude_if=...) came with pydantic 2.12; CI also runs the oldest supported.
+HAS_EXCLUDE_IF = "exclude_if" in inspect.signature(computed_field).parameters
 
-    model_config = ConfigDict(extra="forbid")
-    id: str
 
-    @computed_field(exclude_if=lambda v: True)  # type: ignore[prop-decorator]
-    @property
-    def upper(self) -> str:
-        return self.id.upper()
+def _strict() -> BaseModel:
+    """A record whose computed field is never written, with extra="forbid"."""
+
+    class _Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        id: str
+
+        @computed_field(exclude_if=lambda v: True)  # type: ignore[prop-decorator, call-overload, misc]
+        @property
+        def upper(self) -> str:
+            return self.id.upper()
+
+    return _Strict(id="a")
 
 
 @pytest.mark.parametrize(
-    "record",
-    [_Login(id="a", pwd="x"), _Profile(id="a", displayName="D"), _Strict(id="a")],
-    ids=["excluded-alias", "model-serializer", "computed-exclude-if"],
+    "make",
+    [
+        pytest.param(lambda: _Login(id="a", pwd="x"), id="excluded-alias"),
+        pytest.param(lambda: _Profile(id="a", displayName="D"), id="model-serializer"),
+        pytest.param(
+            _strict,
+            id="computed-exclude-if",
+            marks=pytest.mark.skipif(not HAS_EXCLUDE_IF, reason="needs pydantic 2.12"),
+        ),
+    ],
 )
-def test_a_model_whose_records_read_back_is_accepted(store: mpstore.Store, record: Any) -> None:
+def test_a_model_whose_records_read_back_is_accepted(
+    store: mpstore.Store, make: Callable[[], BaseModel]
+) -> None:
     # Judged by what its JSON holds, not by its field names alone.
+    record = make()
     things = store.collection("things", type(record), key="id")
     things.upsert(record)
     assert things.get("a") == type(record).model_validate_json(record.model_dump_json())
