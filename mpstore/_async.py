@@ -249,6 +249,11 @@ def _serve(sync: Store, level: _Level) -> None:
             op.run()
 
 
+def _outcome_seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _open_level(level: _Level | None) -> _Level | None:
     """``level``, or the innermost of its enclosing levels that is still open."""
     while level is not None and level.closed:
@@ -439,11 +444,13 @@ class AsyncStore:
 
     Open it with ``async with AsyncStore(path) as store:`` (or ``await store.open()``); the sync
     store is opened in a worker thread. Each call runs in one of up to ``max_threads`` worker
-    threads (further calls wait their turn); each open ``write()``/``read()`` block has a thread
-    of its own. ``on_event`` is called in the threads that carry the calls out.
+    threads (further calls wait their turn), reads in another ``max_threads`` of their own, so
+    writes waiting for the gate never hold them up; each open ``write()``/``read()`` block has
+    a thread of its own. ``on_event`` is called in the threads that carry the calls out.
 
     :param path: the database file, as for :class:`Store`.
-    :param max_threads: how many calls may run (or wait for the gate or the pool) at once.
+    :param max_threads: how many writes, and how many reads, may run (or wait for the gate or
+        the pool) at once.
     :raises ValueError: ``max_threads`` is not a positive integer; other settings are checked
         by :class:`Store` when the store is opened.
     """
@@ -532,22 +539,33 @@ class AsyncStore:
                 opening = self._opening = self._executor.submit(self._open_sync)
             self._open_waiters += 1
             self._open_abandoned = False
+        waited = asyncio.wrap_future(opening)
         try:
             # Shielded: a cancelled caller must not cancel the open the others wait for.
-            await asyncio.shield(asyncio.wrap_future(opening))
+            await asyncio.shield(waited)
         except asyncio.CancelledError:
+            # Nobody awaits it any more: its outcome (StoreClosed, for an open every caller
+            # gave up on) must not be logged as an exception never retrieved.
+            waited.add_done_callback(_outcome_seen)
             self._leave_open(opening, cancelled=True)
             raise
-        self._leave_open(opening, cancelled=False)
+        except BaseException:
+            self._leave_open(opening, cancelled=False)  # counted out; nothing was opened
+            raise
+        self._leave_open(opening, cancelled=False, handed_out=True)
         if self._closing is not None:  # aclose() came meanwhile, and closes what opened
             raise StoreClosed(f"the store {self.path} is closed", self.path)
         return self
 
-    def _leave_open(self, opening: Future[Store], cancelled: bool) -> None:
+    def _leave_open(
+        self, opening: Future[Store], cancelled: bool, handed_out: bool = False
+    ) -> None:
         """One open() caller stops waiting; if it was cancelled and was the last, the store
         that opening gives is closed, as if it had never been asked for."""
         with self._threads_lock:
             self._open_waiters -= 1
+            if handed_out:
+                self._handed_out = True  # this caller is told the store is open
             if not cancelled or self._open_waiters:
                 return
             if not opening.done():

@@ -180,8 +180,9 @@ class Connection:
             if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_AUTH:
                 # The write connection's authorizer (see _sqlite._keeps_write_settings).
                 raise TransactionError(
-                    "a write block must not change the write connection's query_only or "
-                    "locking_mode: the change would outlive the block, for every later write",
+                    "a write block must not change the write connection's settings "
+                    "(query_only, locking_mode, wal_autocheckpoint, writable_schema, "
+                    "busy_timeout): the change would outlive the block, for every later write",
                     self._path,
                 ) from exc
             # A try costs nothing until it fails; a translating block costs three calls each

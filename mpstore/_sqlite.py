@@ -190,12 +190,18 @@ def _keeps_read_only(
     return sqlite3.SQLITE_OK
 
 
+_OFF = frozenset({"0", "false", "no", "off"})
 #: Settings of the write connection a write block must not change, with the values it may
 #: set: a change would outlive the block, for every later write of the store (query_only=1
-#: fails each BEGIN; locking_mode=EXCLUSIVE keeps SQLite's lock from every other process).
+#: fails each BEGIN; locking_mode=EXCLUSIVE keeps SQLite's lock from every other process;
+#: wal_autocheckpoint would checkpoint inside the gate; writable_schema lets a statement damage
+#: the schema; busy_timeout is the store's timeout).
 _WRITE_CONNECTION_SETTINGS = {
-    "query_only": frozenset({"0", "false", "no", "off"}),
+    "query_only": _OFF,
     "locking_mode": frozenset({"normal"}),
+    "wal_autocheckpoint": frozenset({"0"}),
+    "writable_schema": _OFF,
+    "busy_timeout": frozenset(),
 }
 
 

@@ -173,7 +173,6 @@ class Store:
         self._writers_lock = threading.Lock()
         self._writing = 0  # threads between taking the gate and giving it back
         self._writer_ident: int | None = None  # the thread that is
-        self._wconn_busy_at_fork = False
         self._shut = False  # the write connection and the gate are given up: close() finished
         self._close_pending = False  # close() is waiting for the last writer to finish it
         self._wconn: sqlite3.Connection | None = None
@@ -318,24 +317,16 @@ class Store:
         pid = _fork.pid()
         if self._wconn is None or self._wpid != pid:
             if self._wconn is not None:
-                if self._wconn_busy_at_fork:
-                    # Another thread was using it when the process forked; that thread does
-                    # not exist here and may have held the connection's mutex, so closing it
-                    # could wait forever. Kept, never used and never finalised.
-                    _fork.keep_forever(self._wconn)
-                    _written_at_fork.add(self.path)
-                else:
-                    # Inherited across a fork that ran no fork hook (see
-                    # _after_fork_in_child): closed here.
-                    self._wconn.close()
+                # Inherited across a fork that ran no fork hook (see _after_fork_in_child).
+                self._wconn.close()
                 self._wconn = None
             if self.path in _written_at_fork:
                 raise TransactionError(
                     f"this process was forked while another thread of its parent was writing "
-                    f"to {self.path}: SQLite keeps that write's locks in this process's memory, "
-                    "so no connection of this process can ever write to the file (reading "
-                    "works). Fork while no thread writes, or start processes with 'spawn' or "
-                    "'forkserver'",
+                    f"to {self.path}, through a connection it must keep open: SQLite then shares "
+                    "that connection's record of the file's locks with every new one, so none "
+                    "can write safely (its locks, or its commits, would not be its own). Fork "
+                    "while no thread writes, or start processes with 'spawn' or 'forkserver'",
                     self.path,
                 )
             self._wconn = self._connect(readonly=False)
@@ -1155,9 +1146,13 @@ def _after_fork_in_child() -> None:
     for store in list(_open_stores):
         store._writers_lock = threading.Lock()
         store._stats.after_fork()
-        store._wconn_busy_at_fork = store._writing > 0 and store._writer_ident != me
-        if store._wconn is not None and store._wconn_busy_at_fork:
-            # Its locks live on in this process's SQLite, for every connection to the file.
+        busy = store._writing > 0 and store._writer_ident != me
+        if store._wconn is not None and busy:
+            # Another thread was using it at the fork and may have held its mutex, so closing
+            # it could wait forever, here or in a grandchild: kept, never used or finalised.
+            # Its record of the file's locks is then every new connection's (see _writer).
+            _fork.keep_forever(store._wconn)
+            store._wconn = None
             _written_at_fork.add(store.path)
         store._writing = 0
         store._writer_ident = None
@@ -1170,7 +1165,7 @@ def _after_fork_in_child() -> None:
         # at the fork: it may have held their mutexes.
         store._pool.after_fork_in_child()
         store._checkpointer.after_fork_in_child()
-        if store._wconn is not None and not store._wconn_busy_at_fork:
+        if store._wconn is not None:
             _fork.close_before_connecting(store._wconn)
             store._wconn = None
 

@@ -1608,3 +1608,81 @@ def test_reads_go_on_while_every_worker_thread_waits_for_the_gate(db_path: str) 
                 await asyncio.to_thread(holder.join)
 
     run(main)
+
+
+def test_a_co_opener_cancelled_after_open_returned_to_another_leaves_the_store_open(
+    db_path: str,
+) -> None:
+    async def main() -> None:
+        store = mpstore.AsyncStore(db_path, max_threads=1)  # one thread: FIFO, see below
+        later: asyncio.Task[mpstore.AsyncStore] | None = None
+
+        async def first_opener() -> None:
+            await store.open()  # told the store is open...
+            assert later is not None
+            later.cancel()  # ...as the other opener, still waiting, is cancelled
+
+        first = asyncio.create_task(first_opener())
+        await asyncio.sleep(0)  # a turn of the loop: the first opener starts the open
+        later = asyncio.create_task(store.open())
+        await first
+        with contextlib.suppress(asyncio.CancelledError):
+            await later
+        # Whatever the cancelled opener handed to the worker thread has run after this.
+        await asyncio.wrap_future(store._executor.submit(lambda: None))
+        assert await store.query("SELECT 1") == [(1,)]
+        await store.aclose()
+
+    run(main)
+
+
+def test_an_open_cancelled_after_a_failed_one_still_closes_what_it_opens(tmp_path: Any) -> None:
+    async def main() -> bool:
+        store = mpstore.AsyncStore(str(tmp_path / "later" / "state.db"))
+        with pytest.raises(mpstore.DirectoryNotFound):
+            await store.open()
+        (tmp_path / "later").mkdir()
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # a turn of the loop: the open starts in a worker thread
+        opening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await opening
+        assert store._opening is not None
+        with contextlib.suppress(mpstore.MpstoreError):
+            await asyncio.wrap_future(store._opening)
+        kept_open = store._sync is not None and not store._sync.closed
+        await store.aclose()
+        return kept_open
+
+    assert run(main) is False
+
+
+_ABANDONED_OPEN = """
+import asyncio, sys
+import mpstore
+
+async def main():
+    store = mpstore.AsyncStore(sys.argv[1])
+    opening = asyncio.create_task(store.open())
+    await asyncio.sleep(0)  # a turn of the loop: the open starts in a worker thread
+    opening.cancel()
+    try:
+        await opening
+    except asyncio.CancelledError:
+        pass
+    await store.aclose()
+
+asyncio.run(main())
+"""
+
+
+def test_an_open_every_caller_gave_up_on_logs_no_unretrieved_error(db_path: str) -> None:
+    # Its outcome, StoreClosed, is nobody's to see: asyncio must not log it at exit.
+    done = subprocess.run(
+        [sys.executable, "-c", _ABANDONED_OPEN, db_path],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "never retrieved" not in done.stderr

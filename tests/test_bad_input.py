@@ -840,13 +840,19 @@ CASES = [
         "query_only switched on inside a write block",
         _write_setting_changed("PRAGMA query_only=1"),
         mpstore.TransactionError,
-        "must not change the write connection's query_only",
+        "must not change the write connection's settings",
     ),
     Case(
         "locking_mode set to exclusive inside a write block, behind a comment",
         _write_setting_changed("PRAGMA/**/locking_mode = 'EXCLUSIVE'"),
         mpstore.TransactionError,
-        "must not change the write connection's query_only or locking_mode",
+        "must not change the write connection's settings",
+    ),
+    Case(
+        "automatic checkpoints switched on inside a write block",
+        _write_setting_changed("PRAGMA main.wal_autocheckpoint = 1"),
+        mpstore.TransactionError,
+        "wal_autocheckpoint",
     ),
     Case(
         "COMMIT inside a write block",

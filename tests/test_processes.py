@@ -265,10 +265,20 @@ def test_a_child_forked_while_another_thread_writes_is_told_it_cannot_write(
         writer = threading.Thread(target=write_until_told)
         writer.start()
         assert inside.wait(60)
+        kept = store._wconn
         read_end, write_end = os.pipe()
         child_pid = os.fork()
         if child_pid == 0:
             outcomes = []
+            # A grandchild must not close that connection either: its mutex may be held.
+            grandchild_pid = os.fork()
+            if grandchild_pid == 0:
+                from mpstore import _fork
+
+                closing = any(conn is kept for conn in _fork._inherited)
+                os._exit(1 if closing or store._wconn is not None else 0)
+            _, status = os.waitpid(grandchild_pid, 0)
+            outcomes.append(f"grandchild {os.waitstatus_to_exitcode(status)}")
             for store_of_child in (store, mpstore.Store(path, timeout=2.0)):
                 try:
                     store_of_child.collection("notes", Note, key="id").upsert(Note(id="c", text=""))
@@ -286,7 +296,7 @@ def test_a_child_forked_while_another_thread_writes_is_told_it_cannot_write(
         with os.fdopen(read_end, "rb") as pipe:
             outcome = pipe.read().decode()
         os.waitpid(child_pid, 0)
-    assert outcome == "['told', 'told', 'read']"
+    assert outcome == "['grandchild 0', 'told', 'told', 'read']"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
