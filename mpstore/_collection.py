@@ -383,16 +383,17 @@ class Collection(Generic[M]):
         value = data.decode()
         if self.revalidate:
             self.model.model_validate_json(value)
-        for field in self._finite:
-            number = getattr(record, field)
-            if number is not None and not math.isfinite(number):
-                self._refuse_non_finite(key, field, number)
-        for field in self._finite_items:
-            numbers = getattr(record, field)
-            if numbers is not None and not all(map(math.isfinite, numbers)):
-                self._refuse_non_finite(
-                    key, field, next(n for n in numbers if not math.isfinite(n))
-                )
+        if b"null" in data and type(record) is self.model:
+            # A float that is not finite is written as null: only then can one be there.
+            for field in self._finite:
+                number = getattr(record, field)
+                if number is not None and not math.isfinite(number):
+                    self._refuse_non_finite(key, field, number)
+            for field in self._finite_items:
+                numbers = getattr(record, field)
+                if numbers is not None and not all(map(math.isfinite, numbers)):
+                    bad = next(n for n in numbers if not math.isfinite(n))
+                    self._refuse_non_finite(key, field, bad)
         if (
             type(record) is not self.model
             or self._read_back
@@ -770,7 +771,7 @@ class _JSONShape:
         self.null_floats = False
         self._by_alias = by_alias
         self._definitions: dict[Any, Any] = {}
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, bool]] = set()
         self._walk(model.__pydantic_core_schema__, {}, top=True)
 
     def _walk(self, node: Any, config: Mapping[str, Any], top: bool = False) -> None:
@@ -790,8 +791,10 @@ class _JSONShape:
             if "serialization" in node:
                 self.read_back = True  # SerializeAsAny: a subclass's own fields are written
             ref = node.get("schema_ref")
-            if isinstance(ref, str) and ref not in self._seen:
-                self._seen.add(ref)
+            # Walked again below the top: the top model's own floats, met again in a field
+            # (a recursive model), are not the top record's, which alone ``finite`` checks.
+            if isinstance(ref, str) and (ref, top) not in self._seen:
+                self._seen.add((ref, top))
                 self._walk(self._definitions.get(ref), config, top)
             return
         if kind == "definitions":
@@ -804,20 +807,28 @@ class _JSONShape:
             owner = node.get("model_name") or node.get("dataclass_name") or "a TypedDict"
             for name, field in named:
                 if field.get("serialization_exclude") is True:
+                    if field.get("schema", {}).get("type") != "default" and kind != "typed-dict":
+                        self.problem = (
+                            f"field {name!r} of {owner} is never written (exclude) and has no "
+                            "default, so reading refuses every record"
+                        )
                     continue  # never written
                 self._check_field(name, field, config, owner)
                 schema = field.get("schema")
                 if top and _nulls(config) and _bare_float(schema):
                     self.finite.append(name)
-                elif top and _nulls(config) and _bare_float(_items(schema)):
+                elif top and _nulls(config) and _plain_float(_items(schema)):
                     self.finite_items.append(name)
                 else:
                     self._walk(field.get("schema"), config)
             self._check_computed(node.get("computed_fields") or [], config, owner)
             return
-        for key, value in node.items():
-            if key not in ("metadata", "cls", "definitions"):
-                self._walk(value, config, top and key == "schema")
+        if kind is None:  # a mapping of tags to schemas (a tagged union's choices)
+            self._walk(list(node.values()), config)
+            return
+        for key in _SCHEMA_KEYS:  # never a default value or a literal, which are data
+            if key in node:
+                self._walk(node[key], config, top and key == "schema")
 
     def _check_field(self, name: str, field: Mapping[str, Any], config: Any, owner: str) -> None:
         alias = field.get("serialization_alias")
@@ -853,18 +864,50 @@ def _names_read(name: str, alias: Any, config: Any) -> set[str]:
     return names
 
 
+#: The keys of a core schema node that hold schemas.
+_SCHEMA_KEYS = (
+    "schema",
+    "schemas",
+    "items_schema",
+    "keys_schema",
+    "values_schema",
+    "choices",
+    "steps",
+    "lax_schema",
+    "strict_schema",
+    "json_schema",
+    "python_schema",
+    "return_schema",
+    "extras_schema",
+    "arguments_schema",
+)
+
+
 def _bare_float(schema: Any) -> bool:
-    """Whether a field's schema is a float, maybe optional or with a default."""
+    """Whether a field's schema is a float, maybe optional or with a default, that pydantic
+    serialises itself (no serializer on the way)."""
     while isinstance(schema, dict) and schema.get("type") in ("default", "nullable"):
+        if "serialization" in schema:
+            return False
         schema = schema.get("schema")
-    return isinstance(schema, dict) and schema.get("type") == "float"
+    return _plain_float(schema)
+
+
+def _plain_float(schema: Any) -> bool:
+    return (
+        isinstance(schema, dict) and schema.get("type") == "float" and "serialization" not in schema
+    )
 
 
 def _items(schema: Any) -> Any:
     """The items' schema of a list, tuple or set field's schema (maybe optional), else None."""
     while isinstance(schema, dict) and schema.get("type") in ("default", "nullable"):
         schema = schema.get("schema")
-    if isinstance(schema, dict) and schema.get("type") in ("list", "set", "frozenset", "tuple"):
+    if (
+        isinstance(schema, dict)
+        and schema.get("type") in ("list", "set", "frozenset", "tuple")
+        and "serialization" not in schema
+    ):
         items = schema.get("items_schema")
         if isinstance(items, list):  # tuple[float, ...] is one variadic item
             items = items[0] if len(items) == 1 and schema.get("variadic_item_index") == 0 else None

@@ -150,6 +150,21 @@ class Outer(BaseModel):
     inner: Inner
 
 
+class Node(BaseModel):
+    id: str = "n"
+    weight: float = 0.0
+    children: list[Node] = []
+
+
+class Relabelled(Measure):
+    x: str = "n/a"  # type: ignore[assignment]
+
+
+class HiddenRequired(BaseModel):
+    id: str
+    secret: str = Field(exclude=True)
+
+
 class TwoNames(BaseModel):
     id: str
     a: str = ""
@@ -198,6 +213,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         items.upsert_many(Item(id=f"i{i}", group=i % 3) for i in range(10))
         store.collection("measures", Measure, key="id").upsert(Measure(id="m", x=1.5))
         store.collection("outer", Outer, key="id")
+        store.collection("nodes", Node, key="id")
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
@@ -413,6 +429,26 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "cannot read back",
+    ),
+    Case(
+        "NaN in a recursive model's float, below the top record",
+        lambda e: e.store.collection("nodes", Node, key="id").upsert(
+            Node(id="root", children=[Node(weight=float("nan"))])
+        ),
+        mpstore.RecordTypeError,
+        "cannot read back",
+    ),
+    Case(
+        "a subclass's record that makes a float field text",
+        lambda e: e.store.collection("measures", Measure, key="id").upsert(Relabelled(id="m")),
+        mpstore.RecordTypeError,
+        "that Measure cannot read back",
+    ),
+    Case(
+        "a field that is never written and has no default",
+        lambda e: e.store.collection("hidden_required", HiddenRequired, key="id"),
+        mpstore.RecordTypeError,
+        "never written (exclude) and has no default",
     ),
     Case(
         "a subclass's record one level down, written whole (SerializeAsAny)",

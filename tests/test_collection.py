@@ -745,3 +745,20 @@ def test_an_index_made_by_hand_under_mpstores_name_is_refused(db_path: str) -> N
         conn.execute('CREATE UNIQUE INDEX "things__by_text" ON things (f_text)')
     with mpstore.Store(db_path) as store, pytest.raises(mpstore.InvalidName, match="unique or"):
         store.collection("things", Note, key="id", indexes=[("text",)])
+
+
+class _Samples(BaseModel):
+    id: str
+    samples: list[float | None] = []
+    score: Annotated[float, PlainSerializer(lambda v: str(v), return_type=str)] = 0.0
+    form: dict[str, Any] = {"type": "typed-dict", "fields": ["name"]}  # data, not a schema
+
+
+def test_floats_written_their_own_way_and_optional_items_are_stored(store: mpstore.Store) -> None:
+    # None among the items, a serializer that keeps a NaN as text, a default that looks like a
+    # schema: none of them is a float written as null.
+    samples = store.collection("samples", _Samples, key="id")
+    record = _Samples(id="a", samples=[1.0, None], score=math.nan)
+    samples.upsert(record)
+    got = samples.get("a")
+    assert got is not None and got.samples == [1.0, None] and math.isnan(got.score)
