@@ -209,8 +209,7 @@ class Collection(Generic[M]):
         )
         if not rows:
             return []
-        list(_sqlite.registered_fields(rows[0][0], self.name))  # a damaged record: typed error
-        return [list(i) for i in json.loads(rows[0][0])]
+        return _sqlite.registered_indexes(rows[0][0], self.name)
 
     def _check_same(
         self, model: type[BaseModel], key: str, indexes: Sequence[Sequence[str]], revalidate: bool
@@ -383,8 +382,8 @@ class Collection(Generic[M]):
         value = data.decode()
         if self.revalidate:
             self.model.model_validate_json(value)
-        if b"null" in data and type(record) is self.model:
-            # A float that is not finite is written as null: only then can one be there.
+        nulls = b"null" in data  # a float that is not finite is written as null
+        if nulls and type(record) is self.model:
             for field in self._finite:
                 number = getattr(record, field)
                 if number is not None and not math.isfinite(number):
@@ -397,7 +396,7 @@ class Collection(Generic[M]):
         if (
             type(record) is not self.model
             or self._read_back
-            or (self._null_floats and not self.revalidate and b"null" in data)
+            or (self._null_floats and not self.revalidate and nulls)
         ):
             self._check_reads_back(record, key, value)
         if not self.indexed:

@@ -226,8 +226,7 @@ def _registrations(conn: Any, json_keys: bool = False) -> dict[str, Registration
         try:
             _sqlite.check_identifier(name, "collection name")
             _sqlite.check_identifier(key, "key field")
-            list(_sqlite.registered_fields(indexes, name))
-            parsed = tuple(tuple(i) for i in json.loads(indexes))
+            parsed = tuple(tuple(i) for i in _sqlite.registered_indexes(indexes, name))
         except MpstoreError as exc:
             raise MpstoreError(
                 f"the registry's record of collection {name!r} is damaged: {exc.message}"
@@ -596,7 +595,7 @@ def export_to_file(path: str, name: str, target: str, immutable: bool = False) -
         export would replace; and as :func:`export`.
     """
     database = resolve(path)
-    beside = ("", "-wal", "-shm", "-journal", ".lock", ".mailbox")
+    beside = (*_sqlite.FILES, ".lock", ".mailbox")
     if os.path.realpath(target) in {database + suffix for suffix in beside}:
         raise MpstoreError(f"will not export onto {target}: it is part of the store", database)
     directory = os.path.dirname(os.path.abspath(target))

@@ -271,7 +271,8 @@ _GROWTH_IOERRS = frozenset(
 )
 #: The most one SQLite write adds past a file's end: a 64 KiB page and its WAL frame header.
 _LARGEST_WRITE = 65536 + 24
-_FILES = ("", "-wal", "-shm", "-journal")
+#: SQLite's files of a database: itself, its WAL, its shared memory, its rollback journal.
+FILES = ("", "-wal", "-shm", "-journal")
 
 
 def file_size_limit_reached(path: str) -> int | None:
@@ -285,7 +286,7 @@ def file_size_limit_reached(path: str) -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft == resource.RLIM_INFINITY:
         return None
-    for suffix in _FILES:
+    for suffix in FILES:
         try:
             size = os.stat(path + suffix).st_size
         except OSError:
@@ -532,8 +533,8 @@ def _table_fields(conn: Writer, table: str) -> frozenset[str]:
     return fields
 
 
-def registered_fields(indexes: object, table: str) -> Iterator[str]:
-    """The fields of a collection's registered indexes (JSON: lists of ``[-]field``).
+def registered_indexes(indexes: object, table: str) -> list[list[str]]:
+    """A collection's registered indexes (JSON: lists of ``[-]field``), checked.
 
     :raises MpstoreError: the record is not such a list, or names a field unsafe for SQL.
     """
@@ -543,11 +544,22 @@ def registered_fields(indexes: object, table: str) -> Iterator[str]:
             raise TypeError("not a list of non-empty lists")
         for index in parsed:
             for field in index:
-                yield check_identifier(field.lstrip("-"), "indexed field")
+                check_identifier(field.lstrip("-"), "indexed field")
     except (ValueError, TypeError, AttributeError, InvalidName) as exc:
         raise MpstoreError(
             f"the indexes recorded for collection {table!r} are damaged: {str(indexes)[:80]!r}"
         ) from exc
+    return parsed
+
+
+def registered_fields(indexes: object, table: str) -> Iterator[str]:
+    """The fields of a collection's registered indexes (see :func:`registered_indexes`).
+
+    :raises MpstoreError: the record is damaged.
+    """
+    for index in registered_indexes(indexes, table):
+        for field in index:
+            yield field.lstrip("-")
 
 
 def _schema_memo(conn: Writer) -> SQLiteConnection | None:
