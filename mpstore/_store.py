@@ -96,6 +96,9 @@ class _TxState(threading.local):
     # Its nested blocks' savepoints, outermost first, by token (see _Savepoint.token).
     savepoints: tuple[object, ...] = ()
     pid: int = 0
+    # Collections first opened in this transaction, by name: the savepoints open when each
+    # was opened, and the collection (see Store.collection).
+    opened: dict[str, tuple[tuple[object, ...], Collection[Any]]] | None = None
     abandon: threading.Event | None = None
     mailbox_uses: int = 0  # of the store's calls counted in _following, those of this thread
 
@@ -339,7 +342,7 @@ class Store:
         tx = self._tx
         if tx.conn is not None and tx.pid != _fork.pid():
             # Forked inside a block: the child has no transaction.
-            tx.conn, tx.transaction, tx.savepoints = None, None, ()
+            tx.conn, tx.transaction, tx.savepoints, tx.opened = None, None, (), None
         return tx.conn
 
     @contextmanager
@@ -761,6 +764,7 @@ class Store:
         conn = scope.conn = Connection(raw, self.path, writable=True)
         tx = self._tx
         tx.conn, tx.transaction, tx.savepoints, tx.pid = conn, scope, (), _fork.pid()
+        tx.opened = None
         scope.open = True
         try:
             self._emit("begin")
@@ -804,7 +808,7 @@ class Store:
         finally:
             conn._end()
             tx = self._tx
-            tx.conn, tx.transaction, tx.savepoints = None, None, ()
+            tx.conn, tx.transaction, tx.savepoints, tx.opened = None, None, (), None
 
     def _roll_back(self, raw: sqlite3.Connection, conn: Connection) -> None:
         # What was rolled back (here, or by SQLite itself) may have been DDL.
@@ -834,6 +838,8 @@ class Store:
             skipped = not tx.savepoints or tx.savepoints[-1] is not scope.token
             if error is None and not skipped:
                 conn._control(f"RELEASE {name}")
+                if tx.opened:
+                    _released(tx.opened, tx.savepoints)
             elif conn.in_transaction:
                 conn._control(f"ROLLBACK TO {name}")
                 conn._control(f"RELEASE {name}")
@@ -1011,14 +1017,24 @@ class Store:
 
         self._check_open()
         existing = self._collections.get(name)
+        current = self._current()
+        tx = self._tx
+        if existing is None and current is not None and current.writable and tx.opened:
+            existing = _opened_in(tx, name)
         if existing is not None:
             existing._check_same(model, key, indexes, revalidate)
             return existing
+        savepoints = tx.savepoints
         coll = Collection(self, name, model, key, indexes, revalidate)
-        if self._current() is None:
-            # Made inside a transaction, its table may yet be rolled back: not cached, so the
-            # next call checks the table again.
+        if current is None:
             self._collections[name] = coll
+        elif current.writable:
+            # Its table may yet be rolled back with the transaction: kept for this transaction
+            # only, while the savepoints open now stay open, so the next call after checks the
+            # table again.
+            if tx.opened is None:
+                tx.opened = {}
+            tx.opened[name] = (savepoints, coll)
         return coll
 
     def collections(self) -> dict[str, int]:
@@ -1172,6 +1188,27 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _opened_in(tx: _TxState, name: str) -> Collection[Any] | None:
+    """The collection ``name`` first opened in the thread's transaction, if every savepoint
+    open then is open still: one rolled back since may have taken its table with it."""
+    assert tx.opened is not None
+    found = tx.opened.get(name)
+    if found is None:
+        return None
+    savepoints, coll = found
+    return coll if tx.savepoints[: len(savepoints)] == savepoints else None
+
+
+def _released(
+    opened: dict[str, tuple[tuple[object, ...], Collection[Any]]], stack: tuple[object, ...]
+) -> None:
+    """The innermost savepoint of ``stack`` was released: what was opened in it now stands
+    or falls with the block around it."""
+    for name, (savepoints, coll) in list(opened.items()):
+        if savepoints == stack:
+            opened[name] = (stack[:-1], coll)
 
 
 def _reopen(cls: type[Store], path: str, settings: dict[str, Any]) -> Store:

@@ -234,6 +234,44 @@ def test_a_rolled_back_schema_change_does_not_leave_the_index_check_stale(db_pat
         assert indexed.find({"b": 42}) == [_Pair(id="later", a=2, b=42)]
 
 
+def test_a_collection_first_opened_in_a_block_is_opened_once_for_that_block(
+    store: mpstore.Store,
+) -> None:
+    # Asked for again in the same transaction, the same collection comes back: checking its
+    # table again on every call (as the async collections do) made each write in the block
+    # cost about twice as much.
+    with store.write():
+        first = store.collection("notes", Note, key="id")
+        first.upsert(Note(id="a", text="x"))
+        with store.write():
+            assert store.collection("notes", Note, key="id") is first
+        with pytest.raises(mpstore.InvalidName):
+            store.collection("notes", Person, key="id")
+    assert store.collection("notes", Note, key="id").get("a") == Note(id="a", text="x")
+
+
+def test_a_collection_opened_in_a_rolled_back_savepoint_is_opened_again(
+    store: mpstore.Store,
+) -> None:
+    # Its table went with the savepoint: a collection kept from there would write to no table.
+    with store.write():
+        with pytest.raises(KeyError), store.write():
+            gone = store.collection("notes", Note, key="id")
+            raise KeyError("give up")
+        with store.write():
+            again = store.collection("notes", Note, key="id")
+            assert again is not gone
+            again.upsert(Note(id="b", text="y"))
+        assert store.collection("notes", Note, key="id") is again
+    with pytest.raises(KeyError), store.write():
+        store.collection("later", Note, key="id").upsert(Note(id="c", text="z"))
+        raise KeyError("give up")
+    later = store.collection("later", Note, key="id")
+    later.upsert(Note(id="d", text="w"))
+    assert [n.id for n in later.scan()] == ["d"]
+    assert store.collection("notes", Note, key="id").get("b") == Note(id="b", text="y")
+
+
 def test_a_column_added_by_hand_is_left_to_its_owner(db_path: str) -> None:
     # Only the indexes the file records are mpstore's to fill; a hand-made f_ column (even one
     # whose name could not be put into SQL unquoted) is neither written nor a reason to fail.
