@@ -380,8 +380,7 @@ class Collection(Generic[M]):
                 self.store.path,
             )
         value = data.decode()
-        if self.revalidate:
-            self.model.model_validate_json(value)
+        back = self.model.model_validate_json(value) if self.revalidate else None
         nulls = b"null" in data  # a float that is not finite is written as null
         if nulls and type(record) is self.model:
             for field in self._finite:
@@ -393,12 +392,8 @@ class Collection(Generic[M]):
                 if numbers is not None and not all(map(math.isfinite, numbers)):
                     bad = next(n for n in numbers if not math.isfinite(n))
                     self._refuse_non_finite(key, field, bad)
-        if (
-            type(record) is not self.model
-            or self._read_back
-            or (self._null_floats and not self.revalidate and nulls)
-        ):
-            self._check_reads_back(record, key, value)
+        if type(record) is not self.model or self._read_back or (self._null_floats and nulls):
+            self._check_reads_back(record, key, value, back, nulls)
         if not self.indexed:
             return (key, value)
         return (key, value, *self._index_values(record))
@@ -411,20 +406,38 @@ class Collection(Generic[M]):
             self.store.path,
         )
 
-    def _check_reads_back(self, record: BaseModel, key: str, value: str) -> None:
+    def _check_reads_back(
+        self, record: BaseModel, key: str, value: str, back: BaseModel | None, nulls: bool
+    ) -> None:
         """Refuse a record that the collection's model would not read back as it is written:
         a subclass's record with fields the model drops or refuses, a float written as null.
+        ``back``: the model's reading of ``value``, if made already; ``nulls``: whether
+        ``value`` holds a null.
 
         :raises RecordTypeError: it would not read back, or not the same.
         """
-        try:
-            back = self.model.model_validate_json(value)
-        except ValidationError as exc:
-            raise RecordTypeError(
-                f"record {key!r} would be stored as JSON that {self.model.__name__} cannot read "
-                f"back (a NaN or infinity written as null, a subclass's own fields?): {exc}",
-                self.store.path,
-            ) from exc
+        if back is None:
+            try:
+                back = self.model.model_validate_json(value)
+            except ValidationError as exc:
+                raise RecordTypeError(
+                    f"record {key!r} would be stored as JSON that {self.model.__name__} cannot "
+                    f"read back (a NaN or infinity written as null, a subclass's own fields?): "
+                    f"{exc}",
+                    self.store.path,
+                ) from exc
+        if nulls and self._null_floats:
+            # A float that may be None reads its null back as None: the record must not hold
+            # there a NaN or an infinity, which it would lose.
+            lost = _lost_non_finite(record.model_dump(), back.model_dump(), ())
+            if lost is not None:
+                where, number = lost
+                raise RecordTypeError(
+                    f"record {key!r} holds {number} at {'.'.join(map(str, where))}, which "
+                    f"{self.model.__name__}'s JSON writes as null (ser_json_inf_nan='null'): it "
+                    "would read back as None",
+                    self.store.path,
+                )
         if type(record) is not self.model:
             again = back.__pydantic_serializer__.to_json(back, by_alias=self._by_alias)
             if again.decode() != value:
@@ -751,6 +764,34 @@ def _check_key_stored(model: type[BaseModel], key: str, info: FieldInfo) -> None
             f"key field {key!r} of {model.__name__} must be written into the record's JSON as "
             f"it is, but {problem}"
         )
+
+
+def _lost_non_finite(
+    mine: Any, back: Any, where: tuple[object, ...]
+) -> tuple[tuple[object, ...], float] | None:
+    """Where ``mine`` (a record's Python dump) holds a NaN or an infinity that ``back`` (its
+    read-back's) does not, and that number; None if nowhere."""
+    if isinstance(mine, float):
+        if math.isfinite(mine) or (isinstance(back, float) and not math.isfinite(back)):
+            return None
+        return where, mine
+    if isinstance(mine, dict) and isinstance(back, dict):
+        for name, item in mine.items():
+            if name in back:
+                found = _lost_non_finite(item, back[name], (*where, name))
+                if found is not None:
+                    return found
+    elif isinstance(mine, (list, tuple)) and isinstance(back, (list, tuple)):
+        for index, (item, again) in enumerate(zip(mine, back, strict=False)):
+            found = _lost_non_finite(item, again, (*where, index))
+            if found is not None:
+                return found
+    elif isinstance(mine, (set, frozenset)) and isinstance(back, (set, frozenset)):
+        numbers = [n for n in mine if isinstance(n, float) and not math.isfinite(n)]
+        kept = any(isinstance(n, float) and not math.isfinite(n) for n in back)
+        if numbers and not kept:
+            return where, numbers[0]
+    return None
 
 
 class _JSONShape:

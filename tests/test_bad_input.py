@@ -150,6 +150,17 @@ class Outer(BaseModel):
     inner: Inner
 
 
+class MaybeInner(BaseModel):
+    f: float | None = None
+
+
+class MaybeOuter(BaseModel):
+    id: str
+    inner: MaybeInner = MaybeInner()
+    parts: list[MaybeInner] = []
+    by_name: dict[str, float | None] = {}
+
+
 class Node(BaseModel):
     id: str = "n"
     weight: float = 0.0
@@ -214,6 +225,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("measures", Measure, key="id").upsert(Measure(id="m", x=1.5))
         store.collection("outer", Outer, key="id")
         store.collection("nodes", Node, key="id")
+        store.collection("maybe", MaybeOuter, key="id")
+        store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
@@ -429,6 +442,30 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "cannot read back",
+    ),
+    Case(
+        "NaN in a nested model's optional float field, which would read back as None",
+        lambda e: e.store.collection("maybe", MaybeOuter, key="id").upsert(
+            MaybeOuter(id="o", inner=MaybeInner(f=float("nan")))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at inner.f",
+    ),
+    Case(
+        "infinity in a list of nested models' optional floats, with revalidate",
+        lambda e: e.store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True).upsert(
+            MaybeOuter(id="o", parts=[MaybeInner(f=1.0), MaybeInner(f=-float("inf"))])
+        ),
+        mpstore.RecordTypeError,
+        "holds -inf at parts.1.f",
+    ),
+    Case(
+        "NaN in a dict of optional floats",
+        lambda e: e.store.collection("maybe", MaybeOuter, key="id").upsert(
+            MaybeOuter(id="o", by_name={"a": None, "b": float("nan")})
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at by_name.b",
     ),
     Case(
         "NaN in a recursive model's float, below the top record",

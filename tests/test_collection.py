@@ -800,3 +800,32 @@ def test_floats_written_their_own_way_and_optional_items_are_stored(store: mpsto
     samples.upsert(record)
     got = samples.get("a")
     assert got is not None and got.samples == [1.0, None] and math.isnan(got.score)
+
+
+class _Reading(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    value: float | None = None
+
+
+class _Offset(BaseModel):
+    value: float | None = None  # written as null when not finite: the record is checked
+
+
+class _Sensor(BaseModel):
+    id: str
+    last: _Reading = _Reading()
+    history: list[_Reading] = []
+    offset: _Offset = _Offset()
+
+
+def test_nested_optional_floats_keep_none_and_a_nan_their_model_writes_as_text(
+    store: mpstore.Store,
+) -> None:
+    # A None that is a None is no lost float; nor is a NaN its own model writes as "NaN".
+    sensors = store.collection("sensors", _Sensor, key="id")
+    sensors.upsert(_Sensor(id="a", last=_Reading(value=math.nan), history=[_Reading()]))
+    got = sensors.get("a")
+    assert got is not None and got.last.value is not None and math.isnan(got.last.value)
+    assert got.history == [_Reading()] and got.offset == _Offset()
+    with pytest.raises(mpstore.RecordTypeError, match=r"holds inf at offset\.value"):
+        sensors.upsert(_Sensor(id="b", offset=_Offset(value=math.inf)))
