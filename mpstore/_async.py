@@ -249,6 +249,11 @@ def _serve(sync: Store, level: _Level) -> None:
             op.run()
 
 
+class _OpenAbandoned(StoreClosed):
+    """An open that every caller gave up on, closed again: a caller that came meanwhile
+    opens the store anew."""
+
+
 def _outcome_seen(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -527,31 +532,39 @@ class AsyncStore:
         :raises ValueError, CorruptDatabase, PermissionDenied, DirectoryNotFound, GateTimeout:
             as :class:`Store`.
         """
-        with self._threads_lock:
-            if self._closing is not None or self._shut:
-                raise StoreClosed(f"the store {self.path} is closed", self.path)
-            if self._sync is not None:
-                self._handed_out = True
-                return self
-            opening = self._opening
-            if opening is None or opening.done():
-                # The first caller opens it, once; a failed or abandoned open is tried again.
-                opening = self._opening = self._executor.submit(self._open_sync)
-            self._open_waiters += 1
-            self._open_abandoned = False
-        waited = asyncio.wrap_future(opening)
-        try:
-            # Shielded: a cancelled caller must not cancel the open the others wait for.
-            await asyncio.shield(waited)
-        except asyncio.CancelledError:
-            # Nobody awaits it any more: its outcome (StoreClosed, for an open every caller
-            # gave up on) must not be logged as an exception never retrieved.
-            waited.add_done_callback(_outcome_seen)
-            self._leave_open(opening, cancelled=True)
-            raise
-        except BaseException:
-            self._leave_open(opening, cancelled=False)  # counted out; nothing was opened
-            raise
+        while True:
+            with self._threads_lock:
+                if self._closing is not None or self._shut:
+                    raise StoreClosed(f"the store {self.path} is closed", self.path)
+                if self._sync is not None:
+                    self._handed_out = True
+                    return self
+                opening = self._opening
+                if opening is None or opening.done():
+                    # The first caller opens it, once; a failed or abandoned open is tried
+                    # again.
+                    opening = self._opening = self._executor.submit(self._open_sync)
+                self._open_waiters += 1
+                self._open_abandoned = False
+            waited = asyncio.wrap_future(opening)
+            try:
+                # Shielded: a cancelled caller must not cancel the open the others wait for.
+                await asyncio.shield(waited)
+            except asyncio.CancelledError:
+                # Nobody awaits it any more: its outcome (StoreClosed, for an open every caller
+                # gave up on) must not be logged as an exception never retrieved.
+                waited.add_done_callback(_outcome_seen)
+                self._leave_open(opening, cancelled=True)
+                raise
+            except _OpenAbandoned:
+                # Every caller before this one gave it up, and it was closed as this one came:
+                # nothing closed the store itself, so it is opened again.
+                self._leave_open(opening, cancelled=False)
+                continue
+            except BaseException:
+                self._leave_open(opening, cancelled=False)  # counted out; nothing was opened
+                raise
+            break
         self._leave_open(opening, cancelled=False, handed_out=True)
         if self._closing is not None:  # aclose() came meanwhile, and closes what opened
             raise StoreClosed(f"the store {self.path} is closed", self.path)
@@ -577,20 +590,27 @@ class AsyncStore:
             if store is None:
                 return
             self._sync = None
-        self._executor.submit(store.close)
+            # Under the lock: aclose(), which shuts the executor down, cannot have begun, and
+            # waits for this close once it does.
+            self._executor.submit(store.close)
 
     def _open_sync(self) -> Store:
         """Open the sync store (in a worker thread) and keep it, unless aclose() has finished
-        its shutdown meanwhile: it never saw this store, so it is closed here.
+        its shutdown meanwhile (it never saw this store), or every open() caller gave up on
+        it: then it is closed here.
 
-        :raises StoreClosed: so closed.
+        :raises StoreClosed: closed because of aclose() (:class:`_OpenAbandoned`: because every
+            caller gave up).
         """
         store = Store(self.path, **self._settings)
         with self._threads_lock:
             if not self._shut and not self._open_abandoned:
                 self._sync = store
                 return store
+            abandoned = not self._shut
         store.close()
+        if abandoned:
+            raise _OpenAbandoned(f"the open of {self.path} was given up", self.path)
         raise StoreClosed(f"the store {self.path} is closed", self.path)
 
     async def __aenter__(self) -> AsyncStore:

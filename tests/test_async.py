@@ -8,6 +8,7 @@ through the store's ``on_event`` hook (see :class:`Events`), never through sleep
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import itertools
@@ -1634,6 +1635,90 @@ def test_a_co_opener_cancelled_after_open_returned_to_another_leaves_the_store_o
         await store.aclose()
 
     run(main)
+
+
+def test_an_open_that_comes_as_an_abandoned_open_closes_its_store_opens_it_again(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The only opener is cancelled; the open under way then closes the store it made, and a
+    # second open() joins it just then. Nobody closed the store: the second gets it open.
+    may_open, closing, joined = threading.Event(), threading.Event(), threading.Event()
+
+    class Paced(mpstore.Store):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            assert may_open.wait(WAIT)
+            super().__init__(*args, **kwargs)
+
+        def close(self) -> None:
+            if not closing.is_set():
+                closing.set()
+                assert joined.wait(WAIT)
+            super().close()
+
+    monkeypatch.setattr(_async, "Store", Paced)
+
+    async def main() -> None:
+        store = mpstore.AsyncStore(db_path, max_threads=1)
+        first = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # a turn of the loop: the open starts in a worker thread
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        may_open.set()  # it finds every caller gone, and closes what it opened
+        await wait_off_loop(closing, "the abandoned open to close its store")
+        second = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # a turn of the loop: it joins the open under way
+        joined.set()
+        assert await asyncio.wait_for(second, WAIT) is store
+        assert await store.query("SELECT 1") == [(1,)]
+        await store.aclose()
+
+    run(main)
+
+
+def test_aclose_as_the_last_cancelled_opener_gives_its_store_back_still_closes_it(
+    db_path: str,
+) -> None:
+    # The open ends just as its only caller is cancelled, which hands the store to a worker
+    # thread to close; aclose() must not begin in between (it would shut the threads down
+    # first, and neither would close the store).
+    async def main() -> mpstore.Store:
+        store = mpstore.AsyncStore(db_path, max_threads=1)
+        executor = store._executor
+        submit, shutdown = executor.submit, executor.shutdown
+        shut_down = threading.Event()
+        given_back: list[mpstore.Store] = []
+
+        def shutting_down(*args: Any, **kwargs: Any) -> None:
+            shutdown(wait=False)
+            shut_down.set()
+            shutdown(*args, **kwargs)
+
+        def aclose_first(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, mpstore.Store) and fn.__name__ == "close":
+                given_back.append(owner)
+                if store._threads_lock.acquire(blocking=False):  # aclose() could begin here
+                    store._threads_lock.release()
+                    store._start_shutdown()
+                    assert shut_down.wait(WAIT)
+            return submit(fn, *args, **kwargs)
+
+        executor.submit = aclose_first  # type: ignore[method-assign]
+        executor.shutdown = shutting_down  # type: ignore[method-assign]
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(0)  # a turn of the loop: the open starts in a worker thread
+        opening.cancel()
+        assert store._opening is not None
+        # The loop waits here, so the open ends before the task hears it was cancelled.
+        concurrent.futures.wait([store._opening], timeout=WAIT)
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        await store.aclose()
+        assert len(given_back) == 1
+        return given_back[0]
+
+    assert run(main).closed
 
 
 def test_an_open_cancelled_after_a_failed_one_still_closes_what_it_opens(tmp_path: Any) -> None:
