@@ -114,8 +114,14 @@ class Collection(Generic[M]):
         self._json_keys = _json_keys(model)
         # What model_dump_json() asks of the serializer, whose own default was True before
         # pydantic 2.11: keys by alias only where the model says so.
-        self._by_alias = bool(model.model_config.get("serialize_by_alias", False))
+        self._by_alias: bool | None = bool(model.model_config.get("serialize_by_alias", False))
         shape = _JSONShape(model, self._by_alias)
+        if shape.problem is not None and _JSONShape(model, None).problem is None:
+            # A nested model reads back only what its own serialize_by_alias writes: each
+            # model is written by its own setting then, as model_dump_json() does. Every record
+            # is read back, as the walk can only infer that setting where a model has none.
+            self._by_alias, shape = None, _JSONShape(model, None)
+            shape.read_back = True
         if shape.problem is not None:
             raise RecordTypeError(
                 f"{model.__name__} cannot read back the JSON it writes, so its records would be "
@@ -800,10 +806,11 @@ class _JSONShape:
     ``problem``: why it never could, or None. ``read_back``: code decides what is written (a
     model_serializer, ``SerializeAsAny``, a computed field's ``exclude_if``), so only reading
     each record back can tell. ``finite``: the model's own float fields, which its JSON writes
-    as null when not finite. ``null_floats``: floats deeper in, written so too.
+    as null when not finite. ``null_floats``: floats deeper in, written so too. ``by_alias``:
+    what the serializer is asked for, None for each model by its own ``serialize_by_alias``.
     """
 
-    def __init__(self, model: type[BaseModel], by_alias: bool) -> None:
+    def __init__(self, model: type[BaseModel], by_alias: bool | None) -> None:
         self.problem: str | None = None
         self.read_back = False
         self.finite: list[str] = []
@@ -823,7 +830,10 @@ class _JSONShape:
             return
         kind = node.get("type")
         if kind in ("model", "dataclass", "typed-dict"):
-            config = node.get("config") or {}
+            outer, config = config, node.get("config") or {}
+            if kind == "typed-dict":
+                # A TypedDict's keys are written by the setting of the model around it.
+                config = {**config, "serialize_by_alias": outer.get("serialize_by_alias", False)}
             if "serialization" in node and kind != "typed-dict":
                 self.read_back = True  # a model_serializer: its fields say nothing
                 return
@@ -872,7 +882,10 @@ class _JSONShape:
 
     def _check_field(self, name: str, field: Mapping[str, Any], config: Any, owner: str) -> None:
         alias = field.get("serialization_alias")
-        written = alias if self._by_alias and alias else name
+        by_alias = self._by_alias
+        if by_alias is None:  # each model by its own setting
+            by_alias = bool(config.get("serialize_by_alias", False))
+        written = alias if by_alias and alias else name
         read = _names_read(name, field.get("validation_alias"), config)
         if written not in read:
             self.problem = (

@@ -23,6 +23,7 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     computed_field,
+    with_config,
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import TypedDict
@@ -124,6 +125,16 @@ class Options(TypedDict):
 class WithOptions(BaseModel):
     id: str
     o: Options
+
+
+@with_config(ConfigDict(serialize_by_alias=True))  # pydantic writes it by its model's setting
+class AliasedOptions(TypedDict):
+    level: Annotated[int, Field(alias="Level")]
+
+
+class WithAliasedOptions(BaseModel):
+    id: str
+    o: AliasedOptions
 
 
 class Part(BaseModel):
@@ -504,6 +515,12 @@ CASES = [
     Case(
         "a TypedDict field that writes a key it does not read",
         lambda e: e.store.collection("options", WithOptions, key="id"),
+        mpstore.RecordTypeError,
+        "written as 'level' but read from 'Level'",
+    ),
+    Case(
+        "a TypedDict whose own serialize_by_alias pydantic does not follow",
+        lambda e: e.store.collection("aliased_options", WithAliasedOptions, key="id"),
         mpstore.RecordTypeError,
         "written as 'level' but read from 'Level'",
     ),

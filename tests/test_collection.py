@@ -802,6 +802,33 @@ def test_floats_written_their_own_way_and_optional_items_are_stored(store: mpsto
     assert got is not None and got.samples == [1.0, None] and math.isnan(got.score)
 
 
+class _Badge(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)  # read by its alias only
+    label: str = Field(alias="Label")
+
+
+class _Member(BaseModel):
+    id: str
+    badge: _Badge
+    badges: list[_Badge] = []
+
+
+def test_a_nested_model_is_written_by_its_own_serialize_by_alias_where_it_reads_only_that(
+    store: mpstore.Store,
+) -> None:
+    # Written by the top model's setting (names), _Badge could not read itself back: each
+    # model is written by its own setting then, as model_dump_json() writes it.
+    members = store.collection("members", _Member, key="id")
+    record = _Member(id="m", badge=_Badge(Label="a"), badges=[_Badge(Label="b")])
+    members.upsert(record)
+    assert members.get("m") == record
+    assert json.loads(store.query("SELECT value FROM members")[0][0]) == {
+        "id": "m",
+        "badge": {"Label": "a"},
+        "badges": [{"Label": "b"}],
+    }
+
+
 class _Reading(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings")
     value: float | None = None
