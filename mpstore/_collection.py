@@ -116,11 +116,12 @@ class Collection(Generic[M]):
         # pydantic 2.11: keys by alias only where the model says so.
         self._by_alias: bool | None = bool(model.model_config.get("serialize_by_alias", False))
         shape = _JSONShape(model, self._by_alias)
-        if shape.problem is not None and _JSONShape(model, None).problem is None:
+        own = _JSONShape(model, None) if shape.problem is not None else None
+        if own is not None and own.problem is None:
             # A nested model reads back only what its own serialize_by_alias writes: each
             # model is written by its own setting then, as model_dump_json() does. Every record
             # is read back, as the walk can only infer that setting where a model has none.
-            self._by_alias, shape = None, _JSONShape(model, None)
+            self._by_alias, shape = None, own
             shape.read_back = True
         if shape.problem is not None:
             raise RecordTypeError(
