@@ -78,25 +78,37 @@ _LEAVES_READ_ONLY = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 
+#: Statements that may change the schema, or take a change back (a savepoint of the block's
+#: own rolled back): what was found out about the schema in the block may no longer hold.
+_MAY_CHANGE_SCHEMA = re.compile(
+    _LEAD + r"(?:create|drop|alter|rollback|savepoint|release|reindex|vacuum|pragma|attach"
+    r"|detach)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
 #: Statements already found not to end a transaction (and, for reads, not to leave read-only):
 #: most are run again and again (mpstore's own on every write), and a set lookup costs a
 #: fraction of the patterns' match. Short texts only, and a bounded number of them, so that
 #: texts with values in them cannot pile up.
-_ALLOWED: set[str] = set()
+_ALLOWED: dict[str, bool] = {}  # each with whether it may change the schema
 _ALLOWED_READS: set[str] = set()
 _ALLOWED_MAX = 1024
 _ALLOWED_TEXT = 2048
 
 
-def check_statement(sql: str, writable: bool, path: str) -> None:
+def check_statement(sql: str, writable: bool, path: str) -> bool:
     """Refuse ``sql`` if it would end its block's transaction (or mpstore's own savepoint), or,
-    in a read (``writable`` False), leave its connection able to write.
+    in a read (``writable`` False), leave its connection able to write. Returns whether, in a
+    write, it may change the schema (see :data:`_MAY_CHANGE_SCHEMA`).
 
     :raises TransactionError: it would.
     """
-    allowed = _ALLOWED if writable else _ALLOWED_READS
-    if sql in allowed:
-        return
+    if writable:
+        known = _ALLOWED.get(sql)
+        if known is not None:
+            return known
+    elif sql in _ALLOWED_READS:
+        return False
     if _ENDS_TRANSACTION.match(sql):
         raise TransactionError(
             f"{sql.strip()[:40]!r} would end the block's transaction (or mpstore's own "
@@ -108,10 +120,16 @@ def check_statement(sql: str, writable: bool, path: str) -> None:
             f"{sql.strip()[:40]!r} would let later reads write, bypassing the gate; use write()",
             path,
         )
+    changes = writable and _MAY_CHANGE_SCHEMA.match(sql) is not None
     if len(sql) <= _ALLOWED_TEXT:
+        allowed = _ALLOWED if writable else _ALLOWED_READS
         if len(allowed) >= _ALLOWED_MAX:
             allowed.clear()  # texts made on the fly: the ones run again come back
-        allowed.add(sql)
+        if writable:
+            _ALLOWED[sql] = changes
+        else:
+            _ALLOWED_READS.add(sql)
+    return changes
 
 
 class Connection:
@@ -134,6 +152,7 @@ class Connection:
         "_pid",
         "_thread",
         "schema_checked",
+        "schema_epoch",
         "writable",
     )
 
@@ -145,6 +164,8 @@ class Connection:
         self._active = True
         self.writable = writable
         self.schema_checked = False  # see _sqlite.schema_changed
+        # Counts the statements run here that may have changed the schema (see Store.collection).
+        self.schema_epoch = 0
         # Cursors with rows, closed when the block ends: one kept unfinished past it would
         # hold its connection's read snapshot (a pooled connection's, or the write
         # connection's, whose next transaction would then fail on a stale snapshot).
@@ -165,8 +186,12 @@ class Connection:
                 "this block's transaction was ended by an earlier statement; leave the block",
                 self._path,
             )
-        if sql is not None and (not self.writable or sql not in _ALLOWED):
-            check_statement(sql, self.writable, self._path)
+        if sql is not None:
+            changes = _ALLOWED.get(sql) if self.writable else None  # looked up, not matched
+            if changes is None:
+                changes = check_statement(sql, self.writable, self._path)
+            if changes:
+                self.schema_epoch += 1
         return self._conn
 
     def _call(self, run: Callable[..., sqlite3.Cursor], *args: Any) -> sqlite3.Cursor:

@@ -88,6 +88,10 @@ def _report_unraisable(exc: BaseException, message: str) -> None:
     sys.unraisablehook(_Unraisable(exc, message))
 
 
+#: A collection first opened in a transaction (see _TxState.opened).
+_Opened = tuple[tuple[object, ...], "Collection[Any]", int]
+
+
 class _TxState(threading.local):
     """The calling thread's open transaction in this store, if any."""
 
@@ -97,8 +101,8 @@ class _TxState(threading.local):
     savepoints: tuple[object, ...] = ()
     pid: int = 0
     # Collections first opened in this transaction, by name: the savepoints open when each
-    # was opened, and the collection (see Store.collection).
-    opened: dict[str, tuple[tuple[object, ...], Collection[Any]]] | None = None
+    # was opened, the collection, and the connection's schema_epoch then (see Store.collection).
+    opened: dict[str, _Opened] | None = None
     abandon: threading.Event | None = None
     mailbox_uses: int = 0  # of the store's calls counted in _following, those of this thread
 
@@ -1021,6 +1025,15 @@ class Store:
         tx = self._tx
         if existing is None and current is not None and current.writable and tx.opened:
             existing = _opened_in(tx, name)
+            if existing is not None:
+                existing._check_same(model, key, indexes, revalidate)
+                if tx.opened[name][2] != current.schema_epoch:
+                    # The block's own SQL may have changed the schema or taken its table back
+                    # (to a savepoint of its own): the table is asked for again, made again if
+                    # need be, and then stands or falls with the savepoints open now.
+                    existing._ensure_table()
+                    tx.opened[name] = (tx.savepoints, existing, current.schema_epoch)
+                return existing
         if existing is not None:
             existing._check_same(model, key, indexes, revalidate)
             return existing
@@ -1034,7 +1047,7 @@ class Store:
             # table again.
             if tx.opened is None:
                 tx.opened = {}
-            tx.opened[name] = (savepoints, coll)
+            tx.opened[name] = (savepoints, coll, current.schema_epoch)
         return coll
 
     def collections(self) -> dict[str, int]:
@@ -1197,18 +1210,16 @@ def _opened_in(tx: _TxState, name: str) -> Collection[Any] | None:
     found = tx.opened.get(name)
     if found is None:
         return None
-    savepoints, coll = found
+    savepoints, coll, _ = found
     return coll if tx.savepoints[: len(savepoints)] == savepoints else None
 
 
-def _released(
-    opened: dict[str, tuple[tuple[object, ...], Collection[Any]]], stack: tuple[object, ...]
-) -> None:
+def _released(opened: dict[str, _Opened], stack: tuple[object, ...]) -> None:
     """The innermost savepoint of ``stack`` was released: what was opened in it now stands
     or falls with the block around it."""
-    for name, (savepoints, coll) in list(opened.items()):
+    for name, (savepoints, coll, epoch) in list(opened.items()):
         if savepoints == stack:
-            opened[name] = (stack[:-1], coll)
+            opened[name] = (stack[:-1], coll, epoch)
 
 
 def _reopen(cls: type[Store], path: str, settings: dict[str, Any]) -> Store:

@@ -272,6 +272,33 @@ def test_a_collection_opened_in_a_rolled_back_savepoint_is_opened_again(
     assert store.collection("notes", Note, key="id").get("b") == Note(id="b", text="y")
 
 
+def test_a_block_rolling_back_to_its_own_savepoint_leaves_no_stale_collection(
+    store: mpstore.Store,
+) -> None:
+    # The block's own savepoint takes back the table, and in the second case the index
+    # column, that opening the collection made there: asked for again, they are made again.
+    with store.write() as conn:
+        conn.execute("SAVEPOINT mine")
+        store.collection("notes", Note, key="id")
+        conn.execute("ROLLBACK TO mine")
+        conn.execute("RELEASE mine")
+        store.collection("notes", Note, key="id").upsert(Note(id="a", text="x"))
+    with mpstore.Store(store.path) as other:
+        other.collection("items", Note, key="id")  # its table is there, without the index
+    with store.write() as conn:
+        conn.execute("SAVEPOINT mine")
+        store.collection("items", Note, key="id", indexes=[("text",)])
+        conn.execute("ROLLBACK TO mine")
+        conn.execute("RELEASE mine")
+        store.collection("items", Note, key="id", indexes=[("text",)]).upsert(
+            Note(id="b", text="y")
+        )
+    assert store.collection("notes", Note, key="id").get("a") == Note(id="a", text="x")
+    with mpstore.Store(store.path) as other:
+        items = other.collection("items", Note, key="id", indexes=[("text",)])
+        assert items.find({"text": "y"}) == [Note(id="b", text="y")]
+
+
 def test_a_column_added_by_hand_is_left_to_its_owner(db_path: str) -> None:
     # Only the indexes the file records are mpstore's to fill; a hand-made f_ column (even one
     # whose name could not be put into SQL unquoted) is neither written nor a reason to fail.
