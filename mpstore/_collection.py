@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
@@ -433,18 +434,21 @@ class Collection(Generic[M]):
                     f"{exc}",
                     self.store.path,
                 ) from exc
-        if nulls and self._null_floats:
+        if nulls and self._null_floats and _non_finite(record) > _non_finite(back):
             # A float that may be None reads its null back as None: the record must not hold
             # there a NaN or an infinity, which it would lose.
-            lost = _lost_non_finite(record.model_dump(), back.model_dump(), ())
-            if lost is not None:
-                where, number = lost
-                raise RecordTypeError(
-                    f"record {key!r} holds {number} at {'.'.join(map(str, where))}, which "
-                    f"{self.model.__name__}'s JSON writes as null (ser_json_inf_nan='null'): it "
-                    "would read back as None",
-                    self.store.path,
-                )
+            found = _lost_non_finite(record, back, ())
+            if found is None:
+                what, becomes = "a NaN or infinity", "something else"
+            else:
+                where, number, again = found
+                what, becomes = f"{number} at {'.'.join(map(str, where))}", repr(again)
+            raise RecordTypeError(
+                f"record {key!r} holds {what}, which {self.model.__name__}'s JSON does not "
+                f"keep: it would read back as {becomes} (a float written as null, by default, "
+                "reads back as None)",
+                self.store.path,
+            )
         if type(record) is not self.model:
             again = back.__pydantic_serializer__.to_json(back, by_alias=self._by_alias)
             if again.decode() != value:
@@ -773,31 +777,52 @@ def _check_key_stored(model: type[BaseModel], key: str, info: FieldInfo) -> None
         )
 
 
+def _parts(value: Any) -> Iterator[tuple[object, Any]]:
+    """The values held by ``value`` (a record, or anything in one), each with its name or
+    position: fields of models and dataclasses, keys and values of dicts, items."""
+    if isinstance(value, BaseModel):
+        yield from value.__dict__.items()
+        yield from (value.__pydantic_extra__ or {}).items()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield field.name, getattr(value, field.name, None)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield f"<key {name!r}>", name
+            yield name, item
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        yield from enumerate(value)
+
+
+def _non_finite(value: Any) -> int:
+    """How many NaNs and infinities ``value`` holds, at any depth."""
+    if isinstance(value, float):
+        return 0 if math.isfinite(value) else 1
+    return sum(_non_finite(item) for _, item in _parts(value))
+
+
 def _lost_non_finite(
     mine: Any, back: Any, where: tuple[object, ...]
-) -> tuple[tuple[object, ...], float] | None:
-    """Where ``mine`` (a record's Python dump) holds a NaN or an infinity that ``back`` (its
-    read-back's) does not, and that number; None if nowhere."""
+) -> tuple[tuple[object, ...], float, Any] | None:
+    """Where ``mine`` (a record) holds a NaN or an infinity that ``back`` (its reading back)
+    does not hold at the same place, that number, and what ``back`` holds there; None if no
+    such place is found (sets, keys that read back changed)."""
     if isinstance(mine, float):
-        if math.isfinite(mine) or (isinstance(back, float) and not math.isfinite(back)):
-            return None
-        return where, mine
-    if isinstance(mine, dict) and isinstance(back, dict):
-        for name, item in mine.items():
-            if name in back:
-                found = _lost_non_finite(item, back[name], (*where, name))
-                if found is not None:
-                    return found
-    elif isinstance(mine, (list, tuple)) and isinstance(back, (list, tuple)):
-        for index, (item, again) in enumerate(zip(mine, back, strict=False)):
-            found = _lost_non_finite(item, again, (*where, index))
-            if found is not None:
-                return found
-    elif isinstance(mine, (set, frozenset)) and isinstance(back, (set, frozenset)):
-        numbers = [n for n in mine if isinstance(n, float) and not math.isfinite(n)]
-        kept = any(isinstance(n, float) and not math.isfinite(n) for n in back)
-        if numbers and not kept:
-            return where, numbers[0]
+        lost = not math.isfinite(mine) and not (isinstance(back, float) and not math.isfinite(back))
+        return (where, mine, back) if lost else None
+    if isinstance(mine, (set, frozenset)):
+        return None  # no order to match items by
+    theirs = dict(_parts(back))
+    for name, item in _parts(mine):
+        if isinstance(name, str) and name.startswith("<key "):
+            continue
+        try:
+            again = theirs.get(name)
+        except TypeError:  # an unhashable key
+            continue
+        found = _lost_non_finite(item, again, (*where, name))
+        if found is not None:
+            return found
     return None
 
 

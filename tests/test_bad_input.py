@@ -170,6 +170,15 @@ class MaybeOuter(BaseModel):
     inner: MaybeInner = MaybeInner()
     parts: list[MaybeInner] = []
     by_name: dict[str, float | None] = {}
+    pairs: set[tuple[str, float | None]] = set()
+    by_any_key: dict[str | int, float | None] = {}
+
+
+class Labelled(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    id: str
+    value: float | str | None = None
+    inner: MaybeInner = MaybeInner()
 
 
 class Node(BaseModel):
@@ -237,6 +246,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("outer", Outer, key="id")
         store.collection("nodes", Node, key="id")
         store.collection("maybe", MaybeOuter, key="id")
+        store.collection("labelled", Labelled, key="id")
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
@@ -469,6 +479,30 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "holds -inf at parts.1.f",
+    ),
+    Case(
+        "NaN in a set of pairs, where no place matches it in the read-back",
+        lambda e: e.store.collection("maybe", MaybeOuter, key="id").upsert(
+            MaybeOuter(id="o", pairs={("x", float("nan"))})
+        ),
+        mpstore.RecordTypeError,
+        "holds a NaN or infinity, which MaybeOuter's JSON does not keep",
+    ),
+    Case(
+        "infinity under an int key, which reads back as text",
+        lambda e: e.store.collection("maybe", MaybeOuter, key="id").upsert(
+            MaybeOuter(id="o", by_any_key={1: float("inf")})
+        ),
+        mpstore.RecordTypeError,
+        "JSON does not keep",
+    ),
+    Case(
+        "NaN written as text into a field that reads text back",
+        lambda e: e.store.collection("labelled", Labelled, key="id").upsert(
+            Labelled(id="l", value=float("nan"))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at value, which Labelled's JSON does not keep: it would read back as 'NaN'",
     ),
     Case(
         "NaN in a dict of optional floats",
