@@ -434,7 +434,8 @@ class Collection(Generic[M]):
                     f"{exc}",
                     self.store.path,
                 ) from exc
-        if nulls and self._null_floats and _non_finite(record) > _non_finite(back):
+        held = _non_finite(record) if nulls and self._null_floats else 0
+        if held and held > _non_finite(back):
             # A float that may be None reads its null back as None: the record must not hold
             # there a NaN or an infinity, which it would lose.
             found = _lost_non_finite(record, back, ())
@@ -798,7 +799,24 @@ def _non_finite(value: Any) -> int:
     """How many NaNs and infinities ``value`` holds, at any depth."""
     if isinstance(value, float):
         return 0 if math.isfinite(value) else 1
-    return sum(_non_finite(item) for _, item in _parts(value))
+    if isinstance(value, BaseModel):
+        items: Iterable[Any] = value.__dict__.values()
+        if value.__pydantic_extra__:
+            items = [*items, *value.__pydantic_extra__.values()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    elif isinstance(value, dict) or dataclasses.is_dataclass(value):
+        items = [item for _, item in _parts(value)]
+    else:
+        return 0
+    count = 0
+    for item in items:  # the common leaves without a call each
+        kind = type(item)
+        if kind is float:
+            count += not math.isfinite(item)
+        elif kind is not str and kind is not int and item is not None and kind is not bool:
+            count += _non_finite(item)
+    return count
 
 
 def _lost_non_finite(
