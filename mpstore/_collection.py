@@ -125,9 +125,11 @@ class Collection(Generic[M]):
             self._by_alias, shape = None, own
             shape.read_back = True
         if shape.problem is not None:
+            # What stops each model's own setting too: the first walk's may be what that fixes.
+            problem = own.problem if own is not None else shape.problem
             raise RecordTypeError(
                 f"{model.__name__} cannot read back the JSON it writes, so its records would be "
-                f"stored unreadable: {shape.problem}"
+                f"stored unreadable: {problem}"
             )
         # Read back before it is kept: every record, when code decides what is written; else
         # one whose JSON holds a null, if a float deeper in is written as null when not finite.
@@ -435,10 +437,11 @@ class Collection(Generic[M]):
                     self.store.path,
                 ) from exc
         held = _non_finite(record) if nulls and self._null_floats else 0
-        if held and held > _non_finite(back):
+        found = _lost_non_finite(record, back, ()) if held else None
+        if found is not None or (held and held > _non_finite(back)):
             # A float that may be None reads its null back as None: the record must not hold
-            # there a NaN or an infinity, which it would lose.
-            found = _lost_non_finite(record, back, ())
+            # there a NaN or an infinity, which it would lose (found where the two match up,
+            # else counted: in a set, under a key that reads back changed).
             if found is None:
                 what, becomes = "a NaN or infinity", "something else"
             else:
@@ -457,6 +460,17 @@ class Collection(Generic[M]):
                     f"record {key!r} is a {type(record).__name__}, whose JSON "
                     f"{self.model.__name__} does not read back as written (the subclass adds "
                     "fields, or writes them its own way)",
+                    self.store.path,
+                )
+        elif self._by_alias is None and back != record:
+            # Each model written by its own alias setting, as the walk of the schema inferred:
+            # what reads back must be what was written (an optional key the model reads under
+            # another name would be dropped without a word).
+            again = back.__pydantic_serializer__.to_json(back, by_alias=None)
+            if again.decode() != value:
+                raise RecordTypeError(
+                    f"record {key!r} does not read back as written: {self.model.__name__} reads "
+                    "some of its keys under other names than it writes them",
                     self.store.path,
                 )
 
@@ -778,15 +792,38 @@ def _check_key_stored(model: type[BaseModel], key: str, info: FieldInfo) -> None
         )
 
 
+def _written_fields(kind: type) -> tuple[str, ...]:
+    """The fields of a model or dataclass class that its JSON may hold: not ``exclude``-d.
+    (A ``functools.cached_property`` keeps its value in the instance's ``__dict__`` too.)"""
+    found = _WRITTEN.get(kind)
+    if found is None:
+        fields: Mapping[str, Any] | None = getattr(kind, "__pydantic_fields__", None)
+        if fields is not None:
+            found = tuple(name for name, info in fields.items() if info.exclude is not True)
+        else:
+            found = tuple(f.name for f in dataclasses.fields(kind))
+        _WRITTEN[kind] = found
+    return found
+
+
+_WRITTEN: dict[type, tuple[str, ...]] = {}
+
+
 def _parts(value: Any) -> Iterator[tuple[object, Any]]:
-    """The values held by ``value`` (a record, or anything in one), each with its name or
-    position: fields of models and dataclasses, keys and values of dicts, items."""
-    if isinstance(value, BaseModel):
-        yield from value.__dict__.items()
-        yield from (value.__pydantic_extra__ or {}).items()
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for field in dataclasses.fields(value):
-            yield field.name, getattr(value, field.name, None)
+    """The values held by ``value`` (a record, or anything in one) that its JSON may hold,
+    each with its name or position: written fields of models and dataclasses (and a model's
+    extra ones), keys and values of dicts, items."""
+    if isinstance(value, BaseModel) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        held = getattr(value, "__dict__", None)
+        for name in _written_fields(type(value)):
+            yield (
+                name,
+                held[name] if held is not None and name in held else getattr(value, name, None),
+            )
+        if isinstance(value, BaseModel) and value.__pydantic_extra__:
+            yield from value.__pydantic_extra__.items()
     elif isinstance(value, dict):
         for name, item in value.items():
             yield f"<key {name!r}>", name
@@ -796,16 +833,13 @@ def _parts(value: Any) -> Iterator[tuple[object, Any]]:
 
 
 def _non_finite(value: Any) -> int:
-    """How many NaNs and infinities ``value`` holds, at any depth."""
+    """How many NaNs and infinities ``value`` holds where its JSON may hold them, at any
+    depth."""
     if isinstance(value, float):
         return 0 if math.isfinite(value) else 1
-    if isinstance(value, BaseModel):
-        items: Iterable[Any] = value.__dict__.values()
-        if value.__pydantic_extra__:
-            items = [*items, *value.__pydantic_extra__.values()]
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = value
-    elif isinstance(value, dict) or dataclasses.is_dataclass(value):
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items: Iterable[Any] = value
+    elif isinstance(value, (BaseModel, dict)) or dataclasses.is_dataclass(value):
         items = [item for _, item in _parts(value)]
     else:
         return 0
@@ -844,6 +878,10 @@ def _lost_non_finite(
     return None
 
 
+#: The settings a TypedDict's JSON takes from the model around it.
+_INHERITED = ("serialize_by_alias", "ser_json_inf_nan")
+
+
 class _JSONShape:
     """What a model's core schema says about reading back the JSON it writes.
 
@@ -862,7 +900,7 @@ class _JSONShape:
         self.null_floats = False
         self._by_alias = by_alias
         self._definitions: dict[Any, Any] = {}
-        self._seen: set[tuple[str, bool]] = set()
+        self._seen: set[tuple[Any, ...]] = set()
         self._walk(model.__pydantic_core_schema__, {}, top=True)
 
     def _walk(self, node: Any, config: Mapping[str, Any], top: bool = False) -> None:
@@ -876,8 +914,10 @@ class _JSONShape:
         if kind in ("model", "dataclass", "typed-dict"):
             outer, config = config, node.get("config") or {}
             if kind == "typed-dict":
-                # A TypedDict's keys are written by the setting of the model around it.
-                config = {**config, "serialize_by_alias": outer.get("serialize_by_alias", False)}
+                # pydantic writes a TypedDict's keys, and its floats, by the settings of the
+                # model around it, whatever its own say.
+                own = {k: v for k, v in config.items() if k not in _INHERITED}
+                config = own | {k: outer[k] for k in _INHERITED if k in outer}
             if "serialization" in node and kind != "typed-dict":
                 self.read_back = True  # a model_serializer: its fields say nothing
                 return
@@ -887,8 +927,10 @@ class _JSONShape:
             ref = node.get("schema_ref")
             # Walked again below the top: the top model's own floats, met again in a field
             # (a recursive model), are not the top record's, which alone ``finite`` checks.
-            if isinstance(ref, str) and (ref, top) not in self._seen:
-                self._seen.add((ref, top))
+            # Again under other settings around it: a TypedDict takes some from there.
+            seen = (ref, top, *(config.get(k) for k in _INHERITED))
+            if isinstance(ref, str) and seen not in self._seen:
+                self._seen.add(seen)
                 self._walk(self._definitions.get(ref), config, top)
             return
         if kind == "definitions":

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 import pytest
 from pydantic import (
@@ -137,6 +137,49 @@ class WithAliasedOptions(BaseModel):
     o: AliasedOptions
 
 
+class MaybeOptions(TypedDict):
+    level: NotRequired[Annotated[int, Field(alias="Level")]]
+
+
+class AliasedHolder(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)  # writes the TypedDict as "Level"
+    label: str = Field(alias="Label")
+    a: MaybeOptions
+
+
+class SharedOptions(BaseModel):
+    id: str
+    holder: AliasedHolder
+    o: MaybeOptions  # the same TypedDict, written "level" here: its key would be dropped
+
+
+class Point2(TypedDict):
+    x: float | None
+
+
+class Calibrated(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    lo: Point2
+    hi: Point2  # used twice: a definition of the schema, walked first from here
+
+
+class SharedPoints(BaseModel):
+    id: str
+    cal: Calibrated = Calibrated(lo={"x": 0.0}, hi={"x": 1.0})
+    p: Point2 = {"x": 0.0}
+
+
+@with_config(ConfigDict(ser_json_inf_nan="strings"))  # pydantic writes it by its model's
+class OwnPoint(TypedDict):
+    x: float | None
+
+
+class OwnPoints(BaseModel):
+    id: str
+    own: OwnPoint = {"x": 0.0}
+    note: str | None = None
+
+
 class Part(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int
@@ -247,6 +290,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("nodes", Node, key="id")
         store.collection("maybe", MaybeOuter, key="id")
         store.collection("labelled", Labelled, key="id")
+        store.collection("shared_points", SharedPoints, key="id")
+        store.collection("own_points", OwnPoints, key="id")
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
@@ -557,6 +602,28 @@ CASES = [
         lambda e: e.store.collection("aliased_options", WithAliasedOptions, key="id"),
         mpstore.RecordTypeError,
         "written as 'level' but read from 'Level'",
+    ),
+    Case(
+        "a TypedDict met again under a model with another alias setting",
+        lambda e: e.store.collection("shared_options", SharedOptions, key="id"),
+        mpstore.RecordTypeError,
+        "field 'level' of a TypedDict is written as 'level' but read from 'Level'",
+    ),
+    Case(
+        "NaN in a TypedDict met first under a model that writes it as text",
+        lambda e: e.store.collection("shared_points", SharedPoints, key="id").upsert(
+            SharedPoints(id="t", p={"x": float("nan")})
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at p.x",
+    ),
+    Case(
+        "NaN in a TypedDict whose own ser_json_inf_nan pydantic does not follow",
+        lambda e: e.store.collection("own_points", OwnPoints, key="id").upsert(
+            OwnPoints(id="t", own={"x": float("inf")})
+        ),
+        mpstore.RecordTypeError,
+        "holds inf at own.x",
     ),
     Case(
         "two indexes of one declaration that would share a name",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 import pytest
 from pydantic import (
@@ -24,9 +25,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import SchemaSerializer
+from typing_extensions import TypedDict
 
 import mpstore
-from mpstore import _inspect, _sqlite
+from mpstore import _collection, _inspect, _sqlite
 from mpstore.conversations import (
     Conversation,
     ConversationRepository,
@@ -857,6 +859,36 @@ def test_a_nested_model_is_written_by_its_own_serialize_by_alias_where_it_reads_
     }
 
 
+class _Levels(TypedDict):
+    level: NotRequired[Annotated[int, Field(alias="Level")]]
+
+
+class _Leveled(BaseModel):
+    id: str
+    badge: _Badge
+    levels: _Levels = {}
+
+
+def test_records_written_by_each_models_own_alias_setting_must_read_back_the_same(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Negative control of the per-record check behind the schema walk: a walk made to pass
+    # every model written its own way (as if it missed _Levels, written "level" here and
+    # read as "Level") leaves the read-back to find the key it would drop.
+    check_field = _collection._JSONShape._check_field
+
+    def own_way_passes(shape: Any, *args: Any) -> None:
+        if shape._by_alias is not None:
+            check_field(shape, *args)
+
+    monkeypatch.setattr(_collection._JSONShape, "_check_field", own_way_passes)
+    leveled = store.collection("leveled", _Leveled, key="id")
+    leveled.upsert(_Leveled(id="a", badge=_Badge(Label="x")))
+    with pytest.raises(mpstore.RecordTypeError, match="does not read back as written"):
+        leveled.upsert(_Leveled(id="b", badge=_Badge(Label="y"), levels={"Level": 3}))
+    assert [r.id for r in leveled.scan()] == ["a"]
+
+
 class _Reading(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings")
     value: float | None = None
@@ -903,6 +935,34 @@ class _Tagged(BaseModel):
         if not info.mode_is_json():
             raise ValueError("written as JSON only")
         return unit
+
+
+class _Stats(BaseModel):
+    values: list[float] = []
+    best: float | None = None
+    scratch: float = Field(default=0.0, exclude=True)  # never written
+
+    @computed_field  # type: ignore[prop-decorator]
+    @functools.cached_property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else math.nan
+
+
+class _Run(BaseModel):
+    id: str
+    stats: _Stats
+
+
+def test_only_what_a_record_writes_is_counted_for_lost_floats(store: mpstore.Store) -> None:
+    # A cached computed field's NaN (kept in the instance's __dict__) and an excluded field's
+    # are not written, so not lost: the record is stored. A NaN lost beside them is found.
+    runs = store.collection("runs", _Run, key="id")
+    record = _Run(id="r", stats=_Stats(scratch=math.nan))
+    runs.upsert(record)
+    got = runs.get("r")
+    assert got is not None and got.stats.values == [] and got.stats.best is None
+    with pytest.raises(mpstore.RecordTypeError, match=r"holds nan at stats\.best"):
+        runs.upsert(_Run(id="s", stats=_Stats(values=[1.0], best=math.nan, scratch=1.0)))
 
 
 def test_records_checked_for_lost_floats_are_not_dumped_to_python(store: mpstore.Store) -> None:
