@@ -67,6 +67,26 @@ def source(tmp_path: Path) -> str:
 # -- info --------------------------------------------------------------------------------------
 
 
+def test_python_dash_m_mpstore_runs_the_command(
+    source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same command where the console script is not on PATH (a venv not activated).
+    done = subprocess.run(
+        [sys.executable, "-m", "mpstore", "check", source],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == run(capsys, "check", source)[:2], done.stderr
+    failed = subprocess.run(
+        [sys.executable, "-m", "mpstore", "check", source + ".missing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 1 and failed.stderr.startswith("mpstore check: no database")
+
+
 def test_info_reports_collections_tables_sizes_and_modes(
     source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
