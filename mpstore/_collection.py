@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import types
+import typing
+import weakref
 from collections import abc
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import (
@@ -437,11 +439,11 @@ class Collection(Generic[M]):
                     self.store.path,
                 ) from exc
         held = _non_finite(record) if nulls and self._null_floats else 0
-        found = _lost_non_finite(record, back, ()) if held else None
-        if found is not None or (held and held > _non_finite(back)):
+        if held and held > _non_finite(back):
             # A float that may be None reads its null back as None: the record must not hold
-            # there a NaN or an infinity, which it would lose (found where the two match up,
-            # else counted: in a set, under a key that reads back changed).
+            # there a NaN or an infinity, which it would lose (counted: the places cannot
+            # always be matched, in a set, under a key that reads back changed).
+            found = _lost_non_finite(record, back, ())
             if found is None:
                 what, becomes = "a NaN or infinity", "something else"
             else:
@@ -462,12 +464,12 @@ class Collection(Generic[M]):
                     "fields, or writes them its own way)",
                     self.store.path,
                 )
-        elif self._by_alias is None and back != record:
+        elif self._by_alias is None:
             # Each model written by its own alias setting, as the walk of the schema inferred:
-            # what reads back must be what was written (an optional key the model reads under
+            # what reads back must write the same keys (an optional key the model reads under
             # another name would be dropped without a word).
             again = back.__pydantic_serializer__.to_json(back, by_alias=None)
-            if again.decode() != value:
+            if again.decode() != value and not _same_keys(json.loads(value), json.loads(again)):
                 raise RecordTypeError(
                     f"record {key!r} does not read back as written: {self.model.__name__} reads "
                     "some of its keys under other names than it writes them",
@@ -801,12 +803,27 @@ def _written_fields(kind: type) -> tuple[str, ...]:
         if fields is not None:
             found = tuple(name for name, info in fields.items() if info.exclude is not True)
         else:
-            found = tuple(f.name for f in dataclasses.fields(kind))
+            found = tuple(f.name for f in dataclasses.fields(kind) if not _excluded(kind, f))
         _WRITTEN[kind] = found
     return found
 
 
-_WRITTEN: dict[type, tuple[str, ...]] = {}
+def _excluded(kind: type, field: dataclasses.Field[Any]) -> bool:
+    """Whether pydantic leaves a plain dataclass's ``field`` out of the JSON (its default, or
+    its annotation, holds ``Field(exclude=True)``)."""
+    if isinstance(field.default, FieldInfo) and field.default.exclude is True:
+        return True
+    try:
+        hint = typing.get_type_hints(kind, include_extras=True).get(field.name)
+    except (NameError, TypeError, AttributeError):  # unresolved here: counted, to be safe
+        return False
+    return any(
+        isinstance(meta, FieldInfo) and meta.exclude is True
+        for meta in getattr(hint, "__metadata__", ())
+    )
+
+
+_WRITTEN: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def _parts(value: Any) -> Iterator[tuple[object, Any]]:
@@ -839,7 +856,12 @@ def _non_finite(value: Any) -> int:
         return 0 if math.isfinite(value) else 1
     if isinstance(value, (list, tuple, set, frozenset)):
         items: Iterable[Any] = value
-    elif isinstance(value, (BaseModel, dict)) or dataclasses.is_dataclass(value):
+    elif isinstance(value, BaseModel):
+        held = value.__dict__
+        items = [held[name] for name in _written_fields(type(value)) if name in held]
+        if value.__pydantic_extra__:
+            items += value.__pydantic_extra__.values()
+    elif isinstance(value, dict) or dataclasses.is_dataclass(value):
         items = [item for _, item in _parts(value)]
     else:
         return 0
@@ -858,7 +880,7 @@ def _lost_non_finite(
 ) -> tuple[tuple[object, ...], float, Any] | None:
     """Where ``mine`` (a record) holds a NaN or an infinity that ``back`` (its reading back)
     does not hold at the same place, that number, and what ``back`` holds there; None if no
-    such place is found (sets, keys that read back changed)."""
+    such place is found (sets, keys that read back changed: they are not matched)."""
     if isinstance(mine, float):
         lost = not math.isfinite(mine) and not (isinstance(back, float) and not math.isfinite(back))
         return (where, mine, back) if lost else None
@@ -869,13 +891,33 @@ def _lost_non_finite(
         if isinstance(name, str) and name.startswith("<key "):
             continue
         try:
-            again = theirs.get(name)
+            if name not in theirs:
+                continue
         except TypeError:  # an unhashable key
             continue
-        found = _lost_non_finite(item, again, (*where, name))
+        found = _lost_non_finite(item, theirs[name], (*where, name))
         if found is not None:
             return found
     return None
+
+
+def _same_keys(written: Any, again: Any) -> bool:
+    """Whether two parsed JSON documents hold the same object keys, everywhere (lists item by
+    item): what a model reading some keys under other names than it writes drops, whatever
+    order a set's items come back in."""
+    if isinstance(written, dict):
+        return (
+            isinstance(again, dict)
+            and written.keys() == again.keys()
+            and all(_same_keys(v, again[k]) for k, v in written.items())
+        )
+    if isinstance(written, list):
+        return (
+            isinstance(again, list)
+            and len(written) == len(again)
+            and all(map(_same_keys, written, again))
+        )
+    return not isinstance(again, (dict, list))
 
 
 #: The settings a TypedDict's JSON takes from the model around it.
@@ -913,9 +955,10 @@ class _JSONShape:
         kind = node.get("type")
         if kind in ("model", "dataclass", "typed-dict"):
             outer, config = config, node.get("config") or {}
-            if kind == "typed-dict":
+            plain = kind == "dataclass" and not hasattr(node.get("cls"), "__pydantic_config__")
+            if kind == "typed-dict" or plain:
                 # pydantic writes a TypedDict's keys, and its floats, by the settings of the
-                # model around it, whatever its own say.
+                # model around it, whatever its own say; a plain dataclass's too.
                 own = {k: v for k, v in config.items() if k not in _INHERITED}
                 config = own | {k: outer[k] for k in _INHERITED if k in outer}
             if "serialization" in node and kind != "typed-dict":
@@ -959,6 +1002,11 @@ class _JSONShape:
                     self._walk(field.get("schema"), config)
             self._check_computed(node.get("computed_fields") or [], config, owner)
             return
+        if kind in ("union", "tagged-union"):
+            # Among a union's choices, pydantic writes the floats of a TypedDict or a plain
+            # dataclass by the top model's setting, not by the model around them: taken as
+            # null, so that such a record is read back when its JSON holds one.
+            config = {**config, "ser_json_inf_nan": "null"}
         if kind is None:  # a mapping of tags to schemas (a tagged union's choices)
             self._walk(list(node.values()), config)
             return

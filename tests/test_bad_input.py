@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, Literal, NotRequired
 
 import pytest
 from pydantic import (
@@ -174,6 +174,25 @@ class OwnPoint(TypedDict):
     x: float | None
 
 
+class ChoiceA(TypedDict):
+    kind: Literal["a"]
+    x: float | None
+
+
+class ChoiceB(TypedDict):
+    kind: Literal["b"]
+
+
+class TextNaNs(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")  # not among a union's choices
+    u: ChoiceA | ChoiceB
+
+
+class InUnion(BaseModel):
+    id: str
+    s: TextNaNs = TextNaNs(u={"kind": "b"})
+
+
 class OwnPoints(BaseModel):
     id: str
     own: OwnPoint = {"x": 0.0}
@@ -292,6 +311,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("labelled", Labelled, key="id")
         store.collection("shared_points", SharedPoints, key="id")
         store.collection("own_points", OwnPoints, key="id")
+        store.collection("in_union", InUnion, key="id")
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
@@ -624,6 +644,14 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "holds inf at own.x",
+    ),
+    Case(
+        "NaN in a TypedDict among a union's choices, written by the top model's setting",
+        lambda e: e.store.collection("in_union", InUnion, key="id").upsert(
+            InUnion(id="u", s=TextNaNs(u={"kind": "a", "x": float("nan")}))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at s.u.x",
     ),
     Case(
         "two indexes of one declaration that would share a name",
