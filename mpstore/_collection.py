@@ -438,23 +438,17 @@ class Collection(Generic[M]):
                     f"{exc}",
                     self.store.path,
                 ) from exc
-        held = _non_finite(record) if nulls and self._null_floats else 0
-        if held and held > _non_finite(back):
+        if nulls and self._null_floats and not _equal(back, record):
             # A float that may be None reads its null back as None: the record must not hold
-            # there a NaN or an infinity, which it would lose (counted: the places cannot
-            # always be matched, in a set, under a key that reads back changed).
+            # there a NaN or an infinity, which it would lose.
             found = _lost_non_finite(record, back, ())
-            if found is None:
-                what, becomes = "a NaN or infinity", "something else"
-            else:
-                where, number, again = found
-                what, becomes = f"{number} at {'.'.join(map(str, where))}", repr(again)
-            raise RecordTypeError(
-                f"record {key!r} holds {what}, which {self.model.__name__}'s JSON does not "
-                f"keep: it would read back as {becomes} (a float written as null, by default, "
-                "reads back as None)",
-                self.store.path,
-            )
+            if found is not None:
+                where, number = found
+                raise RecordTypeError(
+                    f"record {key!r} holds {number}{_at(where)}, which "
+                    f"{self.model.__name__}'s JSON writes as null: it would read back as None",
+                    self.store.path,
+                )
         if type(record) is not self.model:
             again = back.__pydantic_serializer__.to_json(back, by_alias=self._by_alias)
             if again.decode() != value:
@@ -849,11 +843,29 @@ def _parts(value: Any) -> Iterator[tuple[object, Any]]:
         yield from enumerate(value)
 
 
+def _equal(back: BaseModel, record: BaseModel) -> bool:
+    """Whether the read-back equals the record: then it lost nothing (a NaN is never equal,
+    so a record holding one is walked); False where == raises (a numpy array's)."""
+    try:
+        return bool(back == record)
+    except Exception:  # the walk that follows decides, without ==
+        return False
+
+
+def _at(where: tuple[object, ...]) -> str:
+    return f" at {'.'.join(map(str, where))}" if where else ""
+
+
 def _non_finite(value: Any) -> int:
     """How many NaNs and infinities ``value`` holds where its JSON may hold them, at any
     depth."""
-    if isinstance(value, float):
-        return 0 if math.isfinite(value) else 1
+    return _count(value, lambda item: type(item) is float and not math.isfinite(item))
+
+
+def _count(value: Any, test: Callable[[Any], bool]) -> int:
+    """How many of the leaves held by ``value`` (see :func:`_parts`) pass ``test``."""
+    if test(value):
+        return 1
     if isinstance(value, (list, tuple, set, frozenset)):
         items: Iterable[Any] = value
     elif isinstance(value, BaseModel):
@@ -866,39 +878,58 @@ def _non_finite(value: Any) -> int:
     else:
         return 0
     count = 0
-    for item in items:  # the common leaves without a call each
-        kind = type(item)
-        if kind is float:
-            count += not math.isfinite(item)
-        elif kind is not str and kind is not int and item is not None and kind is not bool:
-            count += _non_finite(item)
+    for item in items:
+        if test(item):
+            count += 1
+        elif not isinstance(item, (str, int, float)) and item is not None:
+            count += _count(item, test)
     return count
 
 
 def _lost_non_finite(
     mine: Any, back: Any, where: tuple[object, ...]
-) -> tuple[tuple[object, ...], float, Any] | None:
+) -> tuple[tuple[object, ...], float] | None:
     """Where ``mine`` (a record) holds a NaN or an infinity that ``back`` (its reading back)
-    does not hold at the same place, that number, and what ``back`` holds there; None if no
-    such place is found (sets, keys that read back changed: they are not matched)."""
+    holds as None, and that number; None if nowhere. Places are matched by field, key and
+    position (what only ``mine`` holds, a subclass's field or an excluded key, is not
+    written); a set's items by counting."""
     if isinstance(mine, float):
-        lost = not math.isfinite(mine) and not (isinstance(back, float) and not math.isfinite(back))
-        return (where, mine, back) if lost else None
+        return (where, mine) if back is None and not math.isfinite(mine) else None
     if isinstance(mine, (set, frozenset)):
-        return None  # no order to match items by
+        if isinstance(back, (set, frozenset)):
+            lost = _non_finite(mine) - _non_finite(back)
+            if lost > 0 and _count(back, _is_none) - _count(mine, _is_none) >= lost:
+                number = next(n for n in _floats(mine) if not math.isfinite(n))
+                return where, number
+        return None
     theirs = dict(_parts(back))
     for name, item in _parts(mine):
         if isinstance(name, str) and name.startswith("<key "):
             continue
         try:
             if name not in theirs:
-                continue
+                name = str(name)  # a key that JSON holds as text, and may read back so
+                if name not in theirs:
+                    continue
         except TypeError:  # an unhashable key
             continue
         found = _lost_non_finite(item, theirs[name], (*where, name))
         if found is not None:
             return found
     return None
+
+
+def _is_none(item: Any) -> bool:
+    return item is None
+
+
+def _floats(value: Any) -> Iterator[float]:
+    """The floats held by ``value``, at any depth."""
+    if isinstance(value, float):
+        yield value
+    elif not isinstance(value, (str, int)) and value is not None:
+        for _, item in _parts(value):
+            yield from _floats(item)
 
 
 def _same_keys(written: Any, again: Any) -> bool:
@@ -922,6 +953,8 @@ def _same_keys(written: Any, again: Any) -> bool:
 
 #: The settings a TypedDict's JSON takes from the model around it.
 _INHERITED = ("serialize_by_alias", "ser_json_inf_nan")
+#: Marks the settings passed down the walk below a union's choices.
+_IN_UNION = "mpstore: in a union"
 
 
 class _JSONShape:
@@ -943,6 +976,7 @@ class _JSONShape:
         self._by_alias = by_alias
         self._definitions: dict[Any, Any] = {}
         self._seen: set[tuple[Any, ...]] = set()
+        self._top_nulls = _nulls(model.model_config)
         self._walk(model.__pydantic_core_schema__, {}, top=True)
 
     def _walk(self, node: Any, config: Mapping[str, Any], top: bool = False) -> None:
@@ -961,6 +995,10 @@ class _JSONShape:
                 # model around it, whatever its own say; a plain dataclass's too.
                 own = {k: v for k, v in config.items() if k not in _INHERITED}
                 config = own | {k: outer[k] for k in _INHERITED if k in outer}
+            if outer.get(_IN_UNION):
+                config = {**config, _IN_UNION: True}
+                if _nulls(outer):  # see below: the top model's setting may write null here
+                    config["ser_json_inf_nan"] = "null"
             if "serialization" in node and kind != "typed-dict":
                 self.read_back = True  # a model_serializer: its fields say nothing
                 return
@@ -971,7 +1009,7 @@ class _JSONShape:
             # Walked again below the top: the top model's own floats, met again in a field
             # (a recursive model), are not the top record's, which alone ``finite`` checks.
             # Again under other settings around it: a TypedDict takes some from there.
-            seen = (ref, top, *(config.get(k) for k in _INHERITED))
+            seen = (ref, top, *(config.get(k) for k in (*_INHERITED, _IN_UNION)))
             if isinstance(ref, str) and seen not in self._seen:
                 self._seen.add(seen)
                 self._walk(self._definitions.get(ref), config, top)
@@ -1003,10 +1041,12 @@ class _JSONShape:
             self._check_computed(node.get("computed_fields") or [], config, owner)
             return
         if kind in ("union", "tagged-union"):
-            # Among a union's choices, pydantic writes the floats of a TypedDict or a plain
-            # dataclass by the top model's setting, not by the model around them: taken as
-            # null, so that such a record is read back when its JSON holds one.
-            config = {**config, "ser_json_inf_nan": "null"}
+            # Among a union's choices, pydantic writes floats by the top model's setting, not
+            # by the model around them: where that writes null, so is each float there taken
+            # to be, and such a record is read back when its JSON holds one.
+            config = {**config, _IN_UNION: True}
+            if self._top_nulls:
+                config["ser_json_inf_nan"] = "null"
         if kind is None:  # a mapping of tags to schemas (a tagged union's choices)
             self._walk(list(node.values()), config)
             return

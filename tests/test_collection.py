@@ -1044,6 +1044,47 @@ def test_nans_that_read_back_as_nans_under_changed_keys_or_excluded_are_stored(
     assert [r.id for r in observed.scan()] == ["a", "b", "c"]
 
 
+def _clean(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+class _Scored(BaseModel):
+    score: Annotated[float, PlainSerializer(_clean, return_type=float)] = 0.0
+
+
+class _Part(BaseModel):
+    a: int
+
+
+class _BigPart(_Part):
+    w: float
+
+
+class _Junked(TypedDict):
+    a: int
+    junk: NotRequired[Annotated[float, Field(exclude=True)]]
+
+
+class _Unwritten(BaseModel):
+    id: str
+    scored: _Scored = _Scored()
+    part: _Part = _Part(a=0)
+    junked: _Junked = {"a": 0}
+    note: list[float | None] = [None]  # a null in the JSON: the record is read back
+
+
+def test_nans_the_json_never_holds_are_not_lost(store: mpstore.Store) -> None:
+    # Written as 0.0 by a serializer, held in a subclass's own field of a base-typed field,
+    # or under a TypedDict key left out: none of them is written as null, so none is lost.
+    unwritten = store.collection("unwritten", _Unwritten, key="id")
+    unwritten.upsert(_Unwritten(id="a", scored=_Scored(score=math.nan)))
+    unwritten.upsert(_Unwritten(id="b", part=_BigPart(a=1, w=math.nan)))
+    unwritten.upsert(_Unwritten(id="c", junked={"a": 2, "junk": math.nan}))
+    assert [r.id for r in unwritten.scan()] == ["a", "b", "c"]
+    got = unwritten.get("a")
+    assert got is not None and got.scored.score == 0.0
+
+
 def test_records_checked_for_lost_floats_are_not_dumped_to_python(store: mpstore.Store) -> None:
     # Finite floats in a set of frozen models, and a serializer that works in JSON mode only:
     # a Python dump of either fails (a set of dicts; the serializer's error), so the check
