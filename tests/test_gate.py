@@ -695,12 +695,21 @@ def test_closing_a_store_never_closes_the_lock_file_under_a_waiting_writer(
     with workers.holding_the_gate(path) as holder:
         store = mpstore.Store(path, timeout=0.3)
         notes = store.collection("notes", Note, key="id")
-        with pytest.raises(mpstore.GateTimeout):
-            # A callback write queues for the writer thread, which stays in the kernel.
-            notes.update("late", lambda n: n)
-        writer = store._queue._thread
-        assert writer is not None and writer.is_alive()
         gate = store._gate
+        for _ in range(20):
+            with pytest.raises(mpstore.GateTimeout):
+                # Queued for the writer thread, which stays in the kernel. (A call would first
+                # yield for the gate itself, which on a loaded machine takes all its timeout.)
+                store._queue.submit(lambda conn: notes.update("late", lambda n: n), 0.3)
+            writer = store._queue._thread
+            assert writer is not None and writer.is_alive()
+            # The writer may not have run before the call gave up (a loaded machine): then it
+            # finds nothing queued and parks, and the write is asked for again.
+            while gate._owner != writer.ident and not store._queue._cond._waiters:  # type: ignore[attr-defined]
+                os.sched_yield()
+            if gate._owner == writer.ident:
+                break
+        assert writer is not None and gate._owner == writer.ident, "the writer never waited"
         fd = gate._kernel()._fd
         store.close()
         # The writer thread still waits on the descriptor: it must stay open (a reused number
