@@ -394,16 +394,17 @@ class Collection(Generic[M]):
         value = data.decode()
         back = self.model.model_validate_json(value) if self.revalidate else None
         nulls = b"null" in data  # a float that is not finite is written as null
-        if nulls and type(record) is self.model:
+        if nulls:  # a subclass's record too, where its fields still hold floats
             for field in self._finite:
                 number = getattr(record, field)
-                if number is not None and not math.isfinite(number):
+                if isinstance(number, float) and not math.isfinite(number):
                     self._refuse_non_finite(key, field, number)
             for field in self._finite_items:
                 numbers = getattr(record, field)
-                if numbers is not None and not all(map(math.isfinite, numbers)):
-                    bad = next(n for n in numbers if not math.isfinite(n))
-                    self._refuse_non_finite(key, field, bad)
+                if isinstance(numbers, (list, tuple, set, frozenset)):
+                    bad = [n for n in numbers if isinstance(n, float) and not math.isfinite(n)]
+                    if bad:
+                        self._refuse_non_finite(key, field, bad[0])
         if type(record) is not self.model or self._read_back or (self._null_floats and nulls):
             self._check_reads_back(record, key, value, back, nulls)
         if not self.indexed:
@@ -440,8 +441,14 @@ class Collection(Generic[M]):
                 ) from exc
         if nulls and self._null_floats and not _equal(back, record):
             # A float that may be None reads its null back as None: the record must not hold
-            # there a NaN or an infinity, which it would lose.
+            # there a NaN or an infinity, which it would lose. Found where the two match up;
+            # else (a union read back as another choice, a key read back as other text) where
+            # NaNs went and as many Nones came.
             found = _lost_non_finite(record, back, ())
+            if found is None:
+                gone = _non_finite(record) - _non_finite(back)
+                if gone > 0 and _count(back, _is_none) - _count(record, _is_none) >= gone:
+                    found = ((), next(n for n in _floats(record) if not math.isfinite(n)))
             if found is not None:
                 where, number = found
                 raise RecordTypeError(
@@ -820,15 +827,50 @@ def _excluded(kind: type, field: dataclasses.Field[Any]) -> bool:
 _WRITTEN: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
+def _checked_fields(kind: type) -> tuple[str, ...]:
+    """The written fields of a model or dataclass class whose floats the JSON writes as
+    pydantic does: not through a serializer of the field's own (which may write a NaN as
+    null on purpose)."""
+    found = _CHECKED.get(kind)
+    if found is None:
+        found = _written_fields(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            schemas = _model_fields_schema(kind)
+            found = tuple(f for f in found if not _serialised_here(schemas.get(f)))
+        _CHECKED[kind] = found
+    return found
+
+
+_CHECKED: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _serialised_here(schema: Any) -> bool:
+    """Whether a field's schema has a serializer function of its own (not one of the
+    models, dataclasses or TypedDicts within it, which are checked on their own)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("type") in ("model", "dataclass", "typed-dict", "definition-ref"):
+                continue
+            if isinstance(node.get("serialization"), dict):
+                return True
+            stack.extend(node[k] for k in _SCHEMA_KEYS if k in node)
+    return False
+
+
 def _parts(value: Any) -> Iterator[tuple[object, Any]]:
-    """The values held by ``value`` (a record, or anything in one) that its JSON may hold,
-    each with its name or position: written fields of models and dataclasses (and a model's
-    extra ones), keys and values of dicts, items."""
+    """The values held by ``value`` (a record, or anything in one) whose NaNs its JSON
+    writes as pydantic does, each with its name or position: checked fields of models and
+    dataclasses (see :func:`_checked_fields`; and a model's extra ones), keys and values of
+    dicts, items."""
     if isinstance(value, BaseModel) or (
         dataclasses.is_dataclass(value) and not isinstance(value, type)
     ):
         held = getattr(value, "__dict__", None)
-        for name in _written_fields(type(value)):
+        for name in _checked_fields(type(value)):
             yield (
                 name,
                 held[name] if held is not None and name in held else getattr(value, name, None),
@@ -870,7 +912,7 @@ def _count(value: Any, test: Callable[[Any], bool]) -> int:
         items: Iterable[Any] = value
     elif isinstance(value, BaseModel):
         held = value.__dict__
-        items = [held[name] for name in _written_fields(type(value)) if name in held]
+        items = [held[name] for name in _checked_fields(type(value)) if name in held]
         if value.__pydantic_extra__:
             items += value.__pydantic_extra__.values()
     elif isinstance(value, dict) or dataclasses.is_dataclass(value):
@@ -1168,12 +1210,18 @@ def _json_keys(model: type[BaseModel]) -> dict[str, str]:
 def _plainly_serialised(model: type[BaseModel], fields: Sequence[str]) -> frozenset[str]:
     """Those of ``fields`` with no serializer anywhere in their schema; for the others, only
     pydantic can say what the JSON holds."""
+    known = _model_fields_schema(model)
+    return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
+
+
+def _model_fields_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The core schemas of ``model``'s own fields, by name (empty where not found)."""
     schema: Any = model.__pydantic_core_schema__
     definitions = {d.get("ref"): d for d in schema.get("definitions", ())}
     outer = _unwrapped(schema, definitions)
     inner = _unwrapped(outer.get("schema", {}), definitions) if outer.get("type") == "model" else {}
-    known = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
-    return frozenset(f for f in fields if f in known and _no_serializer(known[f]))
+    known: dict[str, Any] = inner.get("fields", {}) if inner.get("type") == "model-fields" else {}
+    return known
 
 
 def _field_serializers(

@@ -197,6 +197,20 @@ class Plain(BaseModel):
     y: int = 0
 
 
+class MaybeA(BaseModel):
+    a: float | None = None
+
+
+class MustB(BaseModel):
+    b: float
+
+
+class Switching(BaseModel):
+    id: str
+    u: MaybeA | MustB = MaybeA()
+    flags: dict[bool | str, float | None] = {}
+
+
 class ModelInUnion(BaseModel):
     id: str
     u: Constants | Plain = Plain()
@@ -254,6 +268,10 @@ class Node(BaseModel):
     id: str = "n"
     weight: float = 0.0
     children: list[Node] = []
+
+
+class MeasureView(Measure):
+    """A subclass that adds nothing: its records are the model's."""
 
 
 class Relabelled(Measure):
@@ -319,6 +337,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("own_points", OwnPoints, key="id")
         store.collection("in_union", InUnion, key="id")
         store.collection("model_in_union", ModelInUnion, key="id")
+        store.collection("switching", Switching, key="id")
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
@@ -659,6 +678,30 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "holds nan at u.x",
+    ),
+    Case(
+        "NaN in a union's choice that reads back as another choice",
+        lambda e: e.store.collection("switching", Switching, key="id").upsert(
+            Switching(id="s", u=MustB(b=float("nan")))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan, which Switching's JSON writes as null",
+    ),
+    Case(
+        "NaN under a bool key, which JSON writes as true",
+        lambda e: e.store.collection("switching", Switching, key="id").upsert(
+            Switching(id="s", flags={True: float("nan")})
+        ),
+        mpstore.RecordTypeError,
+        "holds nan, which Switching's JSON writes as null",
+    ),
+    Case(
+        "NaN in an optional float field of a subclass's record",
+        lambda e: e.store.collection("measures", Measure, key="id").upsert(
+            MeasureView(id="m", x=1.0, y=float("nan"))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan in field 'y'",
     ),
     Case(
         "two indexes of one declaration that would share a name",

@@ -1065,9 +1065,14 @@ class _Junked(TypedDict):
     junk: NotRequired[Annotated[float, Field(exclude=True)]]
 
 
+def _as_null(value: float | None) -> float | None:
+    return None if value is not None and not math.isfinite(value) else value
+
+
 class _Unwritten(BaseModel):
     id: str
     scored: _Scored = _Scored()
+    nulled: Annotated[float | None, PlainSerializer(_as_null)] = None  # on purpose
     part: _Part = _Part(a=0)
     junked: _Junked = {"a": 0}
     note: list[float | None] = [None]  # a null in the JSON: the record is read back
@@ -1075,12 +1080,14 @@ class _Unwritten(BaseModel):
 
 def test_nans_the_json_never_holds_are_not_lost(store: mpstore.Store) -> None:
     # Written as 0.0 by a serializer, held in a subclass's own field of a base-typed field,
-    # or under a TypedDict key left out: none of them is written as null, so none is lost.
+    # or under a TypedDict key left out: none of them is written as null, so none is lost;
+    # a serializer that writes a NaN as null does so on purpose.
     unwritten = store.collection("unwritten", _Unwritten, key="id")
     unwritten.upsert(_Unwritten(id="a", scored=_Scored(score=math.nan)))
     unwritten.upsert(_Unwritten(id="b", part=_BigPart(a=1, w=math.nan)))
     unwritten.upsert(_Unwritten(id="c", junked={"a": 2, "junk": math.nan}))
-    assert [r.id for r in unwritten.scan()] == ["a", "b", "c"]
+    unwritten.upsert(_Unwritten(id="d", nulled=math.nan))  # a serializer writes it as null
+    assert [r.id for r in unwritten.scan()] == ["a", "b", "c", "d"]
     got = unwritten.get("a")
     assert got is not None and got.scored.score == 0.0
 
