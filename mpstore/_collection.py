@@ -446,9 +446,8 @@ class Collection(Generic[M]):
             # NaNs went and as many Nones came.
             found = _lost_non_finite(record, back, ())
             if found is None:
-                gone = _non_finite(record) - _non_finite(back)
-                if gone > 0 and _count(back, _is_none) - _count(record, _is_none) >= gone:
-                    found = ((), next(n for n in _floats(record) if not math.isfinite(n)))
+                number = _nans_became_nones(record, back)
+                found = None if number is None else ((), number)
             if found is not None:
                 where, number = found
                 raise RecordTypeError(
@@ -938,12 +937,8 @@ def _lost_non_finite(
     if isinstance(mine, float):
         return (where, mine) if back is None and not math.isfinite(mine) else None
     if isinstance(mine, (set, frozenset)):
-        if isinstance(back, (set, frozenset)):
-            lost = _non_finite(mine) - _non_finite(back)
-            if lost > 0 and _count(back, _is_none) - _count(mine, _is_none) >= lost:
-                number = next(n for n in _floats(mine) if not math.isfinite(n))
-                return where, number
-        return None
+        number = _nans_became_nones(mine, back) if isinstance(back, (set, frozenset)) else None
+        return None if number is None else (where, number)
     theirs = dict(_parts(back))
     for name, item in _parts(mine):
         if isinstance(name, str) and name.startswith("<key "):
@@ -958,6 +953,15 @@ def _lost_non_finite(
         found = _lost_non_finite(item, theirs[name], (*where, name))
         if found is not None:
             return found
+    return None
+
+
+def _nans_became_nones(mine: Any, back: Any) -> float | None:
+    """A NaN or infinity of ``mine`` that ``back`` no longer holds where as many Nones came
+    as NaNs went (the places cannot be matched); None if not so."""
+    gone = _non_finite(mine) - _non_finite(back)
+    if gone > 0 and _count(back, _is_none) - _count(mine, _is_none) >= gone:
+        return next(n for n in _floats(mine) if not math.isfinite(n))
     return None
 
 
