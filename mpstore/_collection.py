@@ -392,7 +392,6 @@ class Collection(Generic[M]):
                 self.store.path,
             )
         value = data.decode()
-        back = self.model.model_validate_json(value) if self.revalidate else None
         nulls = b"null" in data  # a float that is not finite is written as null
         if nulls:  # a subclass's record too, where its fields still hold floats
             for field in self._finite:
@@ -405,6 +404,8 @@ class Collection(Generic[M]):
                     bad = [n for n in numbers if isinstance(n, float) and not math.isfinite(n)]
                     if bad:
                         self._refuse_non_finite(key, field, bad[0])
+        # After the check above, whose error names the field a revalidation would not.
+        back = self.model.model_validate_json(value) if self.revalidate else None
         if type(record) is not self.model or self._read_back or (self._null_floats and nulls):
             self._check_reads_back(record, key, value, back, nulls)
         if not self.indexed:

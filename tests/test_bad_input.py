@@ -338,6 +338,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("in_union", InUnion, key="id")
         store.collection("model_in_union", ModelInUnion, key="id")
         store.collection("switching", Switching, key="id")
+        store.collection("measures_checked", Measure, key="id", revalidate=True)
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
@@ -526,6 +527,14 @@ CASES = [
     Case(
         "NaN in a float field, which the JSON writes as null",
         lambda e: e.store.collection("measures", Measure, key="id").upsert(
+            Measure(id="m", x=float("nan"))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan in field 'x'",
+    ),
+    Case(
+        "NaN in a float field, in a collection that revalidates its records",
+        lambda e: e.store.collection("measures_checked", Measure, key="id", revalidate=True).upsert(
             Measure(id="m", x=float("nan"))
         ),
         mpstore.RecordTypeError,
