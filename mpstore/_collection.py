@@ -30,7 +30,7 @@ from pydantic import (
     ValidationError,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticSerializationError, SchemaSerializer
+from pydantic_core import PydanticSerializationError, SchemaSerializer, from_json
 
 from . import _sqlite
 from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
@@ -46,6 +46,9 @@ M = TypeVar("M", bound=BaseModel)
 _PAGE = 256
 _SCALARS = (str, int, float, bool, type(None))
 _INT64 = range(-(2**63), 2**63)
+#: How deep pydantic's JSON parser nests arrays and objects before it gives up: a record
+#: nested deeper is written, then cannot be read back.
+JSON_DEPTH = 200
 
 
 def check_key(key: object) -> str:
@@ -114,6 +117,9 @@ class Collection(Generic[M]):
             )
         self.key = key
         _check_key_stored(model, key, fields[key])
+        # Fields a record must hold: the JSON leaves out one it lacks, and reading refuses it
+        # or, if it has a default, reads that instead.
+        self._written = frozenset(name for name, info in fields.items() if not info.exclude)
         self._json_keys = _json_keys(model)
         # What model_dump_json() asks of the serializer, whose own default was True before
         # pydantic 2.11: keys by alias only where the model says so.
@@ -372,6 +378,8 @@ class Collection(Generic[M]):
                 "(built with model_construct() without it?)"
             )
         key = check_key(getattr(record, self.key))
+        if not record.__dict__.keys() >= self._written:
+            self._refuse_missing(record, key)
         try:
             # model_dump_json() without its wrapper's cost. A value whose type does not match
             # its field (model_construct(), assignment without validation) fails here instead
@@ -380,6 +388,8 @@ class Collection(Generic[M]):
                 record, by_alias=self._by_alias, warnings="error"
             )
         except PydanticSerializationError as exc:
+            if "depth exceeded" in str(exc):
+                self._refuse_deep(key, exc)
             raise RecordTypeError(
                 f"record {key!r} holds a value that does not fit its field's type: {exc}",
                 self.store.path,
@@ -391,6 +401,13 @@ class Collection(Generic[M]):
                 "(max_record_bytes)",
                 self.store.path,
             )
+        if data.count(b"[") + data.count(b"{") > JSON_DEPTH:  # else it cannot nest that deep
+            try:
+                from_json(data)
+            except ValueError as exc:
+                if "recursion limit" not in str(exc):
+                    raise
+                self._refuse_deep(key, exc)
         value = data.decode()
         nulls = b"null" in data  # a float that is not finite is written as null
         if nulls:  # a subclass's record too, where its fields still hold floats
@@ -411,6 +428,27 @@ class Collection(Generic[M]):
         if not self.indexed:
             return (key, value)
         return (key, value, *self._index_values(record))
+
+    def _refuse_missing(self, record: BaseModel, key: str) -> typing.NoReturn:
+        """:raises RecordTypeError: ``record`` lacks fields its JSON must hold to read back."""
+        missing = ", ".join(
+            repr(f)
+            for f in self.model.model_fields
+            if f in self._written and f not in record.__dict__
+        )
+        raise RecordTypeError(
+            f"record {key!r} has no value for {missing} "
+            "(built with model_construct() without it?): it would not read back",
+            self.store.path,
+        )
+
+    def _refuse_deep(self, key: str, exc: Exception) -> typing.NoReturn:
+        """:raises RecordTooLarge: the record nests too deep to be written or read back."""
+        raise RecordTooLarge(
+            f"record {key!r} nests its values deeper than pydantic reads JSON back "
+            f"({JSON_DEPTH} levels of lists, dicts and models): {exc}",
+            self.store.path,
+        ) from exc
 
     def _refuse_non_finite(self, key: str, field: str, number: float) -> None:
         """:raises RecordTypeError: ``number``, in ``field``, would be written as null."""
@@ -436,8 +474,8 @@ class Collection(Generic[M]):
             except ValidationError as exc:
                 raise RecordTypeError(
                     f"record {key!r} would be stored as JSON that {self.model.__name__} cannot "
-                    f"read back (a NaN or infinity written as null, a subclass's own fields?): "
-                    f"{exc}",
+                    "read back (a NaN or infinity written as null, a field left out, a "
+                    f"subclass's own fields?): {exc}",
                     self.store.path,
                 ) from exc
         if nulls and self._null_floats and not _equal(back, record):
@@ -1077,6 +1115,8 @@ class _JSONShape:
                             "default, so reading refuses every record"
                         )
                     continue  # never written
+                if "serialization_exclude_if" in field and _required(field):
+                    self.read_back = True  # left out when it says so, then refused as missing
                 self._check_field(name, field, config, owner)
                 schema = field.get("schema")
                 if top and _nulls(config) and _bare_float(schema):
@@ -1121,6 +1161,13 @@ class _JSONShape:
             # Read back, a computed field is an extra one: refused, or kept and written twice.
             extra = config["extra_fields_behavior"]
             self.problem = f"{owner} writes its computed fields, and reads them as extra={extra!r}"
+
+
+def _required(field: Mapping[str, Any]) -> bool:
+    """Whether reading refuses JSON without the field of this core schema."""
+    if field.get("type") == "typed-dict-field":
+        return bool(field.get("required", True))
+    return bool(field.get("schema", {}).get("type") != "default")
 
 
 def _names_read(name: str, alias: Any, config: Any) -> set[str]:

@@ -157,7 +157,8 @@ class KeyNotFound(MpstoreError, KeyError):
 
 
 class RecordTooLarge(MpstoreError, ValueError):
-    """A record's JSON is larger than the store's ``max_record_bytes``."""
+    """A record's JSON is larger than the store's ``max_record_bytes``, or nests deeper than
+    pydantic reads JSON back."""
 
 
 class RecordTypeError(MpstoreError, TypeError):

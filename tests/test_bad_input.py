@@ -459,6 +459,14 @@ def _update_callback_raises(e: Env) -> None:
     e.notes.update("n1", fail)
 
 
+def _chain(depth: int) -> Node:
+    """A node ``depth`` levels above its leaf: two levels of JSON each (object, list)."""
+    node = Node(id="leaf")
+    for _ in range(depth):
+        node = Node(id="root", children=[node])
+    return node
+
+
 def _bad_records(e: Env) -> Iterator[Note]:
     yield Note(id="good-1", text="x")
     raise RuntimeError("the record source failed")
@@ -611,6 +619,24 @@ CASES = [
         ),
         mpstore.RecordTypeError,
         "cannot read back",
+    ),
+    Case(
+        "a record nested deeper than pydantic reads JSON back",
+        lambda e: e.store.collection("nodes", Node, key="id").upsert(_chain(100)),
+        mpstore.RecordTooLarge,
+        "nests its values deeper than pydantic reads JSON back",
+    ),
+    Case(
+        "a record nested deeper than pydantic writes JSON",
+        lambda e: e.store.collection("nodes", Node, key="id").upsert(_chain(300)),
+        mpstore.RecordTooLarge,
+        "nests its values deeper than pydantic reads JSON back",
+    ),
+    Case(
+        "a field left out (model_construct)",
+        lambda e: e.notes.upsert(Note.model_construct(id="bad")),
+        mpstore.RecordTypeError,
+        "has no value for 'text'",
     ),
     Case(
         "a subclass's record that makes a float field text",

@@ -27,7 +27,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-from pydantic_core import SchemaSerializer
+from pydantic_core import SchemaSerializer, from_json
 from typing_extensions import TypedDict
 
 import mpstore
@@ -1100,3 +1100,99 @@ def test_records_checked_for_lost_floats_are_not_dumped_to_python(store: mpstore
     record = _Tagged(id="a", tags=frozenset({_Tag(name="x", weight=1.5), _Tag(name="y")}))
     tagged.upsert(record)
     assert tagged.get("a") == record
+
+
+class _Tree(BaseModel):
+    id: str = "t"
+    children: list[_Tree] = []
+
+
+def _nested(depth: int) -> _Tree:
+    tree = _Tree()
+    for _ in range(depth):
+        tree = _Tree(children=[tree])
+    return tree
+
+
+def test_json_depth_is_how_deep_pydantic_reads_json() -> None:
+    # The collection parses a record's JSON before writing only when it holds more than
+    # JSON_DEPTH lists and objects: a lower limit in pydantic would let deeper records through.
+    def nested(depth: int) -> str:
+        return '{"a":' * depth + "1" + "}" * depth
+
+    from_json(nested(_collection.JSON_DEPTH))
+    with pytest.raises(ValueError, match="recursion limit"):
+        from_json(nested(_collection.JSON_DEPTH + 1))
+
+
+def test_a_record_nested_as_deep_as_pydantic_reads_is_stored(store: mpstore.Store) -> None:
+    trees = store.collection("trees", _Tree, key="id")
+    deepest = _nested(99)  # 199 levels of JSON, in 199 objects and 99 lists
+    trees.upsert(deepest)
+    assert trees.get("t") == deepest
+    with pytest.raises(mpstore.RecordTooLarge, match="nests its values deeper"):
+        trees.upsert(_nested(100))
+    assert trees.get("t") == deepest
+
+
+def test_a_record_with_many_shallow_lists_is_stored(store: mpstore.Store) -> None:
+    class _Grid(BaseModel):
+        id: str
+        rows: list[list[int]]
+
+    grid = _Grid(id="g", rows=[[i] for i in range(1000)])
+    grids = store.collection("grids", _Grid, key="id")
+    grids.upsert(grid)
+    assert grids.get("g") == grid
+
+
+#: Field(exclude_if=...) came with pydantic 2.12; CI also runs the oldest supported.
+HAS_FIELD_EXCLUDE_IF = "exclude_if" in inspect.signature(Field).parameters
+
+
+@pytest.mark.skipif(not HAS_FIELD_EXCLUDE_IF, reason="needs pydantic 2.12")
+@pytest.mark.parametrize("nested", [False, True], ids=["own-field", "nested-model"])
+def test_a_required_field_left_out_by_exclude_if_is_refused(
+    store: mpstore.Store, nested: bool
+) -> None:
+    class _Level(BaseModel):
+        id: str = "l"
+        level: int = Field(exclude_if=lambda v: v == 0)  # type: ignore[call-overload, misc]
+
+    class _Tank(BaseModel):
+        id: str
+        level: _Level
+
+    if nested:
+        tanks = store.collection("tanks", _Tank, key="id")
+        kept, dropped = _Tank(id="a", level=_Level(level=1)), _Tank(id="b", level=_Level(level=0))
+    else:
+        tanks = store.collection("tanks", _Level, key="id")  # type: ignore[arg-type]
+        kept, dropped = _Level(id="a", level=1), _Level(id="b", level=0)  # type: ignore[assignment]
+    tanks.upsert(kept)
+    with pytest.raises(mpstore.RecordTypeError, match="cannot read back"):
+        tanks.upsert(dropped)
+    assert tanks.get("a") == kept
+    assert tanks.get("b") is None
+
+
+def test_a_nested_model_built_without_a_field_is_stored_only_when_revalidated(
+    store: mpstore.Store,
+) -> None:
+    # model_construct() skips validation: a nested model missing a field is found by
+    # revalidate=True (the record's own fields are checked either way).
+    class _Inner(BaseModel):
+        a: int
+        b: str
+
+    class _Outer(BaseModel):
+        id: str
+        inner: _Inner
+
+    record = _Outer(id="x", inner=_Inner.model_construct(a=1))
+    checked = store.collection("outer", _Outer, key="id", revalidate=True)
+    with pytest.raises(ValidationError, match="inner.b"):
+        checked.upsert(record)
+    assert checked.count() == 0
+    with pytest.raises(mpstore.RecordTypeError, match="has no value for 'inner'"):
+        checked.upsert(_Outer.model_construct(id="y"))
