@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import (
     Abandoned,
     BusyTimeout,
+    CollectionNotFound,
     CorruptDatabase,
     DirectoryNotFound,
     DiskFull,
@@ -77,6 +78,7 @@ __all__ = [
     "AsyncStore",
     "BusyTimeout",
     "Collection",
+    "CollectionNotFound",
     "Connection",
     "CorruptDatabase",
     "DirectoryNotFound",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import sqlite3
 import types
 import typing
 import weakref
@@ -33,7 +35,14 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, SchemaSerializer, from_json
 
 from . import _sqlite
-from ._errors import InvalidKey, InvalidName, KeyNotFound, RecordTooLarge, RecordTypeError
+from ._errors import (
+    CollectionNotFound,
+    InvalidKey,
+    InvalidName,
+    KeyNotFound,
+    RecordTooLarge,
+    RecordTypeError,
+)
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -49,6 +58,7 @@ _INT64 = range(-(2**63), 2**63)
 #: How deep pydantic's JSON parser nests arrays and objects before it gives up: a record
 #: nested deeper is written, then cannot be read back.
 JSON_DEPTH = 200
+_NO_SUCH_TABLE = re.compile(r"no such table: (?:main\.)?(\S+)$")
 
 
 def check_key(key: object) -> str:
@@ -602,7 +612,7 @@ class Collection(Generic[M]):
         rows = [self._row(r) for r in records]
         if not rows:
             return 0
-        return self.store._run_op(self._upsert_op(rows))
+        return self._run_op(self._upsert_op(rows))
 
     def _upsert_op(self, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         """The upsert of ``rows`` as data, for whichever process holds the gate."""
@@ -614,7 +624,7 @@ class Collection(Generic[M]):
         :raises InvalidKey: bad key.
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
-        return self.store._run_op(("delete", self.name, check_key(key))) > 0
+        return self._run_op(("delete", self.name, check_key(key))) > 0
 
     def update(self, key: str, fn: Callable[[M], M]) -> M:
         """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.
@@ -641,7 +651,43 @@ class Collection(Generic[M]):
             _sqlite.run_op(conn, self._upsert_op([row]))
             return new
 
-        return self.store._run_write(read_modify_write)
+        try:
+            return self.store._run_write(read_modify_write)
+        except sqlite3.OperationalError as exc:
+            self._check_table(exc)
+            raise
+
+    def _run_op(self, op: tuple[Any, ...]) -> int:
+        try:
+            return self.store._run_op(op)
+        except sqlite3.OperationalError as exc:
+            self._check_table(exc)
+            raise
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self.store.query(sql, params)
+        except sqlite3.OperationalError as exc:
+            self._check_table(exc)
+            raise
+
+    def _check_table(self, exc: sqlite3.OperationalError) -> None:
+        """Forget this collection if ``exc`` says its table is gone, so that the store's
+        ``collection()`` opens it again and makes the table anew.
+
+        :raises CollectionNotFound: the table is gone.
+        """
+        found = _NO_SUCH_TABLE.match(str(exc))
+        if found is None or found[1].casefold() != self.name.casefold():
+            return
+        opened = self.store._collections
+        if opened.get(self.name) is self:
+            opened.pop(self.name, None)
+        raise CollectionNotFound(
+            f"collection {self.name!r} has no table in {self.store.path} (dropped after it was "
+            "opened): Store.collection() opens it again and makes its table anew",
+            self.store.path,
+        ) from exc
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -652,12 +698,12 @@ class Collection(Generic[M]):
         :raises PoolTimeout: no read connection became free within the store's timeout.
         """
         check_key(key)
-        rows = self.store.query(self._sql.get, (key,))
+        rows = self._query(self._sql.get, (key,))
         return self._load(rows[0][0]) if rows else None
 
     def count(self) -> int:
         """How many records the collection holds."""
-        return int(self.store.query(self._sql.count)[0][0])
+        return int(self._query(self._sql.count)[0][0])
 
     def __len__(self) -> int:
         return self.count()
@@ -675,7 +721,7 @@ class Collection(Generic[M]):
     def _pages(self, sql: str) -> Iterator[Any]:
         after = ""
         while True:
-            rows = self.store.query(sql, (after, _PAGE))
+            rows = self._query(sql, (after, _PAGE))
             yield from rows
             if len(rows) < _PAGE:
                 return
@@ -706,7 +752,7 @@ class Collection(Generic[M]):
                 raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
             params.append(limit)
         sql = self._sql.find(list(where), order_by, limit is not None)
-        return [self._load(r[0]) for r in self.store.query(sql, params)]
+        return [self._load(r[0]) for r in self._query(sql, params)]
 
     def _check_query(self, where: Iterable[str], order_by: Sequence[str] | str) -> list[str]:
         """``order_by`` as a list, once every field named is known to be indexed.
@@ -750,7 +796,7 @@ class Collection(Generic[M]):
         """
         where = [where] if isinstance(where, str) else list(where)
         sql = self._sql.find(where, self._check_query(where, order_by), True)
-        rows = self.store.query("EXPLAIN QUERY PLAN " + sql, [None] * len(where) + [1])
+        rows = self._query("EXPLAIN QUERY PLAN " + sql, [None] * len(where) + [1])
         return [r[3] for r in rows]
 
     def __repr__(self) -> str:

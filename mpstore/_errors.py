@@ -12,6 +12,7 @@ import os
 __all__ = [
     "Abandoned",
     "BusyTimeout",
+    "CollectionNotFound",
     "CorruptDatabase",
     "DiskFull",
     "GateTimeout",
@@ -154,6 +155,14 @@ class KeyNotFound(MpstoreError, KeyError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class CollectionNotFound(MpstoreError, LookupError):
+    """A collection's table is gone from the file (dropped after the collection was opened).
+
+    The collection is forgotten by its store: ``Store.collection()`` opens it again, and makes
+    its table anew.
+    """
 
 
 class RecordTooLarge(MpstoreError, ValueError):

@@ -459,6 +459,12 @@ def _update_callback_raises(e: Env) -> None:
     e.notes.update("n1", fail)
 
 
+def _write_after_dropping_the_table(e: Env) -> None:
+    with e.store.write() as conn:
+        conn.execute("DROP TABLE notes")
+        e.notes.upsert(Note(id="n9", text="x"))
+
+
 def _chain(depth: int) -> Node:
     """A node ``depth`` levels above its leaf: two levels of JSON each (object, list)."""
     node = Node(id="leaf")
@@ -637,6 +643,12 @@ CASES = [
         lambda e: e.notes.upsert(Note.model_construct(id="bad")),
         mpstore.RecordTypeError,
         "has no value for 'text'",
+    ),
+    Case(
+        "a write into a collection whose table the block dropped",
+        _write_after_dropping_the_table,
+        mpstore.CollectionNotFound,
+        "collection 'notes' has no table",
     ),
     Case(
         "a subclass's record that makes a float field text",

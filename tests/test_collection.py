@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import sqlite3
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -1191,8 +1192,77 @@ def test_a_nested_model_built_without_a_field_is_stored_only_when_revalidated(
 
     record = _Outer(id="x", inner=_Inner.model_construct(a=1))
     checked = store.collection("outer", _Outer, key="id", revalidate=True)
-    with pytest.raises(ValidationError, match="inner.b"):
+    with pytest.raises(ValidationError, match=r"inner\.b"):
         checked.upsert(record)
     assert checked.count() == 0
     with pytest.raises(mpstore.RecordTypeError, match="has no value for 'inner'"):
         checked.upsert(_Outer.model_construct(id="y"))
+
+
+def _drop(path: str, table: str) -> None:
+    """Drop ``table`` as another program would: sqlite3 alone, without the store."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f'DROP TABLE "{table}"')
+        conn.commit()
+    finally:
+        conn.close()
+
+
+class _Crew(BaseModel):
+    id: str
+    team: str = ""
+
+
+CALLS: dict[str, Callable[[mpstore.Collection[_Crew]], object]] = {
+    "upsert": lambda people: people.upsert(_Crew(id="b", team="t")),
+    "upsert_many": lambda people: people.upsert_many([_Crew(id="b", team="t")]),
+    "delete": lambda people: people.delete("a"),
+    "update": lambda people: people.update("a", lambda p: p),
+    "get": lambda people: people.get("a"),
+    "count": lambda people: people.count(),
+    "keys": lambda people: list(people.keys()),
+    "scan": lambda people: list(people.scan()),
+    "find": lambda people: people.find({"team": "t"}),
+    "explain": lambda people: people.explain(["team"]),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_collection_whose_table_was_dropped_says_so_and_opens_again(
+    store: mpstore.Store, call: str
+) -> None:
+    people = store.collection("people", _Crew, key="id", indexes=[("team",)])
+    people.upsert(_Crew(id="a", team="t"))
+    _drop(store.path, "people")
+    with pytest.raises(mpstore.CollectionNotFound, match="'people' has no table"):
+        CALLS[call](people)
+    again = store.collection("people", _Crew, key="id", indexes=[("team",)])
+    assert again is not people and again.count() == 0
+    again.upsert(_Crew(id="b", team="t"))
+    assert [p.id for p in again.find({"team": "t"})] == ["b"]
+
+
+def test_a_table_dropped_inside_a_write_block_fails_the_collections_write_there(
+    store: mpstore.Store,
+) -> None:
+    people = store.collection("people", _Crew, key="id")
+    people.upsert(_Crew(id="a", team="t"))
+    with pytest.raises(mpstore.CollectionNotFound), store.write() as conn:
+        conn.execute("DROP TABLE people")
+        people.upsert(_Crew(id="b", team="t"))
+    assert [p.id for p in people.scan()] == ["a"]  # the block rolled back: the table is there
+
+
+def test_another_missing_table_is_not_taken_for_the_collections(store: mpstore.Store) -> None:
+    people = store.collection("people", _Crew, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE TABLE audit (key TEXT)")
+        conn.execute(
+            "CREATE TRIGGER log AFTER INSERT ON people "
+            "BEGIN INSERT INTO audit VALUES (NEW.key); END"
+        )
+        conn.execute("DROP TABLE audit")
+    with pytest.raises(sqlite3.OperationalError, match=r"no such table: main\.audit"):
+        people.upsert(_Crew(id="a", team="t"))
+    assert store.collection("people", _Crew, key="id") is people

@@ -35,6 +35,7 @@ BUILTIN_BASE: dict[type[mpstore.MpstoreError], type[BaseException] | None] = {
     mpstore.InvalidName: ValueError,
     mpstore.InvalidKey: ValueError,
     mpstore.KeyNotFound: KeyError,
+    mpstore.CollectionNotFound: LookupError,
     mpstore.RecordTooLarge: ValueError,
     mpstore.RecordTypeError: TypeError,
 }

@@ -1385,3 +1385,18 @@ def test_a_malformed_carried_write_says_what_is_wrong_and_nothing_else(
         _sqlite.run_op(conn, op)
     assert raised.type is error
     assert not isinstance(raised.value.__context__, TypeError) or raised.value.__cause__ is not None
+
+
+def test_a_carried_write_into_a_dropped_table_hears_collection_not_found(path: str) -> None:
+    # The holder runs it in another process: what comes back is SQLite's message alone, and
+    # the caller's collection still tells what it means.
+    with mpstore.Store(path) as store:
+        others = store.collection("others", Note, key="id")
+        with _one_writer((path, "upsert", "a", True, True)) as (_, report):
+            with store.write() as conn:
+                _wait_published(store, 1)
+                conn.execute("DROP TABLE notes")
+            while _published(store):
+                others.upsert(Note(id="lead", text="x"))  # leads, and carries the write
+            outcome, carried = report()[1]["outcome"], store.stats()["writes_carried"]
+        assert outcome[:2] == ("error", "CollectionNotFound") and carried == 1
