@@ -153,6 +153,7 @@ class Collection(Generic[M]):
         # one whose JSON holds a null, if a float deeper in is written as null when not finite.
         self._read_back = shape.read_back
         self._null_floats = shape.null_floats
+        self._plain_eq = shape.plain_eq
         self._finite = tuple(shape.finite)
         self._finite_items = tuple(shape.finite_items)
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
@@ -488,7 +489,7 @@ class Collection(Generic[M]):
                     f"subclass's own fields?): {exc}",
                     self.store.path,
                 ) from exc
-        if nulls and self._null_floats and not _equal(back, record):
+        if nulls and self._null_floats and not (self._plain_eq and _equal(back, record)):
             # A float that may be None reads its null back as None: the record must not hold
             # there a NaN or an infinity, which it would lose. Found where the two match up;
             # else (a union read back as another choice, a key read back as other text) where
@@ -1022,7 +1023,9 @@ def _lost_non_finite(
     if isinstance(mine, float):
         return (where, mine) if back is None and not math.isfinite(mine) else None
     if isinstance(mine, (set, frozenset)):
-        number = _nans_became_nones(mine, back) if isinstance(back, (set, frozenset)) else None
+        if not isinstance(back, (set, frozenset)):
+            return None
+        number = _nans_became_nones(mine, back, collapsing=True)
         return None if number is None else (where, number)
     theirs = dict(_parts(back))
     for name, item in _parts(mine):
@@ -1041,11 +1044,18 @@ def _lost_non_finite(
     return None
 
 
-def _nans_became_nones(mine: Any, back: Any) -> float | None:
+def _nans_became_nones(mine: Any, back: Any, collapsing: bool = False) -> float | None:
     """A NaN or infinity of ``mine`` that ``back`` no longer holds where as many Nones came
-    as NaNs went (the places cannot be matched); None if not so."""
+    as NaNs went (the places cannot be matched); None if not so. ``collapsing``: ``mine`` is
+    a set, whose Nones read back as one (``{nan, None}`` reads back as ``{None}``), so any
+    None there will do."""
     gone = _non_finite(mine) - _non_finite(back)
-    if gone > 0 and _count(back, _is_none) - _count(mine, _is_none) >= gone:
+    if gone <= 0:
+        return None
+    came = _count(back, _is_none)
+    if not collapsing:
+        came -= _count(mine, _is_none)
+    if came >= (1 if collapsing else gone):
         return next(n for n in _floats(mine) if not math.isfinite(n))
     return None
 
@@ -1104,6 +1114,7 @@ class _JSONShape:
         self.finite: list[str] = []
         self.finite_items: list[str] = []
         self.null_floats = False
+        self.plain_eq = True
         self._by_alias = by_alias
         self._definitions: dict[Any, Any] = {}
         self._seen: set[tuple[Any, ...]] = set()
@@ -1133,6 +1144,9 @@ class _JSONShape:
             if "serialization" in node and kind != "typed-dict":
                 self.read_back = True  # a model_serializer: its fields say nothing
                 return
+            cls = node.get("cls")
+            if kind == "dataclass" or (kind == "model" and cls.__eq__ is not BaseModel.__eq__):
+                self.plain_eq = False  # == may pass over fields (compare=False, its own __eq__)
         if kind == "definition-ref":
             if "serialization" in node:
                 self.read_back = True  # SerializeAsAny: a subclass's own fields are written

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -270,6 +270,37 @@ class Node(BaseModel):
     children: list[Node] = []
 
 
+class Readings(BaseModel):
+    id: str
+    values: set[float | None] = set()
+    pairs: set[tuple[str, float | None]] = set()
+
+
+@dataclass
+class Reading:
+    value: float | None = None
+    note: float | None = field(default=None, compare=False)  # == passes over it
+
+
+class WithReading(BaseModel):
+    id: str
+    reading: Reading = Reading()
+
+
+class Lenient(BaseModel):
+    value: float | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lenient)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class WithLenient(BaseModel):
+    id: str
+    part: Lenient = Lenient()
+
+
 class MeasureView(Measure):
     """A subclass that adds nothing: its records are the model's."""
 
@@ -341,6 +372,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
         store.collection("measures_checked", Measure, key="id", revalidate=True)
         store.collection("maybe_checked", MaybeOuter, key="id", revalidate=True)
         store.collection("anyparts", WithAnyPart, key="id")
+        store.collection("readings", Readings, key="id")
+        store.collection("with_reading", WithReading, key="id")
+        store.collection("with_lenient", WithLenient, key="id")
         store.collection("pairs", Pair, key="id", indexes=[("a_b",)]).upsert(Pair(id="p", a="x"))
         loose = store.collection("loose", Loose, key="id", indexes=[("extra",)])
         loose.upsert_many(Loose(id=f"l{i}", extra=i) for i in range(3))
@@ -643,6 +677,38 @@ CASES = [
         lambda e: e.notes.upsert(Note.model_construct(id="bad")),
         mpstore.RecordTypeError,
         "has no value for 'text'",
+    ),
+    Case(
+        "NaN in a set beside a None, which it would read back as",
+        lambda e: e.store.collection("readings", Readings, key="id").upsert(
+            Readings(id="r", values={float("nan"), None})
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at values",
+    ),
+    Case(
+        "NaN in a set's tuple that reads back as another item of the set",
+        lambda e: e.store.collection("readings", Readings, key="id").upsert(
+            Readings(id="r", pairs={("a", float("nan")), ("a", None)})
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at pairs",
+    ),
+    Case(
+        "NaN in a dataclass field that == passes over (compare=False)",
+        lambda e: e.store.collection("with_reading", WithReading, key="id").upsert(
+            WithReading(id="r", reading=Reading(note=float("nan")))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at reading.note",
+    ),
+    Case(
+        "NaN in a nested model whose own == passes over it",
+        lambda e: e.store.collection("with_lenient", WithLenient, key="id").upsert(
+            WithLenient(id="r", part=Lenient(value=float("nan")))
+        ),
+        mpstore.RecordTypeError,
+        "holds nan at part.value",
     ),
     Case(
         "a write into a collection whose table the block dropped",
