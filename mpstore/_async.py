@@ -891,7 +891,7 @@ class AsyncCollection(Generic[M]):
         :raises InvalidName: the name is already used with a different definition.
         :raises GateTimeout: creating the table waited too long for the gate.
         """
-        await self._call(lambda coll: coll)
+        await self._call(lambda coll: coll._reopen() if coll._gone else None)
         return self
 
     async def upsert(self, record: M) -> None:

@@ -127,9 +127,6 @@ class Collection(Generic[M]):
             )
         self.key = key
         _check_key_stored(model, key, fields[key])
-        # Fields a record must hold: the JSON leaves out one it lacks, and reading refuses it
-        # or, if it has a default, reads that instead.
-        self._written = frozenset(name for name, info in fields.items() if not info.exclude)
         self._json_keys = _json_keys(model)
         # What model_dump_json() asks of the serializer, whose own default was True before
         # pydantic 2.11: keys by alias only where the model says so.
@@ -152,8 +149,17 @@ class Collection(Generic[M]):
         # Read back before it is kept: every record, when code decides what is written; else
         # one whose JSON holds a null, if a float deeper in is written as null when not finite.
         self._read_back = shape.read_back
+        # Fields a record must hold: the JSON leaves out one it lacks, and reading refuses it
+        # or, if it has a default, reads that instead. Where code decides what is written,
+        # reading each record back tells.
+        self._written = frozenset(
+            () if self._read_back else (n for n, info in fields.items() if not info.exclude)
+        )
         self._null_floats = shape.null_floats
         self._plain_eq = shape.plain_eq
+        # Parsed before it is written, if it may nest deeper than pydantic reads back.
+        most = json_depth(model.__pydantic_core_schema__)
+        self._deep = most is None or most > JSON_DEPTH
         self._finite = tuple(shape.finite)
         self._finite_items = tuple(shape.finite_items)
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
@@ -201,6 +207,7 @@ class Collection(Generic[M]):
                     f"two indexes of collection {self.name!r} would both be named {name!r}: "
                     f"one on {same!r}, one on {on!r}"
                 )
+        self._gone = False  # the table was found dropped: see _check_table
         self._ensure_table()
 
     @staticmethod
@@ -389,8 +396,8 @@ class Collection(Generic[M]):
                 "(built with model_construct() without it?)"
             )
         key = check_key(getattr(record, self.key))
-        if not record.__dict__.keys() >= self._written:
-            self._refuse_missing(record, key)
+        if not record.__dict__.keys() >= self._written and type(record) is self.model:
+            self._refuse_missing(record, key)  # a subclass's record is read back below
         try:
             # model_dump_json() without its wrapper's cost. A value whose type does not match
             # its field (model_construct(), assignment without validation) fails here instead
@@ -412,7 +419,9 @@ class Collection(Generic[M]):
                 "(max_record_bytes)",
                 self.store.path,
             )
-        if data.count(b"[") + data.count(b"{") > JSON_DEPTH:  # else it cannot nest that deep
+        if (self._deep or type(record) is not self.model) and (
+            data.count(b"[") + data.count(b"{") > JSON_DEPTH  # else it cannot nest that deep
+        ):
             try:
                 from_json(data)
             except ValueError as exc:
@@ -640,6 +649,8 @@ class Collection(Generic[M]):
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
         check_key(key)
+        if self._gone:
+            self._reopen()
 
         def read_modify_write(conn: Connection) -> M:
             found = conn.execute(self._sql.get, (key,)).fetchone()
@@ -659,6 +670,8 @@ class Collection(Generic[M]):
             raise
 
     def _run_op(self, op: tuple[Any, ...]) -> int:
+        if self._gone:
+            self._reopen()
         try:
             return self.store._run_op(op)
         except sqlite3.OperationalError as exc:
@@ -666,6 +679,8 @@ class Collection(Generic[M]):
             raise
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._gone:
+            self._reopen()
         try:
             return self.store.query(sql, params)
         except sqlite3.OperationalError as exc:
@@ -673,22 +688,32 @@ class Collection(Generic[M]):
             raise
 
     def _check_table(self, exc: sqlite3.OperationalError) -> None:
-        """Forget this collection if ``exc`` says its table is gone, so that the store's
-        ``collection()`` opens it again and makes the table anew.
+        """If ``exc`` says this collection's table is gone, note it: the next call makes the
+        table anew.
 
         :raises CollectionNotFound: the table is gone.
         """
         found = _NO_SUCH_TABLE.match(str(exc))
         if found is None or found[1].casefold() != self.name.casefold():
             return
-        opened = self.store._collections
-        if opened.get(self.name) is self:
-            opened.pop(self.name, None)
+        self._gone = True
         raise CollectionNotFound(
             f"collection {self.name!r} has no table in {self.store.path} (dropped after it was "
-            "opened): Store.collection() opens it again and makes its table anew",
+            "opened): its next call makes the table anew",
             self.store.path,
         ) from exc
+
+    def _reopen(self) -> None:
+        """Make the table anew, once a call found it gone; not in a read block, which cannot
+        write (a call there finds the table gone again, and says so).
+
+        :raises GateTimeout: the gate was not granted within the store's timeout.
+        """
+        current = self.store._current()
+        if current is not None and not current.writable:
+            return
+        self._ensure_table()
+        self._gone = False
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -1262,6 +1287,99 @@ _SCHEMA_KEYS = (
     "extras_schema",
     "arguments_schema",
 )
+
+
+#: Core schema types written as what their inner schema writes; others that hold schemas
+#: nest one level deeper (lists, dicts, the fields of models), or are taken to.
+_PASSING = frozenset(
+    (
+        *("default", "nullable", "function-before", "function-after", "function-wrap"),
+        *("chain", "lax-or-strict", "json-or-python", "custom-error", "model", "dataclass"),
+        "json",
+    )
+)
+#: Core schema types written as a JSON scalar, whatever their value.
+_SCALAR_SCHEMAS = frozenset(
+    (
+        *("str", "int", "float", "bool", "none", "bytes", "date", "time", "datetime"),
+        *("timedelta", "decimal", "uuid", "url", "multi-host-url", "complex", "literal"),
+        "missing-sentinel",
+    )
+)
+
+
+def json_depth(schema: Any) -> int | None:
+    """How many levels of lists and objects the JSON written by the core ``schema`` nests at
+    most; None when that has no bound, or is not known (a recursive model, ``Any``, extra
+    fields, a serializer whose output has no schema, a type of your own)."""
+    definitions: dict[Any, Any] = {}
+    active: set[Any] = set()
+
+    def depth(node: Any) -> int | None:
+        if isinstance(node, list):
+            return deepest(node)
+        if not isinstance(node, dict):
+            return 0
+        kind = node.get("type")
+        serializer = node.get("serialization")
+        if isinstance(serializer, dict):
+            written = serializer.get("type")
+            if written in ("function-plain", "function-wrap"):
+                # Without a return type, pydantic writes whatever the function returns.
+                return depth(serializer["return_schema"]) if "return_schema" in serializer else None
+            if written in _SCALAR_SCHEMAS or written in ("to-string", "format"):
+                return 0
+            if written not in ("include-exclude-sequence", "include-exclude-dict"):
+                return None
+        if kind in _SCALAR_SCHEMAS:
+            return 0
+        if kind == "definitions":
+            definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
+            return depth(node.get("schema"))
+        if kind == "definition-ref":
+            ref = node.get("schema_ref")
+            if ref in active or ref not in definitions:
+                return None
+            active.add(ref)
+            try:
+                return depth(definitions[ref])
+            finally:
+                active.discard(ref)
+        config = node.get("config") or {}
+        if config.get("extra_fields_behavior") == "allow" or node.get("extra_behavior") == "allow":
+            held = node if kind in ("model-fields", "typed-dict") else node.get("schema") or {}
+            if "extras_schema" not in held:
+                return None  # extra fields hold anything
+        if kind in ("model-fields", "typed-dict", "dataclass-args"):
+            fields = node.get("fields", {})
+            inner = list(fields.values()) if isinstance(fields, dict) else list(fields)
+            inner += [c.get("return_schema") for c in node.get("computed_fields") or ()]
+            inner += [node["extras_schema"]] if "extras_schema" in node else []
+        elif kind in ("model-field", "typed-dict-field", "dataclass-field"):
+            return depth(node.get("schema"))
+        elif kind == "tagged-union":
+            return deepest(list(node.get("choices", {}).values()))
+        elif kind == "union":
+            return deepest([c[0] if isinstance(c, tuple) else c for c in node.get("choices", ())])
+        else:
+            inner = [node[k] for k in _SCHEMA_KEYS if k in node and k != "return_schema"]
+            if not inner:
+                return None  # a type of your own, Any: pydantic writes what the value holds
+        found = deepest(inner)
+        if found is None:
+            return None
+        return found if kind in _PASSING else found + 1
+
+    def deepest(nodes: list[Any]) -> int | None:
+        most = 0
+        for node in nodes:
+            found = depth(node)
+            if found is None:
+                return None
+            most = max(most, found)
+        return most
+
+    return depth(schema)
 
 
 def _bare_float(schema: Any) -> bool:

@@ -160,8 +160,8 @@ class KeyNotFound(MpstoreError, KeyError):
 class CollectionNotFound(MpstoreError, LookupError):
     """A collection's table is gone from the file (dropped after the collection was opened).
 
-    The collection is forgotten by its store: ``Store.collection()`` opens it again, and makes
-    its table anew.
+    Raised by the call that finds it gone; the collection's next call (outside a read block)
+    makes the table anew, as does ``Store.collection()``.
     """
 
 

@@ -1036,6 +1036,8 @@ class Store:
                 return existing
         if existing is not None:
             existing._check_same(model, key, indexes, revalidate)
+            if existing._gone:
+                existing._reopen()
             return existing
         savepoints = tx.savepoints
         coll = Collection(self, name, model, key, indexes, revalidate)
@@ -1051,11 +1053,20 @@ class Store:
         return coll
 
     def collections(self) -> dict[str, int]:
-        """Every collection in the file (also those opened by other processes) and its row count."""
-        names = [
-            r[0] for r in self.query(f"SELECT name FROM {_sqlite.COLLECTIONS_TABLE} ORDER BY name")
-        ]
-        return {n: self.query(f"SELECT count(*) FROM {_sqlite.quote(n)}")[0][0] for n in names}
+        """Every collection in the file (also those opened by other processes) and its row
+        count, read from one snapshot; one whose table was dropped is not there."""
+        with self.read() as conn:
+            names = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT name FROM {_sqlite.COLLECTIONS_TABLE} WHERE name IN "
+                    "(SELECT name FROM sqlite_master WHERE type = 'table') ORDER BY name"
+                )
+            ]
+            return {
+                n: conn.execute(f"SELECT count(*) FROM {_sqlite.quote(n)}").fetchone()[0]
+                for n in names
+            }
 
     def integrity_check(self) -> list[str]:
         """SQLite's ``PRAGMA integrity_check``: ``["ok"]`` for a healthy file."""

@@ -212,21 +212,24 @@ def test_collection_calls_round_trip(db_path: str, loop_kind: str) -> None:
     run(main, loop_kind)
 
 
-def test_a_collection_whose_table_was_dropped_says_so_and_opens_again(db_path: str) -> None:
+def test_a_collection_whose_table_was_dropped_says_so_then_makes_it_anew(db_path: str) -> None:
     async def main() -> None:
         async with mpstore.AsyncStore(db_path) as store:
             notes = store.collection("notes", Note, key="id")
             await notes.upsert(note("a"))
             async with store.write() as conn:
                 await conn.execute("DROP TABLE notes")
-            with pytest.raises(mpstore.CollectionNotFound):
-                await notes.upsert(note("b"))
             keys = notes.keys()
             with pytest.raises(mpstore.CollectionNotFound):
                 [k async for k in keys]
-            again = store.collection("notes", Note, key="id")
-            await again.upsert(note("b"))
-            assert [n.id async for n in again.scan()] == ["b"]
+            await notes.upsert(note("b"))  # the next call made the table anew
+            assert [n.id async for n in notes.scan()] == ["b"]
+            async with store.write() as conn:
+                await conn.execute("DROP TABLE notes")
+            with pytest.raises(mpstore.CollectionNotFound):
+                await notes.get("b")
+            await notes.open()  # makes it at once
+            assert await store.query("SELECT count(*) FROM notes") == [(0,)]
 
     run(main)
 

@@ -1229,7 +1229,7 @@ CALLS: dict[str, Callable[[mpstore.Collection[_Crew]], object]] = {
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_a_collection_whose_table_was_dropped_says_so_and_opens_again(
+def test_a_collection_whose_table_was_dropped_says_so_then_makes_it_anew(
     store: mpstore.Store, call: str
 ) -> None:
     people = store.collection("people", _Crew, key="id", indexes=[("team",)])
@@ -1237,10 +1237,50 @@ def test_a_collection_whose_table_was_dropped_says_so_and_opens_again(
     _drop(store.path, "people")
     with pytest.raises(mpstore.CollectionNotFound, match="'people' has no table"):
         CALLS[call](people)
-    again = store.collection("people", _Crew, key="id", indexes=[("team",)])
-    assert again is not people and again.count() == 0
-    again.upsert(_Crew(id="b", team="t"))
-    assert [p.id for p in again.find({"team": "t"})] == ["b"]
+    assert people.count() == 0  # the next call made the table anew, with its index
+    people.upsert(_Crew(id="b", team="t"))
+    assert [p.id for p in people.find({"team": "t"})] == ["b"]
+    assert store.collection("people", _Crew, key="id", indexes=[("team",)]) is people
+
+
+def test_opening_a_collection_found_dropped_makes_its_table_at_once(store: mpstore.Store) -> None:
+    people = store.collection("people", _Crew, key="id")
+    _drop(store.path, "people")
+    with pytest.raises(mpstore.CollectionNotFound):
+        people.get("a")
+    assert store.collection("people", _Crew, key="id") is people
+    assert store.query("SELECT count(*) FROM people") == [(0,)]
+
+
+def test_a_repository_recovers_after_its_table_was_dropped(store: mpstore.Store) -> None:
+    repo = ConversationRepository(store)
+    repo.upsert_conversation(sample_conversation("c1"))
+    _drop(store.path, "conversations")
+    with pytest.raises(mpstore.CollectionNotFound):
+        repo.upsert_conversation(sample_conversation("c2"))
+    repo.upsert_conversation(sample_conversation("c3"))
+    assert [c.conversation_id for c in repo.conversations.scan()] == ["c3"]
+
+
+def test_a_read_block_does_not_make_a_dropped_table_anew(store: mpstore.Store) -> None:
+    people = store.collection("people", _Crew, key="id")
+    _drop(store.path, "people")
+    with store.read():
+        for _ in range(2):  # found gone, then still gone: a read block cannot make it
+            with pytest.raises(mpstore.CollectionNotFound):
+                people.get("a")
+    assert people.get("a") is None
+
+
+def test_the_list_of_collections_leaves_out_one_whose_table_was_dropped(
+    store: mpstore.Store,
+) -> None:
+    store.collection("people", _Crew, key="id").upsert(_Crew(id="a"))
+    store.collection("crews", _Crew, key="id")
+    _drop(store.path, "people")
+    assert store.collections() == {"crews": 0}
+    with store.write():
+        assert store.collections() == {"crews": 0}
 
 
 def test_a_table_dropped_inside_a_write_block_fails_the_collections_write_there(
@@ -1296,3 +1336,104 @@ def test_nones_beside_finite_floats_in_sets_and_dataclasses_are_stored(
     surveys = store.collection("surveys", _Survey, key="id")
     surveys.upsert(record)
     assert surveys.get("s") == record
+
+
+class _Derived(BaseModel):
+    """Writes ``a`` alone; reading derives ``b`` from it."""
+
+    id: str
+    a: int
+    b: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "b" not in data:
+            data = {**data, "b": data["a"] * 2}
+        return data
+
+    @model_serializer
+    def _write(self) -> dict[str, Any]:
+        return {"id": self.id, "a": self.a}
+
+
+def test_a_record_built_without_a_field_its_serializer_never_writes_is_stored(
+    store: mpstore.Store,
+) -> None:
+    # Where code decides what is written, the record is read back instead of checked for
+    # fields: this one reads back whole.
+    derived = store.collection("derived", _Derived, key="id")
+    derived.upsert(_Derived.model_construct(id="x", a=1))
+    assert derived.get("x") == _Derived(id="x", a=1, b=2)
+
+
+class _Leaf(BaseModel):
+    x: int = 0
+    grid: list[list[int]] = []
+
+
+class _Holder(BaseModel):
+    id: str = "h"
+    leaf: _Leaf = _Leaf()
+    by_name: dict[str, _Leaf] = {}
+    pair: tuple[int, str] = (1, "a")
+    maybe: _Leaf | None = None
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = "l"
+
+
+class _Anything(BaseModel):
+    id: str = "a"
+    value: Any = None
+
+
+class _Returned(BaseModel):
+    id: str = "r"
+    x: int = 0
+
+    @field_serializer("x")
+    def _nested(self, v: int) -> list[list[int]]:
+        return [[v]]
+
+
+class _Untyped(BaseModel):
+    id: str = "u"
+    x: int = 0
+
+    @field_serializer("x")
+    def _nested(self, v: int):  # type: ignore[no-untyped-def]
+        return [[v]]
+
+
+@pytest.mark.parametrize(
+    ("model", "depth"),
+    [
+        (_Leaf, 3),  # the object, a list, a list
+        (_Holder, 5),  # the object, a dict, a _Leaf
+        (_Tree, None),  # recursive
+        (_Loose, None),  # extra fields
+        (_Anything, None),
+        (_Returned, 3),  # what the serializer's return type says
+        (_Untyped, None),  # a serializer without a return type
+        (Conversation, None),  # a tool's parameters are Any
+    ],
+)
+def test_json_depth_bounds_what_the_schema_can_write(model: type[BaseModel], depth: int) -> None:
+    assert _collection.json_depth(model.__pydantic_core_schema__) == depth
+
+
+def test_a_model_that_cannot_nest_deep_is_never_parsed_before_writing(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[bytes] = []
+    monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data))
+    many = _Holder(by_name={str(i): _Leaf(grid=[[i]]) for i in range(300)})
+    store.collection("holders", _Holder, key="id").upsert(many)
+    assert parsed == []
+    tree = _nested(3)
+    tree.children.extend(_Tree(id=f"t{i}") for i in range(300))  # many objects, shallow
+    store.collection("trees", _Tree, key="id").upsert(tree)
+    assert len(parsed) == 1  # the control: a recursive model's record is parsed
