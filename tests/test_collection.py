@@ -1367,30 +1367,30 @@ def test_a_record_built_without_a_field_its_serializer_never_writes_is_stored(
     assert derived.get("x") == _Derived(id="x", a=1, b=2)
 
 
-class _Leaf(BaseModel):
+class _Cell(BaseModel):
     x: int = 0
     grid: list[list[int]] = []
 
 
-class _Holder(BaseModel):
+class _Shelf(BaseModel):
     id: str = "h"
-    leaf: _Leaf = _Leaf()
-    by_name: dict[str, _Leaf] = {}
+    leaf: _Cell = _Cell()
+    by_name: dict[str, _Cell] = {}
     pair: tuple[int, str] = (1, "a")
-    maybe: _Leaf | None = None
+    maybe: _Cell | None = None
 
 
-class _Loose(BaseModel):
+class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str = "l"
 
 
-class _Anything(BaseModel):
+class _Whatever(BaseModel):
     id: str = "a"
     value: Any = None
 
 
-class _Returned(BaseModel):
+class _Typed(BaseModel):
     id: str = "r"
     x: int = 0
 
@@ -1411,12 +1411,12 @@ class _Untyped(BaseModel):
 @pytest.mark.parametrize(
     ("model", "depth"),
     [
-        (_Leaf, 3),  # the object, a list, a list
-        (_Holder, 5),  # the object, a dict, a _Leaf
+        (_Cell, 3),  # the object, a list, a list
+        (_Shelf, 5),  # the object, a dict, a _Cell
         (_Tree, None),  # recursive
-        (_Loose, None),  # extra fields
-        (_Anything, None),
-        (_Returned, 3),  # what the serializer's return type says
+        (_Open, None),  # extra fields
+        (_Whatever, None),
+        (_Typed, 3),  # what the serializer's return type says
         (_Untyped, None),  # a serializer without a return type
         (Conversation, None),  # a tool's parameters are Any
     ],
@@ -1430,8 +1430,8 @@ def test_a_model_that_cannot_nest_deep_is_never_parsed_before_writing(
 ) -> None:
     parsed: list[bytes] = []
     monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data))
-    many = _Holder(by_name={str(i): _Leaf(grid=[[i]]) for i in range(300)})
-    store.collection("holders", _Holder, key="id").upsert(many)
+    many = _Shelf(by_name={str(i): _Cell(grid=[[i]]) for i in range(300)})
+    store.collection("holders", _Shelf, key="id").upsert(many)
     assert parsed == []
     tree = _nested(3)
     tree.children.extend(_Tree(id=f"t{i}") for i in range(300))  # many objects, shallow
