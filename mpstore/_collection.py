@@ -157,9 +157,10 @@ class Collection(Generic[M]):
         )
         self._null_floats = shape.null_floats
         self._plain_eq = shape.plain_eq
-        # Parsed before it is written, if it may nest deeper than pydantic reads back.
-        most = json_depth(model.__pydantic_core_schema__)
-        self._deep = most is None or most > JSON_DEPTH
+        # Whether a record may nest deeper than pydantic reads back (then its JSON is parsed
+        # to know); None where the schema says it never does. A subclass's record is read back
+        # whole in any case.
+        self._may_be_deep = _depth_test(depth_bound(model.__pydantic_core_schema__))
         self._finite = tuple(shape.finite)
         self._finite_items = tuple(shape.finite_items)
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
@@ -419,8 +420,13 @@ class Collection(Generic[M]):
                 "(max_record_bytes)",
                 self.store.path,
             )
-        if (self._deep or type(record) is not self.model) and (
-            data.count(b"[") + data.count(b"{") > JSON_DEPTH  # else it cannot nest that deep
+        deep = self._may_be_deep
+        if (
+            deep is not None
+            and deep(record)
+            and (
+                data.count(b"[") + data.count(b"{") > JSON_DEPTH  # else it cannot nest that deep
+            )
         ):
             try:
                 from_json(data)
@@ -1289,11 +1295,10 @@ _SCHEMA_KEYS = (
 )
 
 
-#: Core schema types written as what their inner schema writes; others that hold schemas
-#: nest one level deeper (lists, dicts, the fields of models), or are taken to.
+#: Core schema types written as what their inner schema writes.
 _PASSING = frozenset(
     (
-        *("default", "nullable", "function-before", "function-after", "function-wrap"),
+        *("default", "function-before", "function-after", "function-wrap"),
         *("chain", "lax-or-strict", "json-or-python", "custom-error", "model", "dataclass"),
         "json",
     )
@@ -1308,41 +1313,63 @@ _SCALAR_SCHEMAS = frozenset(
 )
 
 
+#: A bound on the JSON depth of a value: a number, or a function of the value that gives
+#: one (None when it cannot tell); None when nothing short of parsing the JSON can tell.
+Depth = int | Callable[[Any], int | None] | None
+
+#: How many lists, dicts and models a depth function looks into, in values typed ``Any``,
+#: before it leaves the question to a parse of the record's JSON.
+_DEPTH_BUDGET = 256
+
+
 def json_depth(schema: Any) -> int | None:
     """How many levels of lists and objects the JSON written by the core ``schema`` nests at
-    most; None when that has no bound, or is not known (a recursive model, ``Any``, extra
-    fields, a serializer whose output has no schema, a type of your own)."""
+    most; None when that depends on the value (see :func:`depth_bound`)."""
+    bound = depth_bound(schema)
+    return bound if isinstance(bound, int) else None
+
+
+def depth_bound(schema: Any) -> Depth:
+    """A bound on how many levels of lists and objects the JSON written by the core
+    ``schema`` nests: a number where the schema fixes it; a function of the value where
+    values typed ``Any`` decide it; None where only the JSON can tell (a recursive model,
+    extra fields, a serializer whose output has no schema, a type of your own)."""
     definitions: dict[Any, Any] = {}
     active: set[Any] = set()
 
-    def depth(node: Any) -> int | None:
+    def bound(node: Any) -> Depth:
         if isinstance(node, list):
-            return deepest(node)
+            return _fixed([bound(n) for n in node])
         if not isinstance(node, dict):
-            return 0
+            return None
         kind = node.get("type")
         serializer = node.get("serialization")
         if isinstance(serializer, dict):
             written = serializer.get("type")
             if written in ("function-plain", "function-wrap"):
-                # Without a return type, pydantic writes whatever the function returns.
-                return depth(serializer["return_schema"]) if "return_schema" in serializer else None
+                # Without a return type, pydantic writes whatever the function returns; with
+                # one, only a fixed bound holds (a function of the value would be given the
+                # value before the serializer, not what it returns).
+                returned = bound(serializer.get("return_schema"))
+                return returned if isinstance(returned, int) else None
             if written in _SCALAR_SCHEMAS or written in ("to-string", "format"):
                 return 0
             if written not in ("include-exclude-sequence", "include-exclude-dict"):
                 return None
         if kind in _SCALAR_SCHEMAS:
             return 0
+        if kind == "any":
+            return _any_depth
         if kind == "definitions":
             definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
-            return depth(node.get("schema"))
+            return bound(node.get("schema"))
         if kind == "definition-ref":
             ref = node.get("schema_ref")
             if ref in active or ref not in definitions:
                 return None
             active.add(ref)
             try:
-                return depth(definitions[ref])
+                return bound(definitions[ref])
             finally:
                 active.discard(ref)
         config = node.get("config") or {}
@@ -1352,34 +1379,177 @@ def json_depth(schema: Any) -> int | None:
                 return None  # extra fields hold anything
         if kind in ("model-fields", "typed-dict", "dataclass-args"):
             fields = node.get("fields", {})
-            inner = list(fields.values()) if isinstance(fields, dict) else list(fields)
-            inner += [c.get("return_schema") for c in node.get("computed_fields") or ()]
-            inner += [node["extras_schema"]] if "extras_schema" in node else []
-        elif kind in ("model-field", "typed-dict-field", "dataclass-field"):
-            return depth(node.get("schema"))
-        elif kind == "tagged-union":
-            return deepest(list(node.get("choices", {}).values()))
-        elif kind == "union":
-            return deepest([c[0] if isinstance(c, tuple) else c for c in node.get("choices", ())])
-        else:
-            inner = [node[k] for k in _SCHEMA_KEYS if k in node and k != "return_schema"]
-            if not inner:
-                return None  # a type of your own, Any: pydantic writes what the value holds
-        found = deepest(inner)
-        if found is None:
-            return None
-        return found if kind in _PASSING else found + 1
+            named = fields.items() if isinstance(fields, dict) else [(f["name"], f) for f in fields]
+            parts = [(name, bound(field.get("schema"))) for name, field in named]
+            for computed in node.get("computed_fields") or ():
+                parts.append((computed["property_name"], bound(computed.get("return_schema"))))
+            if "extras_schema" in node:
+                extras = bound(node["extras_schema"])
+                if not isinstance(extras, int):
+                    return None
+                parts.append(("", extras))
+            return _fields(parts, by_key=kind == "typed-dict")
+        if kind == "model" and node.get("root_model"):
+            root = bound(node.get("schema"))
+            if root is None or isinstance(root, int):
+                return root
+            return lambda value: root(getattr(value, "root", None))
+        if kind == "nullable":
+            inner = bound(node.get("schema"))
+            if inner is None or isinstance(inner, int):
+                return inner
+            return lambda value: 0 if value is None else inner(value)
+        if kind in _PASSING:
+            return _fixed([bound(node[k]) for k in _SCHEMA_KEYS if k in node])
+        if kind in ("list", "set", "frozenset", "generator"):
+            return _each(bound(node.get("items_schema", {"type": "any"})))
+        if kind == "tuple":
+            items = node.get("items_schema", [])
+            return _each(_fixed([bound(i) for i in items])) if items else 1
+        if kind == "dict":
+            keys = bound(node.get("keys_schema", {"type": "any"}))
+            values = bound(node.get("values_schema", {"type": "any"}))
+            return _each(values, mapping=True) if isinstance(keys, int) else None
+        if kind == "tagged-union":
+            return _fixed([bound(c) for c in node.get("choices", {}).values()])
+        if kind == "union":
+            return _fixed(
+                [bound(c[0] if isinstance(c, tuple) else c) for c in node.get("choices", ())]
+            )
+        return None  # a type of your own: pydantic writes what its value holds
 
-    def deepest(nodes: list[Any]) -> int | None:
+    return bound(schema)
+
+
+def _depth_test(bound: Depth) -> Callable[[Any], bool] | None:
+    """Whether a value of the ``bound`` may nest deeper than pydantic reads JSON back; None
+    where it never does."""
+    if isinstance(bound, int):
+        return None if bound <= JSON_DEPTH else lambda value: True
+    if bound is None:
+        return lambda value: True
+    probe = bound
+
+    def deep(value: Any) -> bool:
+        try:
+            found = probe(value)
+        except RecursionError:  # values typed Any that nest models in models
+            return True
+        return found is None or found > JSON_DEPTH
+
+    return deep
+
+
+def _fixed(bounds: list[Depth]) -> Depth:
+    """The deepest of ``bounds``, not knowing which of them writes the value: a number if each
+    is one; else, from the value itself (see :func:`_any_depth`), no less than the numbers."""
+    if None in bounds:
+        return None
+    if len(bounds) == 1:
+        return bounds[0]
+    most = max((b for b in bounds if isinstance(b, int)), default=0)
+    if all(isinstance(b, int) for b in bounds):
+        return most
+
+    def deepest(value: Any) -> int | None:
+        found = _any_depth(value)
+        return None if found is None else max(most, found)
+
+    return deepest
+
+
+def _each(each: Depth, mapping: bool = False) -> Depth:
+    """The bound of a list, or of a dict (``mapping``), whose items (values) each have the
+    bound ``each``: one level deeper than its deepest item."""
+    if each is None or isinstance(each, int):
+        return None if each is None else each + 1
+
+    def deepest(value: Any) -> int | None:
+        if mapping and isinstance(value, dict):
+            items: Iterable[Any] = value.values()
+        elif not mapping and isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        else:
+            return None  # not what the schema says: the JSON tells
         most = 0
-        for node in nodes:
-            found = depth(node)
+        for item in items:
+            found = each(item)
             if found is None:
                 return None
             most = max(most, found)
-        return most
+        return most + 1
 
-    return depth(schema)
+    return deepest
+
+
+def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
+    """The bound of an object whose fields each have theirs (``""``: its extra fields'): one
+    level deeper than its deepest field. ``by_key``: the value is a dict (a TypedDict), else
+    an object with attributes."""
+    if any(b is None for _, b in parts):
+        return None
+    most = max((b for _, b in parts if isinstance(b, int)), default=0) + 1
+    probes = [(name, b) for name, b in parts if callable(b)]
+    if not probes:
+        return most
+    missing = object()
+
+    def deepest(value: Any) -> int | None:
+        top = most
+        for name, probe in probes:
+            item = value.get(name, missing) if by_key else getattr(value, name, missing)
+            if item is not missing:
+                found = probe(item)
+                if found is None:
+                    return None
+                top = max(top, found + 1)
+        return top
+
+    return deepest
+
+
+def _any_depth(value: Any) -> int | None:
+    """The JSON depth of a value typed ``Any``, as pydantic writes it; None past
+    :data:`_DEPTH_BUDGET` containers, or for a type it writes in a way not known here."""
+    budget = [_DEPTH_BUDGET]
+
+    def depth(item: Any, level: int) -> int | None:
+        if item is None or isinstance(item, (str, int, float, bytes)):
+            return 0
+        budget[0] -= 1
+        if budget[0] < 0 or level > JSON_DEPTH:
+            return None
+        if isinstance(item, BaseModel):
+            # Written by its own schema, whose serializers may nest deeper than its values.
+            own = _model_bound(type(item))
+            return own if own is None or isinstance(own, int) else own(item)
+        if isinstance(item, dict):
+            inner: Iterable[Any] = item.values()
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            inner = item
+        else:
+            return None  # a date is a scalar, but a type of your own may not be
+        most = 0
+        for part in inner:
+            found = depth(part, level + 1)
+            if found is None:
+                return None
+            most = max(most, found)
+        return most + 1
+
+    return depth(value, 0)
+
+
+def _model_bound(model: type[BaseModel]) -> Depth:
+    """:func:`depth_bound` of a model's schema, worked out once per model."""
+    try:
+        return _MODEL_BOUNDS[model]
+    except KeyError:
+        found = _MODEL_BOUNDS[model] = depth_bound(model.__pydantic_core_schema__)
+        return found
+
+
+_MODEL_BOUNDS: weakref.WeakKeyDictionary[type, Depth] = weakref.WeakKeyDictionary()
 
 
 def _bare_float(schema: Any) -> bool:

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NotRequired
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -1437,3 +1439,91 @@ def test_a_model_that_cannot_nest_deep_is_never_parsed_before_writing(
     tree.children.extend(_Tree(id=f"t{i}") for i in range(300))  # many objects, shallow
     store.collection("trees", _Tree, key="id").upsert(tree)
     assert len(parsed) == 1  # the control: a recursive model's record is parsed
+
+
+def _deep_dict(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"k": 1}  # pydantic's parser counts an empty one as no level
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+def test_a_record_whose_any_values_nest_too_deep_is_refused(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[bytes] = []
+    real = _collection.from_json
+    monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data) or real(data))
+    repo = ConversationRepository(store)
+    conversation = sample_conversation("c")
+    conversation.metrics = {f"m{i}": [[i]] for i in range(300)}  # many lists, shallow
+    repo.upsert_conversation(conversation)
+    assert parsed == []  # the values typed Any told: no parse
+    conversation.metrics = {"deep": _deep_dict(199)}  # 201 levels with the record's own
+    with pytest.raises(mpstore.RecordTooLarge, match="nests its values deeper"):
+        repo.upsert_conversation(conversation)
+    assert len(parsed) == 1
+    conversation.metrics = {"deep": _deep_dict(198)}
+    repo.upsert_conversation(conversation)
+    assert repo.get_conversation("c") == conversation
+
+
+def test_a_model_in_a_value_typed_any_counts_as_deep_as_its_own_schema_writes() -> None:
+    bound = _collection.depth_bound(_Whatever.__pydantic_core_schema__)
+    assert callable(bound)
+    assert bound(_Whatever(value=[1])) == 2
+    # [[x]] by its serializer, inside the record's object: deeper than its values show.
+    assert bound(_Whatever(value=_Typed())) == 4
+    assert bound(_Whatever(value=_Tree())) is None  # recursive: the JSON must tell
+
+
+class _Mixed(BaseModel):
+    id: str = "m"
+    anything: Any = None
+    many: list[Any] = []
+    table: dict[str, list[Any]] = {}
+    either: list[int] | dict[str, Any] | None = None
+    cell: _Cell | None = None
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='[]{}\\"x', max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+def _json_depth_of(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_json_depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_json_depth_of, value.values()), default=0)
+    return 0
+
+
+@given(
+    anything=_JSON_VALUES,
+    many=st.lists(_JSON_VALUES, max_size=3),
+    table=st.dictionaries(st.text(max_size=2), st.lists(_JSON_VALUES, max_size=2), max_size=2),
+    either=st.none()
+    | st.lists(st.integers(), max_size=2)
+    | st.dictionaries(st.text(max_size=2), _JSON_VALUES, max_size=2),
+    nested=st.booleans(),
+)
+def test_the_depth_bound_is_never_below_the_json_written(
+    anything: Any, many: list[Any], table: dict[str, list[Any]], either: Any, nested: bool
+) -> None:
+    record = _Mixed(
+        anything=_Mixed(anything=anything) if nested else anything,
+        many=many,
+        table=table,
+        either=either,
+        cell=_Cell(grid=[[1]]) if nested else None,
+    )
+    bound = _collection.depth_bound(_Mixed.__pydantic_core_schema__)
+    assert callable(bound)
+    found = bound(record)
+    assert found is not None
+    assert found >= _json_depth_of(json.loads(record.model_dump_json()))
