@@ -156,7 +156,6 @@ class Collection(Generic[M]):
             () if self._read_back else (n for n, info in fields.items() if not info.exclude)
         )
         self._null_floats = shape.null_floats
-        self._plain_eq = shape.plain_eq
         # Whether a record may nest deeper than pydantic reads back (then its JSON is parsed
         # to know); None where the schema says it never does. A subclass's record is read back
         # whole in any case.
@@ -504,7 +503,7 @@ class Collection(Generic[M]):
                     f"subclass's own fields?): {exc}",
                     self.store.path,
                 ) from exc
-        if nulls and self._null_floats and not (self._plain_eq and _equal(back, record)):
+        if nulls and self._null_floats and not _equal(back, record):
             # A float that may be None reads its null back as None: the record must not hold
             # there a NaN or an infinity, which it would lose. Found where the two match up;
             # else (a union read back as another choice, a key read back as other text) where
@@ -711,7 +710,8 @@ class Collection(Generic[M]):
 
     def _reopen(self) -> None:
         """Make the table anew, once a call found it gone; not in a read block, which cannot
-        write (a call there finds the table gone again, and says so).
+        write (a call there finds the table gone again, and says so). A table made inside a
+        write block may be rolled back with it: until a call outside one, each call asks.
 
         :raises GateTimeout: the gate was not granted within the store's timeout.
         """
@@ -719,7 +719,8 @@ class Collection(Generic[M]):
         if current is not None and not current.writable:
             return
         self._ensure_table()
-        self._gone = False
+        if current is None:
+            self._gone = False
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -1002,10 +1003,12 @@ def _parts(value: Any) -> Iterator[tuple[object, Any]]:
 
 
 def _equal(back: BaseModel, record: BaseModel) -> bool:
-    """Whether the read-back equals the record: then it lost nothing (a NaN is never equal,
-    so a record holding one is walked); False where == raises (a numpy array's)."""
+    """Whether the read-back holds what the record holds: then it lost nothing. Compared as
+    the plain values pydantic makes of them, so no class's own ``==`` (a dataclass field's
+    ``compare=False``, a model's or a subclass's ``__eq__``) passes over a field, and a NaN
+    is never equal; False where ``==`` raises (a numpy array's)."""
     try:
-        return bool(back == record)
+        return bool(back.model_dump() == record.model_dump())
     except Exception:  # the walk that follows decides, without ==
         return False
 
@@ -1145,7 +1148,6 @@ class _JSONShape:
         self.finite: list[str] = []
         self.finite_items: list[str] = []
         self.null_floats = False
-        self.plain_eq = True
         self._by_alias = by_alias
         self._definitions: dict[Any, Any] = {}
         self._seen: set[tuple[Any, ...]] = set()
@@ -1175,9 +1177,6 @@ class _JSONShape:
             if "serialization" in node and kind != "typed-dict":
                 self.read_back = True  # a model_serializer: its fields say nothing
                 return
-            cls = node.get("cls")
-            if kind == "dataclass" or (kind == "model" and cls.__eq__ is not BaseModel.__eq__):
-                self.plain_eq = False  # == may pass over fields (compare=False, its own __eq__)
         if kind == "definition-ref":
             if "serialization" in node:
                 self.read_back = True  # SerializeAsAny: a subclass's own fields are written
@@ -1307,19 +1306,23 @@ _PASSING = frozenset(
 _SCALAR_SCHEMAS = frozenset(
     (
         *("str", "int", "float", "bool", "none", "bytes", "date", "time", "datetime"),
-        *("timedelta", "decimal", "uuid", "url", "multi-host-url", "complex", "literal"),
+        *("timedelta", "decimal", "uuid", "url", "multi-host-url", "complex"),
         "missing-sentinel",
     )
 )
 
 
-#: A bound on the JSON depth of a value: a number, or a function of the value that gives
-#: one (None when it cannot tell); None when nothing short of parsing the JSON can tell.
-Depth = int | Callable[[Any], int | None] | None
+#: How many lists, dicts and models of a record's values typed ``Any`` a depth test looks
+#: into before it leaves the question to a parse of the record's JSON.
+_DEPTH_BUDGET = 64
 
-#: How many lists, dicts and models a depth function looks into, in values typed ``Any``,
-#: before it leaves the question to a parse of the record's JSON.
-_DEPTH_BUDGET = 256
+#: A depth function's share of :data:`_DEPTH_BUDGET`: what is left of it, for one record.
+Budget = list[int]
+
+#: A bound on the JSON depth of a value: a number, or a function of the value that gives
+#: one (None when it cannot tell, or has spent the budget); None when nothing short of
+#: parsing the JSON can tell.
+Depth = int | Callable[[Any, Budget], int | None] | None
 
 
 def json_depth(schema: Any) -> int | None:
@@ -1332,14 +1335,25 @@ def json_depth(schema: Any) -> int | None:
 def depth_bound(schema: Any) -> Depth:
     """A bound on how many levels of lists and objects the JSON written by the core
     ``schema`` nests: a number where the schema fixes it; a function of the value where
-    values typed ``Any`` decide it; None where only the JSON can tell (a recursive model,
-    extra fields, a serializer whose output has no schema, a type of your own)."""
-    definitions: dict[Any, Any] = {}
-    active: set[Any] = set()
+    values typed ``Any`` (or a ``Literal``'s, which pydantic writes as they are) decide it;
+    None where only the JSON can tell (a recursive model, extra fields, a serializer whose
+    output has no schema, a union of such, a type of your own, a schema too deep to walk)."""
+    try:
+        return _Bounds().bound(schema)
+    except RecursionError:
+        return None
 
-    def bound(node: Any) -> Depth:
+
+class _Bounds:
+    """The walk of :func:`depth_bound`: definitions met so far, and those being walked."""
+
+    def __init__(self) -> None:
+        self.definitions: dict[Any, Any] = {}
+        self.active: set[Any] = set()
+
+    def bound(self, node: Any) -> Depth:
         if isinstance(node, list):
-            return _fixed([bound(n) for n in node])
+            return _fixed([self.bound(n) for n in node])
         if not isinstance(node, dict):
             return None
         kind = node.get("type")
@@ -1350,7 +1364,7 @@ def depth_bound(schema: Any) -> Depth:
                 # Without a return type, pydantic writes whatever the function returns; with
                 # one, only a fixed bound holds (a function of the value would be given the
                 # value before the serializer, not what it returns).
-                returned = bound(serializer.get("return_schema"))
+                returned = self.bound(serializer.get("return_schema"))
                 return returned if isinstance(returned, int) else None
             if written in _SCALAR_SCHEMAS or written in ("to-string", "format"):
                 return 0
@@ -1360,65 +1374,170 @@ def depth_bound(schema: Any) -> Depth:
             return 0
         if kind == "any":
             return _any_depth
+        if kind == "literal":
+            plain = all(type(v) in (str, int, float, bool) or v is None for v in node["expected"])
+            return _literal_depth if plain else None  # an enum member is written as its value
         if kind == "definitions":
-            definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
-            return bound(node.get("schema"))
+            self.definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
+            return self.bound(node.get("schema"))
         if kind == "definition-ref":
             ref = node.get("schema_ref")
-            if ref in active or ref not in definitions:
+            if ref in self.active or ref not in self.definitions:
                 return None
-            active.add(ref)
+            self.active.add(ref)
             try:
-                return bound(definitions[ref])
+                return self.bound(self.definitions[ref])
             finally:
-                active.discard(ref)
+                self.active.discard(ref)
         config = node.get("config") or {}
         if config.get("extra_fields_behavior") == "allow" or node.get("extra_behavior") == "allow":
-            held = node if kind in ("model-fields", "typed-dict") else node.get("schema") or {}
-            if "extras_schema" not in held:
-                return None  # extra fields hold anything
+            return None  # extra fields, written as they are (pydantic 2.11 ignores their type)
         if kind in ("model-fields", "typed-dict", "dataclass-args"):
             fields = node.get("fields", {})
             named = fields.items() if isinstance(fields, dict) else [(f["name"], f) for f in fields]
-            parts = [(name, bound(field.get("schema"))) for name, field in named]
+            parts = [(name, self.bound(field.get("schema"))) for name, field in named]
             for computed in node.get("computed_fields") or ():
-                parts.append((computed["property_name"], bound(computed.get("return_schema"))))
-            if "extras_schema" in node:
-                extras = bound(node["extras_schema"])
-                if not isinstance(extras, int):
-                    return None
-                parts.append(("", extras))
+                returned = self.bound(computed.get("return_schema"))
+                parts.append((computed["property_name"], returned))
             return _fields(parts, by_key=kind == "typed-dict")
         if kind == "model" and node.get("root_model"):
-            root = bound(node.get("schema"))
+            root = self.bound(node.get("schema"))
             if root is None or isinstance(root, int):
                 return root
-            return lambda value: root(getattr(value, "root", None))
+            return lambda value, budget: root(getattr(value, "root", None), budget)
         if kind == "nullable":
-            inner = bound(node.get("schema"))
+            inner = self.bound(node.get("schema"))
             if inner is None or isinstance(inner, int):
                 return inner
-            return lambda value: 0 if value is None else inner(value)
+            return lambda value, budget: 0 if value is None else inner(value, budget)
         if kind in _PASSING:
-            return _fixed([bound(node[k]) for k in _SCHEMA_KEYS if k in node])
+            inner_nodes = [node[k] for k in _SCHEMA_KEYS if k in node]
+            if not inner_nodes:
+                return None  # Json without a type: pydantic writes what it parsed
+            return _fixed([self.bound(n) for n in inner_nodes])
         if kind in ("list", "set", "frozenset", "generator"):
-            return _each(bound(node.get("items_schema", {"type": "any"})))
+            return _each(self.bound(node.get("items_schema", {"type": "any"})))
         if kind == "tuple":
             items = node.get("items_schema", [])
-            return _each(_fixed([bound(i) for i in items])) if items else 1
+            return _each(_fixed([self.bound(i) for i in items])) if items else 1
         if kind == "dict":
-            keys = bound(node.get("keys_schema", {"type": "any"}))
-            values = bound(node.get("values_schema", {"type": "any"}))
+            keys = self.bound(node.get("keys_schema", {"type": "any"}))
+            values = self.bound(node.get("values_schema", {"type": "any"}))
             return _each(values, mapping=True) if isinstance(keys, int) else None
         if kind == "tagged-union":
-            return _fixed([bound(c) for c in node.get("choices", {}).values()])
+            return _fixed([self.bound(c) for c in node.get("choices", {}).values()])
         if kind == "union":
-            return _fixed(
-                [bound(c[0] if isinstance(c, tuple) else c) for c in node.get("choices", ())]
-            )
+            choices = node.get("choices", ())
+            return _fixed([self.bound(c[0] if isinstance(c, tuple) else c) for c in choices])
         return None  # a type of your own: pydantic writes what its value holds
 
-    return bound(schema)
+
+def _fixed(bounds: list[Depth]) -> Depth:
+    """The deepest of ``bounds``, not knowing which of them writes the value: a number if each
+    is one; the one if there is one; else None (whose function to ask is not known)."""
+    if len(bounds) == 1:
+        return bounds[0]
+    if all(isinstance(b, int) for b in bounds):
+        return max(typing.cast(list[int], bounds), default=0)
+    return None
+
+
+def _each(each: Depth, mapping: bool = False) -> Depth:
+    """The bound of a list, or of a dict (``mapping``), whose items (values) each have the
+    bound ``each``: one level deeper than its deepest item."""
+    if each is None or isinstance(each, int):
+        return None if each is None else each + 1
+    probe = each
+
+    def deepest(value: Any, budget: Budget) -> int | None:
+        if mapping and isinstance(value, dict):
+            items: Iterable[Any] = value.values()
+        elif not mapping and isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        else:
+            return None  # not what the schema says: the JSON tells
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        most = 0
+        for item in items:
+            found = probe(item, budget)
+            if found is None:
+                return None
+            most = max(most, found)
+        return most + 1
+
+    return deepest
+
+
+def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
+    """The bound of an object whose fields each have theirs: one level deeper than its
+    deepest field. ``by_key``: the value is a dict (a TypedDict), else an object with
+    attributes."""
+    if any(b is None for _, b in parts):
+        return None
+    most = max((b for _, b in parts if isinstance(b, int)), default=0) + 1
+    probes = [(name, b) for name, b in parts if callable(b)]
+    if not probes:
+        return most
+    missing = object()
+
+    def deepest(value: Any, budget: Budget) -> int | None:
+        top = most
+        for name, probe in probes:
+            item = value.get(name, missing) if by_key else getattr(value, name, missing)
+            if item is not missing:
+                found = probe(item, budget)
+                if found is None:
+                    return None
+                top = max(top, found + 1)
+        return top
+
+    return deepest
+
+
+def _literal_depth(value: Any, budget: Budget) -> int | None:
+    """A ``Literal`` field's value, which pydantic writes as it is, whatever it holds."""
+    return 0 if value is None or type(value) in (str, int, float, bool) else None
+
+
+def _any_depth(value: Any, budget: Budget) -> int | None:
+    """The JSON depth of a value typed ``Any``, as pydantic writes it; None once ``budget``
+    is spent, or for a type it writes in a way not known here."""
+    if value is None or type(value) in (str, int, float, bool):
+        return 0
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    if isinstance(value, BaseModel):
+        # Written by its own schema, whose serializers may nest deeper than its values.
+        own = _model_bound(type(value))
+        return own if own is None or isinstance(own, int) else own(value, budget)
+    if isinstance(value, dict):
+        items: Iterable[Any] = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    else:
+        return None  # a date is a scalar, but a type of your own may not be
+    most = 0
+    for item in items:
+        found = _any_depth(item, budget)
+        if found is None:
+            return None
+        most = max(most, found)
+    return most + 1
+
+
+def _model_bound(model: type[BaseModel]) -> Depth:
+    """:func:`depth_bound` of a model's schema, worked out once per model."""
+    try:
+        return _MODEL_BOUNDS[model]
+    except KeyError:
+        found = _MODEL_BOUNDS[model] = depth_bound(model.__pydantic_core_schema__)
+        return found
+
+
+_MODEL_BOUNDS: weakref.WeakKeyDictionary[type, Depth] = weakref.WeakKeyDictionary()
 
 
 def _depth_test(bound: Depth) -> Callable[[Any], bool] | None:
@@ -1432,124 +1551,12 @@ def _depth_test(bound: Depth) -> Callable[[Any], bool] | None:
 
     def deep(value: Any) -> bool:
         try:
-            found = probe(value)
-        except RecursionError:  # values typed Any that nest models in models
+            found = probe(value, [_DEPTH_BUDGET])
+        except RecursionError:  # values typed Any that nest deep
             return True
         return found is None or found > JSON_DEPTH
 
     return deep
-
-
-def _fixed(bounds: list[Depth]) -> Depth:
-    """The deepest of ``bounds``, not knowing which of them writes the value: a number if each
-    is one; else, from the value itself (see :func:`_any_depth`), no less than the numbers."""
-    if None in bounds:
-        return None
-    if len(bounds) == 1:
-        return bounds[0]
-    most = max((b for b in bounds if isinstance(b, int)), default=0)
-    if all(isinstance(b, int) for b in bounds):
-        return most
-
-    def deepest(value: Any) -> int | None:
-        found = _any_depth(value)
-        return None if found is None else max(most, found)
-
-    return deepest
-
-
-def _each(each: Depth, mapping: bool = False) -> Depth:
-    """The bound of a list, or of a dict (``mapping``), whose items (values) each have the
-    bound ``each``: one level deeper than its deepest item."""
-    if each is None or isinstance(each, int):
-        return None if each is None else each + 1
-
-    def deepest(value: Any) -> int | None:
-        if mapping and isinstance(value, dict):
-            items: Iterable[Any] = value.values()
-        elif not mapping and isinstance(value, (list, tuple, set, frozenset)):
-            items = value
-        else:
-            return None  # not what the schema says: the JSON tells
-        most = 0
-        for item in items:
-            found = each(item)
-            if found is None:
-                return None
-            most = max(most, found)
-        return most + 1
-
-    return deepest
-
-
-def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
-    """The bound of an object whose fields each have theirs (``""``: its extra fields'): one
-    level deeper than its deepest field. ``by_key``: the value is a dict (a TypedDict), else
-    an object with attributes."""
-    if any(b is None for _, b in parts):
-        return None
-    most = max((b for _, b in parts if isinstance(b, int)), default=0) + 1
-    probes = [(name, b) for name, b in parts if callable(b)]
-    if not probes:
-        return most
-    missing = object()
-
-    def deepest(value: Any) -> int | None:
-        top = most
-        for name, probe in probes:
-            item = value.get(name, missing) if by_key else getattr(value, name, missing)
-            if item is not missing:
-                found = probe(item)
-                if found is None:
-                    return None
-                top = max(top, found + 1)
-        return top
-
-    return deepest
-
-
-def _any_depth(value: Any) -> int | None:
-    """The JSON depth of a value typed ``Any``, as pydantic writes it; None past
-    :data:`_DEPTH_BUDGET` containers, or for a type it writes in a way not known here."""
-    budget = [_DEPTH_BUDGET]
-
-    def depth(item: Any, level: int) -> int | None:
-        if item is None or isinstance(item, (str, int, float, bytes)):
-            return 0
-        budget[0] -= 1
-        if budget[0] < 0 or level > JSON_DEPTH:
-            return None
-        if isinstance(item, BaseModel):
-            # Written by its own schema, whose serializers may nest deeper than its values.
-            own = _model_bound(type(item))
-            return own if own is None or isinstance(own, int) else own(item)
-        if isinstance(item, dict):
-            inner: Iterable[Any] = item.values()
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            inner = item
-        else:
-            return None  # a date is a scalar, but a type of your own may not be
-        most = 0
-        for part in inner:
-            found = depth(part, level + 1)
-            if found is None:
-                return None
-            most = max(most, found)
-        return most + 1
-
-    return depth(value, 0)
-
-
-def _model_bound(model: type[BaseModel]) -> Depth:
-    """:func:`depth_bound` of a model's schema, worked out once per model."""
-    try:
-        return _MODEL_BOUNDS[model]
-    except KeyError:
-        found = _MODEL_BOUNDS[model] = depth_bound(model.__pydantic_core_schema__)
-        return found
-
-
-_MODEL_BOUNDS: weakref.WeakKeyDictionary[type, Depth] = weakref.WeakKeyDictionary()
 
 
 def _bare_float(schema: Any) -> bool:

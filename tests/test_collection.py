@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
 import json
@@ -11,7 +12,7 @@ import sqlite3
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, Literal, NotRequired
 
 import pytest
 from hypothesis import given
@@ -21,11 +22,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Json,
     PlainSerializer,
     PrivateAttr,
     SerializationInfo,
     ValidationError,
     computed_field,
+    create_model,
     field_serializer,
     model_serializer,
     model_validator,
@@ -1456,9 +1459,11 @@ def test_a_record_whose_any_values_nest_too_deep_is_refused(
     monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data) or real(data))
     repo = ConversationRepository(store)
     conversation = sample_conversation("c")
-    conversation.metrics = {f"m{i}": [[i]] for i in range(300)}  # many lists, shallow
+    assert conversation.context is not None
+    conversation.context.messages *= 300  # many objects, in the part the schema bounds
+    conversation.metrics = {f"m{i}": [[i]] for i in range(10)}  # within the budget
     repo.upsert_conversation(conversation)
-    assert parsed == []  # the values typed Any told: no parse
+    assert parsed == []  # the schema and the values typed Any told: no parse
     conversation.metrics = {"deep": _deep_dict(199)}  # 201 levels with the record's own
     with pytest.raises(mpstore.RecordTooLarge, match="nests its values deeper"):
         repo.upsert_conversation(conversation)
@@ -1471,10 +1476,11 @@ def test_a_record_whose_any_values_nest_too_deep_is_refused(
 def test_a_model_in_a_value_typed_any_counts_as_deep_as_its_own_schema_writes() -> None:
     bound = _collection.depth_bound(_Whatever.__pydantic_core_schema__)
     assert callable(bound)
-    assert bound(_Whatever(value=[1])) == 2
+    assert bound(_Whatever(value=[1]), [64]) == 2
     # [[x]] by its serializer, inside the record's object: deeper than its values show.
-    assert bound(_Whatever(value=_Typed())) == 4
-    assert bound(_Whatever(value=_Tree())) is None  # recursive: the JSON must tell
+    assert bound(_Whatever(value=_Typed()), [64]) == 4
+    assert bound(_Whatever(value=_Tree()), [64]) is None  # recursive: the JSON must tell
+    assert bound(_Whatever(value=[[[1]]]), [2]) is None  # past its budget: the JSON must tell
 
 
 class _Mixed(BaseModel):
@@ -1482,7 +1488,7 @@ class _Mixed(BaseModel):
     anything: Any = None
     many: list[Any] = []
     table: dict[str, list[Any]] = {}
-    either: list[int] | dict[str, Any] | None = None
+    either: dict[str, Any] | None = None
     cell: _Cell | None = None
 
 
@@ -1507,9 +1513,7 @@ def _json_depth_of(value: Any) -> int:
     anything=_JSON_VALUES,
     many=st.lists(_JSON_VALUES, max_size=3),
     table=st.dictionaries(st.text(max_size=2), st.lists(_JSON_VALUES, max_size=2), max_size=2),
-    either=st.none()
-    | st.lists(st.integers(), max_size=2)
-    | st.dictionaries(st.text(max_size=2), _JSON_VALUES, max_size=2),
+    either=st.none() | st.dictionaries(st.text(max_size=2), _JSON_VALUES, max_size=2),
     nested=st.booleans(),
 )
 def test_the_depth_bound_is_never_below_the_json_written(
@@ -1524,6 +1528,102 @@ def test_the_depth_bound_is_never_below_the_json_written(
     )
     bound = _collection.depth_bound(_Mixed.__pydantic_core_schema__)
     assert callable(bound)
-    found = bound(record)
+    found = bound(record, [10_000])
     assert found is not None
     assert found >= _json_depth_of(json.loads(record.model_dump_json()))
+
+
+class _Deep(enum.Enum):
+    NESTED = ((((1,),),),)
+
+
+class _Raw(BaseModel):
+    id: str = "r"
+    payload: Json = None  # type: ignore[type-arg]
+
+
+class _Labelled(BaseModel):
+    id: str = "l"
+    label: Literal["a", "b"] = "a"
+
+
+class _Marked(BaseModel):
+    id: str = "t"
+    tag: Literal[_Deep.NESTED] = _Deep.NESTED
+
+
+class _Choice(TypedDict):
+    meta: Any
+
+
+class _Either(BaseModel):
+    id: str = "e"
+    value: _Choice | list[Any] = []
+
+
+class _Extra(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, int] = Field(init=False)  # type: ignore[assignment]
+    id: str = "x"
+
+
+@pytest.mark.parametrize(
+    ("model", "depth"),
+    [
+        (_Raw, None),  # Json without a type: written as parsed
+        (_Marked, None),  # an enum member in a Literal is written as its value
+        (_Either, None),  # which choice's function to ask is not known
+        (_Extra, None),  # pydantic 2.11 writes extra fields as they are, whatever their type
+    ],
+)
+def test_json_depth_of_values_written_as_they_are_is_not_bounded(
+    model: type[BaseModel], depth: int | None
+) -> None:
+    assert _collection.depth_bound(model.__pydantic_core_schema__) == depth
+
+
+def test_a_literal_field_is_measured_by_what_it_holds() -> None:
+    bound = _collection.depth_bound(_Labelled.__pydantic_core_schema__)
+    assert callable(bound)
+    assert bound(_Labelled(), [64]) == 1
+    record = _Labelled()
+    record.label = [[1]]  # type: ignore[assignment]  # no validate_assignment: pydantic lets it
+    assert bound(record, [64]) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(_Raw.model_construct(id="r", payload=_deep_dict(210)), id="bare-json"),
+        pytest.param(_Labelled.model_construct(id="l", label=_deep_dict(210)), id="literal"),
+    ],
+)
+def test_values_written_as_they_are_that_nest_too_deep_are_refused(
+    store: mpstore.Store, record: BaseModel
+) -> None:
+    coll = store.collection("c", type(record), key="id")
+    with pytest.raises(mpstore.RecordTooLarge, match="nests its values deeper"):
+        coll.upsert(record)
+    assert coll.count() == 0
+
+
+def test_a_schema_nested_deeper_than_python_recurses_still_opens(store: mpstore.Store) -> None:
+    model: type[BaseModel] = create_model("L0", v=(int, 0))
+    for i in range(1, 200):  # pydantic 2.11 itself cannot build much deeper
+        model = create_model(f"L{i}", inner=(model, None))
+    top = create_model("Top", id=(str, ...), inner=(model, None))
+    assert _collection.depth_bound(top.__pydantic_core_schema__) is None
+    tops = store.collection("tops", top, key="id")
+    tops.upsert(top(id="a"))
+    assert tops.count() == 1
+
+
+def test_many_small_any_values_past_the_budget_are_parsed_once(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[bytes] = []
+    real = _collection.from_json
+    monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data) or real(data))
+    many = _Whatever(value=[[i] for i in range(300)])  # past the budget of 64 containers
+    store.collection("whatever", _Whatever, key="id").upsert(many)
+    assert len(parsed) == 1
