@@ -33,7 +33,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-from pydantic_core import SchemaSerializer, from_json
+from pydantic_core import SchemaSerializer, from_json, to_json
 from typing_extensions import TypedDict
 
 import mpstore
@@ -1430,18 +1430,25 @@ def test_json_depth_bounds_what_the_schema_can_write(model: type[BaseModel], dep
     assert _collection.json_depth(model.__pydantic_core_schema__) == depth
 
 
-def test_a_model_that_cannot_nest_deep_is_never_parsed_before_writing(
+def _measured(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The JSON of each record whose nesting is measured before it is written."""
+    measured: list[bytes] = []
+    real = _collection.nesting
+    monkeypatch.setattr(_collection, "nesting", lambda data: measured.append(data) or real(data))
+    return measured
+
+
+def test_a_model_that_cannot_nest_deep_is_never_measured_before_writing(
     store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    parsed: list[bytes] = []
-    monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data))
+    measured = _measured(monkeypatch)
     many = _Shelf(by_name={str(i): _Cell(grid=[[i]]) for i in range(300)})
     store.collection("holders", _Shelf, key="id").upsert(many)
-    assert parsed == []
+    assert measured == []
     tree = _nested(3)
     tree.children.extend(_Tree(id=f"t{i}") for i in range(300))  # many objects, shallow
     store.collection("trees", _Tree, key="id").upsert(tree)
-    assert len(parsed) == 1  # the control: a recursive model's record is parsed
+    assert len(measured) == 1  # the control: a recursive model's record is measured
 
 
 def _deep_dict(depth: int) -> dict[str, Any]:
@@ -1618,12 +1625,29 @@ def test_a_schema_nested_deeper_than_python_recurses_still_opens(store: mpstore.
     assert tops.count() == 1
 
 
-def test_many_small_any_values_past_the_budget_are_parsed_once(
+def test_many_small_any_values_past_the_budget_are_measured_in_the_json(
     store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    parsed: list[bytes] = []
-    real = _collection.from_json
-    monkeypatch.setattr(_collection, "from_json", lambda data: parsed.append(data) or real(data))
+    measured = _measured(monkeypatch)
     many = _Whatever(value=[[i] for i in range(300)])  # past the budget of 64 containers
     store.collection("whatever", _Whatever, key="id").upsert(many)
-    assert len(parsed) == 1
+    assert len(measured) == 1
+
+
+_TRICKY_TEXT = st.text(alphabet='[]{}"\\/x\n\u00e9\u2603\x00\x7f', max_size=6)
+_ANY_JSON = st.recursive(
+    st.none() | st.integers() | st.floats(allow_nan=False) | _TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY_TEXT, inner, max_size=3),
+    max_leaves=30,
+)
+
+
+@given(_ANY_JSON)
+def test_nesting_counts_the_levels_of_the_json_pydantic_writes(value: Any) -> None:
+    # Brackets, quotes and backslashes inside strings are not structure.
+    assert _collection.nesting(to_json(value)) == _json_depth_of(value)
+
+
+def test_nesting_stops_one_past_the_limit() -> None:
+    deep = b"[" * 500 + b"]" * 500
+    assert _collection.nesting(deep) == _collection.JSON_DEPTH + 1
