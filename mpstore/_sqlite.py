@@ -478,6 +478,37 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
     raise MpstoreError(f"not a carried write: {str(op)[:80]!r}")
 
 
+def run_upserts(conn: Writer, ops: Sequence[tuple[Any, ...]]) -> None:
+    """Run one-row upserts into one collection (:func:`single_statement` ``ops`` with the same
+    table, fields and keys) as one statement over all their rows: what a batch does with
+    writes that need no SAVEPOINT. A failure may leave the rows before the failed one
+    written; each is as its own write leaves it, so running them one by one after repeats
+    them harmlessly.
+
+    :raises MpstoreError: an op is malformed, or not one of the kind above.
+    """
+    first = ops[0]
+    for op in ops:
+        if (
+            not single_statement(op)
+            or op[0] != "upsert"
+            or op[1:3] != first[1:3]
+            or op[4] != first[4]
+        ):
+            raise MpstoreError(f"not a run of one-row upserts: {str(op)[:80]!r}")
+    _, table, indexed, _, json_keys = first
+    sql = _sql_for(table, indexed)
+    width = 2 + len(indexed)
+    rows = [op[3][0] for op in ops]
+    for row in rows:
+        if not isinstance(row, tuple) or len(row) != width:
+            raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
+    fields = _table_fields(conn, sql.table)
+    if not fields <= sql.indexed_set:
+        sql = _sql_for(table, indexed, tuple(sorted(fields - sql.indexed_set)), json_keys)
+    conn.executemany(sql.upsert, rows).close()
+
+
 def op_runner(op: tuple[Any, ...]) -> Callable[[Writer], int]:
     """``op`` as a write function: what the gate holder runs for it (see :func:`run_op`)."""
     return partial(run_op, op=op)  # called without a Python frame of its own

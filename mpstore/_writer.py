@@ -36,6 +36,7 @@ T = TypeVar("T")
 class _Job(Generic[T]):
     __slots__ = (
         "abandon",
+        "alone",
         "carried",
         "context",
         "done",
@@ -59,6 +60,7 @@ class _Job(Generic[T]):
         self.carried = carried
         self.op: tuple[Any, ...] | None = None  # a collection write given as data
         self.plain = False  # runs without a SAVEPOINT (see _mark_plain)
+        self.alone = False  # runs by itself, not in one statement with others (see _together)
         # A queued write runs in the writer thread but sees the caller's context variables.
         self.context = contextvars.copy_context() if queued else None
         # Only a queued write's caller waits for it; the others run in the caller's thread.
@@ -112,6 +114,24 @@ def _mark_plain(
         for job in single:
             job.plain = True
     return undo
+
+
+def _together(jobs: list[_Job[Any]], i: int) -> list[_Job[Any]]:
+    """The writes from ``jobs[i]`` on that can run as one statement: one-row upserts into one
+    collection that need no SAVEPOINT (see :func:`_mark_plain`)."""
+    first = jobs[i]
+    if not first.plain or first.alone or first.op is None or first.op[0] != "upsert":
+        return [first]
+    end = i + 1
+    while end < len(jobs):
+        job = jobs[end]
+        op = job.op
+        if not job.plain or job.alone or op is None or op[0] != "upsert":
+            break
+        if op[1:3] != first.op[1:3] or op[4:] != first.op[4:]:
+            break
+        end += 1
+    return jobs[i:end]
 
 
 _batch_ids: tuple[int, Iterator[int]] = (0, iter(()))
@@ -363,7 +383,13 @@ class WriteQueue:
             job = jobs[0]
             job.result = job.run(conn)
             return
-        for i, job in enumerate(jobs):
+        i = 0
+        while i < len(jobs):
+            together = _together(jobs, i)
+            if len(together) > 1 and self._run_together(conn, raw, jobs, i, together):
+                i += len(together)
+                continue
+            job = jobs[i]
             savepoint = None
             try:
                 if job.plain:
@@ -390,6 +416,30 @@ class WriteQueue:
                 for other in jobs[:i]:
                     other.result, other.error = None, None
                 raise _Redo(others)
+            i += 1
+
+    def _run_together(
+        self, conn: Connection, raw: Any, jobs: list[_Job[Any]], i: int, together: list[_Job[Any]]
+    ) -> bool:
+        """Run ``together`` (the writes ``jobs[i:]`` starts with: one-row upserts into one
+        collection) as one statement. False if that failed: then each runs by itself, and the
+        failing one alone hears its error (those before it write again what they wrote).
+
+        :raises _Redo: the failure ended the transaction; every write runs again.
+        """
+        try:
+            _sqlite.run_upserts(conn, [job.op for job in together])  # type: ignore[misc]
+        except Exception:
+            for job in together:
+                job.alone = True
+            if not raw.in_transaction:
+                for other in jobs[:i]:
+                    other.result, other.error = None, None
+                raise _Redo(list(jobs)) from None
+            return False
+        for job in together:
+            job.result = 1
+        return True
 
     def _abandoned(self, job: _Job[Any]) -> bool:
         if job.abandon is not None and job.abandon.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 import mpstore
+from mpstore import _sqlite
 from tests import workers
 from tests.models import Note
 
@@ -253,3 +255,63 @@ def test_a_write_queued_as_its_store_closes_is_refused_at_once(db_path: str) -> 
                 notes.upsert(Note(id="late", text="x"))
             assert closing._queue._thread is None  # no writer thread left waiting for the gate
         assert other.collection("notes", Note, key="id").get("late") is None
+
+
+def _count_runs(
+    monkeypatch: pytest.MonkeyPatch, then: Callable[[Any], None] | None = None
+) -> list[int]:
+    """Count the writes of each run of upserts made one statement (see ``run_upserts``)."""
+    sizes: list[int] = []
+    real = _sqlite.run_upserts
+
+    def counted(conn: Any, ops: Any) -> None:
+        sizes.append(len(ops))
+        if then is not None:
+            then(conn)
+        real(conn, ops)
+
+    monkeypatch.setattr(_sqlite, "run_upserts", counted)
+    return sizes
+
+
+def test_queued_upserts_run_as_one_statement_and_a_failing_one_fails_alone(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes = store.collection("notes", Note, key="id")
+    sizes = _count_runs(monkeypatch)
+    with store.write() as conn:  # SQLite refuses a value this long: that write alone fails
+        conn._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 400)
+    outcomes = _queue_behind_a_write_block(
+        store,
+        [
+            lambda i=i: notes.upsert(Note(id=f"n{i}", text="x" * (500 if i == 2 else 5)))
+            for i in range(5)
+        ],
+    )
+    assert sizes == [5]  # tried as one statement; then each by itself
+    assert [o[0] for o in outcomes] == ["ok", "ok", "error", "ok", "ok"]
+    assert isinstance(outcomes[2][1], sqlite3.DataError)
+    assert sorted(notes.keys()) == ["n0", "n1", "n3", "n4"]
+
+
+def test_a_run_of_upserts_that_ends_the_transaction_runs_again_one_by_one(
+    store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes = store.collection("notes", Note, key="id")
+    ended: list[bool] = []
+
+    def end_once(conn: Any) -> None:
+        if not ended:  # as a full disk would: the transaction is gone
+            ended.append(True)
+            conn._conn.execute("ROLLBACK")  # below mpstore's checks, as SQLite itself would
+            raise sqlite3.OperationalError("database or disk is full")
+
+    notes.upsert(Note(id="gone", text="x"))
+    sizes = _count_runs(monkeypatch, end_once)
+    # The delete runs first, in the transaction the run of upserts then ends: it must run again.
+    calls: list[Callable[[], Any]] = [lambda: notes.delete("gone")]
+    calls += [lambda i=i: notes.upsert(Note(id=f"n{i}", text="x")) for i in range(4)]
+    outcomes = _queue_behind_a_write_block(store, calls)
+    assert sizes == [4]
+    assert outcomes == [("ok", True)] + [("ok", None)] * 4
+    assert sorted(notes.keys()) == ["n0", "n1", "n2", "n3"]

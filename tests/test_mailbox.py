@@ -1400,3 +1400,26 @@ def test_a_carried_write_into_a_dropped_table_hears_collection_not_found(path: s
                 others.upsert(Note(id="lead", text="x"))  # leads, and carries the write
             outcome, carried = report()[1]["outcome"], store.stats()["writes_carried"]
         assert outcome[:2] == ("error", "CollectionNotFound") and carried == 1
+
+
+def test_carried_upserts_that_share_a_statement_fail_alone(path: str) -> None:
+    # Taken together, they run as one statement; when it fails, each runs by itself.
+    long_key = "k" * 500  # past the length this holder's SQLite takes: that write alone fails
+    with mpstore.Store(path) as store:
+        others = store.collection("others", Note, key="id")
+        with store.write() as conn:
+            conn._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 400)
+        calls = [(path, "upsert", k, True, True) for k in ("a", long_key, "c")]
+        with _writers(calls) as collect:
+            with store.write():
+                _wait_published(store, 3)
+            while _published(store):
+                others.upsert(Note(id="lead", text="x"))  # leads, and carries the writes
+            reports = collect()
+        notes = store.collection("notes", Note, key="id")
+        assert [r["outcome"][:2] for r in reports] == [
+            ("ok", None),
+            ("error", "DataError"),
+            ("ok", None),
+        ]
+        assert {"a", "c"} <= set(notes.keys()) and long_key not in set(notes.keys())
