@@ -455,20 +455,9 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
     kind = op[0] if op else None
     if kind == "upsert" and len(op) == 5:
         _, table, indexed, rows, json_keys = op
-        sql = _sql_for(table, indexed)
         if not isinstance(rows, list):
             raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
-        width = 2 + len(indexed)
-        for row in rows:
-            if not isinstance(row, tuple) or len(row) != width:
-                raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
-        fields = _table_fields(conn, sql.table)
-        if not fields <= sql.indexed_set:
-            # An index added since the writer's collection was opened (by another process,
-            # or another opener here): its column must not go stale.
-            unfilled = tuple(sorted(fields - sql.indexed_set))
-            sql = _sql_for(table, indexed, unfilled, json_keys)
-        conn.executemany(sql.upsert, rows).close()
+        _upsert(conn, table, indexed, json_keys, rows)
         return len(rows)
     if kind == "delete" and len(op) == 3 and isinstance(op[2], str):
         cursor = conn.execute(_sql_for(op[1], ()).delete, (op[2],))
@@ -497,15 +486,25 @@ def run_upserts(conn: Writer, ops: Sequence[tuple[Any, ...]]) -> None:
         ):
             raise MpstoreError(f"not a run of one-row upserts: {str(op)[:80]!r}")
     _, table, indexed, _, json_keys = first
+    _upsert(conn, table, indexed, json_keys, [op[3][0] for op in ops])
+
+
+def _upsert(conn: Writer, table: object, indexed: Any, json_keys: object, rows: list[Any]) -> None:
+    """Upsert ``rows`` into collection ``table``, checked as data from another process.
+
+    :raises MpstoreError: a name or a row is malformed.
+    """
     sql = _sql_for(table, indexed)
-    width = 2 + len(indexed)
-    rows = [op[3][0] for op in ops]
+    width = 2 + len(indexed)  # a tuple: _sql_for checked it
     for row in rows:
         if not isinstance(row, tuple) or len(row) != width:
             raise MpstoreError(f"a carried upsert into {table!r} has malformed rows")
     fields = _table_fields(conn, sql.table)
     if not fields <= sql.indexed_set:
-        sql = _sql_for(table, indexed, tuple(sorted(fields - sql.indexed_set)), json_keys)
+        # An index added since the writer's collection was opened (by another process, or
+        # another opener here): its column must not go stale.
+        unfilled = tuple(sorted(fields - sql.indexed_set))
+        sql = _sql_for(table, indexed, unfilled, json_keys)
     conn.executemany(sql.upsert, rows).close()
 
 
