@@ -1456,15 +1456,7 @@ def _each(each: Depth, mapping: bool = False) -> Depth:
         else:
             return None  # not what the schema says: the JSON tells
         budget[0] -= 1
-        if budget[0] < 0:
-            return None
-        most = 0
-        for item in items:
-            found = probe(item, budget)
-            if found is None:
-                return None
-            most = max(most, found)
-        return most + 1
+        return None if budget[0] < 0 else _around(items, probe, budget)
 
     return deepest
 
@@ -1518,9 +1510,17 @@ def _any_depth(value: Any, budget: Budget) -> int | None:
         items = value
     else:
         return None  # a date is a scalar, but a type of your own may not be
+    return _around(items, _any_depth, budget)
+
+
+def _around(
+    items: Iterable[Any], probe: Callable[[Any, Budget], int | None], budget: Budget
+) -> int | None:
+    """The depth of a list or dict holding ``items``, each measured by ``probe``: one past
+    the deepest; None if any of them cannot tell."""
     most = 0
     for item in items:
-        found = _any_depth(item, budget)
+        found = probe(item, budget)
         if found is None:
             return None
         most = max(most, found)
