@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -422,8 +424,8 @@ class Collection(Generic[M]):
         deep = self._may_be_deep
         if (
             deep is not None
-            and deep(record)
             and data.count(b"[") + data.count(b"{") > JSON_DEPTH  # else it cannot nest that deep
+            and deep(record)
             and nesting(data) > JSON_DEPTH
         ):
             try:  # pydantic's own reading says (it does not count an empty innermost one)
@@ -1311,9 +1313,10 @@ _SCALAR_SCHEMAS = frozenset(
 )
 
 
-#: How many lists, dicts and models of a record's values typed ``Any`` a depth test looks
-#: into before it leaves the question to a parse of the record's JSON.
+#: How many lists, dicts, models and ``Literal`` values a depth test looks into, in one
+#: record, before it leaves the question to a measure of the record's JSON.
 _DEPTH_BUDGET = 64
+_PLAIN_CONTAINERS = (list, tuple, set, frozenset)
 
 #: A depth function's share of :data:`_DEPTH_BUDGET`: what is left of it, for one record.
 Budget = list[int]
@@ -1449,9 +1452,11 @@ def _each(each: Depth, mapping: bool = False) -> Depth:
     probe = each
 
     def deepest(value: Any, budget: Budget) -> int | None:
-        if mapping and isinstance(value, dict):
+        # Only the plain types: pydantic writes a subclass's items from its storage, whatever
+        # its own iteration says.
+        if mapping and type(value) is dict:
             items: Iterable[Any] = value.values()
-        elif not mapping and isinstance(value, (list, tuple, set, frozenset)):
+        elif not mapping and type(value) in _PLAIN_CONTAINERS:
             items = value
         else:
             return None  # not what the schema says: the JSON tells
@@ -1474,6 +1479,9 @@ def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
     missing = object()
 
     def deepest(value: Any, budget: Budget) -> int | None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
         top = most
         for name, probe in probes:
             item = value.get(name, missing) if by_key else getattr(value, name, missing)
@@ -1489,7 +1497,10 @@ def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
 
 def _literal_depth(value: Any, budget: Budget) -> int | None:
     """A ``Literal`` field's value, which pydantic writes as it is, whatever it holds."""
-    return 0 if value is None or type(value) in (str, int, float, bool) else None
+    budget[0] -= 1
+    if budget[0] < 0 or not (value is None or type(value) in (str, int, float, bool)):
+        return None
+    return 0
 
 
 def _any_depth(value: Any, budget: Budget) -> int | None:
@@ -1504,12 +1515,12 @@ def _any_depth(value: Any, budget: Budget) -> int | None:
         # Written by its own schema, whose serializers may nest deeper than its values.
         own = _model_bound(type(value))
         return own if own is None or isinstance(own, int) else own(value, budget)
-    if isinstance(value, dict):
+    if type(value) is dict:
         items: Iterable[Any] = value.values()
-    elif isinstance(value, (list, tuple, set, frozenset)):
+    elif type(value) in _PLAIN_CONTAINERS:
         items = value
     else:
-        return None  # a date is a scalar, but a type of your own may not be
+        return None  # a date is a scalar, but a type of your own (or a subclass) may not be
     return _around(items, _any_depth, budget)
 
 
@@ -1540,6 +1551,9 @@ _MODEL_BOUNDS: weakref.WeakKeyDictionary[type, Depth] = weakref.WeakKeyDictionar
 
 
 _BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_STEPS = bytes.maketrans(b"()", b"\x01\xff")  # +1 and -1 as signed bytes
+#: Levels :func:`nesting` peels off one pass each before it counts what is left in one.
+_PEELS = 8
 _NOT_BRACKETS = bytes(set(range(256)) - set(b'[]{}"'))
 
 
@@ -1558,12 +1572,14 @@ def nesting(data: bytes) -> int:
         if b'"' in marks:
             marks = b"".join(marks.split(b'"')[::2])
     depth = 0
-    while marks and depth <= JSON_DEPTH:
+    while marks and depth < _PEELS:
         inner = marks.replace(b"()", b"")  # every innermost pair: one level off each branch
         if len(inner) == len(marks):
             return JSON_DEPTH + 1  # not JSON as pydantic writes it: let pydantic's reading say
         marks, depth = inner, depth + 1
-    return depth
+    if marks:  # deeper still: one pass, counting up and down, costs less than a pass per level
+        depth += max(itertools.accumulate(array.array("b", marks.translate(_STEPS))))
+    return min(depth, JSON_DEPTH + 1)
 
 
 def _depth_test(bound: Depth) -> Callable[[Any], bool] | None:

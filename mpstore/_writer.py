@@ -1,11 +1,13 @@
-"""Group commit within one process: queued writes share one transaction, each in a SAVEPOINT.
+"""Group commit within one process: queued writes share one transaction, each kept apart.
 
 When a write finds the gate free it runs at once in the caller's thread. Otherwise it joins
 this process's queue, and one writer thread per store waits for the gate (see
-:meth:`Gate.acquire`); when it wins, it runs every queued write in one transaction, each
-inside its own SAVEPOINT, commits once, releases the gate and only then hands each caller its
-own result or its own exception.
-One write's failure rolls back only its savepoint; no caller hears "done" before COMMIT.
+:meth:`Gate.acquire`); when it wins, it runs every queued write in one transaction, commits
+once, releases the gate and only then hands each caller its own result or its own exception.
+Each write runs inside its own SAVEPOINT, but where SQLite undoes a failed one by itself (one
+row, no trigger, no foreign key action), and consecutive such upserts into one collection run
+as one statement (see :meth:`WriteQueue._run_together`). One write's failure undoes only that
+write; no caller hears "done" before COMMIT.
 """
 
 from __future__ import annotations
@@ -386,8 +388,9 @@ class WriteQueue:
         i = 0
         while i < len(jobs):
             together = _together(jobs, i)
-            if len(together) > 1 and self._run_together(conn, raw, jobs, i, together):
-                i += len(together)
+            ran = self._run_together(conn, raw, jobs, i, together) if len(together) > 1 else 0
+            if ran:
+                i += ran
                 continue
             job = jobs[i]
             savepoint = None
@@ -420,26 +423,36 @@ class WriteQueue:
 
     def _run_together(
         self, conn: Connection, raw: Any, jobs: list[_Job[Any]], i: int, together: list[_Job[Any]]
-    ) -> bool:
+    ) -> int:
         """Run ``together`` (the writes ``jobs[i:]`` starts with: one-row upserts into one
-        collection) as one statement. False if that failed: then each runs by itself, and the
-        failing one alone hears its error (those before it write again what they wrote).
+        collection) as one statement; return how many of them ran. Where one failed, those
+        before it stand (each changed its one row, and no trigger ran), it keeps its error,
+        and the count includes it: the writes after it run next, as they would have.
 
-        :raises _Redo: the failure ended the transaction; every write runs again.
+        :raises _Redo: the failure ended the transaction; the writes run again, but the one
+            that failed.
         """
+        before = raw.total_changes
         try:
             _sqlite.run_upserts(conn, [job.op for job in together])  # type: ignore[misc]
-        except Exception:
-            for job in together:
-                job.alone = True
+        except Exception as exc:
+            done = int(raw.total_changes - before)
+            if not 0 <= done < len(together):  # not one change per row: each runs by itself
+                for job in together:
+                    job.alone = True
+                return 0
+            for job in together[:done]:
+                job.result = 1
+            failed = together[done]
+            failed.error = exc
             if not raw.in_transaction:
-                for other in jobs[:i]:
+                for other in jobs[: i + done]:
                     other.result, other.error = None, None
-                raise _Redo(list(jobs)) from None
-            return False
+                raise _Redo([job for job in jobs if job is not failed]) from None
+            return done + 1
         for job in together:
             job.result = 1
-        return True
+        return len(together)
 
     def _abandoned(self, job: _Job[Any]) -> bool:
         if job.abandon is not None and job.abandon.is_set():

@@ -1651,3 +1651,54 @@ def test_nesting_counts_the_levels_of_the_json_pydantic_writes(value: Any) -> No
 def test_nesting_stops_one_past_the_limit() -> None:
     deep = b"[" * 500 + b"]" * 500
     assert _collection.nesting(deep) == _collection.JSON_DEPTH + 1
+
+
+def _wrapped(value: Any, shells: list[bool]) -> Any:
+    for as_list in shells:
+        value = [value, "]"] if as_list else {"[": value}
+    return value
+
+
+@given(
+    st.lists(_ANY_JSON, min_size=1, max_size=3),
+    st.lists(st.lists(st.booleans(), max_size=40), min_size=1, max_size=3),
+)
+def test_nesting_counts_deep_branches_as_well(values: list[Any], shells: list[list[bool]]) -> None:
+    # Past the levels peeled one pass each, the rest is counted in one pass.
+    value = [_wrapped(v, s) for v, s in zip(values, shells, strict=False)]
+    assert _collection.nesting(to_json(value)) == _json_depth_of(value)
+
+
+class _HidingDict(dict):  # type: ignore[type-arg]
+    def values(self) -> Any:
+        return []
+
+
+class _HidingList(list):  # type: ignore[type-arg]
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+@pytest.mark.parametrize("holder", [_HidingDict, _HidingList], ids=["dict", "list"])
+def test_a_container_subclass_cannot_hide_its_depth(store: mpstore.Store, holder: type) -> None:
+    # pydantic writes their items from their storage, whatever their own iteration says.
+    deep: Any = 1
+    for _ in range(250):
+        deep = [deep]
+    value = holder({"k": deep}) if holder is _HidingDict else holder([deep])
+    whatever = store.collection("whatever", _Whatever, key="id")
+    with pytest.raises(mpstore.RecordTooLarge):
+        whatever.upsert(_Whatever(value=value))
+    assert whatever.count() == 0
+
+
+def test_a_record_with_few_brackets_is_not_measured_at_all(store: mpstore.Store) -> None:
+    whatever = store.collection("whatever", _Whatever, key="id")
+    asked: list[object] = []
+    test = whatever._may_be_deep
+    assert test is not None
+    whatever._may_be_deep = lambda record: asked.append(record) or test(record)
+    whatever.upsert(_Whatever(value={"a": [1, 2, {"b": None}]}))
+    assert asked == []
+    whatever.upsert(_Whatever(value=[[i] for i in range(250)]))  # past 200 brackets
+    assert len(asked) == 1

@@ -288,13 +288,13 @@ def test_queued_upserts_run_as_one_statement_and_a_failing_one_fails_alone(
             for i in range(5)
         ],
     )
-    assert sizes == [5]  # tried as one statement; then each by itself
+    assert sizes == [5, 2]  # one statement up to the failing write, then one for the rest
     assert [o[0] for o in outcomes] == ["ok", "ok", "error", "ok", "ok"]
     assert isinstance(outcomes[2][1], sqlite3.DataError)
     assert sorted(notes.keys()) == ["n0", "n1", "n3", "n4"]
 
 
-def test_a_run_of_upserts_that_ends_the_transaction_runs_again_one_by_one(
+def test_a_run_of_upserts_that_ends_the_transaction_runs_again_but_the_failed_one(
     store: mpstore.Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     notes = store.collection("notes", Note, key="id")
@@ -312,6 +312,30 @@ def test_a_run_of_upserts_that_ends_the_transaction_runs_again_one_by_one(
     calls: list[Callable[[], Any]] = [lambda: notes.delete("gone")]
     calls += [lambda i=i: notes.upsert(Note(id=f"n{i}", text="x")) for i in range(4)]
     outcomes = _queue_behind_a_write_block(store, calls)
-    assert sizes == [4]
-    assert outcomes == [("ok", True)] + [("ok", None)] * 4
-    assert sorted(notes.keys()) == ["n0", "n1", "n2", "n3"]
+    assert sizes == [4, 3]  # the write that ended it keeps its error; the rest run again
+    assert outcomes[:2] == [("ok", True), ("error", outcomes[1][1])]
+    assert isinstance(outcomes[1][1], sqlite3.OperationalError)
+    assert outcomes[2:] == [("ok", None)] * 3
+    assert sorted(notes.keys()) == ["n1", "n2", "n3"]
+
+
+def test_writes_before_a_failing_one_in_a_run_of_upserts_are_kept_as_they_ran(
+    store: mpstore.Store,
+) -> None:
+    # A unique index made by hand: b replaces a's text, so c may take it; d cannot. Run one
+    # by one after the failure, a would meet c's row and fail, as it never would have alone.
+    notes = store.collection("notes", Note, key="id")
+    with store.write() as conn:
+        conn.execute("CREATE UNIQUE INDEX notes_text ON notes(json_extract(value, '$.text'))")
+    outcomes = _queue_behind_a_write_block(
+        store,
+        [
+            lambda: notes.upsert(Note(id="a", text="e")),
+            lambda: notes.upsert(Note(id="a", text="g")),
+            lambda: notes.upsert(Note(id="c", text="e")),
+            lambda: notes.upsert(Note(id="d", text="g")),
+        ],
+    )
+    assert [o[0] for o in outcomes] == ["ok", "ok", "ok", "error"]
+    assert isinstance(outcomes[3][1], sqlite3.IntegrityError)
+    assert sorted((n.id, n.text) for n in notes.scan()) == [("a", "g"), ("c", "e")]
