@@ -1327,13 +1327,6 @@ Budget = list[int]
 Depth = int | Callable[[Any, Budget], int | None] | None
 
 
-def json_depth(schema: Any) -> int | None:
-    """How many levels of lists and objects the JSON written by the core ``schema`` nests at
-    most; None when that depends on the value (see :func:`depth_bound`)."""
-    bound = depth_bound(schema)
-    return bound if isinstance(bound, int) else None
-
-
 def depth_bound(schema: Any) -> Depth:
     """A bound on how many levels of lists and objects the JSON written by the core
     ``schema`` nests: a number where the schema fixes it; a function of the value where

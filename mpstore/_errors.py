@@ -161,7 +161,7 @@ class CollectionNotFound(MpstoreError, LookupError):
     """A collection's table is gone from the file (dropped after the collection was opened).
 
     Raised by the call that finds it gone; the collection's next call (outside a read block)
-    makes the table anew, as does ``Store.collection()``.
+    makes the table anew, as does ``Store.collection()`` once a call has found it gone.
     """
 
 

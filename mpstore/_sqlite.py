@@ -470,9 +470,8 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
 def run_upserts(conn: Writer, ops: Sequence[tuple[Any, ...]]) -> None:
     """Run one-row upserts into one collection (:func:`single_statement` ``ops`` with the same
     table, fields and keys) as one statement over all their rows: what a batch does with
-    writes that need no SAVEPOINT. A failure may leave the rows before the failed one
-    written; each is as its own write leaves it, so running them one by one after repeats
-    them harmlessly.
+    writes that need no SAVEPOINT. A failure leaves the rows before the failed one written,
+    as their own writes would have (see ``WriteQueue._run_together``).
 
     :raises MpstoreError: an op is malformed, or not one of the kind above.
     """
