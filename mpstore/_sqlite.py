@@ -467,6 +467,19 @@ def run_op(conn: Writer, op: tuple[Any, ...]) -> int:
     raise MpstoreError(f"not a carried write: {str(op)[:80]!r}")
 
 
+def upsert_target(op: object) -> tuple[Any, ...] | None:
+    """The collection, fields and keys of ``op`` if it is a one-row upsert whose row has the
+    width its fields ask (what :func:`run_upserts` may run with others into the same
+    target); None for anything else."""
+    if not (isinstance(op, tuple) and single_statement(op) and op[0] == "upsert"):
+        return None
+    _, table, indexed, rows, json_keys = op
+    row = rows[0]
+    if not isinstance(indexed, tuple) or not isinstance(row, tuple):
+        return None
+    return (table, indexed, json_keys) if len(row) == 2 + len(indexed) else None
+
+
 def run_upserts(conn: Writer, ops: Sequence[tuple[Any, ...]]) -> None:
     """Run one-row upserts into one collection (:func:`single_statement` ``ops`` with the same
     table, fields and keys) as one statement over all their rows: what a batch does with
@@ -475,16 +488,10 @@ def run_upserts(conn: Writer, ops: Sequence[tuple[Any, ...]]) -> None:
 
     :raises MpstoreError: an op is malformed, or not one of the kind above.
     """
-    first = ops[0]
-    for op in ops:
-        if (
-            not single_statement(op)
-            or op[0] != "upsert"
-            or op[1:3] != first[1:3]
-            or op[4] != first[4]
-        ):
-            raise MpstoreError(f"not a run of one-row upserts: {str(op)[:80]!r}")
-    _, table, indexed, _, json_keys = first
+    target = upsert_target(ops[0])
+    if target is None or any(upsert_target(op) != target for op in ops):
+        raise MpstoreError(f"not a run of one-row upserts into one collection: {ops!r:.80}")
+    table, indexed, json_keys = target
     _upsert(conn, table, indexed, json_keys, [op[3][0] for op in ops])
 
 

@@ -119,18 +119,17 @@ def _mark_plain(
 
 
 def _together(jobs: list[_Job[Any]], i: int) -> list[_Job[Any]]:
-    """The writes from ``jobs[i]`` on that can run as one statement: one-row upserts into one
-    collection that need no SAVEPOINT (see :func:`_mark_plain`)."""
+    """The writes from ``jobs[i]`` on that can run as one statement: well-formed one-row
+    upserts into one collection that need no SAVEPOINT (see :func:`_mark_plain`). A malformed
+    one (a damaged or forged slot) runs by itself, to fail alone."""
     first = jobs[i]
-    if not first.plain or first.alone or first.op is None or first.op[0] != "upsert":
+    target = _sqlite.upsert_target(first.op) if first.plain and not first.alone else None
+    if target is None:
         return [first]
     end = i + 1
     while end < len(jobs):
         job = jobs[end]
-        op = job.op
-        if not job.plain or job.alone or op is None or op[0] != "upsert":
-            break
-        if op[1:3] != first.op[1:3] or op[4:] != first.op[4:]:
+        if not job.plain or job.alone or _sqlite.upsert_target(job.op) != target:
             break
         end += 1
     return jobs[i:end]

@@ -339,3 +339,19 @@ def test_writes_before_a_failing_one_in_a_run_of_upserts_are_kept_as_they_ran(
     assert [o[0] for o in outcomes] == ["ok", "ok", "ok", "error"]
     assert isinstance(outcomes[3][1], sqlite3.IntegrityError)
     assert sorted((n.id, n.text) for n in notes.scan()) == [("a", "g"), ("c", "e")]
+
+
+def test_a_malformed_upsert_among_a_run_fails_alone(store: mpstore.Store) -> None:
+    # As a damaged or forged mailbox slot would bring: a row one column too wide. It fails
+    # before any SQL runs, so it must not be taken for the first write of the run.
+    notes = store.collection("notes", Note, key="id")
+
+    def upsert(row: tuple[Any, ...]) -> Callable[[], Any]:
+        return lambda: store._run_op(("upsert", "notes", (), [row], ()))
+
+    calls = [upsert((k, f'{{"id":"{k}","text":"x"}}')) for k in "abc"]
+    calls.append(upsert(("d", "{}", "one too many")))
+    outcomes = _queue_behind_a_write_block(store, calls)
+    assert [o[0] for o in outcomes] == ["ok", "ok", "ok", "error"]
+    assert isinstance(outcomes[3][1], mpstore.MpstoreError)
+    assert sorted(notes.keys()) == ["a", "b", "c"]
