@@ -4,8 +4,8 @@ When a write finds the gate free it runs at once in the caller's thread. Otherwi
 this process's queue, and one writer thread per store waits for the gate (see
 :meth:`Gate.acquire`); when it wins, it runs every queued write in one transaction, commits
 once, releases the gate and only then hands each caller its own result or its own exception.
-Each write runs inside its own SAVEPOINT, but where SQLite undoes a failed one by itself (one
-row, no trigger, no foreign key action), and consecutive such upserts into one collection run
+Each write runs inside its own SAVEPOINT, except where SQLite undoes a failed one by itself
+(one row, no trigger, no foreign key action); consecutive such upserts into one collection run
 as one statement (see :meth:`WriteQueue._run_together`). One write's failure undoes only that
 write; no caller hears "done" before COMMIT.
 """
