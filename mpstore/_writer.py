@@ -57,16 +57,18 @@ class _Job(Generic[T]):
         abandon: threading.Event | None,
         queued: bool = True,
         carried: bool = False,
+        op: tuple[Any, ...] | None = None,
     ) -> None:
         self.fn = fn
         self.carried = carried
-        self.op: tuple[Any, ...] | None = None  # a collection write given as data
+        self.op = op  # a collection write given as data
         self.plain = False  # runs without a SAVEPOINT (see _mark_plain)
         self.alone = False  # runs by itself, not in one statement with others (see _together)
-        # A queued write runs in the writer thread but sees the caller's context variables.
-        self.context = contextvars.copy_context() if queued else None
+        # A queued callback runs in the writer thread but sees the caller's context variables
+        # (a write given as data runs no code of the caller's).
+        self.context = contextvars.copy_context() if queued and op is None else None
         # Only a queued write's caller waits for it; the others run in the caller's thread.
-        self.done = threading.Event() if queued else _RAN_HERE
+        self.done = _Latch() if queued else _RAN_HERE
         self.result: T | None = None
         self.error: BaseException | None = None
         self.started = False
@@ -77,7 +79,28 @@ class _Job(Generic[T]):
         return self.fn(conn) if self.context is None else self.context.run(self.fn, conn)
 
 
-_RAN_HERE = threading.Event()
+class _Latch:
+    """Set once, waited for by one caller: what ``threading.Event`` does here, with one lock
+    (an Event builds a Condition, and a lock per wait)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it was set, within ``timeout`` (None: however long it takes)."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return False
+        self._lock.release()  # set stays set: a later wait passes too
+        return True
+
+
+_RAN_HERE = _Latch()
 
 
 class _Redo(Exception):
@@ -235,8 +258,7 @@ class WriteQueue:
         """
         if self._pid != _fork.pid():
             self._reset()
-        job: _Job[T] = _Job(fn, self._store._tx.abandon)
-        job.op = op
+        job: _Job[T] = _Job(fn, self._store._tx.abandon, op=op)
         if start is None:
             start = time.monotonic()
         else:

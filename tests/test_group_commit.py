@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sqlite3
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 import mpstore
-from mpstore import _sqlite
+from mpstore import _sqlite, _writer
 from tests import workers
 from tests.models import Note
 
@@ -355,3 +356,32 @@ def test_a_malformed_upsert_among_a_run_fails_alone(store: mpstore.Store) -> Non
     assert [o[0] for o in outcomes] == ["ok", "ok", "ok", "error"]
     assert isinstance(outcomes[3][1], mpstore.MpstoreError)
     assert sorted(notes.keys()) == ["a", "b", "c"]
+
+
+def test_a_queued_callback_sees_its_callers_context_variables(store: mpstore.Store) -> None:
+    # It runs in the writer thread; a write given as data runs no code of the caller's, so
+    # only a callback carries the caller's context there.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="n", text=""))
+    tag: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="none")
+    seen: list[str] = []
+
+    def tagged(value: str) -> Callable[[], Any]:
+        def call() -> Any:
+            tag.set(value)
+            return notes.update("n", lambda n: seen.append(tag.get()) or n)
+
+        return call
+
+    outcomes = _queue_behind_a_write_block(store, [tagged("a"), tagged("b")])
+    assert [o[0] for o in outcomes] == ["ok", "ok"]
+    assert seen == ["a", "b"]
+
+
+def test_a_latch_is_waited_for_until_set_and_stays_set() -> None:
+    latch = _writer._Latch()
+    assert latch.wait(0.0) is False
+    assert latch.wait(-1.0) is False  # a deadline already past waits not at all
+    threading.Thread(target=latch.set).start()
+    assert latch.wait(30) is True
+    assert latch.wait() is True and latch.wait(0.0) is True
