@@ -1370,7 +1370,7 @@ class _Bounds:
         if kind == "any":
             return _any_depth
         if kind == "literal":
-            plain = all(type(v) in (str, int, float, bool) or v is None for v in node["expected"])
+            plain = all(type(v) in _SCALARS for v in node["expected"])
             return _literal_depth if plain else None  # an enum member is written as its value
         if kind == "definitions":
             self.definitions.update((d.get("ref"), d) for d in node.get("definitions", ()))
@@ -1491,7 +1491,7 @@ def _fields(parts: list[tuple[str, Depth]], by_key: bool) -> Depth:
 def _literal_depth(value: Any, budget: Budget) -> int | None:
     """A ``Literal`` field's value, which pydantic writes as it is, whatever it holds."""
     budget[0] -= 1
-    if budget[0] < 0 or not (value is None or type(value) in (str, int, float, bool)):
+    if budget[0] < 0 or type(value) not in _SCALARS:
         return None
     return 0
 
@@ -1499,7 +1499,7 @@ def _literal_depth(value: Any, budget: Budget) -> int | None:
 def _any_depth(value: Any, budget: Budget) -> int | None:
     """The JSON depth of a value typed ``Any``, as pydantic writes it; None once ``budget``
     is spent, or for a type it writes in a way not known here."""
-    if value is None or type(value) in (str, int, float, bool):
+    if type(value) in _SCALARS:
         return 0
     budget[0] -= 1
     if budget[0] < 0:
