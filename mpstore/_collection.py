@@ -45,6 +45,7 @@ from ._errors import (
     RecordTooLarge,
     RecordTypeError,
 )
+from ._typed_json import typed_json
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -404,9 +405,7 @@ class Collection(Generic[M]):
             # model_dump_json() without its wrapper's cost. A value whose type does not match
             # its field (model_construct(), assignment without validation) fails here instead
             # of being stored unreadable.
-            data = record.__pydantic_serializer__.to_json(
-                record, by_alias=self._by_alias, warnings="error"
-            )
+            data = typed_json(record.__pydantic_serializer__, record, self._by_alias)
         except PydanticSerializationError as exc:
             if "depth exceeded" in str(exc):
                 self._refuse_deep(key, exc)
