@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -119,31 +120,41 @@ def test_refuses_what_error_mode_refuses(model: type[BaseModel], value: Any) -> 
         warnings.resetwarnings()
         record = model.model_construct(f=value)
         assert ours(model, record) == error_mode(model, record)
-        assert _typed_json._seen[3], "the call did not take the path without the string"
+        assert _typed_json._seen[2], "the call did not take the path without the string"
 
 
 class Recorder:
     """Stands in for a model's serializer: records each ``warnings`` it is asked with."""
 
-    def __init__(self, fail_with_bool: bool = False, on_bool: Any = None) -> None:
+    def __init__(
+        self,
+        on_bool: Any = None,
+        raise_on_bool: BaseException | None = None,
+        strict: bytes = b"json",
+    ) -> None:
         self.asked: list[object] = []
-        self.fail_with_bool = fail_with_bool
         self.on_bool = on_bool
+        self.raise_on_bool = raise_on_bool
+        self.strict = strict
 
     def to_json(self, record: object, *, by_alias: bool | None, warnings: object) -> bytes:
         self.asked.append(warnings)
-        if warnings is True:
-            if self.on_bool is not None:
-                self.on_bool()
-            if self.fail_with_bool:
-                raise UserWarning("Pydantic serializer warnings: stand-in")
-            return b"fast"
-        return b"strict"
+        if warnings is not True:
+            return self.strict
+        if self.on_bool is not None:
+            self.on_bool()
+        if self.raise_on_bool is not None:
+            raise self.raise_on_bool
+        return b"json"
+
+
+def ask(recorder: Recorder) -> bytes:
+    return typed_json(recorder, object(), None)  # type: ignore[arg-type]
 
 
 def test_no_filter_before_ours_takes_the_bool(own_filters: None) -> None:
     recorder = Recorder()
-    assert typed_json(recorder, object(), None) == b"fast"  # type: ignore[arg-type]
+    assert ask(recorder) == b"json"
     assert recorder.asked == [True]
     assert warnings.filters[0] == _typed_json._OURS
 
@@ -159,36 +170,77 @@ def test_no_filter_before_ours_takes_the_bool(own_filters: None) -> None:
         (lambda: warnings.filterwarnings("ignore", category=DeprecationWarning), [True]),
         (lambda: warnings.filterwarnings("ignore", module="elsewhere"), [True]),
     ],
-    ids=[
-        "ignore",
-        "always",
-        "ignore-user",
-        "ignore-mpstore",
-        "ignore-text",
-        "deprecation",
-        "other",
-    ],
+    ids=["ignore", "always", "user", "mpstore", "text", "deprecation", "other"],
 )
 def test_a_filter_that_could_see_the_warning_first_sends_it_to_error_mode(
     own_filters: None, install: Any, asked: list[object]
 ) -> None:
-    typed_json(Recorder(), object(), None)  # type: ignore[arg-type]
+    ask(Recorder())
     install()  # after mpstore's: ahead of it
     recorder = Recorder()
-    typed_json(recorder, object(), None)  # type: ignore[arg-type]
+    ask(recorder)
     assert recorder.asked == asked
 
 
-def test_an_exception_on_the_fast_path_leaves_the_outcome_to_error_mode(own_filters: None) -> None:
-    recorder = Recorder(fail_with_bool=True)
-    assert typed_json(recorder, object(), None) == b"strict"  # type: ignore[arg-type]
-    assert recorder.asked == [True, "error"]
+def test_a_filter_changed_in_place_is_seen(own_filters: None) -> None:
+    filters: Any = warnings.filters
+    deprecations = ("ignore", None, DeprecationWarning, None, 0)
+    filters[:] = [deprecations, _typed_json._OURS, ("default", None, ImportWarning, None, 0)]
+    recorder = Recorder()
+    ask(recorder)
+    assert recorder.asked == [True]  # the first filter cannot take a UserWarning
+    filters[1], filters[2] = ("ignore", None, Warning, None, 0), _typed_json._OURS
+    recorder = Recorder()
+    ask(recorder)  # the same list, length and first item: only the items say
+    assert recorder.asked == ["error"]
 
 
-def test_filters_changed_during_the_call_send_it_to_error_mode(own_filters: None) -> None:
+def test_filters_that_are_not_a_list_send_it_to_error_mode(own_filters: None) -> None:
+    warnings.filters = tuple(warnings.filters)
+    recorder = Recorder()
+    assert ask(recorder) == b"json"
+    assert recorder.asked == ["error"]
+
+
+def test_without_the_gil_it_goes_to_error_mode(
+    own_filters: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    monkeypatch.setattr(_typed_json, "_seen", (None, [], False))
+    recorder = Recorder()
+    ask(recorder)
+    assert recorder.asked == ["error"]
+
+
+def test_our_filters_error_is_pydantics_refusal_asked_once(own_filters: None) -> None:
+    recorder = Recorder(raise_on_bool=UserWarning("Pydantic serializer warnings:\n  stand-in"))
+    with pytest.raises(PydanticSerializationError) as raised:
+        ask(recorder)
+    assert str(raised.value) == "Pydantic serializer warnings:\n  stand-in"
+    assert recorder.asked == [True]
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("a serializer failed"), UserWarning("said by a serializer")]
+)
+def test_any_other_error_passes_through_asked_once(own_filters: None, error: BaseException) -> None:
+    recorder = Recorder(raise_on_bool=error)
+    with pytest.raises(type(error)) as raised:
+        ask(recorder)
+    assert raised.value is error
+    assert recorder.asked == [True]
+
+
+def test_filters_changed_during_the_call_ask_error_mode_again(own_filters: None) -> None:
     recorder = Recorder(on_bool=lambda: warnings.simplefilter("ignore"))
-    assert typed_json(recorder, object(), None) == b"strict"  # type: ignore[arg-type]
+    assert ask(recorder) == b"json"
     assert recorder.asked == [True, "error"]
+
+
+def test_a_second_answer_that_differs_is_a_refusal(own_filters: None) -> None:
+    recorder = Recorder(on_bool=lambda: warnings.simplefilter("ignore"), strict=b"other")
+    with pytest.raises(PydanticSerializationError, match="changed between two serialisations"):
+        ask(recorder)
 
 
 class Item(BaseModel):
@@ -196,29 +248,65 @@ class Item(BaseModel):
     count: int = 0
 
 
+class Stream(BaseModel):
+    id: str
+    counts: Iterable[int] = ()
+
+
+def stored(db_path: str, table: str) -> list[tuple[str]]:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(f"SELECT value FROM {table}").fetchall()
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["mpstore-first", "user-first"])
 @pytest.mark.parametrize("action", ["default", "ignore", "always", "error", "once", "module"])
 def test_a_value_that_does_not_fit_is_refused_whatever_the_filters(
-    store: mpstore.Store, db_path: str, action: Any
+    store: mpstore.Store, db_path: str, action: Any, before: bool
 ) -> None:
     items = store.collection("items", Item, key="id")
-    items.upsert(Item(id="a", count=1))
     with warnings.catch_warnings():
-        warnings.simplefilter(action)
-        for _ in range(2):  # a second time, where "once" or "default" would stay quiet
+        warnings.resetwarnings()
+        if before:  # mpstore's filter is added ahead of it, on the first write
+            warnings.simplefilter(action)
+        items.upsert(Item(id="a", count=1))
+        if not before:
+            warnings.simplefilter(action)
+        for _ in range(2):  # again, where "once" or "default" would stay quiet
             with pytest.raises(mpstore.RecordTypeError, match="does not fit its field's type"):
                 items.upsert(Item.model_construct(id="a", count="many"))
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT value FROM items").fetchall() == [('{"id":"a","count":1}',)]
+            assert _typed_json._seen[2] is before  # the path taken: without the string or with
+    assert stored(db_path, "items") == [('{"id":"a","count":1}',)]
+
+
+def test_a_value_that_does_not_fit_in_an_iterator_is_refused(
+    store: mpstore.Store, db_path: str, own_filters: None
+) -> None:
+    streams = store.collection("streams", Stream, key="id")
+    with pytest.raises(mpstore.RecordTypeError, match="does not fit its field's type"):
+        streams.upsert(Stream.model_construct(id="a", counts=iter(["not an int", 2])))
+    assert stored(db_path, "streams") == []
+
+
+def shown_once() -> None:
+    warnings.warn("shown once where the filters say default", UserWarning, stacklevel=1)
+
+
+def test_adding_the_filter_leaves_what_was_shown_once_as_it_was() -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        shown_once()
+        typed_json(Item.__pydantic_serializer__, Item(id="a"), None)  # adds mpstore's filter
+        assert warnings.filters[0] == _typed_json._OURS
+        shown_once()
+    assert [str(w.message) for w in seen] == ["shown once where the filters say default"]
 
 
 def test_other_warnings_are_untouched(own_filters: None) -> None:
+    warnings.simplefilter("always")
     typed_json(Item.__pydantic_serializer__, Item(id="a"), None)
     assert warnings.filters[0] == _typed_json._OURS
     with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        warnings.resetwarnings()
-        warnings.filterwarnings("always")
-        typed_json(Item.__pydantic_serializer__, Item(id="a"), None)  # mpstore's goes first again
         warnings.warn("Pydantic serializer warnings: said by the caller", UserWarning, stacklevel=1)
         Item.model_construct(id="a", count="many").model_dump_json()  # pydantic warns the caller
     assert [str(w.message).splitlines()[0] for w in seen] == [
