@@ -11,16 +11,24 @@ So the record is serialized with ``warnings=True`` (a ``bool``, read at once), u
 filter of mpstore's own, put first in ``warnings.filters``, that turns pydantic's serializer
 warning, issued from this module and nowhere else, into an exception: the refusal pydantic's
 error mode makes, with the same message. Where another filter would see that warning first
-(``warnings.simplefilter("ignore")`` after mpstore's filter, say), where the filters are not a
-list or may change at any moment (a build without the GIL, context-aware warnings), the record
-goes to pydantic's error mode instead. If the filters changed while the record was serialized,
-error mode is asked again and must agree. The tests compare the two modes over many values.
+(``warnings.simplefilter("ignore")`` after mpstore's filter, say), where a filter is of a shape
+Python's own lookup would fail on, where the filters are not a list or may change at any moment
+(a build without the GIL, context-aware warnings), the record goes to pydantic's error mode
+instead. If the filters changed during the call, or this module's warning registry remembers a
+warning (a filter that showed it once), error mode is asked again and must give the same JSON.
+The tests compare the two modes over many values and filter set-ups.
 
-Left open: Python documents changing the warnings filters while other threads run as unsafe
-(``catch_warnings`` is not thread-safe), and here too. A thread that changes them and restores
-them while this call runs (Python code runs inside it: a serializer function, a computed field,
-an enum's value, the warning's own display) can make pydantic's warning meet its filter unseen;
-a value that does not fit is then stored, and reading it back fails.
+Left open, all of them corners:
+- Python documents changing the warnings filters while other threads run as unsafe
+  (``catch_warnings`` is not thread-safe), and here too. A thread that puts an "ignore" or
+  "always" filter first and takes it out again while this call runs (Python code runs inside
+  it: a serializer function, a computed field, an enum's value) can make pydantic's warning
+  unseen; a value that does not fit is then stored, and reading it back fails.
+- Asked again, a record holding an iterator the first call used up is refused, though it fits.
+- A serializer function of the record that issues its own warning starting "Pydantic
+  serializer warnings", pointed at this module's frame, gets the record refused.
+- A value whose description holds a NUL character is refused with a message of mpstore's own
+  (pydantic cannot issue a warning with such a text).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ _OURS = ("error", re.compile(_WARNING, re.I), UserWarning, re.compile(_HERE), 0)
 #: The filters list last looked at, a copy of its items, and whether the fast path is safe with
 #: them (a tuple, replaced whole, so a thread reads one consistent view).
 _seen: tuple[Any, list[Any], bool] = (None, [], False)
+_GLOBALS = globals()
 
 
 def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | None) -> bytes:
@@ -50,7 +59,7 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
 
     :raises PydanticSerializationError: a value does not fit its field's type, the record nests
         deeper than pydantic writes, or it serialised to different JSON when asked twice (only
-        where the filters changed during the first call).
+        where something may have seen pydantic's warning before our filter).
     """
     filters: Any = warnings.filters
     seen = _seen
@@ -64,11 +73,23 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
         if type(exc) is UserWarning and str(exc).startswith(_WARNING):  # our filter raised it
             raise PydanticSerializationError(str(exc)) from None
         raise
-    if warnings.filters is filters and filters == seen[1]:
+    except ValueError as exc:
+        if str(exc).startswith("nul byte found"):  # pydantic could not issue its warning's text
+            raise PydanticSerializationError(
+                f"{_WARNING}: a value does not fit its field's type, and its description holds "
+                f"a NUL character ({exc})"
+            ) from None
+        raise
+    registry = _GLOBALS.get("__warningregistry__")
+    remembered = registry is not None and len(registry) > 1  # more than its "version"
+    if not remembered and warnings.filters is filters and filters == seen[1]:
         return data
-    # The filters changed during the call, so a warning may have met another filter than ours.
+    # The filters changed during the call, or a warning from here was remembered (a remembered
+    # warning is skipped before any filter sees it): pydantic's warning may have gone unseen.
     # Asking again is the answer, if the record says the same the second time (an iterator in
-    # it would say less).
+    # it would say less, and a record whose iterator was used up is refused).
+    if registry is not None and remembered:
+        registry.clear()
     again = serializer.to_json(record, by_alias=by_alias, warnings="error")
     if again != data:
         raise PydanticSerializationError(
@@ -83,36 +104,58 @@ def _look_at(filters: Any) -> tuple[Any, list[Any], bool]:
     of ``filters`` could, putting it first if it is missing."""
     global _seen
     safe = False
+    snapshot: list[Any] = []
     gil = getattr(sys, "_is_gil_enabled", None)
     if (
         type(filters) is list
         and not getattr(sys.flags, "context_aware_warnings", False)  # else the list is not the rule
         and (gil is None or gil())  # else the filters can change at any moment of the call
     ):
-        if _OURS not in filters:
-            # Not through filterwarnings(), which would also reset which warnings the process has
-            # already shown once, everywhere; the only registry that matters to ours is ours.
-            filters.insert(0, _OURS)
-        for item in filters:
-            if item == _OURS:
-                safe = True
-                break
-            if _may_take(item):
-                break
-        # Any warning from here the registry remembers would be skipped before any filter.
-        globals().pop("__warningregistry__", None)
-    seen = (filters, list(filters) if type(filters) is list else [], safe)
+        try:
+            if not any(item is _OURS or _is_ours(item) for item in filters):
+                # Not through filterwarnings(), which would also reset which warnings the
+                # process has already shown once, everywhere.
+                filters.insert(0, _OURS)
+            # Decided over a copy, the one remembered: the list may change meanwhile.
+            snapshot = list(filters)
+            for item in snapshot:
+                if _is_ours(item):
+                    safe = True
+                    break
+                if _may_take(item):
+                    break
+        except Exception:
+            # An item the warnings module would not make (its own lookup would raise on it):
+            # pydantic's error mode does not consult the filters.
+            safe = False
+    seen = (filters, snapshot, safe)
     _seen = seen
     return seen
 
 
+def _is_ours(item: object) -> bool:
+    return type(item) is tuple and item == _OURS
+
+
 def _may_take(item: Any) -> bool:
-    """Whether the filter ``item`` could match pydantic's serializer warning issued from here
-    (its text is not known in advance, so a text pattern counts as matching)."""
-    try:
-        _, _, category, module, _ = item
-        if not issubclass(UserWarning, category):
-            return False
-        return module is None or module.match(__name__) is not None
-    except (TypeError, ValueError, AttributeError):
-        return True  # a filter of a shape the warnings module would not make: assume it could
+    """Whether the filter ``item`` could match pydantic's serializer warning issued from here,
+    or make Python's lookup of a filter fail before ours is reached. Its text is not known in
+    advance, so a text pattern counts as matching."""
+    if type(item) is not tuple or len(item) != 5:
+        return True
+    action, message, category, module, lineno = item
+    if not (
+        type(action) is str
+        and (message is None or type(message) is str or isinstance(message, re.Pattern))
+        and (module is None or type(module) is str or isinstance(module, re.Pattern))
+        and type(lineno) is int
+        and (isinstance(category, type) or type(category) is tuple)
+    ):
+        return True
+    if not issubclass(UserWarning, category):
+        return False
+    if module is None:
+        return True
+    if isinstance(module, str):  # compared whole, as Python's own lookup compares a string
+        return module == __name__
+    return module.match(__name__) is not None
