@@ -81,15 +81,13 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
             ) from None
         raise
     registry = _GLOBALS.get("__warningregistry__")
-    remembered = registry is not None and len(registry) > 1  # more than its "version"
+    remembered = registry is not None and len(registry) > 1 and _forget_ours(registry)
     if not remembered and warnings.filters is filters and filters == seen[1]:
         return data
-    # The filters changed during the call, or a warning from here was remembered (a remembered
-    # warning is skipped before any filter sees it): pydantic's warning may have gone unseen.
+    # The filters changed during the call, or pydantic's warning was remembered (a remembered
+    # warning is skipped before any filter sees it): it may have gone unseen.
     # Asking again is the answer, if the record says the same the second time (an iterator in
     # it would say less, and a record whose iterator was used up is refused).
-    if registry is not None and remembered:
-        registry.clear()
     again = serializer.to_json(record, by_alias=by_alias, warnings="error")
     if again != data:
         raise PydanticSerializationError(
@@ -97,6 +95,24 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
             "their fields' types is not known"
         )
     return data
+
+
+def _forget_ours(registry: dict[Any, Any]) -> bool:
+    """Take pydantic's serializer warnings out of this module's warning registry (Python keeps
+    there, by text, category and line, the warnings a filter showed once); whether there were
+    any. Other warnings issued from here (a serializer function's own) are left as they are."""
+    ours = [
+        key
+        for key in registry
+        if type(key) is tuple
+        and len(key) == 3
+        and key[1] is UserWarning
+        and isinstance(key[0], str)
+        and key[0].startswith(_WARNING)
+    ]
+    for key in ours:
+        registry.pop(key, None)
+    return bool(ours)
 
 
 def _look_at(filters: Any) -> tuple[Any, list[Any], bool]:

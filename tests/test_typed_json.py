@@ -453,3 +453,29 @@ def test_a_warning_that_met_another_filter_during_the_call_is_noticed(
             typed_json(serializer, Racy.model_construct(count="many", note="race"), None)
         assert filters[0] == _typed_json._OURS  # the "default" filter came out again
     assert raced
+
+
+def test_a_serializers_own_warning_from_here_is_shown_once_and_asks_nothing_again(
+    own_filters: None,
+) -> None:
+    """A serializer function's warning, pointed one frame up, is issued from this module's
+    call; under "default" it is shown once, as without mpstore, and no record is asked twice."""
+    calls: list[int] = []
+
+    def old_style(value: int) -> int:
+        calls.append(value)
+        warnings.warn("old_style is deprecated", DeprecationWarning, stacklevel=2)
+        return value
+
+    class Legacy(BaseModel):
+        count: Annotated[int, PlainSerializer(old_style)] = 0
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(3):
+            assert typed_json(Legacy.__pydantic_serializer__, Legacy(), None) == b'{"count":0}'
+        assert _typed_json._seen[2]
+    assert [str(w.message) for w in seen] == ["old_style is deprecated"]
+    assert seen[0].filename == _typed_json.__file__
+    assert calls == [0, 0, 0]
