@@ -1237,6 +1237,8 @@ class BenchConfig:
 
 def machine_info() -> dict[str, Any]:
     import filelock
+    import pydantic
+    import pydantic_core
 
     from . import __version__
 
@@ -1251,6 +1253,8 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "mpstore": __version__,
         "filelock": filelock.__version__,
+        "pydantic": pydantic.VERSION,
+        "pydantic_core": pydantic_core.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -407,7 +407,15 @@ def test_tiny_run_writes_every_row_and_a_complete_json(tmp_path: Path) -> None:
     document = _bench_json(tmp_path, "--mode", "processes")
     assert set(document) == {"machine", "config", "wall_time_s", "runs", "summary"}
     machine = document["machine"]
-    for key in ("cpu_count", "python", "sqlite", "platform"):
+    for key in (
+        "cpu_count",
+        "python",
+        "sqlite",
+        "platform",
+        "filelock",
+        "pydantic",
+        "pydantic_core",
+    ):
         assert machine[key]
     strategies = {(r["strategy"], r["mode"]) for r in document["runs"]}
     assert strategies == {
