@@ -45,7 +45,7 @@ from ._errors import (
     RecordTooLarge,
     RecordTypeError,
 )
-from ._typed_json import typed_json
+from ._typed_json import calls_back, typed_json
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -163,6 +163,7 @@ class Collection(Generic[M]):
         # to know); None where the schema says it never does. A subclass's record is read back
         # whole in any case.
         self._may_be_deep = _depth_test(depth_bound(model.__pydantic_core_schema__))
+        self._calls_back = calls_back(model)  # how its records' types are checked
         self._finite = tuple(shape.finite)
         self._finite_items = tuple(shape.finite_items)
         _sqlite.json_path(self._json_keys.get(key, key))  # tools find records by it
@@ -405,7 +406,12 @@ class Collection(Generic[M]):
             # model_dump_json() without its wrapper's cost. A value whose type does not match
             # its field (model_construct(), assignment without validation) fails here instead
             # of being stored unreadable.
-            data = typed_json(record.__pydantic_serializer__, record, self._by_alias)
+            data = typed_json(
+                record.__pydantic_serializer__,
+                record,
+                self._by_alias,
+                self._calls_back if type(record) is self.model else calls_back(type(record)),
+            )
         except PydanticSerializationError as exc:
             if "depth exceeded" in str(exc):
                 self._refuse_deep(key, exc)

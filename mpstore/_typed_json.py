@@ -9,14 +9,17 @@ upserts at once made 12 context switches per write instead of 5.
 
 So the record is serialized with ``warnings=True`` (a ``bool``, read at once), under a warnings
 filter of mpstore's own, put first in ``warnings.filters``, that turns pydantic's serializer
-warning, issued from this module and nowhere else, into an exception: the refusal pydantic's
-error mode makes, with the same message. Where another filter would see that warning first
-(``warnings.simplefilter("ignore")`` after mpstore's filter, say), where a filter is of a shape
-Python's own lookup would fail on, where the filters are not a list or may change at any moment
-(a build without the GIL, context-aware warnings), the record goes to pydantic's error mode
-instead. If the filters changed during the call, or this module's warning registry remembers a
-warning (a filter that showed it once), error mode is asked again and must give the same JSON.
-The tests compare the two modes over many values and filter set-ups.
+warning into an exception while this thread is inside that call, whichever frame issues it,
+and leaves it alone everywhere else: the refusal pydantic's error mode makes, with the same
+message. Error mode is asked instead for a model with a wrap serializer (its handler issues
+the warnings of what it serialized from the serializer's own frame, with that frame's warning
+registry), and where another filter could see the warning first (``warnings.simplefilter(
+"ignore")`` after mpstore's, a filter for some module's warnings), where a filter is of a shape
+Python's own lookup would fail on, or where the filters are not a list or may change at any
+moment (a build without the GIL, context-aware warnings). If the filters changed during the
+call, or this module's warning registry remembers pydantic's warning (a filter that showed it
+once), error mode is asked again and must give the same JSON. The tests compare the two modes
+over many values and filter set-ups.
 
 Left open, all of them corners:
 - Python documents changing the warnings filters while other threads run as unsafe
@@ -24,49 +27,110 @@ Left open, all of them corners:
   "always" filter first and takes it out again while this call runs (Python code runs inside
   it: a serializer function, a computed field, an enum's value) can make pydantic's warning
   unseen; a value that does not fit is then stored, and reading it back fails.
+- A model with a wrap serializer held in a field typed ``Any`` is known only when the record
+  is. A value in it that does not fit is refused with a message that names the serializer; and
+  if the same warning was shown once before from the same line of that serializer (under a
+  "default" filter, outside mpstore), Python skips it and the record is stored.
 - Asked again, a record holding an iterator the first call used up is refused, though it fits.
 - A serializer function of the record that issues its own warning starting "Pydantic
-  serializer warnings", pointed at this module's frame, gets the record refused.
+  serializer warnings" gets the record refused.
 - A value whose description holds a NUL character is refused with a message of mpstore's own
   (pydantic cannot issue a warning with such a text).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
+import threading
 import warnings
+import weakref
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, SchemaSerializer
 
-__all__ = ["typed_json"]
+__all__ = ["calls_back", "typed_json"]
 
 #: pydantic-core's warning text for a value that does not fit (the start of it).
 _WARNING = "Pydantic serializer warnings"
-_HERE = re.escape(__name__) + r"\Z"
-#: The filter as ``warnings.filterwarnings`` stores it: an error, for that warning from here only.
-_OURS = ("error", re.compile(_WARNING, re.I), UserWarning, re.compile(_HERE), 0)
+
+
+#: How deep this thread is in typed_json's calls to pydantic (``depth``, absent for 0).
+_in_call = threading.local()
+
+
+class _ThisCall:
+    """The module pattern of mpstore's filter: it matches whichever frame issues the warning,
+    while this thread is inside :func:`typed_json`'s own call to pydantic, and nothing else."""
+
+    __slots__ = ()
+
+    def match(self, module: str) -> bool | None:
+        return True if getattr(_in_call, "depth", 0) else None
+
+
+#: mpstore's filter: pydantic's serializer warning, issued during mpstore's call, is an error.
+_OURS = ("error", re.compile(_WARNING, re.I), UserWarning, _ThisCall(), 0)
 
 #: The filters list last looked at, a copy of its items, and whether the fast path is safe with
 #: them (a tuple, replaced whole, so a thread reads one consistent view).
 _seen: tuple[Any, list[Any], bool] = (None, [], False)
 _GLOBALS = globals()
+#: This module's warning registry as last looked at by _forget_ours: the dict, the filters'
+#: version it held (Python empties it when the filters change) and its size then.
+_registry_seen: tuple[object, object, int] = (None, None, 0)
+_calls_back: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
-def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | None) -> bytes:
+def calls_back(model: type) -> bool:
+    """Whether serializing ``model``'s records may call a wrap serializer's handler (from a
+    ``field_serializer``, ``WrapSerializer`` or ``model_serializer`` in wrap mode): pydantic
+    then issues the warnings of what the handler serialized from that Python function, not
+    from :func:`typed_json`, and its records go to pydantic's error mode. True for a class
+    without a core schema."""
+    known = _calls_back.get(model)
+    if known is None:
+        schema = getattr(model, "__pydantic_core_schema__", None)
+        known = not isinstance(schema, dict) or _has_wrap_serializer(schema)
+        _calls_back[model] = known
+    return known
+
+
+def _has_wrap_serializer(schema: dict[str, Any]) -> bool:
+    stack: list[object] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            serialization = node.get("serialization")
+            if isinstance(serialization, dict) and serialization.get("type") == "function-wrap":
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return False
+
+
+def typed_json(
+    serializer: SchemaSerializer, record: object, by_alias: bool | None, calls_back: bool
+) -> bytes:
     """``serializer.to_json(record, by_alias=by_alias, warnings="error")``, at less cost.
+    ``calls_back``: :func:`calls_back` of the record's class.
 
     :raises PydanticSerializationError: a value does not fit its field's type, the record nests
         deeper than pydantic writes, or it serialised to different JSON when asked twice (only
         where something may have seen pydantic's warning before our filter).
     """
+    if calls_back:
+        return serializer.to_json(record, by_alias=by_alias, warnings="error")
     filters: Any = warnings.filters
     seen = _seen
-    if not (filters is seen[0] and filters == seen[1]):
+    if not _unchanged(filters, seen):
         seen = _look_at(filters)
     if not seen[2]:
         return serializer.to_json(record, by_alias=by_alias, warnings="error")
+    depth = getattr(_in_call, "depth", 0)
+    _in_call.depth = depth + 1
     try:
         data = serializer.to_json(record, by_alias=by_alias, warnings=True)
     except UserWarning as exc:
@@ -80,9 +144,11 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
                 f"a NUL character ({exc})"
             ) from None
         raise
+    finally:
+        _in_call.depth = depth
     registry = _GLOBALS.get("__warningregistry__")
     remembered = registry is not None and len(registry) > 1 and _forget_ours(registry)
-    if not remembered and warnings.filters is filters and filters == seen[1]:
+    if not remembered and warnings.filters is filters and _unchanged(filters, seen):
         return data
     # The filters changed during the call, or pydantic's warning was remembered (a remembered
     # warning is skipped before any filter sees it): it may have gone unseen.
@@ -100,10 +166,23 @@ def typed_json(serializer: SchemaSerializer, record: object, by_alias: bool | No
 def _forget_ours(registry: dict[Any, Any]) -> bool:
     """Take pydantic's serializer warnings out of this module's warning registry (Python keeps
     there, by text, category and line, the warnings a filter showed once); whether there were
-    any. Other warnings issued from here (a serializer function's own) are left as they are."""
+    any. Other warnings issued from here (a serializer function's own) are left as they are.
+    Only keys added since the last look are read (the registry keeps its order), each read in
+    one step that no other thread can interleave."""
+    global _registry_seen
+    size = len(registry)
+    version = registry.get("version")
+    last, last_version, last_size = _registry_seen
+    same = last is registry and version == last_version
+    if same and size == last_size:
+        return False
+    if same and size > last_size:
+        keys: tuple[Any, ...] = tuple(itertools.islice(reversed(registry), size - last_size))
+    else:
+        keys = tuple(registry)
     ours = [
         key
-        for key in registry
+        for key in keys
         if type(key) is tuple
         and len(key) == 3
         and key[1] is UserWarning
@@ -112,7 +191,17 @@ def _forget_ours(registry: dict[Any, Any]) -> bool:
     ]
     for key in ours:
         registry.pop(key, None)
+    _registry_seen = (registry, version, len(registry))
     return bool(ours)
+
+
+def _unchanged(filters: Any, seen: tuple[Any, list[Any], bool]) -> bool:
+    """Whether ``filters`` is the list last looked at, holding the same items."""
+    try:
+        # Equal items are the same objects, which a list compares without asking them.
+        return filters is seen[0] and filters == seen[1]
+    except Exception:
+        return False  # an item that cannot be compared: the list changed
 
 
 def _look_at(filters: Any) -> tuple[Any, list[Any], bool]:
@@ -128,7 +217,7 @@ def _look_at(filters: Any) -> tuple[Any, list[Any], bool]:
         and (gil is None or gil())  # else the filters can change at any moment of the call
     ):
         try:
-            if not any(item is _OURS or _is_ours(item) for item in filters):
+            if not any(_is_ours(item) for item in filters):
                 # Not through filterwarnings(), which would also reset which warnings the
                 # process has already shown once, everywhere.
                 filters.insert(0, _OURS)
@@ -150,13 +239,14 @@ def _look_at(filters: Any) -> tuple[Any, list[Any], bool]:
 
 
 def _is_ours(item: object) -> bool:
-    return type(item) is tuple and item == _OURS
+    return type(item) is tuple and len(item) == 5 and item[3] is _OURS[3]
 
 
 def _may_take(item: Any) -> bool:
-    """Whether the filter ``item`` could match pydantic's serializer warning issued from here,
-    or make Python's lookup of a filter fail before ours is reached. Its text is not known in
-    advance, so a text pattern counts as matching."""
+    """Whether the filter ``item`` could match pydantic's serializer warning, or make Python's
+    lookup of a filter fail before ours is reached. Its text is not known in advance, so a text
+    pattern counts as matching; nor is the module it comes from (a wrap serializer's, in an
+    ``Any`` field), so a module pattern does too."""
     if type(item) is not tuple or len(item) != 5:
         return True
     action, message, category, module, lineno = item
@@ -168,10 +258,4 @@ def _may_take(item: Any) -> bool:
         and (isinstance(category, type) or type(category) is tuple)
     ):
         return True
-    if not issubclass(UserWarning, category):
-        return False
-    if module is None:
-        return True
-    if isinstance(module, str):  # compared whole, as Python's own lookup compares a string
-        return module == __name__
-    return module.match(__name__) is not None
+    return issubclass(UserWarning, category)

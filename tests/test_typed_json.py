@@ -4,10 +4,10 @@ whatever the process's warnings filters say, and mpstore's own filter touches no
 from __future__ import annotations
 
 import datetime
-import inspect
 import sqlite3
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, PlainSerializer
+from pydantic import BaseModel, PlainSerializer, WrapSerializer, field_serializer, model_serializer
 from pydantic_core import PydanticSerializationError
 
 import mpstore
 from mpstore import _typed_json
-from mpstore._typed_json import typed_json
+from mpstore._typed_json import calls_back, typed_json
 
 
 class Part(BaseModel):
@@ -36,6 +36,33 @@ class Cat(BaseModel):
 class Dog(BaseModel):
     kind: Literal["dog"] = "dog"
     name: str = ""
+
+
+class Wrapped(BaseModel):
+    id: str = "a"
+    count: int = 0
+
+    @field_serializer("count", mode="wrap")
+    def _count(self, value: Any, handler: Any) -> Any:
+        return handler(value)
+
+
+class WrappedWhole(BaseModel):
+    id: str = "a"
+    count: int = 0
+
+    @model_serializer(mode="wrap")
+    def _whole(self, handler: Any) -> Any:
+        return handler(self)
+
+
+class WrappedType(BaseModel):
+    id: str = "a"
+    count: Annotated[int, WrapSerializer(lambda value, handler: handler(value))] = 0
+
+
+class HoldsAny(BaseModel):
+    value: Any = None
 
 
 FIELD_TYPES: list[Any] = [
@@ -56,6 +83,8 @@ FIELD_TYPES: list[Any] = [
     Cat | Dog,
     Any,
     Annotated[int, PlainSerializer(lambda v: v * 2, return_type=int)],
+    Annotated[int, WrapSerializer(lambda v, handler: handler(v))],
+    Wrapped,
 ]
 
 VALUES: list[Any] = [
@@ -81,6 +110,8 @@ VALUES: list[Any] = [
     Cat(),
     Dog.model_construct(name=5),
     object(),
+    Wrapped(),
+    Wrapped.model_construct(count="not an int"),
 ]
 
 MODELS = [
@@ -91,6 +122,12 @@ MODELS = [
     )
     for i, tp in enumerate(FIELD_TYPES)
 ]
+
+
+def dump(record: BaseModel, by_alias: bool | None = None) -> bytes:
+    """The record's JSON as a collection makes it."""
+    model = type(record)
+    return typed_json(model.__pydantic_serializer__, record, by_alias, calls_back(model))
 
 
 def error_mode(
@@ -107,7 +144,7 @@ def error_mode(
 
 def ours(model: type[BaseModel], record: BaseModel, by_alias: bool | None) -> tuple[str, object]:
     try:
-        return ("json", typed_json(model.__pydantic_serializer__, record, by_alias))
+        return ("json", dump(record, by_alias))
     except PydanticSerializationError as exc:
         return ("refused", str(exc))
 
@@ -143,11 +180,16 @@ def test_refuses_what_error_mode_refuses(
     install, fast = AFTER_OURS[setup]
     with warnings.catch_warnings():
         warnings.resetwarnings()
-        typed_json(Part.__pydantic_serializer__, Part(), None)  # mpstore's filter goes first
+        dump(Part())  # mpstore's filter goes first
         install()
         record = model.model_construct(f=value)
-        assert ours(model, record, by_alias) == error_mode(model, record, by_alias)
-        assert _typed_json._seen[2] is fast, "the call took the other path"
+        mine, theirs = ours(model, record, by_alias), error_mode(model, record, by_alias)
+        if isinstance(value, Wrapped) and not calls_back(model) and theirs[0] == "refused":
+            assert mine[0] == "refused"  # with a message that names the serializer
+        else:
+            assert mine == theirs
+        if not calls_back(model):
+            assert _typed_json._seen[2] is fast, "the call took the other path"
 
 
 class Recorder:
@@ -176,7 +218,7 @@ class Recorder:
 
 
 def ask(recorder: Recorder) -> bytes:
-    return typed_json(recorder, object(), None)  # type: ignore[arg-type]
+    return typed_json(recorder, Part(), None, False)  # type: ignore[arg-type]
 
 
 def test_no_filter_before_ours_takes_the_bool(own_filters: None) -> None:
@@ -195,7 +237,7 @@ def test_no_filter_before_ours_takes_the_bool(own_filters: None) -> None:
         (lambda: warnings.filterwarnings("ignore", module="mpstore"), ["error"]),
         (lambda: warnings.filterwarnings("ignore", message="Pydantic"), ["error"]),
         (lambda: warnings.filterwarnings("ignore", category=DeprecationWarning), [True]),
-        (lambda: warnings.filterwarnings("ignore", module="elsewhere"), [True]),
+        (lambda: warnings.filterwarnings("ignore", module="elsewhere"), ["error"]),
     ],
     ids=["ignore", "always", "user", "mpstore", "text", "deprecation", "other"],
 )
@@ -323,7 +365,7 @@ def test_adding_the_filter_leaves_what_was_shown_once_as_it_was() -> None:
         warnings.resetwarnings()
         warnings.simplefilter("default")
         shown_once()
-        typed_json(Item.__pydantic_serializer__, Item(id="a"), None)  # adds mpstore's filter
+        dump(Item(id="a"))  # adds mpstore's filter
         assert warnings.filters[0] == _typed_json._OURS
         shown_once()
     assert [str(w.message) for w in seen] == ["shown once where the filters say default"]
@@ -331,7 +373,7 @@ def test_adding_the_filter_leaves_what_was_shown_once_as_it_was() -> None:
 
 def test_other_warnings_are_untouched(own_filters: None) -> None:
     warnings.simplefilter("always")
-    typed_json(Item.__pydantic_serializer__, Item(id="a"), None)
+    dump(Item(id="a"))
     assert warnings.filters[0] == _typed_json._OURS
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("Pydantic serializer warnings: said by the caller", UserWarning, stacklevel=1)
@@ -343,18 +385,19 @@ def test_other_warnings_are_untouched(own_filters: None) -> None:
 
 
 def test_filters_changed_while_they_are_looked_at_are_looked_at_again(own_filters: None) -> None:
-    """Another thread puts an "ignore" filter first just after mpstore copied the filters to
-    decide: the decision stands for the copy, and the next call sees a list that differs."""
+    """Another thread puts an "ignore" filter first just after mpstore found its own filter
+    first: the decision stands for the filters it judged, and the next call sees a list that
+    differs from them."""
     code = _typed_json._look_at.__code__
-    lines, first = inspect.getsourcelines(_typed_json._look_at)
-    after_copy = first + next(i for i, line in enumerate(lines) if "snapshot = list(" in line) + 1
+    injected: list[bool] = []
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
         if frame.f_code is not code:
             return None
 
         def step(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == after_copy:
+            if event == "line" and frame.f_locals.get("safe") is True and not injected:
+                injected.append(True)
                 other = threading.Thread(target=warnings.simplefilter, args=("ignore",))
                 other.start()
                 other.join()
@@ -364,13 +407,14 @@ def test_filters_changed_while_they_are_looked_at_are_looked_at_again(own_filter
 
     sys.settrace(trace)
     try:
-        typed_json(Item.__pydantic_serializer__, Item(id="a"), None)
+        dump(Item(id="a"))
     finally:
         sys.settrace(None)
+    assert injected
     assert warnings.filters[0] == ("ignore", None, Warning, None, 0)
     for _ in range(2):
         with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
-            typed_json(Item.__pydantic_serializer__, Item.model_construct(id="a", count="x"), None)
+            dump(Item.model_construct(id="a", count="x"))
     assert not _typed_json._seen[2]
 
 
@@ -396,12 +440,12 @@ class Odd:
     ids=["list", "lineno-none", "message-int", "six-items", "category-not-a-class", "odd"],
 )
 def test_filters_python_would_fail_on_send_it_to_error_mode(own_filters: None, item: Any) -> None:
-    typed_json(Item.__pydantic_serializer__, Item(id="a"), None)  # mpstore's filter goes first
+    dump(Item(id="a"))  # mpstore's filter goes first
     filters: Any = warnings.filters
     filters.insert(0, item)
-    assert typed_json(Item.__pydantic_serializer__, Item(id="a"), None) == b'{"id":"a","count":0}'
+    assert dump(Item(id="a")) == b'{"id":"a","count":0}'
     with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
-        typed_json(Item.__pydantic_serializer__, Item.model_construct(id="a", count="x"), None)
+        dump(Item.model_construct(id="a", count="x"))
     assert not _typed_json._seen[2]
 
 
@@ -445,12 +489,11 @@ def test_a_warning_that_met_another_filter_during_the_call_is_noticed(
         note: Annotated[str, PlainSerializer(put_first)] = ""
 
     monkeypatch.setattr(warnings, "showwarning", shown)
-    serializer = Racy.__pydantic_serializer__
-    assert typed_json(serializer, Racy(), None) == b'{"count":0,"note":""}'
+    assert dump(Racy()) == b'{"count":0,"note":""}'
     for _ in range(2):  # the race, then the same record again with the registry emptied
         assert _typed_json._seen[2]  # no filter is in the way before the call
         with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
-            typed_json(serializer, Racy.model_construct(count="many", note="race"), None)
+            dump(Racy.model_construct(count="many", note="race"))
         assert filters[0] == _typed_json._OURS  # the "default" filter came out again
     assert raced
 
@@ -474,8 +517,203 @@ def test_a_serializers_own_warning_from_here_is_shown_once_and_asks_nothing_agai
         warnings.resetwarnings()
         warnings.simplefilter("default")
         for _ in range(3):
-            assert typed_json(Legacy.__pydantic_serializer__, Legacy(), None) == b'{"count":0}'
+            assert dump(Legacy()) == b'{"count":0}'
         assert _typed_json._seen[2]
     assert [str(w.message) for w in seen] == ["old_style is deprecated"]
     assert seen[0].filename == _typed_json.__file__
     assert calls == [0, 0, 0]
+
+
+@pytest.mark.parametrize("model", [Wrapped, WrappedWhole, WrappedType])
+def test_a_wrap_serializer_sends_its_records_to_error_mode(
+    store: mpstore.Store, db_path: str, own_filters: None, model: type[BaseModel]
+) -> None:
+    """A wrap serializer's handler issues the warnings of what it serialized from that Python
+    function, not from mpstore's call: such records are asked with the string."""
+    assert calls_back(model)
+    assert not calls_back(HoldsAny) and not calls_back(Item)
+    bad = model.model_construct(count="many")
+    assert ours(model, bad, None) == error_mode(model, bad, None)
+    assert ours(model, model(), None) == error_mode(model, model(), None)
+    collection = store.collection("wrapped", model, key="id")
+    with pytest.raises(mpstore.RecordTypeError, match="does not fit its field's type"):
+        collection.upsert(bad)
+    assert stored(db_path, "wrapped") == []
+
+
+@pytest.mark.parametrize("action", ["default", "ignore", "always"])
+def test_a_wrapped_model_in_an_any_field_is_refused_where_error_mode_refuses(
+    own_filters: None, action: Any
+) -> None:
+    """Held in a field typed ``Any``, the model is known only when the record is: its handler's
+    warning comes from its serializer's frame, during mpstore's call, and is an error there
+    (the message names the serializer, as error mode's does not)."""
+    dump(Part())  # mpstore's filter goes first
+    warnings.simplefilter(action, DeprecationWarning)  # ahead of it, and in nobody's way
+    bad = HoldsAny(value=Wrapped.model_construct(count="many"))
+    assert error_mode(HoldsAny, bad, None)[0] == "refused"
+    with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
+        dump(bad)
+    assert _typed_json._seen[2]
+    good = HoldsAny(value=Wrapped(count=2))
+    assert dump(good) == b'{"value":{"id":"a","count":2}}'
+
+
+def test_outside_mpstores_call_pydantics_warning_is_the_callers(own_filters: None) -> None:
+    dump(Part())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Wrapped.model_construct(count="many").model_dump_json()
+        HoldsAny(value=Wrapped.model_construct(count="many")).model_dump_json()
+    assert [str(w.message).splitlines()[0] for w in seen] == ["Pydantic serializer warnings:"] * 2
+
+
+@pytest.mark.parametrize(
+    ("category", "text"),
+    [
+        (UserWarning, "count is negative"),
+        (DeprecationWarning, "Pydantic serializer warnings: said by a serializer"),
+    ],
+    ids=["user-warning", "pydantic-text"],
+)
+def test_a_serializers_own_warnings_are_left_in_the_registry(
+    own_filters: None, category: type[Warning], text: str
+) -> None:
+    """Under "default", a serializer's own warning from mpstore's frame is shown once and stays
+    remembered; no record is asked twice for it."""
+    calls: list[int] = []
+
+    def says(value: int) -> int:
+        calls.append(value)
+        warnings.warn(text, category, stacklevel=2)
+        return value
+
+    class Saying(BaseModel):
+        count: Annotated[int, PlainSerializer(says)] = 0
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(3):
+            assert dump(Saying()) == b'{"count":0}'
+        assert _typed_json._seen[2]
+    assert [str(w.message) for w in seen] == [text]
+    assert calls == [0, 0, 0]
+
+
+def test_after_a_race_the_registry_is_emptied_of_pydantics_warning(
+    own_filters: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race played as above; the next record with the same value is refused by mpstore's
+    filter on the first ask, as the registry no longer holds its warning."""
+    shown_first = ("default", None, Warning, None, 0)
+    filters: Any = warnings.filters
+    asked: list[str] = []
+
+    def put_first(value: str) -> str:
+        asked.append(value)
+        if value == "race" and len(asked) == 1:
+            filters.insert(0, shown_first)
+        return value
+
+    def shown(*args: Any, **kwargs: Any) -> None:
+        filters.remove(shown_first)
+
+    class Racy(BaseModel):
+        count: int = 0
+        note: Annotated[str, PlainSerializer(put_first)] = ""
+
+    monkeypatch.setattr(warnings, "showwarning", shown)
+    with pytest.raises(PydanticSerializationError):
+        dump(Racy.model_construct(count="many", note="race"))
+    assert len(asked) == 2  # asked again
+    with pytest.raises(PydanticSerializationError):
+        dump(Racy.model_construct(count="many", note="again"))
+    assert len(asked) == 3  # once: mpstore's filter raised
+
+
+class CountingDict(dict[Any, Any]):
+    """A warning registry that says how it was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.whole = 0
+        self.newest = 0
+
+    def __iter__(self) -> Any:
+        self.whole += 1
+        return super().__iter__()
+
+    def __reversed__(self) -> Any:
+        self.newest += 1
+        return super().__reversed__()
+
+
+def test_the_registry_is_read_whole_once_then_only_what_was_added() -> None:
+    registry = CountingDict()
+    registry["version"] = 1
+    for n in range(100):
+        registry[(f"said {n}", UserWarning, 1)] = True
+    assert not _typed_json._forget_ours(registry)
+    assert (registry.whole, registry.newest) == (1, 0)
+    assert not _typed_json._forget_ours(registry)  # nothing added: nothing read
+    assert (registry.whole, registry.newest) == (1, 0)
+    registry[(f"{_typed_json._WARNING}:\n  x", UserWarning, 63)] = True
+    assert _typed_json._forget_ours(registry)
+    assert (registry.whole, registry.newest) == (1, 1)
+    assert len(registry) == 101
+    # Python empties the registry when the filters change, and fills it again, maybe to the
+    # same size: the version it holds says so.
+    keys = list(registry)[2:]
+    registry.clear()
+    registry["version"] = 2
+    registry[(f"{_typed_json._WARNING}:\n  y", UserWarning, 63)] = True
+    for key in keys:
+        registry[key] = True
+    assert len(registry) == 101
+    whole = registry.whole
+    assert _typed_json._forget_ours(registry)
+    assert registry.whole == whole + 1
+
+
+def test_a_filter_for_mpstores_module_by_name_is_in_the_way(own_filters: None) -> None:
+    dump(Part())
+    filters: Any = warnings.filters
+    filters.insert(0, ("ignore", None, UserWarning, "mpstore._typed_json", 0))
+    recorder = Recorder()
+    ask(recorder)
+    assert recorder.asked == ["error"]
+
+
+def test_context_aware_warnings_go_to_error_mode(
+    own_filters: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "flags", types.SimpleNamespace(context_aware_warnings=True))
+    monkeypatch.setattr(_typed_json, "_seen", (None, [], False))
+    recorder = Recorder()
+    ask(recorder)
+    assert recorder.asked == ["error"]
+
+
+class OwnWarning(UserWarning):
+    pass
+
+
+def test_a_warning_subclass_with_pydantics_text_passes_through(own_filters: None) -> None:
+    error = OwnWarning("Pydantic serializer warnings: said by a serializer")
+    recorder = Recorder(raise_on_bool=error)
+    with pytest.raises(OwnWarning) as raised:
+        ask(recorder)
+    assert raised.value is error
+
+
+def test_a_filter_that_cannot_be_compared_is_never_compared(own_filters: None) -> None:
+    dump(Part())
+    filters: Any = warnings.filters
+    filters.append(("ignore", None, ImportWarning, None, 0))
+    dump(Part())
+    filters[-1] = Odd()  # the same length, an item moved in place
+    assert dump(Item(id="a")) == b'{"id":"a","count":0}'
+    with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
+        dump(Item.model_construct(id="a", count="x"))
+    assert _typed_json._seen[2]
