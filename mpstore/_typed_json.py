@@ -9,12 +9,13 @@ upserts at once made 12 context switches per write instead of 5.
 
 So the record is serialized with ``warnings=True`` (a ``bool``, read at once), under a warnings
 filter of mpstore's own, put first in ``warnings.filters``, that turns pydantic's serializer
-warning into an exception while this thread is inside that call, whichever frame issues it,
-and leaves it alone everywhere else: the refusal pydantic's error mode makes, with the same
-message. Error mode is asked instead for a model with a wrap serializer (its handler issues
-the warnings of what it serialized from the serializer's own frame, with that frame's warning
-registry), and where another filter could see the warning first (``warnings.simplefilter(
-"ignore")`` after mpstore's, a filter for some module's warnings), where a filter is of a shape
+warning into an exception when it is issued inside that call, from the call's frame or from a
+function pydantic called from it, and leaves it alone everywhere else: the refusal pydantic's
+error mode makes, with the same message. Error mode is asked instead for a model with a wrap
+serializer or a ``SerializeAsAny`` field (a handler issues the warnings of what it serialized
+from the serializer's own frame, with that frame's warning registry), and where another filter
+could see the warning first (``warnings.simplefilter("ignore")`` after mpstore's, a filter for
+some module's warnings), where a filter is of a shape
 Python's own lookup would fail on, or where the filters are not a list or may change at any
 moment (a build without the GIL, context-aware warnings). If the filters changed during the
 call, or this module's warning registry remembers pydantic's warning (a filter that showed it
@@ -30,20 +31,22 @@ Left open, all of them corners:
 - A model with a wrap serializer held in a field typed ``Any`` is known only when the record
   is. A value in it that does not fit is refused with a message that names the serializer; and
   if the same warning was shown once before from the same line of that serializer (under a
-  "default" filter, outside mpstore), Python skips it and the record is stored.
+  "default" filter, outside mpstore), Python skips it and the record is stored. So is one whose
+  serializer calls its handler through a function of its own.
 - Asked again, a record holding an iterator the first call used up is refused, though it fits.
-- A serializer function of the record that issues its own warning starting "Pydantic
-  serializer warnings" gets the record refused.
+- A serializer function or computed field of the record that issues its own warning starting
+  "Pydantic serializer warnings" (or calls a pydantic serializer's ``to_json`` itself) gets the
+  record refused.
 - A value whose description holds a NUL character is refused with a message of mpstore's own
   (pydantic cannot issue a warning with such a text).
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import re
 import sys
-import threading
 import warnings
 import weakref
 from typing import Any
@@ -56,18 +59,29 @@ __all__ = ["calls_back", "typed_json"]
 _WARNING = "Pydantic serializer warnings"
 
 
-#: How deep this thread is in typed_json's calls to pydantic (``depth``, absent for 0).
-_in_call = threading.local()
+#: Whether this context (thread, greenlet) is inside typed_json's own call to pydantic.
+_in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mpstore_typed_json", default=False)
 
 
 class _ThisCall:
-    """The module pattern of mpstore's filter: it matches whichever frame issues the warning,
-    while this thread is inside :func:`typed_json`'s own call to pydantic, and nothing else."""
+    """The module pattern of mpstore's filter. It matches while this context is inside
+    :func:`typed_json`'s own call to pydantic, and only for a warning issued from that call's
+    frame (pydantic's own, at the end) or from a function pydantic called from it (a wrap
+    serializer, whose handler issues the warnings of what it serialized): not for one issued
+    deeper, such as a computed field's own ``model_dump_json()`` of another model. Python's
+    lookup asks it about every warning issued in the process, so it answers first what is
+    cheapest to know."""
 
     __slots__ = ()
 
     def match(self, module: str) -> bool | None:
-        return True if getattr(_in_call, "depth", 0) else None
+        if not _in_call.get():
+            return None
+        frame = sys._getframe(1)  # the frame that issued the warning
+        if frame.f_code is _CODE:
+            return True
+        caller = frame.f_back
+        return True if caller is not None and caller.f_code is _CODE else None
 
 
 #: mpstore's filter: pydantic's serializer warning, issued during mpstore's call, is an error.
@@ -92,8 +106,9 @@ def calls_back(model: type) -> bool:
     known = _calls_back.get(model)
     if known is None:
         schema = getattr(model, "__pydantic_core_schema__", None)
-        known = not isinstance(schema, dict) or _has_wrap_serializer(schema)
-        _calls_back[model] = known
+        if not isinstance(schema, dict):
+            return True  # not built yet (a MockCoreSchema): asked again next time
+        known = _calls_back[model] = _has_wrap_serializer(schema)
     return known
 
 
@@ -103,7 +118,9 @@ def _has_wrap_serializer(schema: dict[str, Any]) -> bool:
         node = stack.pop()
         if isinstance(node, dict):
             serialization = node.get("serialization")
-            if isinstance(serialization, dict) and serialization.get("type") == "function-wrap":
+            # A wrap serializer; or SerializeAsAny, which serializes by the value's own class,
+            # whatever serializer that has.
+            if isinstance(serialization, dict) and serialization.get("type") in _CALL_BACK:
                 return True
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
@@ -129,8 +146,7 @@ def typed_json(
         seen = _look_at(filters)
     if not seen[2]:
         return serializer.to_json(record, by_alias=by_alias, warnings="error")
-    depth = getattr(_in_call, "depth", 0)
-    _in_call.depth = depth + 1
+    token = _in_call.set(True)
     try:
         data = serializer.to_json(record, by_alias=by_alias, warnings=True)
     except UserWarning as exc:
@@ -145,7 +161,7 @@ def typed_json(
             ) from None
         raise
     finally:
-        _in_call.depth = depth
+        _in_call.reset(token)
     registry = _GLOBALS.get("__warningregistry__")
     remembered = registry is not None and len(registry) > 1 and _forget_ours(registry)
     if not remembered and warnings.filters is filters and _unchanged(filters, seen):
@@ -191,7 +207,8 @@ def _forget_ours(registry: dict[Any, Any]) -> bool:
     ]
     for key in ours:
         registry.pop(key, None)
-    _registry_seen = (registry, version, len(registry))
+    # Not len(registry): a key another thread added meanwhile must be read next time.
+    _registry_seen = (registry, version, size - len(ours))
     return bool(ours)
 
 
@@ -259,3 +276,7 @@ def _may_take(item: Any) -> bool:
     ):
         return True
     return issubclass(UserWarning, category)
+
+
+_CODE = typed_json.__code__
+_CALL_BACK = frozenset({"function-wrap", "any"})

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, PlainSerializer, WrapSerializer, field_serializer, model_serializer
+from pydantic import (
+    BaseModel,
+    PlainSerializer,
+    SerializeAsAny,
+    WrapSerializer,
+    computed_field,
+    field_serializer,
+    model_serializer,
+)
 from pydantic_core import PydanticSerializationError
 
 import mpstore
@@ -717,3 +725,150 @@ def test_a_filter_that_cannot_be_compared_is_never_compared(own_filters: None) -
     with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
         dump(Item.model_construct(id="a", count="x"))
     assert _typed_json._seen[2]
+
+
+class Other(BaseModel):
+    n: int = 0
+
+
+class Noting(BaseModel):
+    id: str = "a"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def note(self) -> str:
+        return Other.model_construct(n="x").model_dump_json()
+
+
+class NotingField(BaseModel):
+    id: str = "a"
+    note: Annotated[
+        str, PlainSerializer(lambda v: Other.model_construct(n=v).model_dump_json())
+    ] = "x"
+
+
+@pytest.mark.parametrize("model", [Noting, NotingField])
+def test_another_models_warning_during_the_call_is_left_to_its_caller(
+    own_filters: None, model: type[BaseModel]
+) -> None:
+    """Code of the record that dumps some other mistyped model gets pydantic's warning, as it
+    would without mpstore; the record itself fits, and is written."""
+    dump(Part())
+    with warnings.catch_warnings(record=True) as seen:  # no other filter: shown once
+        mine = ours(model, model(), None)
+        assert _typed_json._seen[2]
+        assert mine == error_mode(model, model(), None)
+    assert mine[0] == "json"
+    assert seen and all(str(w.message).startswith("Pydantic serializer warnings") for w in seen)
+
+
+def test_another_threads_warning_during_the_call_is_left_to_it(own_filters: None) -> None:
+    raised: list[BaseException | None] = []
+
+    def elsewhere() -> None:
+        try:
+            Other.model_construct(n="x").model_dump_json()  # meets mpstore's filter first
+            raised.append(None)
+        except BaseException as exc:
+            raised.append(exc)
+
+    def meanwhile(value: str) -> str:
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+        return value
+
+    class Busy(BaseModel):
+        note: Annotated[str, PlainSerializer(meanwhile)] = ""
+
+    dump(Part())
+    # After mpstore's filter, so not in its way: what the other thread's warning meets next.
+    warnings.filterwarnings("ignore", message="Pydantic serializer warnings", append=True)
+    assert dump(Busy()) == b'{"note":""}'
+    assert _typed_json._seen[2]
+    assert raised == [None]
+
+
+class Base(BaseModel):
+    id: str = "a"
+
+
+class WrappedChild(Base):
+    count: int = 0
+
+    @model_serializer(mode="wrap")
+    def _whole(self, handler: Any) -> Any:
+        return handler(self)
+
+
+class HoldsBase(BaseModel):
+    id: str = "a"
+    part: SerializeAsAny[Base] = Base()
+
+
+def test_serialize_as_any_takes_error_mode(store: mpstore.Store, db_path: str) -> None:
+    assert calls_back(HoldsBase)
+    bad = HoldsBase(part=WrappedChild.model_construct(count="many"))
+    assert ours(HoldsBase, bad, None) == error_mode(HoldsBase, bad, None)
+    with pytest.raises(mpstore.RecordTypeError, match="does not fit its field's type"):
+        store.collection("holders", HoldsBase, key="id").upsert(bad)
+    assert stored(db_path, "holders") == []
+
+
+def test_a_class_not_built_yet_is_asked_again() -> None:
+    class Late:
+        __pydantic_core_schema__: Any = object()  # as a MockCoreSchema stands in
+
+    assert calls_back(Late)
+    Late.__pydantic_core_schema__ = {"type": "int"}
+    assert not calls_back(Late)
+
+
+class AddsWhilePopped(dict[Any, Any]):
+    """A registry to which another thread adds a key while mpstore takes its own out."""
+
+    def pop(self, *args: Any) -> Any:
+        result = super().pop(*args)
+        self[(f"{_typed_json._WARNING}:\n  added meanwhile", UserWarning, 63)] = True
+        return result
+
+
+def test_a_key_added_while_the_registry_is_looked_at_is_read_next_time() -> None:
+    registry = AddsWhilePopped()
+    registry["version"] = 7
+    registry[(f"{_typed_json._WARNING}:\n  first", UserWarning, 63)] = True
+    assert _typed_json._forget_ours(registry)
+    assert len(registry) == 2  # the version, and the key added meanwhile
+    assert _typed_json._forget_ours(registry)
+
+
+def test_filters_replaced_during_the_call_are_seen(own_filters: None) -> None:
+    def replace(value: str) -> str:
+        warnings.filters = [("ignore", None, Warning, None, 0), *warnings.filters]
+        return value
+
+    class Replacing(BaseModel):
+        count: int = 0
+        note: Annotated[str, PlainSerializer(replace)] = ""
+
+    dump(Part())
+    with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
+        dump(Replacing.model_construct(count="many", note=""))
+
+
+def test_on_error_modes_path_mpstores_filter_matches_nothing(own_filters: None) -> None:
+    """A record asked with the string (its model has a wrap serializer) whose serializer issues
+    a warning with pydantic's text: it stays a warning, as in error mode alone."""
+
+    def says(value: str) -> str:
+        warnings.warn("Pydantic serializer warnings: said by a serializer", stacklevel=1)
+        return value
+
+    class Saying(Wrapped):
+        note: Annotated[str, PlainSerializer(says)] = ""
+
+    dump(Part())
+    warnings.filterwarnings("ignore", message="Pydantic serializer warnings", append=True)
+    assert calls_back(Saying)
+    assert ours(Saying, Saying(), None) == error_mode(Saying, Saying(), None)
+    assert ours(Saying, Saying(), None)[0] == "json"
