@@ -57,6 +57,9 @@ __all__ = ["calls_back", "typed_json"]
 
 #: pydantic-core's warning text for a value that does not fit (the start of it).
 _WARNING = "Pydantic serializer warnings"
+#: Serialization schemas that may call a serializer's handler from Python: a wrap serializer,
+#: and SerializeAsAny's, which serializes by the value's own class, whatever serializer it has.
+_CALL_BACK = frozenset({"function-wrap", "any"})
 
 
 #: Whether this context (thread, greenlet) is inside typed_json's own call to pydantic.
@@ -98,11 +101,11 @@ _calls_back: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def calls_back(model: type) -> bool:
-    """Whether serializing ``model``'s records may call a wrap serializer's handler (from a
-    ``field_serializer``, ``WrapSerializer`` or ``model_serializer`` in wrap mode): pydantic
-    then issues the warnings of what the handler serialized from that Python function, not
-    from :func:`typed_json`, and its records go to pydantic's error mode. True for a class
-    without a core schema."""
+    """Whether serializing ``model``'s records may call a serializer's handler from Python (a
+    ``field_serializer``, ``WrapSerializer`` or ``model_serializer`` in wrap mode, or a
+    ``SerializeAsAny`` field): pydantic then issues the warnings of what the handler serialized
+    from that Python function, not from :func:`typed_json`, so its records go to pydantic's
+    error mode. True for a class without a core schema."""
     known = _calls_back.get(model)
     if known is None:
         schema = getattr(model, "__pydantic_core_schema__", None)
@@ -118,8 +121,6 @@ def _has_wrap_serializer(schema: dict[str, Any]) -> bool:
         node = stack.pop()
         if isinstance(node, dict):
             serialization = node.get("serialization")
-            # A wrap serializer; or SerializeAsAny, which serializes by the value's own class,
-            # whatever serializer that has.
             if isinstance(serialization, dict) and serialization.get("type") in _CALL_BACK:
                 return True
             stack.extend(node.values())
@@ -129,16 +130,16 @@ def _has_wrap_serializer(schema: dict[str, Any]) -> bool:
 
 
 def typed_json(
-    serializer: SchemaSerializer, record: object, by_alias: bool | None, calls_back: bool
+    serializer: SchemaSerializer, record: object, by_alias: bool | None, error_mode: bool
 ) -> bytes:
     """``serializer.to_json(record, by_alias=by_alias, warnings="error")``, at less cost.
-    ``calls_back``: :func:`calls_back` of the record's class.
+    ``error_mode``: ask that way in any case (:func:`calls_back` of the record's class).
 
     :raises PydanticSerializationError: a value does not fit its field's type, the record nests
         deeper than pydantic writes, or it serialised to different JSON when asked twice (only
         where something may have seen pydantic's warning before our filter).
     """
-    if calls_back:
+    if error_mode:
         return serializer.to_json(record, by_alias=by_alias, warnings="error")
     filters: Any = warnings.filters
     seen = _seen
@@ -278,5 +279,4 @@ def _may_take(item: Any) -> bool:
     return issubclass(UserWarning, category)
 
 
-_CODE = typed_json.__code__
-_CALL_BACK = frozenset({"function-wrap", "any"})
+_CODE = typed_json.__code__  # the frame _ThisCall looks for
