@@ -45,7 +45,7 @@ from ._errors import (
     RecordTooLarge,
     RecordTypeError,
 )
-from ._typed_json import calls_back, typed_json
+from ._typed_json import typed_json
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -1719,11 +1719,44 @@ def _refers(node: dict[str, Any]) -> bool:
     return node.get("type") == "definition-ref"
 
 
+#: Serialization schemas that may call a serializer's handler from Python: a wrap serializer,
+#: and SerializeAsAny's, which serializes by the value's own class, whatever serializer it has.
+_CALL_BACK = frozenset({"function-wrap", "any"})
+_calls_back: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def calls_back(model: type) -> bool:
+    """Whether serializing ``model``'s records may call a serializer's handler from Python (a
+    ``field_serializer``, ``WrapSerializer`` or ``model_serializer`` in wrap mode, or a
+    ``SerializeAsAny`` field): pydantic then issues the warnings of what the handler serialized
+    from that Python function, so :func:`typed_json` asks pydantic's error mode for its records.
+    True for a class without a core schema.
+    """
+    known = _calls_back.get(model)
+    if known is None:
+        schema = getattr(model, "__pydantic_core_schema__", None)
+        if not isinstance(schema, dict):
+            return True  # not built yet (a MockCoreSchema): asked again next time
+        known = _calls_back[model] = _anywhere(schema, _calls_handler)
+    return known
+
+
+def _calls_handler(node: dict[str, Any]) -> bool:
+    serialization = node.get("serialization")
+    return isinstance(serialization, dict) and serialization.get("type") in _CALL_BACK
+
+
 def _anywhere(schema: Any, test: Callable[[dict[str, Any]], bool]) -> bool:
-    """Whether ``test`` holds for any schema node in ``schema``, itself included."""
+    """Whether ``test`` holds for any schema node in ``schema``, itself included. Each dict or
+    list is looked at once: a field's default may hold itself."""
     stack = [schema]
+    looked: set[int] = set()
     while stack:
         node = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in looked:
+                continue
+            looked.add(id(node))
         if isinstance(node, dict):
             if test(node):
                 return True

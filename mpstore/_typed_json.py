@@ -9,18 +9,19 @@ upserts at once made 12 context switches per write instead of 5.
 
 So the record is serialized with ``warnings=True`` (a ``bool``, read at once), under a warnings
 filter of mpstore's own, put first in ``warnings.filters``, that turns pydantic's serializer
-warning into an exception when it is issued inside that call, from the call's frame or from a
-function pydantic called from it, and leaves it alone everywhere else: the refusal pydantic's
-error mode makes, with the same message. Error mode is asked instead for a model with a wrap
+warning into an exception when it is issued inside that call (by pydantic at its end, or by a
+wrap serializer's handler, however deep in the serializer), but not by a pydantic dump of some
+other model met on the way, and leaves it alone everywhere else: the refusal pydantic's error
+mode makes, with the same message. Error mode is asked instead for a model with a wrap
 serializer or a ``SerializeAsAny`` field (a handler issues the warnings of what it serialized
 from the serializer's own frame, with that frame's warning registry), and where another filter
 could see the warning first (``warnings.simplefilter("ignore")`` after mpstore's, a filter for
-some module's warnings), where a filter is of a shape
-Python's own lookup would fail on, or where the filters are not a list or may change at any
-moment (a build without the GIL, context-aware warnings). If the filters changed during the
-call, or this module's warning registry remembers pydantic's warning (a filter that showed it
-once), error mode is asked again and must give the same JSON. The tests compare the two modes
-over many values and filter set-ups.
+some module's warnings), where a filter is of a shape Python's own lookup would fail on, or
+where the filters are not a list or may change at any moment (a build without the GIL,
+context-aware warnings). If the filters changed during the call, or this module's warning
+registry remembers pydantic's warning (a filter that showed it once), error mode is asked again
+and must give the same JSON. The tests compare the two modes over many values and filter
+set-ups.
 
 Left open, all of them corners:
 - Python documents changing the warnings filters while other threads run as unsafe
@@ -31,8 +32,7 @@ Left open, all of them corners:
 - A model with a wrap serializer held in a field typed ``Any`` is known only when the record
   is. A value in it that does not fit is refused with a message that names the serializer; and
   if the same warning was shown once before from the same line of that serializer (under a
-  "default" filter, outside mpstore), Python skips it and the record is stored. So is one whose
-  serializer calls its handler through a function of its own.
+  "default" filter, outside mpstore), Python skips it and the record is stored.
 - Asked again, a record holding an iterator the first call used up is refused, though it fits.
 - A serializer function or computed field of the record that issues its own warning starting
   "Pydantic serializer warnings" (or calls a pydantic serializer's ``to_json`` itself) gets the
@@ -48,47 +48,49 @@ import itertools
 import re
 import sys
 import warnings
-import weakref
 from typing import Any
 
+from pydantic import BaseModel, TypeAdapter
 from pydantic_core import PydanticSerializationError, SchemaSerializer
 
-__all__ = ["calls_back", "typed_json"]
+__all__ = ["typed_json"]
 
 #: pydantic-core's warning text for a value that does not fit (the start of it).
 _WARNING = "Pydantic serializer warnings"
-#: Serialization schemas that may call a serializer's handler from Python: a wrap serializer,
-#: and SerializeAsAny's, which serializes by the value's own class, whatever serializer it has.
-_CALL_BACK = frozenset({"function-wrap", "any"})
 
 
-#: Whether this context (thread, greenlet) is inside typed_json's own call to pydantic.
+#: Whether this context (thread, greenlet) may be inside :func:`_fast`: a cheap first answer
+#: for the warnings issued anywhere else.
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mpstore_typed_json", default=False)
 
 
 class _ThisCall:
-    """The module pattern of mpstore's filter. It matches while this context is inside
-    :func:`typed_json`'s own call to pydantic, and only for a warning issued from that call's
-    frame (pydantic's own, at the end) or from a function pydantic called from it (a wrap
-    serializer, whose handler issues the warnings of what it serialized): not for one issued
-    deeper, such as a computed field's own ``model_dump_json()`` of another model. Python's
-    lookup asks it about every warning issued in the process, so it answers first what is
-    cheapest to know."""
+    """The module pattern of mpstore's filter. It matches a warning issued inside
+    :func:`typed_json`'s own call to pydantic (:func:`_fast`): by pydantic at its end, or by a
+    function pydantic called, such as a wrap serializer's handler, however deep in that
+    function. Not one issued by a pydantic dump of some other model met on the way (a computed
+    field's ``model_dump_json()``, a serializer that is ``Other.model_dump``). Python's lookup
+    asks it about every warning issued in the process, so it answers first what is cheapest to
+    know."""
 
     __slots__ = ()
 
     def match(self, module: str) -> bool | None:
         if not _in_call.get():
             return None
-        frame = sys._getframe(1)  # the frame that issued the warning
-        if frame.f_code is _CODE:
-            return True
-        caller = frame.f_back
-        return True if caller is not None and caller.f_code is _CODE else None
+        frame: Any = sys._getframe(1)  # the frame that issued the warning
+        while frame is not None:
+            code = frame.f_code
+            if code is _FAST:
+                return True
+            if code in _DUMPS:
+                return None
+            frame = frame.f_back
+        return None
 
 
 #: mpstore's filter: pydantic's serializer warning, issued during mpstore's call, is an error.
-_OURS = ("error", re.compile(_WARNING, re.I), UserWarning, _ThisCall(), 0)
+_OURS = ("error", re.compile(_WARNING), UserWarning, _ThisCall(), 0)
 
 #: The filters list last looked at, a copy of its items, and whether the fast path is safe with
 #: them (a tuple, replaced whole, so a thread reads one consistent view).
@@ -97,43 +99,14 @@ _GLOBALS = globals()
 #: This module's warning registry as last looked at by _forget_ours: the dict, the filters'
 #: version it held (Python empties it when the filters change) and its size then.
 _registry_seen: tuple[object, object, int] = (None, None, 0)
-_calls_back: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
-
-
-def calls_back(model: type) -> bool:
-    """Whether serializing ``model``'s records may call a serializer's handler from Python (a
-    ``field_serializer``, ``WrapSerializer`` or ``model_serializer`` in wrap mode, or a
-    ``SerializeAsAny`` field): pydantic then issues the warnings of what the handler serialized
-    from that Python function, not from :func:`typed_json`, so its records go to pydantic's
-    error mode. True for a class without a core schema."""
-    known = _calls_back.get(model)
-    if known is None:
-        schema = getattr(model, "__pydantic_core_schema__", None)
-        if not isinstance(schema, dict):
-            return True  # not built yet (a MockCoreSchema): asked again next time
-        known = _calls_back[model] = _has_wrap_serializer(schema)
-    return known
-
-
-def _has_wrap_serializer(schema: dict[str, Any]) -> bool:
-    stack: list[object] = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            serialization = node.get("serialization")
-            if isinstance(serialization, dict) and serialization.get("type") in _CALL_BACK:
-                return True
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return False
 
 
 def typed_json(
     serializer: SchemaSerializer, record: object, by_alias: bool | None, error_mode: bool
 ) -> bytes:
     """``serializer.to_json(record, by_alias=by_alias, warnings="error")``, at less cost.
-    ``error_mode``: ask that way in any case (:func:`calls_back` of the record's class).
+    ``error_mode``: ask that way in any case (the record's class may call a serializer's
+    handler from Python: see ``mpstore._collection.calls_back``).
 
     :raises PydanticSerializationError: a value does not fit its field's type, the record nests
         deeper than pydantic writes, or it serialised to different JSON when asked twice (only
@@ -147,9 +120,8 @@ def typed_json(
         seen = _look_at(filters)
     if not seen[2]:
         return serializer.to_json(record, by_alias=by_alias, warnings="error")
-    token = _in_call.set(True)
     try:
-        data = serializer.to_json(record, by_alias=by_alias, warnings=True)
+        data = _fast(serializer, record, by_alias)
     except UserWarning as exc:
         if type(exc) is UserWarning and str(exc).startswith(_WARNING):  # our filter raised it
             raise PydanticSerializationError(str(exc)) from None
@@ -161,8 +133,6 @@ def typed_json(
                 f"a NUL character ({exc})"
             ) from None
         raise
-    finally:
-        _in_call.reset(token)
     registry = _GLOBALS.get("__warningregistry__")
     remembered = registry is not None and len(registry) > 1 and _forget_ours(registry)
     if not remembered and warnings.filters is filters and _unchanged(filters, seen):
@@ -178,6 +148,15 @@ def typed_json(
             "their fields' types is not known"
         )
     return data
+
+
+def _fast(serializer: SchemaSerializer, record: object, by_alias: bool | None) -> bytes:
+    """The call under mpstore's filter: its frame is what :class:`_ThisCall` looks for."""
+    token = _in_call.set(True)
+    try:
+        return serializer.to_json(record, by_alias=by_alias, warnings=True)
+    finally:
+        _in_call.reset(token)
 
 
 def _forget_ours(registry: dict[Any, Any]) -> bool:
@@ -279,4 +258,14 @@ def _may_take(item: Any) -> bool:
     return issubclass(UserWarning, category)
 
 
-_CODE = typed_json.__code__  # the frame _ThisCall looks for
+_FAST = _fast.__code__
+#: pydantic's own dumps: a warning issued inside one is about the model it dumps.
+_DUMPS = frozenset(
+    f.__code__
+    for f in (
+        BaseModel.model_dump,
+        BaseModel.model_dump_json,
+        TypeAdapter.dump_python,
+        TypeAdapter.dump_json,
+    )
+)

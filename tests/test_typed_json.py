@@ -4,6 +4,7 @@ whatever the process's warnings filters say, and mpstore's own filter touches no
 from __future__ import annotations
 
 import datetime
+import operator
 import sqlite3
 import sys
 import threading
@@ -28,7 +29,8 @@ from pydantic_core import PydanticSerializationError
 
 import mpstore
 from mpstore import _typed_json
-from mpstore._typed_json import calls_back, typed_json
+from mpstore._collection import calls_back
+from mpstore._typed_json import typed_json
 
 
 class Part(BaseModel):
@@ -820,3 +822,102 @@ def test_on_error_modes_path_mpstores_filter_matches_nothing(own_filters: None) 
     assert calls_back(Saying)
     assert ours(Saying, Saying(), None) == error_mode(Saying, Saying(), None)
     assert ours(Saying, Saying(), None)[0] == "json"
+
+
+class WrappedItem(Item):
+    @field_serializer("count", mode="wrap")
+    def _count(self, value: Any, handler: Any) -> Any:
+        return handler(value)
+
+
+def test_a_subclass_records_own_serializers_decide_how_it_is_asked(
+    store: mpstore.Store, own_filters: None
+) -> None:
+    """The collection's model has no wrap serializer, the record's class has one: the record is
+    asked as its own class says, with error mode's refusal and message."""
+    items = store.collection("items", Item, key="id")
+    bad = WrappedItem.model_construct(id="a", count="many")
+    kind, message = error_mode(WrappedItem, bad, None)
+    assert kind == "refused"
+    with pytest.raises(mpstore.RecordTypeError) as refused:
+        items.upsert(bad)
+    assert str(message) in str(refused.value)
+
+
+def test_a_schema_whose_default_holds_itself_is_looked_at_once() -> None:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+
+    class Looping(BaseModel):
+        value: Any = loop
+
+    assert not calls_back(Looping)
+
+
+def handler_in_a_comprehension(self: Any, value: Any, handler: Any) -> Any:
+    return [handler([item])[0] for item in value]
+
+
+def handler_in_a_generator(self: Any, value: Any, handler: Any) -> Any:
+    return list(handler([item])[0] for item in value)
+
+
+def handler_through_a_helper(self: Any, value: Any, handler: Any) -> Any:
+    def helper() -> Any:
+        return handler(value)
+
+    return helper()
+
+
+@pytest.mark.parametrize(
+    "serialize", [handler_in_a_comprehension, handler_in_a_generator, handler_through_a_helper]
+)
+def test_a_handler_called_deeper_in_a_wrap_serializer_is_still_seen(
+    own_filters: None, serialize: Any
+) -> None:
+    class Deep(BaseModel):
+        counts: list[int] = []
+        _counts = field_serializer("counts", mode="wrap")(serialize)
+
+    dump(Part())
+    bad = HoldsAny(value=Deep.model_construct(counts=["not an int"]))
+    assert error_mode(HoldsAny, bad, None)[0] == "refused"
+    with pytest.raises(PydanticSerializationError, match="Pydantic serializer warnings"):
+        dump(bad)
+    assert _typed_json._seen[2]
+    assert dump(HoldsAny(value=Deep(counts=[1]))) == b'{"value":{"counts":[1]}}'
+
+
+class DumpsOther(BaseModel):
+    by_method: Annotated[Any, PlainSerializer(operator.methodcaller("model_dump", mode="json"))] = (
+        None
+    )
+    by_function: Annotated[Any, PlainSerializer(Other.model_dump_json)] = None
+
+
+def test_a_pydantic_dump_used_as_a_serializer_warns_its_caller(own_filters: None) -> None:
+    dump(Part())
+    other = Other.model_construct(n="x")
+    record = DumpsOther(by_method=other, by_function=other)
+    with warnings.catch_warnings(record=True) as seen:
+        mine = ours(DumpsOther, record, None)
+        assert _typed_json._seen[2]
+        assert mine == error_mode(DumpsOther, record, None)
+    assert mine == ("json", b'{"by_method":{"n":"x"},"by_function":"{\\"n\\":\\"x\\"}"}')
+    assert seen
+
+
+def test_only_pydantics_own_text_is_refused(own_filters: None) -> None:
+    def says(value: str) -> str:
+        warnings.warn(
+            "pydantic serializer warnings: lower case, said by a serializer", stacklevel=1
+        )
+        return value
+
+    class Saying(BaseModel):
+        note: Annotated[str, PlainSerializer(says)] = ""
+
+    dump(Part())
+    warnings.filterwarnings("ignore", message="pydantic serializer", append=True)
+    assert dump(Saying()) == b'{"note":""}'
+    assert _typed_json._seen[2]
