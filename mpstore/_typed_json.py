@@ -31,12 +31,14 @@ Left open, all of them corners:
   unseen; a value that does not fit is then stored, and reading it back fails.
 - A model with a wrap serializer held in a field typed ``Any`` is known only when the record
   is. A value in it that does not fit is refused with a message that names the serializer; and
-  if the same warning was shown once before from the same line of that serializer (under a
-  "default" filter, outside mpstore), Python skips it and the record is stored.
+  it is stored if the same warning was shown once before from the same line of that serializer
+  (under a "default" filter, outside mpstore: Python skips it), or if the serializer runs its
+  handler in another thread or greenlet (its warning is then issued outside this call).
 - Asked again, a record holding an iterator the first call used up is refused, though it fits.
 - A serializer function or computed field of the record that issues its own warning starting
-  "Pydantic serializer warnings" (or calls a pydantic serializer's ``to_json`` itself) gets the
-  record refused.
+  "Pydantic serializer warnings", or serializes some other mistyped value with a pydantic
+  serializer's ``to_python`` or ``to_json`` itself (an override of ``model_dump`` or of
+  ``TypeAdapter.dump_python`` that does so included), gets the record refused.
 - A value whose description holds a NUL character is refused with a message of mpstore's own
   (pydantic cannot issue a warning with such a text).
 """
