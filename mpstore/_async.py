@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from . import _fork, _sqlite
+from . import _checkpoint, _fork, _sqlite
 from ._collection import Collection
 from ._connection import Connection, Params
 from ._errors import InvalidName, RecordTypeError, StoreClosed, TransactionError
@@ -469,6 +469,7 @@ class AsyncStore:
         synchronous: str = "NORMAL",
         file_mode: int = 0o600,
         max_record_bytes: int = 16 * 1024 * 1024,
+        wal_limit: int = _checkpoint.WAL_LIMIT,
         on_event: Hook | None = None,
         gate: str = "auto",
         mailbox: bool = True,
@@ -483,6 +484,7 @@ class AsyncStore:
             "synchronous": synchronous,
             "file_mode": file_mode,
             "max_record_bytes": max_record_bytes,
+            "wal_limit": wal_limit,
             "on_event": on_event,
             "gate": gate,
             "mailbox": mailbox,

@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -126,6 +127,11 @@ class Store:
     :param file_mode: permissions for a new database, its lock file and its mailbox
         (default ``0o600``).
     :param max_record_bytes: the largest JSON a collection accepts for one record.
+    :param wal_limit: the WAL's bound in bytes. Checkpoints run outside the gate, which under
+        writes that never pause cannot finish: past this size a gate holder finishes one
+        between two transactions (copying back a few hundred pages, and two fsyncs), so the
+        next write starts the WAL over. A WAL file that grew larger anyway (a reader kept an
+        old snapshot in it) is cut back to this size when it starts over.
     :param mailbox: let a write that finds the gate held by another process leave itself in
         ``<path>.mailbox`` for the holder to commit with its own (Linux; collection upserts and
         deletes), and let this process commit the mailbox's writes with its own. Off, it does
@@ -153,6 +159,7 @@ class Store:
         synchronous: str = "NORMAL",
         file_mode: int = 0o600,
         max_record_bytes: int = 16 * 1024 * 1024,
+        wal_limit: int = _checkpoint.WAL_LIMIT,
         on_event: Hook | None = None,
         gate: str = "auto",
         mailbox: bool = True,
@@ -162,6 +169,7 @@ class Store:
         self.pool_size = _positive_int(pool_size, "pool_size")
         self.timeout = _positive_float(timeout, "timeout")
         self.max_record_bytes = _positive_int(max_record_bytes, "max_record_bytes")
+        self.wal_limit = _positive_int(wal_limit, "wal_limit")
         sync = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if sync not in _sqlite.SYNCHRONOUS_MODES:
             raise ValueError(
@@ -196,7 +204,9 @@ class Store:
         )
         self._stats = Stats()
         self._queue = WriteQueue(self)
-        self._checkpointer = Checkpointer(self.path, lambda: self._connect(readonly=False))
+        self._checkpointer = Checkpointer(
+            self.path, lambda: self._connect(readonly=False), limit=self.wal_limit
+        )
         self._closed = False
         _open_stores.add(self)
         try:
@@ -301,15 +311,19 @@ class Store:
         shared transaction), ``writes_carried`` (writes other processes left in the mailbox
         that this process ran for them), ``writes_carried_away`` (this process's writes
         another process committed), ``gate_timeouts``, ``pool_timeouts``,
-        ``checkpoints`` (background WAL checkpoints run) and ``checkpoint_errors``. Timings, each
+        ``checkpoints`` (background WAL checkpoints run), ``checkpoints_completed`` (those a gate
+        holder of this process completed to keep the WAL within ``wal_limit``) and
+        ``checkpoint_errors``. Timings, each
         ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
         ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
         ``batch_size`` gives the same percentiles of writes per group commit (a transaction
         that more than one write shared).
         """
         result = self._stats.snapshot()
-        result["checkpoints"] = self._checkpointer.runs
-        result["checkpoint_errors"] = self._checkpointer.errors
+        checkpointer = self._checkpointer
+        result["checkpoints"] = checkpointer.runs
+        result["checkpoints_completed"] = checkpointer.completed
+        result["checkpoint_errors"] = checkpointer.errors + checkpointer.completion_errors
         return result
 
     # -- connections ------------------------------------------------------------------------
@@ -339,6 +353,7 @@ class Store:
             self._wconn = self._connect(readonly=False)
             # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
+            self._wconn.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
             self._wpid = pid
         return self._wconn
 
@@ -680,13 +695,15 @@ class Store:
                 # is another (opened just now, or the file now at the path).
                 mailbox.gate_taken()
             held.open = True
-        except BaseException:
-            self._leave_gate(held)
+        except BaseException as exc:
+            self._leave_gate(held, exc)
             raise
         return raw
 
-    def _leave_gate(self, held: _HoldingGate) -> None:
-        """:meth:`_holding_gate`'s end: give the gate back, wake the mailbox, count out."""
+    def _leave_gate(self, held: _HoldingGate, error: BaseException | None) -> None:
+        """:meth:`_holding_gate`'s end: give the gate back, wake the mailbox, count out. After
+        a hold that ``error`` did not end, keep the WAL bounded first (see
+        :meth:`Checkpointer.complete`)."""
         mailbox = held.mailbox
         try:
             held.open = False
@@ -701,6 +718,10 @@ class Store:
                 if raw is not None and raw.in_transaction and held.entered:
                     raw.execute("ROLLBACK")
                     self._emit("rollback")
+                elif raw is not None and held.entered and error is None:
+                    self._after_outcome(
+                        partial(self._checkpointer.complete, raw), "completing a checkpoint"
+                    )
             finally:
                 try:
                     if mailbox is not None and mailbox is not self._gate.recorded_in:
@@ -1130,7 +1151,7 @@ class _HoldingGate(_Scope):
         return self._store._enter_gate(self)
 
     def _end(self, error: BaseException | None) -> None:
-        self._store._leave_gate(self)
+        self._store._leave_gate(self, error)
 
 
 class _Transaction(_Scope):

@@ -1189,6 +1189,13 @@ CASES = [
         ValueError,
         "max_record_bytes",
     ),
+    Case("zero wal_limit", lambda e: mpstore.Store(e.path, wal_limit=0), ValueError, "wal_limit"),
+    Case(
+        "wal_limit given as text",
+        lambda e: mpstore.Store(e.path, wal_limit=_any("64MB")),
+        ValueError,
+        "wal_limit",
+    ),
     Case(
         "unknown synchronous mode",
         lambda e: mpstore.Store(e.path, synchronous="sometimes"),

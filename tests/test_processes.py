@@ -37,6 +37,39 @@ def test_16_processes_x_100_upserts(tmp_path: Path) -> None:
         assert store.integrity_check() == ["ok"]
 
 
+def _watched(path: str, wal_limit: int, background: bool) -> tuple[set[str], int, int]:
+    """Four processes x 400 upserts; the ids acknowledged, the checkpoints completed under the
+    gate and the largest WAL file any of them saw."""
+    barrier = workers.SPAWN.Barrier(4)
+    results = workers.run_processes(
+        workers.upsert_watching_the_wal,
+        [(path, w, 400, barrier, wal_limit, background) for w in range(4)],
+    )
+    acked = {cid for ids, _, _ in results for cid in ids}
+    return acked, sum(r[1] for r in results), max(r[2] for r in results)
+
+
+def test_processes_writing_without_pause_keep_the_wal_within_its_limit(tmp_path: Path) -> None:
+    # 1,600 upserts write about 40 MiB of WAL frames; checkpoints outside the gate alone never
+    # finish while writers append, and the WAL would keep every frame.
+    path = str(tmp_path / "state.db")
+    acked, completed, largest = _watched(path, 1 << 20, background=True)
+    assert completed >= 1
+    assert largest <= 8 << 20, f"the WAL grew to {largest} bytes"
+    with mpstore.Store(path) as store:
+        assert set(ConversationRepository(store).conversations.keys()) == acked
+        assert len(acked) == 1600
+        assert store.integrity_check() == ["ok"]
+
+
+def test_the_wal_bound_test_sees_a_wal_that_is_not_bounded(tmp_path: Path) -> None:
+    # Negative control of the test above: a limit never reached, and no checkpoint outside the
+    # gate either, leaves every frame in the WAL.
+    acked, completed, largest = _watched(str(tmp_path / "state.db"), 1 << 40, background=False)
+    assert completed == 0 and len(acked) == 1600
+    assert largest > 8 << 20
+
+
 def _shared_conversation(path: str) -> None:
     with mpstore.Store(path) as store:
         ConversationRepository(store).upsert_conversation(

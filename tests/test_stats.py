@@ -1,8 +1,9 @@
-"""store.stats(), and the WAL checkpoints that run outside the gate."""
+"""store.stats(), the WAL checkpoints that run outside the gate, and the WAL's bound."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -12,6 +13,7 @@ import sqlite3
 import threading
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +47,7 @@ def test_counters_and_timings_follow_the_writes(store: mpstore.Store) -> None:
 def test_a_new_store_reports_every_counter(store: mpstore.Store) -> None:
     stats = store.stats()
     documented = re.findall(r"``(\w+)``", mpstore.Store.stats.__doc__ or "")
-    for counter in (*COUNTERS, "checkpoints", "checkpoint_errors"):
+    for counter in (*COUNTERS, "checkpoints", "checkpoints_completed", "checkpoint_errors"):
         # Only the commit that set up the new file has happened.
         assert stats[counter] == (1 if counter == "commits" else 0), counter
         assert counter in documented, f"Store.stats() does not document {counter!r}"
@@ -144,6 +146,295 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         assert store.stats()["checkpoint_errors"] == 0
         assert pending is not None and pending < checkpointer.threshold
         assert holding and not any(holding)
+
+
+_reads_proc = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc (Linux)"
+)
+
+
+_LIMIT = 1 << 20  # bytes: 256 frames of 4 KiB pages
+
+
+def _largest_wal(store: mpstore.Store, writes: int) -> int:
+    """Upsert ``writes`` 2 KiB conversations without checkpoints outside the gate; the largest
+    the WAL file grew."""
+    store._checkpointer.threshold = 1 << 62
+    repo = ConversationRepository(store)
+    largest = 0
+    for i in range(writes):
+        repo.upsert_conversation(sample_conversation(f"c{i}"))
+        largest = max(largest, os.path.getsize(store.path + "-wal"))
+    return largest
+
+
+def test_writes_without_pause_keep_the_wal_within_its_limit(db_path: str) -> None:
+    # Nothing copies frames back but the gate holder: 600 writes would leave 14 MiB of them.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        largest = _largest_wal(store, 600)
+        assert store.stats()["checkpoints_completed"] >= 1
+        assert store.stats()["checkpoint_errors"] == 0
+    assert largest <= 4 * _LIMIT, f"the WAL grew to {largest} bytes"
+
+
+def test_the_wal_bound_test_sees_a_wal_that_is_not_bounded(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Negative control of the test above: no holder completes a checkpoint.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        monkeypatch.setattr(store._checkpointer, "complete", lambda conn: False)
+        assert _largest_wal(store, 600) > 4 * _LIMIT
+
+
+def test_a_wal_that_grew_past_its_limit_is_cut_back_when_it_starts_over(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader kept an old snapshot in the WAL, say: once the WAL starts over, its file shrinks
+    # to the limit instead of keeping its largest size on disk for good.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        complete = store._checkpointer.complete
+        monkeypatch.setattr(store._checkpointer, "complete", lambda conn: False)
+        grown = _largest_wal(store, 300)
+        assert grown > 4 * _LIMIT
+        monkeypatch.setattr(store._checkpointer, "complete", complete)
+        repo = ConversationRepository(store)
+        for i in range(100):
+            repo.upsert_conversation(sample_conversation(f"again{i}"))
+            if os.path.getsize(db_path + "-wal") <= 2 * _LIMIT:
+                break
+        assert store.stats()["checkpoints_completed"] >= 1
+        assert os.path.getsize(db_path + "-wal") <= 2 * _LIMIT
+
+
+def test_a_checkpoint_is_completed_under_the_gate_between_transactions(db_path: str) -> None:
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        complete, gate = store._checkpointer.complete, store._gate
+        seen: list[tuple[bool, bool]] = []
+
+        def noted(conn: sqlite3.Connection) -> bool:
+            seen.append((gate.held_by_me, conn.in_transaction))
+            return complete(conn)
+
+        notes = store.collection("notes", Note, key="id")
+        store._checkpointer.complete = noted  # type: ignore[method-assign]
+        notes.upsert(Note(id="1", text="x"))
+        with store.write() as conn:
+            conn.execute("DELETE FROM notes")
+        assert seen == [(True, False), (True, False)]
+        # A hold that an error ends leaves it to the next: the error is on its way to the caller.
+        with pytest.raises(ValueError), store.write():
+            raise ValueError
+        with pytest.raises(KeyError):
+            notes.update("absent", lambda note: note)
+        assert len(seen) == 2
+
+
+class _Clock:
+    now = 100.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return cls.now
+
+
+def test_a_gate_holder_completes_a_checkpoint_past_the_limit_with_little_left(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each look at the WAL decides, WAL by WAL: (frames, frames copied back, whether a
+    checkpoint runs elsewhere) -> whether the holder completes one. Pages of 4 KiB, a limit of
+    256 frames, CATCH_UP 256."""
+    checkpointer = _checkpoint.Checkpointer(db_path, lambda: sqlite3.connect(db_path), limit=_LIMIT)
+    wal: list[tuple[int, int, int]] = []
+    running = [False]
+    monkeypatch.setattr(checkpointer, "_wal", lambda: wal[-1] if wal else None)
+    monkeypatch.setattr(checkpointer, "_running", lambda: running[0])
+    monkeypatch.setattr(_checkpoint, "time", _Clock)
+    ran: list[str] = []
+
+    class Conn:
+        def execute(self, sql: str) -> Any:
+            ran.append(sql)
+            return types.SimpleNamespace(fetchall=list)
+
+    def look(frames: int, backfilled: int, elsewhere: bool = False) -> bool:
+        _Clock.now += _checkpoint.LOOK_EVERY
+        wal.append((frames, backfilled, 4096))
+        running[0] = elsewhere
+        before = len(ran)
+        done = checkpointer.complete(Conn())  # type: ignore[arg-type]
+        assert len(ran) - before == int(done)
+        return done
+
+    assert not look(200, 0)  # under the limit
+    assert not look(300, 0)  # past it, but 300 frames left: the background thread copies them
+    assert not look(300, 100, elsewhere=True)  # a checkpoint runs: it is left to finish
+    assert look(300, 100)  # 200 left
+    assert not look(310, 300)  # it did not start over (a reader): wait for it to double
+    assert not look(700, 300)  # doubled, but 400 left
+    assert look(650, 600)
+    assert not look(10, 0)  # it started over: the limit applies again
+    assert not look(600, 600)  # nothing left: the next write starts it over
+    assert look(600, 0)  # twice the limit: whatever is left
+    assert ran == ["PRAGMA wal_checkpoint(PASSIVE)"] * 3
+    # At most one look per interval: a second holder within it reads nothing.
+    wal.append((5000, 4999, 4096))
+    assert not checkpointer.complete(Conn())  # type: ignore[arg-type]
+    assert checkpointer.completed == 3
+
+
+def test_the_background_thread_runs_again_while_much_is_left_near_the_limit(db_path: str) -> None:
+    """Each run copies back what writers appended while the one before ran; from half the
+    limit on, the thread runs again (three times at most) until a gate holder's share is left."""
+    checkpointer = _checkpoint.Checkpointer(
+        db_path, lambda: sqlite3.connect(db_path), limit=4 * _LIMIT
+    )  # 1,024 frames
+    wal: list[tuple[int, int, int]] = []
+    runs: list[str] = []
+
+    class Conn:
+        def execute(self, sql: str) -> None:
+            runs.append(sql)
+            frames, _, size = wal[-1]
+            wal.append((frames + 100, frames - 50, size))  # copied all but the last 50
+
+    checkpointer._wal = lambda: wal[-1]  # type: ignore[method-assign]
+    wal.append((500, 0, 4096))  # under half the limit
+    checkpointer._catch_up(Conn())  # type: ignore[arg-type]
+    assert runs == []
+    wal.append((600, 0, 4096))  # 600 left: one more run leaves 150
+    checkpointer._catch_up(Conn())  # type: ignore[arg-type]
+    assert runs == ["PRAGMA wal_checkpoint(PASSIVE)"] and wal[-1] == (700, 550, 4096)
+    runs.clear()
+    wal.append((5000, 0, 4096))
+
+    class Slow(Conn):  # writers outpace every run
+        def execute(self, sql: str) -> None:
+            runs.append(sql)
+            frames, _, size = wal[-1]
+            wal.append((frames + 1000, frames - 500, size))
+
+    checkpointer._catch_up(Slow())  # type: ignore[arg-type]
+    assert len(runs) == 3
+
+
+def test_the_wal_index_gives_the_wal_in_frames_of_the_files_page_size(db_path: str) -> None:
+    # The limit is in bytes: the index's frame count times the page size it records, here
+    # not SQLite's default.
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("PRAGMA page_size=1024")
+        conn.execute("PRAGMA journal_mode=WAL")
+    with mpstore.Store(db_path) as store:
+        store.collection("notes", Note, key="id").upsert(Note(id="1", text="x" * 3000))
+        wal = store._checkpointer._wal()
+        assert wal is not None
+        frames, backfilled, page_size = wal
+        assert page_size == 1024
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            busy, log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, log) == (0, frames) and frames > backfilled
+
+
+def _synced_after_a_run(store: mpstore.Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors ``os.fsync`` was given while the background thread ran once more."""
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def noted(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", noted)
+    checkpointer = store._checkpointer
+    checkpointer.threshold = 1
+    checkpointer.ran.clear()
+    checkpointer.poke()
+    assert checkpointer.ran.wait(workers.JOIN_TIMEOUT), "no checkpoint ran"
+    return synced
+
+
+def _same_file(fd: int, path: str) -> bool:
+    there, here = os.stat(path), os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def test_past_half_the_limit_each_background_run_syncs_the_database_file(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite syncs the database file only when a checkpoint completes: under writes that never
+    # pause, that is the gate holder's, which would sync every page copied since, under the gate.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="small", text="x"))
+        assert not any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
+        store._checkpointer.threshold = 1 << 62
+        store._checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
+        for i in range(150):
+            notes.upsert(Note(id=str(i), text="x" * 3000))
+        assert any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
+        assert store.stats()["checkpoint_errors"] == 0
+
+
+def test_a_database_file_the_platform_cannot_sync_is_counted_once(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        notes = store.collection("notes", Note, key="id")
+        checkpointer = store._checkpointer
+        checkpointer.threshold = 1 << 62
+        checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
+        for i in range(150):
+            notes.upsert(Note(id=str(i), text="x" * 3000))
+        tried: list[int] = []
+
+        def refused(fd: int) -> None:
+            tried.append(fd)
+            raise OSError(errno.EINVAL, "fsync not supported")
+
+        monkeypatch.setattr(os, "fsync", refused)
+        checkpointer.threshold = 1
+        checkpointer.poke()
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
+        while checkpointer.errors == 0:
+            assert time.monotonic() < deadline, "the run never failed"
+            os.sched_yield()
+        assert isinstance(checkpointer.last_error, OSError) and len(tried) == 1
+        checkpointer._sync_database()  # not tried again
+        assert len(tried) == 1 and store.stats()["checkpoint_errors"] == 1
+
+
+@_reads_proc
+def test_the_database_file_descriptor_is_closed_once_the_file_is_gone(
+    db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        notes = store.collection("notes", Note, key="id")
+        store._checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
+        for i in range(150):
+            notes.upsert(Note(id=str(i), text="x" * 3000))
+        assert any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
+    # Kept while the file exists (a connection elsewhere in the process may lock it meanwhile).
+    assert workers.open_descriptors_on(db_path) == 1
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(db_path + suffix)
+    with mpstore.Store(str(tmp_path / "other.db")) as other:
+        other.collection("notes", Note, key="id").upsert(Note(id="1", text="x"))
+        assert other._checkpointer.pending() is not None
+    assert workers.open_descriptors_on(db_path) == 0
+
+
+def test_a_checkpoint_a_gate_holder_could_not_complete_is_counted(db_path: str) -> None:
+    checkpointer = _checkpoint.Checkpointer(db_path, lambda: sqlite3.connect(db_path), limit=_LIMIT)
+    checkpointer._wal = lambda: (600, 0, 4096)  # type: ignore[method-assign]
+    checkpointer._running = lambda: False  # type: ignore[method-assign]
+
+    class Failing:
+        def execute(self, sql: str) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    assert not checkpointer.complete(Failing())  # type: ignore[arg-type]
+    assert checkpointer.completion_errors == 1 and checkpointer.completed == 0
+    assert isinstance(checkpointer.last_error, sqlite3.OperationalError)
 
 
 @contextlib.contextmanager
@@ -288,11 +579,6 @@ def test_writers_read_the_wal_index_at_most_once_per_interval(
         checkpointer.poke()
         checkpointer.poke()
         assert len(reads) == 4
-
-
-_reads_proc = pytest.mark.skipif(
-    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc (Linux)"
-)
 
 
 @_reads_proc

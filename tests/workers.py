@@ -84,6 +84,26 @@ def upsert_conversations(path: str, worker: int, count: int, barrier: Any) -> li
         return done
 
 
+def upsert_watching_the_wal(
+    path: str, worker: int, count: int, barrier: Any, wal_limit: int, background: bool
+) -> tuple[list[str], int, int]:
+    """Upsert ``count`` 2 KiB conversations through a store with ``wal_limit`` (and, unless
+    ``background``, no background checkpoints); return the ids acknowledged, the checkpoints
+    this process completed under the gate, and the largest WAL file it saw after a write."""
+    with mpstore.Store(path, wal_limit=wal_limit) as store:
+        if not background:
+            store._checkpointer.threshold = 1 << 62
+        repo = ConversationRepository(store)
+        records = [sample_conversation(f"w{worker}-{i}", workspace_id=worker) for i in range(count)]
+        barrier.wait()
+        done, largest = [], 0
+        for record in records:
+            repo.upsert_conversation(record)
+            done.append(record.conversation_id)
+            largest = max(largest, os.path.getsize(path + "-wal"))
+        return done, store.stats()["checkpoints_completed"], largest
+
+
 def append_messages(path: str, worker: int, count: int, barrier: Any) -> int:
     """Append ``count`` messages to the shared conversation with modify_conversation."""
     with mpstore.Store(path) as store:
