@@ -18,28 +18,32 @@ store's ``wal_limit``, a gate holder, between two transactions, copies back what
 background checkpoints left (:meth:`Checkpointer.complete`): no writer appends meanwhile, so
 the next write starts the WAL over. It waits for a moment when little is left, which the
 background thread brings about by running again while much is. That checkpoint also makes
-SQLite sync the WAL and the database file, under the gate: the cost of a bounded WAL, once per
-``wal_limit`` of writes.
+SQLite sync the WAL and the database file under the gate, the file with every page copied
+since the last checkpoint that completed (SQLite syncs it only then): 10-18 ms per 64 MiB on
+the benchmark machine. So from half the limit on, the background thread syncs the database
+file after each run, through a descriptor SQLite already has open on it (found in
+/proc/self/fd): one of mpstore's own would drop SQLite's lock on the file when closed (see
+below). The holder's checkpoint then syncs what it copied itself: 2-6 ms under 16 writing
+processes, once per ``wal_limit`` of writes, the cost of a bounded WAL.
 
 The WAL index is read through a descriptor of mpstore's own, and closing any descriptor of a
 file drops every POSIX lock the process holds on it, SQLite's included: its lock on the -shm
 file is what tells other processes the index is in use, and one that finds no such lock rebuilds
 the index under the connections still using it. So each process keeps one descriptor per -shm
 file, shared by its stores, and closes it only once SQLite has deleted that file and no lock of
-the process is left on it (see :class:`_SQLiteFiles`). The database file gets one by the same
-rule once its WAL is halfway to the limit: the background thread syncs the file after each run
-from then on, so the gate holder's checkpoint syncs only what it copied itself (2-4 ms instead
-of 5-13 on the benchmark machine).
+the process is left on it (see :class:`_WalIndexFiles`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from . import _fork, _proc
 from ._errors import MpstoreError
@@ -52,18 +56,38 @@ except ImportError:  # pragma: no cover - not POSIX
 __all__ = ["Checkpointer"]
 
 # The WAL-index header (SQLite's documented WAL file format, "wal-index format"): version at
-# offset 0, the page size at 14 (1 for 65536), mxFrame (frames in the WAL) at 16; the
-# checkpoint info's nBackfill at 96.
+# offset 0, the page size at 14 (1 for 65536), mxFrame (frames in the WAL) at 16, the first salt
+# (new each time the WAL starts over) at 32; the checkpoint info's nBackfill at 96.
 _WAL_INDEX_VERSION = 3007000
-_HEADER = struct.Struct("=I10xHI")
+_HEADER = struct.Struct("=I10xHI12xI")
 _BACKFILL = struct.Struct("=I")
+
+
+class _Wal(NamedTuple):
+    """What the WAL index says of the WAL."""
+
+    frames: int
+    backfilled: int  # frames copied back into the database
+    page_size: int
+    salt: int  # changes whenever the WAL starts over
+
+    @property
+    def size(self) -> int:
+        """The frames' pages, in bytes."""
+        return self.frames * self.page_size
+
+    @property
+    def left(self) -> int:
+        """The bytes of frames not copied back yet."""
+        return (self.frames - self.backfilled) * self.page_size
+
 
 #: How often (seconds) a store's writers look at the WAL index, at most (see the module doc).
 LOOK_EVERY = 0.001
 
-#: The most frames a gate holder copies back to complete a checkpoint (1 MiB of 4 KiB pages),
-#: unless the WAL has reached twice the size at which it was to do so.
-CATCH_UP = 256
+#: The most a gate holder copies back (bytes of frames) to complete a checkpoint, unless the WAL
+#: has reached twice the size at which it was to do so.
+CATCH_UP = 1024 * 1024
 
 #: The WAL's default bound, in bytes (see :meth:`Checkpointer.complete`).
 WAL_LIMIT = 64 * 1024 * 1024
@@ -86,6 +110,29 @@ def _lock_found(fd: int, start: int, length: int) -> bool | None:
     except OSError:
         return None
     return bool(found[0] != fcntl.F_UNLCK)
+
+
+def _names(fd: int, identity: tuple[int, int]) -> bool:
+    """Whether descriptor ``fd`` is open on the file ``identity`` (st_dev, st_ino) names."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == identity
+
+
+def _descriptor_on(identity: tuple[int, int]) -> int | None:
+    """A descriptor this process has open on the file ``identity`` names (SQLite's, which it
+    keeps while it uses the file), found in /proc/self/fd; None if there is none, or no such
+    directory. Never closed here: that would drop SQLite's locks on the file."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        if name.isdigit() and _names(int(name), identity):
+            return int(name)
+    return None
 
 
 def unlocked(fd: int) -> bool:
@@ -119,9 +166,8 @@ def locks_held_here(fd: int) -> bool:
     return _proc.holds_lock("POSIX", os.getpid(), os.fstat(fd).st_ino)
 
 
-class _SQLiteFiles:
-    """This process's read-only descriptors on SQLite's files (-shm files, and database files
-    to sync): one per file, shared by its stores.
+class _WalIndexFiles:
+    """This process's read-only descriptors on -shm files: one per file, shared by its stores.
 
     A descriptor is closed only once its file is deleted, which SQLite does when the last
     connection to the database anywhere closes, and /proc/locks (where there is one) shows no
@@ -189,10 +235,10 @@ class _SQLiteFiles:
             os.close(fd)
 
 
-_sqlite_files = _SQLiteFiles()
+_wal_indexes = _WalIndexFiles()
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_sqlite_files.forget_after_fork)
+    os.register_at_fork(after_in_child=_wal_indexes.forget_after_fork)
 
 
 class Checkpointer:
@@ -236,49 +282,49 @@ class Checkpointer:
         self.errors = 0
         self.completed = 0  # checkpoints completed by a gate holder (see complete())
         self.completion_errors = 0
-        self._db: int | None = None  # the database file, to sync (see _sync_database)
-        self._db_syncs = True  # until the platform refuses
         self._next_completion_look = 0.0
         self._complete_at = 0  # WAL bytes from which a gate holder completes; 0: self.limit
+        self._completed_salt = 0  # the WAL's salt when a holder last ran its checkpoint
+        self._db_fd: int | None = None  # one of SQLite's descriptors on the database file
 
-    def _wal(self) -> tuple[int, int, int] | None:
-        """The WAL's frames, how many of them are copied back, and the page size; None if the
-        WAL index cannot be read."""
+    def _wal(self) -> _Wal | None:
+        """What the WAL index says of the WAL; None if it cannot be read."""
         if self._pid != _fork.pid():
             self._reset()
         with self._shm_lock:  # close() may run in another thread
             if self._closed:
                 return None
             if self._shm is None:
-                self._shm = _sqlite_files.acquire(self._shm_path)
+                self._shm = _wal_indexes.acquire(self._shm_path)
                 if self._shm is None:
                     return None
             raw = os.pread(self._shm, 100, 0)
         if len(raw) < 100:
             return None
-        version, page_size, frames = _HEADER.unpack_from(raw, 0)
+        version, page_size, frames, salt = _HEADER.unpack_from(raw, 0)
         if version != _WAL_INDEX_VERSION:
             return None
         (backfilled,) = _BACKFILL.unpack_from(raw, 96)
-        return int(frames), int(backfilled), 65536 if page_size == 1 else int(page_size)
+        return _Wal(frames, backfilled, 65536 if page_size == 1 else page_size, salt)
 
     def pending(self) -> int | None:
         """WAL frames not yet checkpointed, or None if the WAL index cannot be read."""
         wal = self._wal()
-        return None if wal is None else max(0, wal[0] - wal[1])
+        return None if wal is None else max(0, wal.frames - wal.backfilled)
 
     def complete(self, conn: sqlite3.Connection) -> bool:
         """Copy back the frames the background checkpoints left, if the WAL has passed the
-        limit; whether it did. Called by a gate holder on its write connection ``conn``,
-        between transactions: no writer appends meanwhile, so the checkpoint completes and the
-        next write starts the WAL over (unless a reader still uses an older snapshot in it).
+        limit; whether every frame is copied back now. Called by a gate holder on its write
+        connection ``conn``, between transactions: no writer appends meanwhile, so the next
+        write starts the WAL over (unless a reader still uses an older snapshot in it).
 
-        Waits for a moment when at most :data:`CATCH_UP` frames are left, as long as the WAL
-        stays under twice the size it was to do so at. After each, the next waits for the
-        WAL to double, until it has started over: where a reader keeps it from starting over,
-        every write would otherwise pay for one. Looks at the WAL index at most once per
-        :data:`LOOK_EVERY`. A failure is counted, as the thread's are: the write's outcome is
-        decided.
+        Waits for a moment when at most :data:`CATCH_UP` bytes are left, as long as the WAL
+        stays under twice the size it was to do so at. After each checkpoint it ran, the next
+        waits for the WAL to double, until the WAL has started over (its salt changed, or it
+        is under the limit): where a reader keeps it from starting over, every write would
+        otherwise pay for one. One that found SQLite's checkpoint lock taken changes nothing.
+        Looks at the WAL index at most once per :data:`LOOK_EVERY`. A failure is counted, as
+        the thread's are: the write's outcome is decided.
         """
         if self._closed:
             return False
@@ -289,21 +335,27 @@ class Checkpointer:
         wal = self._wal()
         if wal is None:
             return False
-        frames, backfilled, page_size = wal
-        size, due = frames * page_size, self._complete_at or self.limit
-        if size < self.limit:
-            self._complete_at = 0  # it started over
+        if wal.size < self.limit or wal.salt != self._completed_salt:
+            self._complete_at = 0  # it started over since
+        due = self._complete_at or self.limit
+        if (
+            wal.size < due
+            or wal.left <= 0
+            or (wal.left > CATCH_UP and wal.size < 2 * due)
+            or self._running()
+        ):
             return False
-        left = frames - backfilled
-        if size < due or left <= 0 or (left > CATCH_UP and size < 2 * due) or self._running():
-            return False
-        self._complete_at = 2 * size
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             self.last_error = exc
             self.completion_errors += 1  # apart from the thread's: each counter has one writer
             return False
+        if busy:
+            return False  # another checkpoint took SQLite's lock first: the next look retries
+        self._complete_at, self._completed_salt = 2 * wal.size, wal.salt
+        if copied < frames:
+            return False  # a reader's snapshot holds the rest back
         self.completed += 1
         return True
 
@@ -370,7 +422,7 @@ class Checkpointer:
                 except (sqlite3.Error, MpstoreError, OSError) as exc:
                     # Nothing is lost when a checkpoint fails, or its connection cannot be
                     # opened (out of descriptors), or the database file cannot be synced: the
-                    # frames stay in the WAL, and the next poke retries. Counted, and kept, for
+                    # frames stay in the WAL and the next poke retries. Counted, and kept, for
                     # stats().
                     self.last_error = exc
                     self.errors += 1
@@ -389,15 +441,34 @@ class Checkpointer:
         was appended while the one before ran, so a few runs bring it within reach."""
         for _ in range(3):
             wal = self._wal()
-            if wal is None or not self._halfway(wal) or wal[0] - wal[1] <= CATCH_UP:
+            if wal is None or 2 * wal.size < self.limit or wal.left <= CATCH_UP:
                 return
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def _halfway(self, wal: tuple[int, int, int]) -> bool:
-        """Whether the WAL (as :meth:`_wal` gives it) is halfway to the limit: from there the
-        background thread readies it for a gate holder's checkpoint."""
-        frames, _, page_size = wal
-        return 2 * frames * page_size >= self.limit
+    def _sync_database(self) -> None:
+        """From half the limit on, sync the database file (see the module doc).
+
+        :raises OSError: the file could not be synced.
+        """
+        wal = self._wal()
+        if wal is None or 2 * wal.size < self.limit:
+            return
+        try:
+            there = os.stat(self._db_path)
+        except FileNotFoundError:
+            return
+        identity = (there.st_dev, there.st_ino)
+        fd = self._db_fd
+        if fd is None or not _names(fd, identity):
+            fd = self._db_fd = _descriptor_on(identity)
+            if fd is None:
+                return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._db_fd = None
+            if exc.errno != errno.EBADF:  # else closed by SQLite meanwhile: the next run looks
+                raise
 
     def after_fork_in_child(self) -> None:
         """Have the connection of the parent's checkpoint thread, which the child does not
@@ -407,30 +478,6 @@ class Checkpointer:
         if self._conn is not None:
             _fork.close_before_connecting(self._conn)
         self._reset()
-
-    def _sync_database(self) -> None:
-        """Once the WAL is halfway to the limit, sync the database file. SQLite syncs it only
-        when a checkpoint completes, which under writes that never pause is the gate holder's
-        (see :meth:`complete`): every page the runs before it copied would be synced there,
-        under the gate.
-
-        :raises OSError: the file cannot be synced (then it is not tried again).
-        """
-        wal = self._wal()
-        if wal is None or not self._halfway(wal) or not self._db_syncs:
-            return
-        with self._shm_lock:  # release() may run in another thread
-            if self._closed:
-                return
-            if self._db is None:
-                self._db = _sqlite_files.acquire(self._db_path)
-            fd = self._db
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            except OSError:
-                self._db_syncs = False
-                raise
 
     def close(self) -> None:
         """Stop the thread, after a checkpoint in progress. The WAL index stays open for
@@ -445,14 +492,11 @@ class Checkpointer:
             thread.join()
 
     def release(self) -> None:
-        """Give back the descriptors of the WAL index and the database file (see
-        :class:`_SQLiteFiles`)."""
+        """Give back the WAL index's descriptor (see :class:`_WalIndexFiles`)."""
         if self._pid != _fork.pid():
             self._reset()
         with self._shm_lock:
             self._closed = True
-            fds = (self._shm, self._db)
-            self._shm = self._db = None
-        for fd in fds:
-            if fd is not None:
-                _sqlite_files.release(fd)
+            fd, self._shm = self._shm, None
+        if fd is not None:
+            _wal_indexes.release(fd)

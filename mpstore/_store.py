@@ -129,9 +129,10 @@ class Store:
     :param max_record_bytes: the largest JSON a collection accepts for one record.
     :param wal_limit: the WAL's bound in bytes. Checkpoints run outside the gate, which under
         writes that never pause cannot finish: past this size a gate holder finishes one
-        between two transactions (copying back a few hundred pages, and two fsyncs), so the
-        next write starts the WAL over. A WAL file that grew larger anyway (a reader kept an
-        old snapshot in it) is cut back to this size when it starts over.
+        between two transactions (copying back what the background checkpoints left, at most
+        1 MiB unless the WAL doubled meanwhile, and syncing the WAL and the database file), so
+        the next write starts the WAL over. A WAL file that grew larger anyway (a reader kept
+        an old snapshot in it) is cut back to this size when it starts over.
     :param mailbox: let a write that finds the gate held by another process leave itself in
         ``<path>.mailbox`` for the holder to commit with its own (Linux; collection upserts and
         deletes), and let this process commit the mailbox's writes with its own. Off, it does
@@ -224,6 +225,7 @@ class Store:
             "synchronous": self.synchronous,
             "file_mode": self.file_mode,
             "max_record_bytes": self.max_record_bytes,
+            "wal_limit": self.wal_limit,
             "gate": self._gate_kind,
             "mailbox": self.mailbox,
         }

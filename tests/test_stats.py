@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import types
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -177,6 +177,26 @@ def test_writes_without_pause_keep_the_wal_within_its_limit(db_path: str) -> Non
     assert largest <= 4 * _LIMIT, f"the WAL grew to {largest} bytes"
 
 
+def test_commits_larger_than_the_limit_still_let_the_wal_start_over(db_path: str) -> None:
+    # Each batch writes more than the limit, so no look ever finds the WAL under it: the salt
+    # says it started over, else each checkpoint would wait for a WAL twice the last one.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        store._checkpointer.threshold = 1 << 62
+        repo = ConversationRepository(store)
+        largest = batch = 0
+        for round_ in range(30):
+            conversations = [
+                sample_conversation(f"r{round_}-{i}", context_bytes=4096) for i in range(250)
+            ]
+            repo.conversations.upsert_many(conversations)
+            size = os.path.getsize(db_path + "-wal")
+            batch = batch or size
+            largest = max(largest, size)
+        assert batch > _LIMIT
+        assert store.stats()["checkpoints_completed"] >= 10
+    assert largest <= 3 * batch + 2 * _LIMIT, f"the WAL grew to {largest}, batches of {batch}"
+
+
 def test_the_wal_bound_test_sees_a_wal_that_is_not_bounded(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,46 +260,59 @@ class _Clock:
 def test_a_gate_holder_completes_a_checkpoint_past_the_limit_with_little_left(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What each look at the WAL decides, WAL by WAL: (frames, frames copied back, whether a
-    checkpoint runs elsewhere) -> whether the holder completes one. Pages of 4 KiB, a limit of
-    256 frames, CATCH_UP 256."""
+    """What each look at the WAL decides, WAL by WAL: (frames, frames copied back, the WAL's
+    salt, whether a checkpoint runs elsewhere, what SQLite's checkpoint answers) -> whether
+    the holder ran one. Pages of 4 KiB: a limit of 256 frames, CATCH_UP 256 frames."""
     checkpointer = _checkpoint.Checkpointer(db_path, lambda: sqlite3.connect(db_path), limit=_LIMIT)
-    wal: list[tuple[int, int, int]] = []
+    wal: list[_checkpoint._Wal] = []
     running = [False]
     monkeypatch.setattr(checkpointer, "_wal", lambda: wal[-1] if wal else None)
     monkeypatch.setattr(checkpointer, "_running", lambda: running[0])
     monkeypatch.setattr(_checkpoint, "time", _Clock)
     ran: list[str] = []
+    answer: list[tuple[int, int, int]] = []
 
     class Conn:
         def execute(self, sql: str) -> Any:
             ran.append(sql)
-            return types.SimpleNamespace(fetchall=list)
+            return types.SimpleNamespace(fetchone=lambda: answer[-1])
 
-    def look(frames: int, backfilled: int, elsewhere: bool = False) -> bool:
+    def look(
+        frames: int,
+        backfilled: int,
+        salt: int = 7,
+        elsewhere: bool = False,
+        answers: tuple[int, int, int] | None = None,
+    ) -> bool:
         _Clock.now += _checkpoint.LOOK_EVERY
-        wal.append((frames, backfilled, 4096))
+        wal.append(_checkpoint._Wal(frames, backfilled, 4096, salt))
         running[0] = elsewhere
+        answer.append(answers or (0, frames, frames))
         before = len(ran)
         done = checkpointer.complete(Conn())  # type: ignore[arg-type]
-        assert len(ran) - before == int(done)
+        assert len(ran) - before == int(done) or answers is not None
         return done
 
     assert not look(200, 0)  # under the limit
     assert not look(300, 0)  # past it, but 300 frames left: the background thread copies them
     assert not look(300, 100, elsewhere=True)  # a checkpoint runs: it is left to finish
+    assert not look(300, 100, answers=(1, -1, -1))  # one took SQLite's lock meanwhile
     assert look(300, 100)  # 200 left
     assert not look(310, 300)  # it did not start over (a reader): wait for it to double
     assert not look(700, 300)  # doubled, but 400 left
-    assert look(650, 600)
+    assert not look(650, 600, answers=(0, 650, 620))  # a reader held 30 frames back
+    assert not look(1200, 1100)  # so it waits for the WAL to double again
+    assert look(1350, 1200)
     assert not look(10, 0)  # it started over: the limit applies again
     assert not look(600, 600)  # nothing left: the next write starts it over
     assert look(600, 0)  # twice the limit: whatever is left
-    assert ran == ["PRAGMA wal_checkpoint(PASSIVE)"] * 3
+    # A WAL that started over past the limit (a commit larger than it) shows a new salt.
+    assert look(300, 100, salt=8)
+    assert len(ran) == 6 and set(ran) == {"PRAGMA wal_checkpoint(PASSIVE)"}
     # At most one look per interval: a second holder within it reads nothing.
-    wal.append((5000, 4999, 4096))
+    wal.append(_checkpoint._Wal(5000, 4999, 4096, 9))
     assert not checkpointer.complete(Conn())  # type: ignore[arg-type]
-    assert checkpointer.completed == 3
+    assert checkpointer.completed == 4
 
 
 def test_the_background_thread_runs_again_while_much_is_left_near_the_limit(db_path: str) -> None:
@@ -294,24 +327,25 @@ def test_the_background_thread_runs_again_while_much_is_left_near_the_limit(db_p
     class Conn:
         def execute(self, sql: str) -> None:
             runs.append(sql)
-            frames, _, size = wal[-1]
-            wal.append((frames + 100, frames - 50, size))  # copied all but the last 50
+            last = wal[-1]  # copied all but the last 50, while 100 were appended
+            wal.append(last._replace(frames=last.frames + 100, backfilled=last.frames - 50))
 
     checkpointer._wal = lambda: wal[-1]  # type: ignore[method-assign]
-    wal.append((500, 0, 4096))  # under half the limit
+    wal.append(_checkpoint._Wal(500, 0, 4096, 1))  # under half the limit
     checkpointer._catch_up(Conn())  # type: ignore[arg-type]
     assert runs == []
-    wal.append((600, 0, 4096))  # 600 left: one more run leaves 150
+    wal.append(_checkpoint._Wal(600, 0, 4096, 1))  # 600 left: one more run leaves 150
     checkpointer._catch_up(Conn())  # type: ignore[arg-type]
-    assert runs == ["PRAGMA wal_checkpoint(PASSIVE)"] and wal[-1] == (700, 550, 4096)
+    assert runs == ["PRAGMA wal_checkpoint(PASSIVE)"]
+    assert (wal[-1].frames, wal[-1].backfilled) == (700, 550)
     runs.clear()
-    wal.append((5000, 0, 4096))
+    wal.append(_checkpoint._Wal(5000, 0, 4096, 1))
 
     class Slow(Conn):  # writers outpace every run
         def execute(self, sql: str) -> None:
             runs.append(sql)
-            frames, _, size = wal[-1]
-            wal.append((frames + 1000, frames - 500, size))
+            last = wal[-1]
+            wal.append(last._replace(frames=last.frames + 1000, backfilled=last.frames - 500))
 
     checkpointer._catch_up(Slow())  # type: ignore[arg-type]
     assert len(runs) == 3
@@ -324,17 +358,32 @@ def test_the_wal_index_gives_the_wal_in_frames_of_the_files_page_size(db_path: s
         conn.execute("PRAGMA page_size=1024")
         conn.execute("PRAGMA journal_mode=WAL")
     with mpstore.Store(db_path) as store:
-        store.collection("notes", Note, key="id").upsert(Note(id="1", text="x" * 3000))
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="1", text="x" * 3000))
+        first = store._checkpointer._wal()
+        notes.upsert(Note(id="1", text="z" * 3000))
         wal = store._checkpointer._wal()
-        assert wal is not None
-        frames, backfilled, page_size = wal
-        assert page_size == 1024
+        assert first is not None and wal is not None and wal.page_size == 1024
+        assert wal.salt == first.salt and wal.frames > first.frames  # it grew, not started over
         with contextlib.closing(sqlite3.connect(db_path)) as conn:
             busy, log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        assert (busy, log) == (0, frames) and frames > backfilled
+        assert (busy, log) == (0, wal.frames) and wal.frames > wal.backfilled
+        # The salt changes when the WAL starts over, which the next write does now.
+        notes.upsert(Note(id="2", text="y"))
+        again = store._checkpointer._wal()
+        assert again is not None and again.salt != wal.salt and again.frames < wal.frames
 
 
-def _synced_after_a_run(store: mpstore.Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _grown(store: mpstore.Store, writes: int) -> None:
+    """Grow the WAL by ``writes`` notes of 3 KB, with no checkpoint at all."""
+    notes = store.collection("notes", Note, key="id")
+    store._checkpointer.threshold = 1 << 62
+    store._checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
+    for i in range(writes):
+        notes.upsert(Note(id=str(i), text="x" * 3000))
+
+
+def _synced_in_a_run(store: mpstore.Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The descriptors ``os.fsync`` was given while the background thread ran once more."""
     synced: list[int] = []
     fsync = os.fsync
@@ -352,80 +401,86 @@ def _synced_after_a_run(store: mpstore.Store, monkeypatch: pytest.MonkeyPatch) -
     return synced
 
 
-def _same_file(fd: int, path: str) -> bool:
-    there, here = os.stat(path), os.fstat(fd)
-    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+def _on(path: str) -> Callable[[int], bool]:
+    there = os.stat(path)
+
+    def names(fd: int) -> bool:
+        here = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    return names
 
 
+@_reads_proc
 def test_past_half_the_limit_each_background_run_syncs_the_database_file(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # SQLite syncs the database file only when a checkpoint completes: under writes that never
     # pause, that is the gate holder's, which would sync every page copied since, under the gate.
     with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
-        notes = store.collection("notes", Note, key="id")
-        notes.upsert(Note(id="small", text="x"))
-        assert not any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
-        store._checkpointer.threshold = 1 << 62
-        store._checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
-        for i in range(150):
-            notes.upsert(Note(id=str(i), text="x" * 3000))
-        assert any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
+        _grown(store, 1)
+        assert not any(map(_on(db_path), _synced_in_a_run(store, monkeypatch)))
+        _grown(store, 150)
+        descriptors = workers.open_descriptors_on(db_path)
+        assert any(map(_on(db_path), _synced_in_a_run(store, monkeypatch)))
+        # Through a descriptor SQLite has open: one of mpstore's own would drop SQLite's lock
+        # on the file when closed.
+        assert workers.open_descriptors_on(db_path) == descriptors
         assert store.stats()["checkpoint_errors"] == 0
 
 
-def test_a_database_file_the_platform_cannot_sync_is_counted_once(
+@pytest.mark.parametrize("code", [errno.EIO, errno.EBADF])
+def test_a_database_file_that_could_not_be_synced(
+    db_path: str, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # An I/O error is counted; a descriptor SQLite closed meanwhile is looked for again.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        _grown(store, 150)
+        checkpointer = store._checkpointer
+        tried: list[int] = []
+
+        def failing(fd: int) -> None:
+            tried.append(fd)
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "fsync", failing)
+        if code == errno.EIO:
+            with pytest.raises(OSError):
+                checkpointer._sync_database()
+        else:
+            checkpointer._sync_database()
+        assert len(tried) == 1 and checkpointer._db_fd is None
+        checkpointer.threshold = 1
+        checkpointer.poke()  # the thread's run: the error counted, and the thread goes on
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
+        while not (checkpointer.errors or checkpointer.ran.is_set()):
+            assert time.monotonic() < deadline, "the thread neither ran nor failed"
+            os.sched_yield()
+        assert len(tried) == 2
+        assert store.stats()["checkpoint_errors"] == (1 if code == errno.EIO else 0)
+        assert checkpointer._thread is not None and checkpointer._thread.is_alive()
+
+
+def test_without_proc_the_database_file_is_left_to_sqlite(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
-        notes = store.collection("notes", Note, key="id")
-        checkpointer = store._checkpointer
-        checkpointer.threshold = 1 << 62
-        checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
-        for i in range(150):
-            notes.upsert(Note(id=str(i), text="x" * 3000))
-        tried: list[int] = []
+        _grown(store, 150)
+        listdir = os.listdir
 
-        def refused(fd: int) -> None:
-            tried.append(fd)
-            raise OSError(errno.EINVAL, "fsync not supported")
+        def no_proc(path: Any = ".") -> list[str]:
+            if str(path).startswith("/proc"):
+                raise FileNotFoundError(path)
+            return listdir(path)
 
-        monkeypatch.setattr(os, "fsync", refused)
-        checkpointer.threshold = 1
-        checkpointer.poke()
-        deadline = time.monotonic() + workers.JOIN_TIMEOUT
-        while checkpointer.errors == 0:
-            assert time.monotonic() < deadline, "the run never failed"
-            os.sched_yield()
-        assert isinstance(checkpointer.last_error, OSError) and len(tried) == 1
-        checkpointer._sync_database()  # not tried again
-        assert len(tried) == 1 and store.stats()["checkpoint_errors"] == 1
-
-
-@_reads_proc
-def test_the_database_file_descriptor_is_closed_once_the_file_is_gone(
-    db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
-        notes = store.collection("notes", Note, key="id")
-        store._checkpointer.complete = lambda conn: False  # type: ignore[method-assign]
-        for i in range(150):
-            notes.upsert(Note(id=str(i), text="x" * 3000))
-        assert any(_same_file(fd, db_path) for fd in _synced_after_a_run(store, monkeypatch))
-    # Kept while the file exists (a connection elsewhere in the process may lock it meanwhile).
-    assert workers.open_descriptors_on(db_path) == 1
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(db_path + suffix)
-    with mpstore.Store(str(tmp_path / "other.db")) as other:
-        other.collection("notes", Note, key="id").upsert(Note(id="1", text="x"))
-        assert other._checkpointer.pending() is not None
-    assert workers.open_descriptors_on(db_path) == 0
+        monkeypatch.setattr(os, "listdir", no_proc)
+        assert _synced_in_a_run(store, monkeypatch) == []
+        assert store.stats()["checkpoint_errors"] == 0
 
 
 def test_a_checkpoint_a_gate_holder_could_not_complete_is_counted(db_path: str) -> None:
     checkpointer = _checkpoint.Checkpointer(db_path, lambda: sqlite3.connect(db_path), limit=_LIMIT)
-    checkpointer._wal = lambda: (600, 0, 4096)  # type: ignore[method-assign]
+    checkpointer._wal = lambda: _checkpoint._Wal(600, 0, 4096, 1)  # type: ignore[method-assign]
     checkpointer._running = lambda: False  # type: ignore[method-assign]
 
     class Failing:

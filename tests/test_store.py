@@ -706,11 +706,28 @@ def test_closed_store_refuses_work(db_path: str) -> None:
 
 
 def test_store_pickles_as_path_and_settings(db_path: str) -> None:
-    with mpstore.Store(db_path, pool_size=3, timeout=2.5, synchronous="FULL") as store:
+    settings = {
+        "pool_size": 3,
+        "timeout": 2.5,
+        "synchronous": "FULL",
+        "file_mode": 0o640,
+        "max_record_bytes": 1000,
+        "wal_limit": 1 << 20,
+        "gate": "filelock",
+        "mailbox": False,
+    }
+    # Every setting but the process-local event hook: a new one must cross too.
+    hooks = {"on_event"}
+    assert set(inspect.signature(mpstore.Store).parameters) == {"path", *settings, *hooks}
+    with mpstore.Store(db_path, **settings) as store:  # type: ignore[arg-type]
         clone = pickle.loads(pickle.dumps(store))
         try:
             assert clone.path == store.path
-            assert (clone.pool_size, clone.timeout, clone.synchronous) == (3, 2.5, "FULL")
+            assert clone._settings() == store._settings()
+            assert {name: getattr(clone, name) for name in ("pool_size", "wal_limit")} == {
+                "pool_size": 3,
+                "wal_limit": 1 << 20,
+            }
             assert clone is not store
         finally:
             clone.close()
