@@ -86,11 +86,15 @@ class _Wal(NamedTuple):
 LOOK_EVERY = 0.001
 
 #: The most a gate holder copies back (bytes of frames) to complete a checkpoint, unless the WAL
-#: has reached twice the size at which it was to do so.
+#: has grown by the limit past the size at which it was to do so.
 CATCH_UP = 1024 * 1024
 
 #: The WAL's default bound, in bytes (see :meth:`Checkpointer.complete`).
 WAL_LIMIT = 64 * 1024 * 1024
+
+#: How long (seconds) a gate holder whose checkpoint copied every frame waits, yielding its CPU,
+#: for readers still reading from the WAL (they began before it) to finish.
+READERS_WAIT = 0.002
 
 
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on 64-bit Linux
@@ -151,12 +155,23 @@ def unlocked(fd: int) -> bool:
 #: the second.
 _CHECKPOINT_LOCK = 121
 
+#: The read locks of readers that read from the WAL (read marks 1 to 4; a reader that needs
+#: nothing from the WAL takes mark 0, the byte before): the WAL starts over only when a
+#: writer can lock all four.
+_WAL_READERS, _WAL_READER_LOCKS = 124, 4
+
 
 def checkpoint_running(fd: int) -> bool:
     """Whether a checkpoint of the database whose WAL index ``fd`` reads runs now, in any process
     (this one included); False where it cannot tell. Another checkpoint started meanwhile would
     only find SQLite's checkpoint lock taken and return at once, having copied nothing."""
     return bool(_lock_found(fd, _CHECKPOINT_LOCK, 1))
+
+
+def readers_in_wal(fd: int) -> bool:
+    """Whether a reader reads from the WAL of the index ``fd`` reads, in any process (this one
+    included); False where it cannot tell."""
+    return bool(_lock_found(fd, _WAL_READERS, _WAL_READER_LOCKS))
 
 
 def locks_held_here(fd: int) -> bool:
@@ -286,6 +301,7 @@ class Checkpointer:
         self._complete_at = 0  # WAL bytes from which a gate holder completes; 0: self.limit
         self._completed_salt = 0  # the WAL's salt when a holder last ran its checkpoint
         self._db_fd: int | None = None  # one of SQLite's descriptors on the database file
+        self._not_open: tuple[int, int] | None = None  # a database file none was found for
 
     def _wal(self) -> _Wal | None:
         """What the WAL index says of the WAL; None if it cannot be read."""
@@ -319,12 +335,15 @@ class Checkpointer:
         write starts the WAL over (unless a reader still uses an older snapshot in it).
 
         Waits for a moment when at most :data:`CATCH_UP` bytes are left, as long as the WAL
-        stays under twice the size it was to do so at. After each checkpoint it ran, the next
-        waits for the WAL to double, until the WAL has started over (its salt changed, or it
-        is under the limit): where a reader keeps it from starting over, every write would
-        otherwise pay for one. One that found SQLite's checkpoint lock taken changes nothing.
-        Looks at the WAL index at most once per :data:`LOOK_EVERY`. A failure is counted, as
-        the thread's are: the write's outcome is decided.
+        has not grown by the limit past the size it was to do so at. Once every frame is
+        copied, it waits up to :data:`READERS_WAIT` for readers that still read from the WAL,
+        which would keep the next write from starting it over. After each checkpoint it ran,
+        the next waits for the WAL to grow by the limit again, until the WAL has started over
+        (its salt changed, or it is under the limit): where readers keep it from starting
+        over, every write would otherwise pay for one, and the WAL grows by the limit per
+        checkpoint they defeat, not more. One that found SQLite's checkpoint lock taken
+        changes nothing. Looks at the WAL index at most once per :data:`LOOK_EVERY`. A failure
+        is counted, as the thread's are: the write's outcome is decided.
         """
         if self._closed:
             return False
@@ -341,7 +360,7 @@ class Checkpointer:
         if (
             wal.size < due
             or wal.left <= 0
-            or (wal.left > CATCH_UP and wal.size < 2 * due)
+            or (wal.left > CATCH_UP and wal.size < due + self.limit)
             or self._running()
         ):
             return False
@@ -353,11 +372,24 @@ class Checkpointer:
             return False
         if busy:
             return False  # another checkpoint took SQLite's lock first: the next look retries
-        self._complete_at, self._completed_salt = 2 * wal.size, wal.salt
+        self._complete_at, self._completed_salt = wal.size + self.limit, wal.salt
         if copied < frames:
             return False  # a reader's snapshot holds the rest back
         self.completed += 1
+        self._let_readers_finish()
         return True
+
+    def _let_readers_finish(self) -> None:
+        """Yield the CPU, up to :data:`READERS_WAIT`, while readers read from the WAL: those
+        began before the checkpoint, and end within moments (readers that begin after it need
+        nothing from the WAL). Then the next write can start the WAL over."""
+        deadline = time.monotonic() + READERS_WAIT
+        while self._readers_in_wal() and time.monotonic() < deadline:
+            os.sched_yield()
+
+    def _readers_in_wal(self) -> bool:
+        with self._shm_lock:
+            return self._shm is not None and not self._closed and readers_in_wal(self._shm)
 
     def _running(self) -> bool:
         """Whether a checkpoint of this database runs now, in any process."""
@@ -460,8 +492,11 @@ class Checkpointer:
         identity = (there.st_dev, there.st_ino)
         fd = self._db_fd
         if fd is None or not _names(fd, identity):
+            if identity == self._not_open:
+                return  # looked for already: a file this process has no descriptor on
             fd = self._db_fd = _descriptor_on(identity)
             if fd is None:
+                self._not_open = identity
                 return
         try:
             os.fsync(fd)

@@ -70,6 +70,40 @@ def test_the_wal_bound_test_sees_a_wal_that_is_not_bounded(tmp_path: Path) -> No
     assert largest > 8 << 20
 
 
+def test_readers_that_never_pause_leave_the_wal_within_a_few_limits(tmp_path: Path) -> None:
+    # A reader still reading from the WAL keeps the next write from starting it over; two
+    # processes reading one short transaction after another defeated most tries, and each
+    # try then waited for the WAL to double: 73-241 MiB in 8 s with a 1 MiB limit.
+    path = str(tmp_path / "state.db")
+    limit = 1 << 20
+    with mpstore.Store(path, wal_limit=limit) as store:
+        notes = store.collection("notes", Note, key="id")
+        for i in range(200):
+            notes.upsert(Note(id=str(i), text="y"))
+        started, stop = workers.SPAWN.Semaphore(0), workers.SPAWN.Event()
+        readers = [
+            workers.SPAWN.Process(target=workers.read_without_pause, args=(path, started, stop))
+            for _ in range(2)
+        ]
+        for reader in readers:
+            reader.start()
+        try:
+            for _ in readers:
+                assert started.acquire(timeout=workers.JOIN_TIMEOUT)
+            largest = 0
+            for i in range(12000):
+                notes.upsert(Note(id=str(i % 200), text=str(i) + "x" * 3000))
+                largest = max(largest, os.path.getsize(path + "-wal"))
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join(workers.JOIN_TIMEOUT)
+        assert all(reader.exitcode == 0 for reader in readers)
+        completed = store.stats()["checkpoints_completed"]
+    assert completed >= 1
+    assert largest <= 24 * limit, f"the WAL grew to {largest} bytes ({completed} checkpoints)"
+
+
 def _shared_conversation(path: str) -> None:
     with mpstore.Store(path) as store:
         ConversationRepository(store).upsert_conversation(

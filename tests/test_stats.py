@@ -269,6 +269,8 @@ def test_a_gate_holder_completes_a_checkpoint_past_the_limit_with_little_left(
     monkeypatch.setattr(checkpointer, "_wal", lambda: wal[-1] if wal else None)
     monkeypatch.setattr(checkpointer, "_running", lambda: running[0])
     monkeypatch.setattr(_checkpoint, "time", _Clock)
+    waited: list[int] = []
+    monkeypatch.setattr(checkpointer, "_let_readers_finish", lambda: waited.append(len(wal)))
     ran: list[str] = []
     answer: list[tuple[int, int, int]] = []
 
@@ -298,21 +300,67 @@ def test_a_gate_holder_completes_a_checkpoint_past_the_limit_with_little_left(
     assert not look(300, 100, elsewhere=True)  # a checkpoint runs: it is left to finish
     assert not look(300, 100, answers=(1, -1, -1))  # one took SQLite's lock meanwhile
     assert look(300, 100)  # 200 left
-    assert not look(310, 300)  # it did not start over (a reader): wait for it to double
-    assert not look(700, 300)  # doubled, but 400 left
+    # It did not start over (a reader): wait for the WAL to grow by the limit, to 556.
+    assert not look(310, 300)
+    assert not look(700, 300)  # it has, but 400 left, under 556 + the limit
     assert not look(650, 600, answers=(0, 650, 620))  # a reader held 30 frames back
-    assert not look(1200, 1100)  # so it waits for the WAL to double again
+    assert not look(900, 890)  # so it waits for 650 + 256
     assert look(1350, 1200)
     assert not look(10, 0)  # it started over: the limit applies again
     assert not look(600, 600)  # nothing left: the next write starts it over
-    assert look(600, 0)  # twice the limit: whatever is left
+    assert look(600, 0)  # grown by the limit past the limit: whatever is left
     # A WAL that started over past the limit (a commit larger than it) shows a new salt.
     assert look(300, 100, salt=8)
-    assert len(ran) == 6 and set(ran) == {"PRAGMA wal_checkpoint(PASSIVE)"}
+    # Each try that readers defeat lets the WAL grow by the limit, not by its size again.
+    assert look(580, 570, salt=8)
+    assert look(1100, 500, salt=8)  # 580 + 2 x 256 reached: whatever is left
+    assert len(ran) == 8 and set(ran) == {"PRAGMA wal_checkpoint(PASSIVE)"}
+    # Readers get their moment after each checkpoint that copied every frame.
+    assert len(waited) == checkpointer.completed == 6
     # At most one look per interval: a second holder within it reads nothing.
     wal.append(_checkpoint._Wal(5000, 4999, 4096, 9))
     assert not checkpointer.complete(Conn())  # type: ignore[arg-type]
-    assert checkpointer.completed == 4
+    assert checkpointer.completed == 6
+
+
+def test_a_holder_gives_readers_of_the_wal_a_moment_to_finish(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointer = _checkpoint.Checkpointer(db_path, lambda: sqlite3.connect(db_path), limit=_LIMIT)
+    readers = [True, True, False, True]
+    monkeypatch.setattr(checkpointer, "_readers_in_wal", lambda: readers.pop(0))
+    monkeypatch.setattr(_checkpoint, "time", _Clock)
+    checkpointer._let_readers_finish()
+    assert readers == [True]  # stopped once none was left
+    looks = [0]
+
+    def still_reading() -> bool:
+        looks[0] += 1
+        _Clock.now += _checkpoint.READERS_WAIT / 4
+        return True
+
+    monkeypatch.setattr(checkpointer, "_readers_in_wal", still_reading)
+    checkpointer._let_readers_finish()
+    assert looks[0] == 4  # no longer than READERS_WAIT
+
+
+def test_a_reader_that_needs_the_wal_is_seen(db_path: str) -> None:
+    with mpstore.Store(db_path) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="1", text="x"))
+        checkpointer = store._checkpointer
+        assert checkpointer.pending()  # frames not copied back: readers read them from the WAL
+        assert not checkpointer._readers_in_wal()
+        with store.read() as conn:
+            assert conn.execute("SELECT count(*) FROM notes").fetchone() == (1,)
+            assert checkpointer._readers_in_wal()
+        assert not checkpointer._readers_in_wal()
+        with contextlib.closing(sqlite3.connect(db_path)) as other:
+            other.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        assert checkpointer.pending() == 0
+        with store.read() as conn:  # every frame is in the database: nothing read from the WAL
+            assert conn.execute("SELECT count(*) FROM notes").fetchone() == (1,)
+            assert not checkpointer._readers_in_wal()
 
 
 def test_the_background_thread_runs_again_while_much_is_left_near_the_limit(db_path: str) -> None:
@@ -422,10 +470,13 @@ def test_past_half_the_limit_each_background_run_syncs_the_database_file(
         assert not any(map(_on(db_path), _synced_in_a_run(store, monkeypatch)))
         _grown(store, 150)
         descriptors = workers.open_descriptors_on(db_path)
+        inode = os.stat(db_path).st_ino
+        assert _proc.holds_lock("POSIX", os.getpid(), inode)  # SQLite's, on a WAL database
         assert any(map(_on(db_path), _synced_in_a_run(store, monkeypatch)))
         # Through a descriptor SQLite has open: one of mpstore's own would drop SQLite's lock
         # on the file when closed.
         assert workers.open_descriptors_on(db_path) == descriptors
+        assert _proc.holds_lock("POSIX", os.getpid(), inode)
         assert store.stats()["checkpoint_errors"] == 0
 
 
@@ -459,6 +510,32 @@ def test_a_database_file_that_could_not_be_synced(
         assert len(tried) == 2
         assert store.stats()["checkpoint_errors"] == (1 if code == errno.EIO else 0)
         assert checkpointer._thread is not None and checkpointer._thread.is_alive()
+
+
+def test_a_database_file_no_descriptor_is_open_on_is_looked_for_once(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scanning /proc/self/fd costs as much as the process has descriptors: a file restored over
+    # the database's path, say, which no connection here has open, is not scanned for again.
+    with mpstore.Store(db_path, wal_limit=_LIMIT) as store:
+        _grown(store, 150)
+        scans: list[tuple[int, int]] = []
+
+        def not_found(identity: tuple[int, int]) -> int | None:
+            scans.append(identity)
+            return None
+
+        monkeypatch.setattr(_checkpoint, "_descriptor_on", not_found)
+        checkpointer = store._checkpointer
+        checkpointer._db_fd = None
+        for _ in range(3):
+            checkpointer._sync_database()
+        assert len(scans) == 1
+        os.replace(db_path, db_path + ".moved")  # another file at the path: looked for anew
+        with open(db_path, "wb"):
+            pass
+        checkpointer._sync_database()
+        assert len(scans) == 2 and scans[0] != scans[1]
 
 
 def test_without_proc_the_database_file_is_left_to_sqlite(

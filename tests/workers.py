@@ -104,6 +104,18 @@ def upsert_watching_the_wal(
         return done, store.stats()["checkpoints_completed"], largest
 
 
+def read_without_pause(path: str, started: Any, stop: Any) -> int:
+    """Read the notes in short transactions, one after the other, until ``stop``; how many."""
+    with mpstore.Store(path) as store:
+        reads = 0
+        started.release()
+        while not stop.is_set():
+            with store.read() as conn:
+                conn.execute("SELECT count(*) FROM notes").fetchone()
+            reads += 1
+        return reads
+
+
 def append_messages(path: str, worker: int, count: int, barrier: Any) -> int:
     """Append ``count`` messages to the shared conversation with modify_conversation."""
     with mpstore.Store(path) as store:
