@@ -473,9 +473,14 @@ class Checkpointer:
         was appended while the one before ran, so a few runs bring it within reach."""
         for _ in range(3):
             wal = self._wal()
-            if wal is None or 2 * wal.size < self.limit or wal.left <= CATCH_UP:
+            if wal is None or not self._halfway(wal) or wal.left <= CATCH_UP:
                 return
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _halfway(self, wal: _Wal) -> bool:
+        """Whether the WAL is halfway to the limit, from where the background thread readies
+        it for a gate holder's checkpoint."""
+        return 2 * wal.size >= self.limit
 
     def _sync_database(self) -> None:
         """From half the limit on, sync the database file (see the module doc).
@@ -483,7 +488,7 @@ class Checkpointer:
         :raises OSError: the file could not be synced.
         """
         wal = self._wal()
-        if wal is None or 2 * wal.size < self.limit:
+        if wal is None or not self._halfway(wal):
             return
         try:
             there = os.stat(self._db_path)

@@ -131,9 +131,8 @@ class Store:
         writes that never pause cannot finish: past this size a gate holder finishes one
         between two transactions (copying back what the background checkpoints left, at most
         1 MiB unless the WAL grew by the limit meanwhile, and syncing the WAL and the database
-        file), so
-        the next write starts the WAL over. A WAL file that grew larger anyway (a reader kept
-        an old snapshot in it) is cut back to this size when it starts over.
+        file), so the next write starts the WAL over. A WAL file that grew larger anyway (a
+        reader kept reading from it) is cut back to this size when it starts over.
     :param mailbox: let a write that finds the gate held by another process leave itself in
         ``<path>.mailbox`` for the holder to commit with its own (Linux; collection upserts and
         deletes), and let this process commit the mailbox's writes with its own. Off, it does
