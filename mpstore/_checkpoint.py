@@ -93,7 +93,8 @@ CATCH_UP = 1024 * 1024
 WAL_LIMIT = 64 * 1024 * 1024
 
 #: How long (seconds) a gate holder whose checkpoint copied every frame waits, yielding its CPU,
-#: for readers still reading from the WAL (they began before it) to finish.
+#: for readers still reading from the WAL (they began before it) to finish; longer when the CPUs
+#: are busy, as each look comes only once the holder has a CPU again (up to 12 ms was seen).
 READERS_WAIT = 0.002
 
 

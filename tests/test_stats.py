@@ -330,13 +330,15 @@ def test_a_holder_gives_readers_of_the_wal_a_moment_to_finish(
     readers = [True, True, False, True]
     monkeypatch.setattr(checkpointer, "_readers_in_wal", lambda: readers.pop(0))
     monkeypatch.setattr(_checkpoint, "time", _Clock)
+    monkeypatch.setattr(_Clock, "now", 0.0)
+    monkeypatch.setattr(_checkpoint, "READERS_WAIT", 0.25)  # binary fractions: sums are exact
     checkpointer._let_readers_finish()
     assert readers == [True]  # stopped once none was left
     looks = [0]
 
     def still_reading() -> bool:
         looks[0] += 1
-        _Clock.now += _checkpoint.READERS_WAIT / 4
+        _Clock.now += 0.0625
         return True
 
     monkeypatch.setattr(checkpointer, "_readers_in_wal", still_reading)
