@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _fork
 from ._errors import PermissionDenied, TransactionError
-from ._sqlite import translate, translating
+from ._sqlite import WRITE_CONNECTION_SETTINGS, translate, translating
 
 __all__ = ["Connection", "check_statement", "translating_reads"]
 
@@ -206,8 +206,8 @@ class Connection:
                 # The write connection's authorizer (see _sqlite._keeps_write_settings).
                 raise TransactionError(
                     "a write block must not change the write connection's settings "
-                    "(query_only, locking_mode, wal_autocheckpoint, writable_schema, "
-                    "busy_timeout): the change would outlive the block, for every later write",
+                    f"({', '.join(WRITE_CONNECTION_SETTINGS)}): the change would outlive the "
+                    "block, for every later write",
                     self._path,
                 ) from exc
             # A try costs nothing until it fails; a translating block costs three calls each

@@ -195,13 +195,14 @@ _OFF = frozenset({"0", "false", "no", "off"})
 #: set: a change would outlive the block, for every later write of the store (query_only=1
 #: fails each BEGIN; locking_mode=EXCLUSIVE keeps SQLite's lock from every other process;
 #: wal_autocheckpoint would checkpoint inside the gate; writable_schema lets a statement damage
-#: the schema; busy_timeout is the store's timeout).
-_WRITE_CONNECTION_SETTINGS = {
+#: the schema; busy_timeout is the store's timeout; journal_size_limit is the store's wal_limit).
+WRITE_CONNECTION_SETTINGS = {
     "query_only": _OFF,
     "locking_mode": frozenset({"normal"}),
     "wal_autocheckpoint": frozenset({"0"}),
     "writable_schema": _OFF,
     "busy_timeout": frozenset(),
+    "journal_size_limit": frozenset(),
 }
 
 
@@ -211,19 +212,26 @@ def _keeps_write_settings(
     """The write connection's authorizer: refuses a change of the settings above, however the
     statement spells it."""
     if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
-        allowed = _WRITE_CONNECTION_SETTINGS.get((arg1 or "").lower())
+        allowed = WRITE_CONNECTION_SETTINGS.get((arg1 or "").lower())
         if allowed is not None and arg2.strip("'\"").lower() not in allowed:
             return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
 
 
 def connect(
-    path: str, *, busy_timeout: float, synchronous: str, readonly: bool
+    path: str,
+    *,
+    busy_timeout: float,
+    synchronous: str,
+    readonly: bool,
+    wal_limit: int | None = None,
 ) -> sqlite3.Connection:
     """Open one connection with mpstore's pragmas.
 
     ``isolation_level=None`` leaves BEGIN/COMMIT to mpstore. Read connections are ``query_only``
-    so a write can never slip past the gate through :meth:`Store.read`.
+    so a write can never slip past the gate through :meth:`Store.read`. A write connection given
+    ``wal_limit`` cuts a WAL file it starts over back to that size (``journal_size_limit``),
+    set before its authorizer refuses any change of it.
 
     :raises CorruptDatabase, PermissionDenied, DiskFull: translated from SQLite.
     """
@@ -242,6 +250,8 @@ def connect(
                 conn.execute("PRAGMA query_only=1")
                 conn.set_authorizer(_keeps_read_only)
             else:
+                if wal_limit is not None:
+                    conn.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
                 conn.set_authorizer(_keeps_write_settings)
         except BaseException:
             conn.close()

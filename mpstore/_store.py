@@ -330,9 +330,13 @@ class Store:
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
+    def _connect(self, readonly: bool, wal_limit: int | None = None) -> sqlite3.Connection:
         return _sqlite.connect(
-            self.path, busy_timeout=self.timeout, synchronous=self.synchronous, readonly=readonly
+            self.path,
+            busy_timeout=self.timeout,
+            synchronous=self.synchronous,
+            readonly=readonly,
+            wal_limit=wal_limit,
         )
 
     def _writer(self) -> sqlite3.Connection:
@@ -352,10 +356,9 @@ class Store:
                     "while no thread writes, or start processes with 'spawn' or 'forkserver'",
                     self.path,
                 )
-            self._wconn = self._connect(readonly=False)
+            self._wconn = self._connect(readonly=False, wal_limit=self.wal_limit)
             # Checkpoints run after the gate is released (see _checkpoint), not inside commits.
             self._wconn.execute("PRAGMA wal_autocheckpoint=0")
-            self._wconn.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
             self._wpid = pid
         return self._wconn
 

@@ -37,9 +37,13 @@ class UnsafeStore(Store):
         self.busy_timeout = busy_timeout
         super().__init__(path, **settings)
 
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
+    def _connect(self, readonly: bool, wal_limit: int | None = None) -> sqlite3.Connection:
         return _sqlite.connect(
-            self.path, busy_timeout=self.busy_timeout, synchronous=self.synchronous, readonly=False
+            self.path,
+            busy_timeout=self.busy_timeout,
+            synchronous=self.synchronous,
+            readonly=False,
+            wal_limit=wal_limit,
         )
 
     @contextmanager

@@ -1271,6 +1271,12 @@ CASES = [
         "wal_autocheckpoint",
     ),
     Case(
+        "the WAL's size limit changed inside a write block",
+        _write_setting_changed("PRAGMA journal_size_limit = -1"),
+        mpstore.TransactionError,
+        "journal_size_limit",
+    ),
+    Case(
         "COMMIT inside a write block",
         _commit_inside_the_block,
         mpstore.TransactionError,

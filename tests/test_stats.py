@@ -118,6 +118,8 @@ def test_wal_is_checkpointed_outside_the_gate(db_path: str) -> None:
         with store.write() as conn:
             # The write connection leaves checkpoints to the background thread.
             assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+            # ... and cuts a WAL file it starts over back to the store's limit.
+            assert conn.execute("PRAGMA journal_size_limit").fetchone() == (store.wal_limit,)
         # ... which writers wake only once they have let the gate go.
         poke, gate = store._checkpointer.poke, store._gate
         holding: list[bool] = []
