@@ -35,6 +35,7 @@ from .conversations import (
     ConversationRepository,
     Message,
     sample_conversation,
+    utcnow,
 )
 
 __all__ = [
@@ -109,9 +110,11 @@ def worker_messages(worker: int, writes: int) -> list[tuple[str, Message]]:
 
 
 def appended(conversation: Conversation, message: Message) -> Conversation:
+    """``conversation`` with ``message`` appended and ``updated_at`` set to now: the same work
+    in every strategy (mpstore's repository is asked not to touch the result again)."""
     context = conversation.context or ConversationContext()
     new_context = ConversationContext(messages=[*context.messages, message], tools=context.tools)
-    return conversation.model_copy(update={"context": new_context})
+    return conversation.model_copy(update={"context": new_context, "updated_at": utcnow()})
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -170,7 +173,9 @@ class MpstoreStrategy:
         self._repository().upsert_conversation(conversation)
 
     def modify(self, conversation_id: str, message: Message) -> None:
-        self._repository().modify_conversation(conversation_id, lambda c: appended(c, message))
+        self._repository().modify_conversation(
+            conversation_id, lambda c: appended(c, message), touch=False
+        )
 
     def read(self, workspace_id: int) -> int:
         return len(self._repository().get_all_conversations(workspace_id, limit=READ_LIMIT))

@@ -6,14 +6,18 @@ import dataclasses
 import json
 import sqlite3
 import sys
+from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import mpstore
 from mpstore import _bench
 from mpstore._bench import RunResult, WorkerResult, measure, percentile, ratio, summarize
 from mpstore._cli import bench_config, build_parser, main
+from mpstore.conversations import ConversationRepository, Message
 
 
 def _run(strategy: str, mode: str, throughput: float, **fields: Any) -> RunResult:
@@ -203,6 +207,39 @@ def test_mpstore_opens_its_write_connection_with_the_strategy(tmp_path: Path) ->
         assert strategy._store._wconn is not None
     finally:
         strategy.close()
+
+
+@pytest.mark.parametrize("name", ["mpstore", "ungated", "filelock", "ceiling"])
+def test_modify_does_the_same_work_in_every_strategy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Each appends the message and sets updated_at once, through the bench's own clock:
+    # mpstore's repository does not touch the result again.
+    now = datetime(2031, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    monkeypatch.setattr(_bench, "utcnow", lambda: now)
+    path = str(tmp_path / f"{name}.db")
+    strategy = _bench.make_strategy(name)
+    seeded = _bench._seed("modify", 100, workers=1)
+    type(strategy).create(path, seeded)
+    strategy.open(path)
+    try:
+        strategy.modify(_bench.shared_id(0), Message(role="user", content="one more"))
+    finally:
+        strategy.close()
+    before = next(c for c in seeded if c.conversation_id == _bench.shared_id(0))
+    if name == "mpstore":
+        with mpstore.Store(path) as store:
+            after = ConversationRepository(store).get_conversation(_bench.shared_id(0))
+    else:
+        with closing(sqlite3.connect(path)) as conn:
+            row = conn.execute(_bench._PLAIN_GET, (_bench.shared_id(0),)).fetchone()
+        after = _bench.plain_conversation(row)
+    assert after is not None and after.context is not None and before.context is not None
+    assert after.context.messages == [
+        *before.context.messages,
+        Message(role="user", content="one more"),
+    ]
+    assert after.updated_at == now
 
 
 def test_mpstore_closes_its_store_when_opening_it_fails(
