@@ -220,7 +220,7 @@ def test_modify_does_the_same_work_in_every_strategy(
     path = str(tmp_path / f"{name}.db")
     strategy = _bench.make_strategy(name)
     seeded = _bench._seed("modify", 100, workers=1)
-    type(strategy).create(path, seeded)
+    _bench._CLASSES[name].create(path, seeded)
     strategy.open(path)
     try:
         strategy.modify(_bench.shared_id(0), Message(role="user", content="one more"))
