@@ -33,6 +33,8 @@ COUNTERS = (
     "writes_carried_away",
     "gate_timeouts",
     "pool_timeouts",
+    "reads_ahead",
+    "reads_ahead_used",
 )
 
 

@@ -312,10 +312,12 @@ class Store:
         Counters: ``commits``, ``rollbacks``, ``writes_batched`` (writes this process ran in a
         shared transaction), ``writes_carried`` (writes other processes left in the mailbox
         that this process ran for them), ``writes_carried_away`` (this process's writes
-        another process committed), ``gate_timeouts``, ``pool_timeouts``,
-        ``checkpoints`` (background WAL checkpoints run), ``checkpoints_completed`` (those a gate
-        holder of this process completed to keep the WAL within ``wal_limit``) and
-        ``checkpoint_errors``. Timings, each
+        another process committed), ``gate_timeouts``, ``pool_timeouts``, ``reads_ahead``
+        (updates that read and parsed their record while another process held the gate),
+        ``reads_ahead_used`` (those whose record had not changed by their turn, so it was not
+        parsed again under the gate), ``checkpoints`` (background WAL checkpoints run),
+        ``checkpoints_completed`` (those a gate holder of this process completed to keep the
+        WAL within ``wal_limit``) and ``checkpoint_errors``. Timings, each
         ``{"count", "p50", "p90", "p99", "max"}`` in milliseconds over the most recent samples:
         ``gate_wait``, ``gate_hold``, ``transaction`` (BEGIN to end of COMMIT) and ``pool_wait``;
         ``batch_size`` gives the same percentiles of writes per group commit (a transaction
@@ -419,10 +421,13 @@ class Store:
         with self._write_turn() as raw, self._transaction(raw) as conn:
             yield conn
 
-    def _run_write(self, fn: Callable[[Connection], T]) -> T:
+    def _run_write(
+        self, fn: Callable[[Connection], T], meanwhile: Callable[[], object] | None = None
+    ) -> T:
         """Run ``fn`` in a write transaction: in this thread if the gate is free, or is given up
         by another process while this thread yields its CPU (see :meth:`Gate.acquire_soon`);
-        else group-committed by the writer thread.
+        else group-committed by the writer thread. ``meanwhile`` runs once the gate proved
+        taken by another process, before the wait: work that shortens ``fn`` if done ahead.
 
         Inside a ``write()`` block of this thread it runs in that transaction, in a savepoint.
 
@@ -437,6 +442,10 @@ class Store:
             return self._lead(fn)
         start = time.monotonic()
         if not self._gate.busy_here:
+            if meanwhile is not None:
+                # Another process holds the gate, and runs on an interpreter of its own; a
+                # thread of this one would compete with ``meanwhile`` for this one's.
+                meanwhile()
             # Counted as a mailbox use: close() waits for it, so the mailbox it watches and
             # the gate stay open.
             tx = self._start_mailbox_use()
@@ -932,6 +941,25 @@ class Store:
         finally:
             self._pool.release(raw, discard=broken)
             self._emit("pool-released")
+
+    def _read_now(self, sql: str, parameters: Sequence[Any]) -> Any:
+        """The first column of the first row of a read, through a read connection free right
+        now; None when none is, or the row is missing, or the read failed. For reads that only
+        save work later: whoever needs the value reads it again, and meets any error then.
+        """
+        try:
+            raw = self._pool.acquire(0.0)
+        except (MpstoreError, sqlite3.Error):
+            return None  # none free (PoolTimeout), closed, or a new connection failed to open
+        broken = False
+        try:
+            row = raw.execute(sql, parameters).fetchone()
+        except sqlite3.Error:
+            broken = True
+            return None
+        finally:
+            self._pool.release(raw, discard=broken)
+        return None if row is None else row[0]
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         """Run one read statement and return all its rows (through the open transaction, if any).

@@ -55,7 +55,9 @@ class UnsafeStore(Store):
             with super()._write_turn(timeout) as raw:
                 yield raw
 
-    def _run_write(self, fn: Callable[[Connection], T]) -> T:
+    def _run_write(
+        self, fn: Callable[[Connection], T], meanwhile: Callable[[], object] | None = None
+    ) -> T:
         # No queue and no gate: every write takes a pooled connection and a deferred BEGIN.
         with self.write() as conn:
             return fn(conn)

@@ -8,8 +8,11 @@ import functools
 import inspect
 import json
 import math
+import os
 import sqlite3
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -44,6 +47,7 @@ from mpstore.conversations import (
     ConversationRepository,
     sample_conversation,
 )
+from tests import workers
 from tests.models import Note, Person
 
 
@@ -110,6 +114,101 @@ def test_update_must_keep_the_key(notes: mpstore.Collection[Note]) -> None:
     with pytest.raises(mpstore.InvalidKey):
         notes.update("a", lambda n: n.model_copy(update={"id": "b"}))
     assert [n.id for n in notes.scan()] == ["a"]
+
+
+def _update_while_another_process_holds_the_gate(
+    store: mpstore.Store, then: Note | None = None
+) -> tuple[Note, list[Note]]:
+    """Update note "a" (text + "y") while a child process holds the gate, released only once
+    this process has read the note ahead; the child upserts ``then`` before it commits.
+    Returns the update's result and what its function was given."""
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))
+    given: list[Note] = []
+
+    def append_y(n: Note) -> Note:
+        given.append(n)
+        return n.model_copy(update={"text": n.text + "y"})
+
+    results: list[Note] = []
+    with workers.holding_the_gate(store.path, then) as holder:
+        updater = threading.Thread(target=lambda: results.append(notes.update("a", append_y)))
+        updater.start()
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
+        # A read ahead comes before the wait, which ends in the writer thread's queue.
+        while store.stats()["reads_ahead"] < 1 and workers.pending_writes(store) < 1:
+            assert time.monotonic() < deadline, "the update neither read ahead nor waited"
+            os.sched_yield()
+        assert store.stats()["reads_ahead"] == 1
+        holder.release.set()
+        updater.join(workers.JOIN_TIMEOUT)
+    assert holder.process.exitcode == 0
+    assert len(results) == 1
+    return results[0], given
+
+
+@pytest.mark.processes
+def test_update_parses_ahead_while_another_process_holds_the_gate(
+    store: mpstore.Store,
+) -> None:
+    result, given = _update_while_another_process_holds_the_gate(store)
+    assert given == [Note(id="a", text="x")]
+    assert result == Note(id="a", text="xy")
+    assert store.collection("notes", Note, key="id").get("a") == result
+    assert store.stats()["reads_ahead_used"] == 1
+
+
+@pytest.mark.processes
+def test_update_parses_again_a_record_changed_while_it_waited(store: mpstore.Store) -> None:
+    # The holder changes the record after this process read it ahead: the function must
+    # get what the holder committed, or its change would be lost.
+    result, given = _update_while_another_process_holds_the_gate(
+        store, then=Note(id="a", text="changed")
+    )
+    assert given == [Note(id="a", text="changed")]
+    assert result == Note(id="a", text="changedy")
+    assert store.collection("notes", Note, key="id").get("a") == result
+    assert store.stats()["reads_ahead_used"] == 0
+
+
+def test_update_reads_ahead_only_while_another_process_holds_the_gate(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
+    notes.upsert(Note(id="a", text="x"))
+    notes.update("a", lambda n: n)  # the gate is free: nothing to wait for
+    # Another thread of this process holds it: a parse ahead would compete with that
+    # thread for this interpreter, and gain nothing.
+    with workers.held_by_another_thread(store.write):
+        updater = threading.Thread(target=notes.update, args=("a", lambda n: n))
+        updater.start()
+        while workers.pending_writes(store) < 1:
+            os.sched_yield()
+    updater.join(workers.JOIN_TIMEOUT)
+    assert not updater.is_alive()
+    assert store.stats()["reads_ahead"] == 0
+
+
+def test_reading_ahead_never_waits_for_a_read_connection(tmp_path: Any) -> None:
+    with mpstore.Store(str(tmp_path / "one.db"), pool_size=1) as store:
+        notes = store.collection("notes", Note, key="id")
+        notes.upsert(Note(id="a", text="x"))
+        asked: list[float] = []
+        acquire = store._pool.acquire
+
+        def noted_acquire(timeout: float) -> Any:
+            asked.append(timeout)
+            return acquire(timeout)
+
+        store._pool.acquire = noted_acquire  # type: ignore[method-assign]
+        sql = notes._sql.get
+        assert store._read_now(sql, ("a",)) == '{"id":"a","text":"x"}'
+        assert store._read_now(sql, ("nope",)) is None
+        assert asked == [0.0, 0.0]
+        with store.read():
+            asked.clear()
+            assert store._read_now(sql, ("a",)) is None  # the only connection is in use
+            assert asked == [0.0]
+        assert store.stats()["pool_timeouts"] == 0
 
 
 def test_keys_and_scan_are_in_key_order_across_pages(notes: mpstore.Collection[Note]) -> None:

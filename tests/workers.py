@@ -295,13 +295,14 @@ def pending_writes(store: mpstore.Store) -> int:
 
 
 @contextlib.contextmanager
-def holding_the_gate(path: str) -> Iterator[Holder]:
-    """Run :func:`hold_write` in a spawned child for the length of the block.
+def holding_the_gate(path: str, then: Note | None = None) -> Iterator[Holder]:
+    """Run :func:`hold_write` in a spawned child for the length of the block; once released,
+    the child upserts ``then`` (if given) into the collection "notes" before it commits.
 
     :raises AssertionError: the child never took the gate.
     """
     started, release = SPAWN.Event(), SPAWN.Event()
-    process = SPAWN.Process(target=hold_write, args=(path, started, release))
+    process = SPAWN.Process(target=hold_write, args=(path, started, release, then))
     process.start()
     try:
         assert started.wait(JOIN_TIMEOUT), "the holder never took the gate"
@@ -350,13 +351,18 @@ def hold_with_filelock(lock_path: str, started: Any, release: Any) -> None:
         release.wait(60)
 
 
-def hold_write(path: str, started: Any, release: Any) -> None:
-    """Write a row inside a write block, then wait there until told (or killed)."""
-    with mpstore.Store(path) as store, store.write() as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
-        conn.execute("INSERT INTO held VALUES ('uncommitted')")
-        started.set()
-        release.wait()
+def hold_write(path: str, started: Any, release: Any, then: Note | None = None) -> None:
+    """Write a row inside a write block, then wait there until told (or killed); upsert
+    ``then`` into the collection "notes" in the same block, if given."""
+    with mpstore.Store(path) as store:
+        notes = store.collection("notes", Note, key="id") if then is not None else None
+        with store.write() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS held (x TEXT)")
+            conn.execute("INSERT INTO held VALUES ('uncommitted')")
+            started.set()
+            release.wait()
+            if notes is not None and then is not None:
+                notes.upsert(then)
 
 
 def write_rows_with_store(store: mpstore.Store, worker: int, count: int) -> int:
