@@ -676,6 +676,9 @@ class Collection(Generic[M]):
                 self.store._stats.count("reads_ahead_used")
             else:
                 current = self._load(found[0])
+            # Used once at most: a run again (its transaction rolled back) must not be given
+            # the record fn may have changed in place.
+            ahead.clear()
             new = fn(current)
             row = self._row(new)
             if row[0] != key:

@@ -171,6 +171,53 @@ def test_update_parses_again_a_record_changed_while_it_waited(store: mpstore.Sto
     assert store.stats()["reads_ahead_used"] == 0
 
 
+@pytest.mark.processes
+def test_an_update_run_again_parses_its_record_again(store: mpstore.Store) -> None:
+    # A write batched after it ends the transaction (a RAISE(ROLLBACK) trigger): the update
+    # runs again in a new one. Its function changed the record it was given in place, so the
+    # run again must not be given that record, read ahead, a second time.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))
+    with store.write() as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON notes WHEN NEW.key = 'bad' "
+            "BEGIN SELECT RAISE(ROLLBACK, 'refused'); END"
+        )
+    given: list[str] = []
+
+    def append_y_in_place(n: Note) -> Note:
+        given.append(n.text)
+        n.text += "y"
+        return n
+
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            outcomes[name] = fn()
+        except Exception as exc:
+            outcomes[name] = exc
+
+    with workers.holding_the_gate(store.path) as holder:
+        threads = [
+            threading.Thread(target=call, args=("a", lambda: notes.update("a", append_y_in_place))),
+            threading.Thread(
+                target=call, args=("bad", lambda: notes.upsert(Note(id="bad", text="")))
+            ),
+        ]
+        for i, t in enumerate(threads):
+            t.start()
+            while workers.pending_writes(store) < i + 1:
+                os.sched_yield()  # queued in this order, for this process's writer thread
+        holder.release.set()
+        for t in threads:
+            t.join(workers.JOIN_TIMEOUT)
+    assert store.stats()["reads_ahead"] == 1
+    assert isinstance(outcomes["bad"], sqlite3.IntegrityError)
+    assert given == ["x", "x"]  # run twice, each time on the record as stored
+    assert outcomes["a"] == Note(id="a", text="xy") == notes.get("a")
+
+
 def test_update_reads_ahead_only_while_another_process_holds_the_gate(
     store: mpstore.Store, notes: mpstore.Collection[Note]
 ) -> None:
