@@ -652,10 +652,11 @@ class Collection(Generic[M]):
         """Atomically read the record with ``key``, pass it to ``fn`` and store what it returns.
 
         The whole read-modify-write runs under the gate, so concurrent updates from any process
-        never lose each other's changes; ``fn`` runs once, on the record as stored then. While
-        another process holds the gate the record is parsed ahead, and that parse is used only
-        if the stored JSON is unchanged at this call's turn. If ``fn`` raises, nothing is
-        written and the error propagates; the gate is released either way.
+        never lose each other's changes; ``fn`` gets the record as stored then (and runs again,
+        on a fresh parse, if a write batched with it ended the transaction). While another
+        process holds the gate the record is parsed ahead, and that parse is used only if the
+        stored JSON is unchanged at this call's turn. If ``fn`` raises, nothing is written and
+        the error propagates; the gate is released either way.
 
         :raises KeyNotFound: no record has ``key``.
         :raises RecordTypeError: ``fn`` returned something other than a record of the model.
