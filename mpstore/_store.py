@@ -441,11 +441,11 @@ class Store:
         if self._gate.try_acquire():
             return self._lead(fn)
         start = time.monotonic()
+        if meanwhile is not None and not self._gate.held_here:
+            # Another process holds the gate, and runs on an interpreter of its own; a thread
+            # of this one holding it would compete with ``meanwhile`` for this one's.
+            meanwhile()
         if not self._gate.busy_here:
-            if meanwhile is not None:
-                # Another process holds the gate, and runs on an interpreter of its own; a
-                # thread of this one would compete with ``meanwhile`` for this one's.
-                meanwhile()
             # Counted as a mailbox use: close() waits for it, so the mailbox it watches and
             # the gate stay open.
             tx = self._start_mailbox_use()

@@ -218,17 +218,52 @@ def test_an_update_run_again_parses_its_record_again(store: mpstore.Store) -> No
     assert outcomes["a"] == Note(id="a", text="xy") == notes.get("a")
 
 
+@pytest.mark.processes
+def test_an_update_batched_after_another_of_its_record_parses_it_again(
+    store: mpstore.Store,
+) -> None:
+    # Two threads read the record ahead and wait for the same turn of this process's writer
+    # thread: the second must see the first's change, made in the same transaction and not
+    # yet committed, or that change is lost.
+    notes = store.collection("notes", Note, key="id")
+    notes.upsert(Note(id="a", text="x"))
+
+    def append(c: str) -> Callable[[Note], Note]:
+        return lambda n: n.model_copy(update={"text": n.text + c})
+
+    with workers.holding_the_gate(store.path) as holder:
+        threads = [threading.Thread(target=notes.update, args=("a", append(c))) for c in "yz"]
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
+        for i, t in enumerate(threads):
+            t.start()
+            # The second starts once the writer thread waits for the gate with the first.
+            while workers.pending_writes(store) < i + 1 or not store._gate.busy_here:
+                assert time.monotonic() < deadline, "the updates never queued"
+                os.sched_yield()
+        holder.release.set()
+        for t in threads:
+            t.join(workers.JOIN_TIMEOUT)
+    stats = store.stats()
+    assert (stats["reads_ahead"], stats["reads_ahead_used"]) == (2, 1)
+    assert stats["batch_size"]["count"] == 1
+    stored = notes.get("a")
+    assert stored is not None and sorted(stored.text) == ["x", "y", "z"]
+
+
 def test_update_reads_ahead_only_while_another_process_holds_the_gate(
     store: mpstore.Store, notes: mpstore.Collection[Note]
 ) -> None:
     notes.upsert(Note(id="a", text="x"))
     notes.update("a", lambda n: n)  # the gate is free: nothing to wait for
     # Another thread of this process holds it: a parse ahead would compete with that
-    # thread for this interpreter, and gain nothing.
+    # thread for this interpreter, and gain nothing. (Another process holding it while a
+    # thread of this one waits: see the test above.)
     with workers.held_by_another_thread(store.write):
         updater = threading.Thread(target=notes.update, args=("a", lambda n: n))
         updater.start()
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
         while workers.pending_writes(store) < 1:
+            assert time.monotonic() < deadline, "the update never queued"
             os.sched_yield()
     updater.join(workers.JOIN_TIMEOUT)
     assert not updater.is_alive()
