@@ -466,6 +466,15 @@ class Gate:
             and not self._acts_for(owner)
         )
 
+    def held_elsewhere(self) -> bool:
+        """Whether another process looks to hold the gate, for a caller whose try just failed:
+        the hint in the mailbox, if this process has it open (a plain ``filelock`` user leaves
+        none); else whether no thread of this process holds or waits for it."""
+        mailbox = self._mailbox
+        if mailbox is not None and self._pid == _fork.pid():
+            return not mailbox.gate_free()
+        return not self.busy_here
+
     @property
     def busy_here(self) -> bool:
         """Another thread of this process holds the gate or waits for it."""

@@ -441,7 +441,7 @@ class Store:
         if self._gate.try_acquire():
             return self._lead(fn)
         start = time.monotonic()
-        if meanwhile is not None and not self._gate.held_here:
+        if meanwhile is not None and self._gate.held_elsewhere():
             # Another process holds the gate, and runs on an interpreter of its own; a thread
             # of this one holding it would compete with ``meanwhile`` for this one's.
             meanwhile()

@@ -270,6 +270,50 @@ def test_update_reads_ahead_only_while_another_process_holds_the_gate(
     assert store.stats()["reads_ahead"] == 0
 
 
+def test_threads_of_one_process_never_read_ahead(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
+    # Whoever holds the gate holds this interpreter's lock too, also while it takes the gate.
+    notes.upsert_many(Note(id=str(i), text="") for i in range(4))
+
+    def append(i: int) -> None:
+        for k in range(50):
+            notes.update(str((i + k) % 4), lambda n: n.model_copy(update={"text": n.text + "."}))
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(workers.JOIN_TIMEOUT)
+    assert sorted(len(n.text) for n in notes.scan()) == [50] * 4
+    assert store.stats()["reads_ahead"] == 0
+
+
+def test_the_gate_looks_held_elsewhere_only_when_another_process_holds_it(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
+    notes.upsert(Note(id="a", text="x"))  # opens the mailbox, which carries the hint
+    gate = store._gate
+    assert not gate.held_elsewhere()
+    with workers.held_by_another_thread(store.write):
+        assert not gate.held_elsewhere()
+    with workers.holding_the_gate(store.path):
+        assert gate.held_elsewhere()
+    assert not gate.held_elsewhere()
+
+
+def test_without_a_mailbox_the_gate_looks_held_elsewhere_unless_held_here(
+    tmp_path: Any,
+) -> None:
+    with mpstore.Store(str(tmp_path / "portable.db"), gate="filelock") as store:
+        gate = store._gate
+        assert gate.mailbox() is None
+        with workers.held_by_another_thread(store.write):
+            assert not gate.held_elsewhere()
+        with workers.filelock_held_elsewhere(store.lock_path):
+            assert gate.held_elsewhere()
+
+
 def test_reading_ahead_never_waits_for_a_read_connection(tmp_path: Any) -> None:
     with mpstore.Store(str(tmp_path / "one.db"), pool_size=1) as store:
         notes = store.collection("notes", Note, key="id")
