@@ -522,6 +522,29 @@ def test_mixed_reports_reads(tmp_path: Path) -> None:
     assert summary["read_alone_throughput"] == run["read_alone_throughput"]
 
 
+@pytest.mark.parametrize(
+    ("strategy", "scenario"),
+    [
+        ("mpstore", "upsert"),
+        ("mpstore", "mixed"),
+        ("mpstore", "modify"),
+        ("ungated", "upsert"),
+        ("filelock", "upsert"),
+        ("handoff", "upsert"),
+        ("ceiling", "upsert"),
+    ],
+)
+def test_a_run_leaves_no_file_behind_once_verified(
+    tmp_path: Path, strategy: str, scenario: str
+) -> None:
+    # Left in place, a run's files reach the disk during the runs after it, and slow them.
+    mode = "single" if strategy == "ceiling" else "threads"
+    run = _bench.run_one(strategy, mode, scenario, 2, 3, 0, 100, 1, str(tmp_path))
+    assert (run.lost, run.errors) == (0, {})
+    assert run.present == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_each_scenario_of_one_run_gets_its_own_database(tmp_path: Path) -> None:
     # Two scenarios write the same keys; sharing a file, the second would count them as lost.
     document = _bench_json(
