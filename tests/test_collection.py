@@ -247,6 +247,53 @@ def test_an_update_batched_after_another_of_its_record_parses_it_again(
     assert stored is not None and sorted(stored.text) == ["x", "y", "z"]
 
 
+@pytest.mark.processes
+@pytest.mark.parametrize("then", [Note(id="a", text="fixed"), None], ids=["fixed", "left"])
+def test_an_unreadable_record_read_ahead_is_parsed_again_at_its_turn(
+    store: mpstore.Store, notes: mpstore.Collection[Note], then: Note | None
+) -> None:
+    # The parse ahead fails. At its turn the record is what the holder left: fixed, the
+    # update goes on; left as it was, the update raises what the parse raises.
+    notes.upsert(Note(id="a", text="x"))
+    with store.write() as conn:
+        conn.execute("""UPDATE notes SET value = '{"id": "a"}'""")  # no text
+    outcome: list[Any] = []
+
+    def update() -> None:
+        try:
+            outcome.append(notes.update("a", lambda n: n.model_copy(update={"text": n.text + "y"})))
+        except ValidationError as exc:
+            outcome.append(exc)
+
+    with workers.holding_the_gate(store.path, then) as holder:
+        updater = threading.Thread(target=update)
+        updater.start()
+        deadline = time.monotonic() + workers.JOIN_TIMEOUT
+        # It reads ahead before it waits.
+        while workers.pending_writes(store) < 1 and updater.is_alive():
+            assert time.monotonic() < deadline, "the update never queued"
+            os.sched_yield()
+        holder.release.set()
+        updater.join(workers.JOIN_TIMEOUT)
+    assert store.stats()["reads_ahead"] == 0
+    if then is None:
+        assert isinstance(outcome[0], ValidationError)
+        assert notes.count() == 1
+    else:
+        assert outcome == [Note(id="a", text="fixedy")] and notes.get("a") == outcome[0]
+
+
+def test_a_read_that_fails_gives_nothing_and_its_connection_up(
+    store: mpstore.Store, notes: mpstore.Collection[Note]
+) -> None:
+    notes.upsert(Note(id="a", text="x"))
+    assert store._read_now(notes._sql.get, ("a",)) is not None
+    idle = store._pool.idle
+    assert store._read_now("SELECT value FROM no_such_table WHERE key = ?", ("a",)) is None
+    assert store._pool.idle == idle - 1  # discarded, as a connection that failed a read is
+    assert store._read_now(notes._sql.get, ("a",)) is not None
+
+
 def test_update_reads_ahead_only_while_another_process_holds_the_gate(
     store: mpstore.Store, notes: mpstore.Collection[Note]
 ) -> None:
