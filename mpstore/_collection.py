@@ -694,7 +694,7 @@ class Collection(Generic[M]):
             raise
 
     def _read_ahead(self, key: str, into: list[Any]) -> None:
-        """Read and parse the record with ``key`` while another writer holds the gate, into
+        """Read and parse the record with ``key`` while another process holds the gate, into
         ``into`` as (stored JSON, record): :meth:`update` then parses it under the gate only if
         it changed meanwhile, and so holds the gate for less time. The record is one nobody
         else has seen, as a parse under the gate would give."""

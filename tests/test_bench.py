@@ -537,7 +537,7 @@ def test_mixed_reports_reads(tmp_path: Path) -> None:
 def test_a_run_leaves_no_file_behind_once_verified(
     tmp_path: Path, strategy: str, scenario: str
 ) -> None:
-    # Left in place, a run's files reach the disk during the runs after it, and slow them.
+    # Left in place, a run's files are written to disk while the runs after it are timed.
     mode = "single" if strategy == "ceiling" else "threads"
     run = _bench.run_one(strategy, mode, scenario, 2, 3, 0, 100, 1, str(tmp_path))
     assert (run.lost, run.errors) == (0, {})
